@@ -1,0 +1,381 @@
+//! The certificate authority: creates the root (and optionally an intermediate), saves and
+//! loads it, and signs workload CSRs into X.509-SVIDs.
+//!
+//! Sits at the start of every identity: the control plane owns one of these and calls
+//! [`CertificateAuthority::sign_csr`] with the identity the caller *proved* (a join token,
+//! a Kubernetes token, or its current SVID); the CSR only supplies the public key. Nothing
+//! the CSR asks for beyond that is copied into the certificate, and anything it asks for
+//! that we would not grant is refused with its own [`CsrError`].
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
+};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use time::OffsetDateTime;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ECDSA_WITH_SHA256};
+use x509_parser::prelude::FromDer;
+
+use crate::cert::CertInfo;
+use crate::pem::{self, PemError};
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// How far back a new certificate's `notBefore` is set, so a peer whose clock runs a
+/// little behind does not reject it as not yet valid.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// File names inside a data dir.
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+
+/// Why a CSR was refused. Each refusal is its own variant so the control plane can
+/// answer with a precise 4xx and tests can assert which rule fired.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CsrError {
+    #[error("CSR is not valid DER: {0}")]
+    Malformed(String),
+    #[error("CSR signature does not verify with its own public key")]
+    BadSignature,
+    #[error("CSR key is not supported: {0} (an SVID key must be ECDSA P-256)")]
+    UnsupportedKey(String),
+    #[error("CSR asks for {requested} but the caller is entitled only to {entitled}")]
+    IdMismatch { requested: String, entitled: SpiffeId },
+    #[error("CSR carries SANs besides the SPIFFE ID ({0}); an SVID has exactly one URI SAN")]
+    ExtraSans(String),
+    #[error("CSR asks to be a certificate authority")]
+    RequestsCa,
+    #[error("requested TTL {0:?} is too short (at least 1s)")]
+    BadTtl(Duration),
+    #[error("the CA certificate has expired; it cannot sign")]
+    CaExpired,
+    #[error("signing failed: {0}")]
+    Signing(String),
+}
+
+/// Why a CA could not be created, loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("CA key does not match the CA certificate")]
+    KeyMismatch,
+    #[error("CA certificate is not a CA (basicConstraints CA:TRUE missing)")]
+    NotACa,
+    #[error("CA certificate has expired")]
+    Expired,
+    #[error("CA certificate chain must end at a self-signed root")]
+    NoRoot,
+    #[error("certificate could not be read: {0}")]
+    BadCertificate(String),
+    #[error("CA key is not usable: {0}")]
+    BadKey(String),
+    #[error("CA generation failed: {0}")]
+    Generation(String),
+}
+
+/// A signed X.509-SVID: the leaf followed by any intermediates, ready to present.
+#[derive(Debug, Clone)]
+pub struct IssuedSvid {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub not_after: SystemTime,
+}
+
+/// A CA that can sign SVIDs for one trust domain.
+pub struct CertificateAuthority {
+    trust_domain: TrustDomain,
+    /// This CA's certificate followed by its parents up to and including the root.
+    chain: Vec<CertificateDer<'static>>,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("trust_domain", &self.trust_domain)
+            .field("chain_len", &self.chain.len())
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// A new self-signed ECDSA P-256 root for `trust_domain`, valid for `lifetime`.
+    pub fn create_root(trust_domain: &TrustDomain, lifetime: Duration) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let name = format!("Trellis root CA {trust_domain} {}", short_key_id(&key));
+        let params = ca_params(trust_domain, &name, lifetime, BasicConstraints::Unconstrained)?;
+        let cert = params.self_signed(&key).map_err(gen_err)?;
+        Self::from_parts(trust_domain.clone(), vec![cert.der().clone()], key)
+    }
+
+    /// A new intermediate CA signed by `self`, constrained to sign only leaves.
+    pub fn create_intermediate(&self, lifetime: Duration) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let name = format!("Trellis intermediate CA {} {}", self.trust_domain, short_key_id(&key));
+        let mut params = ca_params(&self.trust_domain, &name, lifetime, BasicConstraints::Constrained(0))?;
+        params.not_after = params.not_after.min(to_offset(self.not_after));
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.chain.iter().cloned());
+        Self::from_parts(self.trust_domain.clone(), chain, key)
+    }
+
+    /// Loads a CA from PEM text: `cert_pem` holds the CA certificate followed by its parents
+    /// up to the self-signed root; `key_pem` its private key.
+    pub fn from_pem(trust_domain: &TrustDomain, cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, CaError> {
+        let chain = pem::certs_from_pem("CA certificate", cert_pem)?;
+        let key_der = pem::key_from_pem("CA key", key_pem)?;
+        let key = KeyPair::try_from(&key_der).map_err(|e| CaError::BadKey(e.to_string()))?;
+        Self::from_parts(trust_domain.clone(), chain, key)
+    }
+
+    /// Loads `cert_path` and `key_path` (see [`Self::from_pem`]).
+    pub fn load(trust_domain: &TrustDomain, cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
+        let cert = pem::read_file(cert_path)?;
+        let key = pem::read_file(key_path)?;
+        Self::from_pem(trust_domain, &cert, &key)
+    }
+
+    /// Writes `ca.pem` (mode 0644) and `ca-key.pem` (mode 0600) into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<(), CaError> {
+        let io = |path: PathBuf| move |source| CaError::Io { path, source };
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        pem::write_private(&key_path, self.key_pem.as_bytes(), 0o600).map_err(io(key_path.clone()))?;
+        pem::write_private(&cert_path, pem::certs_to_pem(&self.chain).as_bytes(), 0o644)
+            .map_err(io(cert_path.clone()))?;
+        Ok(())
+    }
+
+    fn from_parts(
+        trust_domain: TrustDomain,
+        chain: Vec<CertificateDer<'static>>,
+        key: KeyPair,
+    ) -> Result<Self, CaError> {
+        let leaf = chain.first().ok_or(CaError::NoRoot)?;
+        let info = CertInfo::parse(leaf).map_err(CaError::BadCertificate)?;
+        if !info.is_ca {
+            return Err(CaError::NotACa);
+        }
+        if info.not_after < SystemTime::now() {
+            return Err(CaError::Expired);
+        }
+        let last = chain.last().map(|c| CertInfo::parse(c)).transpose().map_err(CaError::BadCertificate)?;
+        if !last.is_some_and(|l| l.self_signed) {
+            return Err(CaError::NoRoot);
+        }
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(leaf).map_err(|e| CaError::BadCertificate(e.to_string()))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CaError::KeyMismatch);
+        }
+        let key_pem = key.serialize_pem();
+        let issuer = Issuer::from_ca_cert_der(leaf, key).map_err(|e| CaError::BadCertificate(e.to_string()))?;
+        Ok(CertificateAuthority {
+            trust_domain,
+            chain,
+            key_pem,
+            issuer,
+            not_before: info.not_before,
+            not_after: info.not_after,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The self-signed root that verifiers must trust (what goes in `bundle.pem`).
+    pub fn root(&self) -> &CertificateDer<'static> {
+        self.chain.last().expect("chain is never empty")
+    }
+
+    /// This CA's own certificate.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.chain[0]
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// Signs `csr` into an SVID for `entitled`, valid for `ttl` from now.
+    pub fn sign_csr(
+        &self,
+        csr: &CertificateSigningRequestDer<'_>,
+        entitled: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<IssuedSvid, CsrError> {
+        self.sign_csr_at(csr, entitled, ttl, SystemTime::now())
+    }
+
+    /// [`Self::sign_csr`] with the clock passed in, so tests can mint expired and
+    /// not-yet-valid SVIDs through the real signing path.
+    pub fn sign_csr_at(
+        &self,
+        csr: &CertificateSigningRequestDer<'_>,
+        entitled: &SpiffeId,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedSvid, CsrError> {
+        let spki = inspect_csr(csr, entitled)?;
+        if ttl < Duration::from_secs(1) {
+            return Err(CsrError::BadTtl(ttl));
+        }
+        if self.not_after <= now {
+            return Err(CsrError::CaExpired);
+        }
+        let not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now).max(self.not_before);
+        // A leaf never outlives its CA: near the CA's end, SVIDs get shorter, not refused.
+        let not_after = (now + ttl).min(self.not_after);
+        let params = svid_params(entitled, not_before, not_after)?;
+        let cert = params.signed_by(&spki, &self.issuer).map_err(|e| CsrError::Signing(e.to_string()))?;
+        let mut chain = Vec::with_capacity(self.chain.len());
+        chain.push(cert.der().clone());
+        // Intermediates travel with the leaf; the root is in every verifier's bundle.
+        chain.extend(self.chain[..self.chain.len() - 1].iter().cloned());
+        Ok(IssuedSvid { chain, not_after })
+    }
+}
+
+/// Checks a CSR against what the caller may have and returns its public key.
+fn inspect_csr(csr: &CertificateSigningRequestDer<'_>, entitled: &SpiffeId) -> Result<SubjectPublicKeyInfo, CsrError> {
+    let (rest, req) =
+        X509CertificationRequest::from_der(csr.as_ref()).map_err(|e| CsrError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CsrError::Malformed("trailing bytes after CSR".into()));
+    }
+    let info = &req.certification_request_info;
+    let spki = &info.subject_pki;
+    let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY || curve.as_ref() != Some(&OID_EC_P256) {
+        return Err(CsrError::UnsupportedKey(format!(
+            "algorithm {} {}",
+            spki.algorithm.algorithm,
+            curve.map(|c| c.to_string()).unwrap_or_default()
+        )));
+    }
+    if req.signature_algorithm.algorithm != OID_SIG_ECDSA_WITH_SHA256 {
+        return Err(CsrError::UnsupportedKey(format!("signature algorithm {}", req.signature_algorithm.algorithm)));
+    }
+    req.verify_signature().map_err(|_| CsrError::BadSignature)?;
+    check_requested_extensions(&req, entitled)?;
+    SubjectPublicKeyInfo::from_der(spki.raw).map_err(|e| CsrError::UnsupportedKey(e.to_string()))
+}
+
+fn check_requested_extensions(req: &X509CertificationRequest<'_>, entitled: &SpiffeId) -> Result<(), CsrError> {
+    let Some(exts) = req.requested_extensions() else {
+        return Ok(());
+    };
+    for ext in exts {
+        match ext {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                let mut uris = Vec::new();
+                let mut others = Vec::new();
+                for name in &san.general_names {
+                    match name {
+                        GeneralName::URI(u) => uris.push(*u),
+                        other => others.push(other.to_string()),
+                    }
+                }
+                if uris.len() > 1 {
+                    others.extend(uris[1..].iter().map(|u| format!("URI:{u}")));
+                }
+                if !others.is_empty() {
+                    return Err(CsrError::ExtraSans(others.join(", ")));
+                }
+                if let Some(uri) = uris.first()
+                    && *uri != entitled.as_str()
+                {
+                    return Err(CsrError::IdMismatch { requested: uri.to_string(), entitled: entitled.clone() });
+                }
+            }
+            ParsedExtension::BasicConstraints(bc) if bc.ca => return Err(CsrError::RequestsCa),
+            ParsedExtension::KeyUsage(ku) if ku.key_cert_sign() || ku.crl_sign() => {
+                return Err(CsrError::RequestsCa);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn ca_params(
+    trust_domain: &TrustDomain,
+    common_name: &str,
+    lifetime: Duration,
+    constraints: BasicConstraints,
+) -> Result<CertificateParams, CaError> {
+    let now = SystemTime::now();
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "trellis");
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(constraints);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    // The trust domain's own SPIFFE ID marks which trust domain this CA speaks for.
+    let uri = rcgen::string::Ia5String::try_from(trust_domain.id().as_str())
+        .map_err(|e| CaError::Generation(e.to_string()))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.not_before = to_offset(now.checked_sub(CLOCK_SKEW).unwrap_or(now));
+    params.not_after = to_offset(now + lifetime);
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+fn svid_params(id: &SpiffeId, not_before: SystemTime, not_after: SystemTime) -> Result<CertificateParams, CsrError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "trellis");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let uri = rcgen::string::Ia5String::try_from(id.as_str()).map_err(|e| CsrError::Signing(e.to_string()))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.not_before = to_offset(not_before);
+    params.not_after = to_offset(not_after);
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// Eight hex digits of the key's SHA-256, so two meshes' CAs never share a subject name
+/// (WebPKI matches issuers by name: a collision would turn "unknown issuer" into a
+/// confusing "bad signature").
+fn short_key_id(key: &KeyPair) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.public_key_raw());
+    digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 16 random bytes, top bit clear so the DER integer stays positive.
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+pub(crate) fn to_offset(t: SystemTime) -> OffsetDateTime {
+    OffsetDateTime::from(t)
+}
+
+fn gen_err(e: rcgen::Error) -> CaError {
+    CaError::Generation(e.to_string())
+}
