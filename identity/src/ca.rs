@@ -252,6 +252,41 @@ impl CertificateAuthority {
     }
 }
 
+impl CertificateAuthority {
+    /// A plain TLS serving certificate for DNS names — not an SVID. The only caller is the
+    /// control plane's admission webhook: the Kubernetes API server checks the webhook's
+    /// certificate by DNS name (`trellis-control.trellis-system.svc`) against the bundle
+    /// in the webhook configuration. It carries serverAuth only, so no mTLS peer accepts
+    /// it as a workload.
+    pub fn issue_serving_cert(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, rustls_pki_types::PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(gen_err)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "trellis");
+        if let Some(first) = dns_names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = SystemTime::now();
+        params.not_before = to_offset(now.checked_sub(CLOCK_SKEW).unwrap_or(now));
+        params.not_after = to_offset((now + ttl).min(self.not_after));
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.chain[..self.chain.len() - 1].iter().cloned());
+        let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Ok((chain, key_der))
+    }
+}
+
 /// Checks a CSR against what the caller may have and returns its public key.
 fn inspect_csr(csr: &CertificateSigningRequestDer<'_>, entitled: &SpiffeId) -> Result<SubjectPublicKeyInfo, CsrError> {
     let (rest, req) =

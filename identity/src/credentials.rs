@@ -74,7 +74,8 @@ impl CredentialStore {
         self.current.load().as_ref().map(|c| c.id().clone())
     }
 
-    fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
+    /// The current SVID as rustls wants it, for custom certificate resolvers.
+    pub fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
         self.current.load().as_ref().map(|c| c.certified.clone())
     }
 }

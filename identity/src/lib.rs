@@ -30,7 +30,10 @@ pub use ca::{CaError, CertificateAuthority, CsrError, IssuedSvid};
 pub use cert::{CertInfo, SanError};
 pub use credentials::{Credential, CredentialStore};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
-pub use tls::{ClientAuth, TlsError, client_config, crypto_provider, peer_spiffe_id, server_config};
+pub use tls::{
+    ClientAuth, TlsError, client_config, client_verifier, crypto_provider, peer_spiffe_id, server_config,
+    server_config_with_resolver,
+};
 pub use verify::VerifyError;
 pub use workload::{Svid, SvidError, WorkloadKey};
 

@@ -16,7 +16,7 @@ use crate::bundle::TrustBundle;
 use crate::cert::CertInfo;
 use crate::credentials::{CredentialStore, StoreResolver};
 use crate::spiffe::{SpiffeId, TrustDomain};
-use crate::verify::{SpiffeClientVerifier, SpiffeServerVerifier, VerifyError};
+use crate::verify::{DeferredClientVerifier, SpiffeClientVerifier, SpiffeServerVerifier, VerifyError};
 
 /// ALPN Trellis sidecars offer each other when the connection carries HTTP/2 (pooled,
 /// multiplexed sidecar-to-sidecar traffic).
@@ -36,8 +36,11 @@ pub enum TlsError {
 pub enum ClientAuth {
     /// mTLS: no certificate, no connection (sidecar inbound).
     Required,
-    /// Verified if presented (control-plane API: proxies present SVIDs, admins a token).
+    /// Verified if presented (clients without a certificate get no identity).
     Optional,
+    /// Requested but checked by the application (see [`crate::verify::DeferredClientVerifier`]):
+    /// the control-plane API, which answers bad SVIDs with a 4xx body.
+    Deferred,
 }
 
 /// The one crypto provider of the process.
@@ -54,19 +57,41 @@ pub fn server_config(
     trust_domains: &[TrustDomain],
     client_auth: ClientAuth,
 ) -> Result<ServerConfig, TlsError> {
+    server_config_with_resolver(Arc::new(StoreResolver(creds)), bundle, trust_domains, client_auth)
+}
+
+/// [`server_config`] with a caller-chosen certificate resolver (the control plane picks
+/// a DNS serving certificate for its webhook's SNI name and its SVID otherwise).
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    bundle: &TrustBundle,
+    trust_domains: &[TrustDomain],
+    client_auth: ClientAuth,
+) -> Result<ServerConfig, TlsError> {
     let provider = crypto_provider();
-    let verifier = SpiffeClientVerifier::new(
-        bundle.root_store(),
-        provider.clone(),
-        trust_domains.to_vec(),
-        client_auth == ClientAuth::Required,
-    )
-    .map_err(|e| TlsError::Verifier(format!("{e:?}")))?;
+    let verifier = client_verifier(bundle, trust_domains, client_auth == ClientAuth::Required)?;
+    let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = match client_auth {
+        ClientAuth::Deferred => {
+            Arc::new(DeferredClientVerifier::new(verifier, provider.signature_verification_algorithms))
+        }
+        ClientAuth::Required | ClientAuth::Optional => Arc::new(verifier),
+    };
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(verifier))
-        .with_cert_resolver(Arc::new(StoreResolver(creds)));
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
     Ok(config)
+}
+
+/// The SPIFFE client-certificate checks on their own, for [`ClientAuth::Deferred`] servers
+/// to run on a peer's chain after the handshake.
+pub fn client_verifier(
+    bundle: &TrustBundle,
+    trust_domains: &[TrustDomain],
+    mandatory: bool,
+) -> Result<SpiffeClientVerifier, TlsError> {
+    SpiffeClientVerifier::new(bundle.root_store(), crypto_provider(), trust_domains.to_vec(), mandatory)
+        .map_err(|e| TlsError::Verifier(format!("{e:?}")))
 }
 
 /// A TLS 1.3 client that requires the server to be exactly `expected`, presenting the

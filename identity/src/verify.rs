@@ -239,6 +239,83 @@ impl SpiffeClientVerifier {
     }
 }
 
+impl SpiffeClientVerifier {
+    /// Runs the handshake-time checks on a chain received earlier: the control plane uses
+    /// this behind [`DeferredClientVerifier`] to answer a bad SVID with a 4xx body.
+    pub fn verify_chain(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Result<SpiffeId, VerifyError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(VerifyError::NoCertificate)?;
+        let checked = check_leaf(leaf).and_then(|info| {
+            self.inner.verify_client_cert(leaf, intermediates, now)?;
+            check_spiffe(&info, &self.domains)
+        });
+        checked.map_err(|e| VerifyError::from_rustls(&e))
+    }
+}
+
+/// A client verifier for APIs that must *answer* a bad client certificate rather than
+/// abort the handshake: it asks for a certificate, checks only that the client holds its
+/// key (the handshake signature), and leaves chain and SPIFFE checks to the application,
+/// which must call [`SpiffeClientVerifier::verify_chain`] on the peer's chain before
+/// trusting any identity. The Trellis control plane uses it so that an expired or foreign
+/// SVID gets a clear 401 body instead of a bare TLS alert; the proxy never does.
+#[derive(Debug)]
+pub struct DeferredClientVerifier {
+    pub checker: SpiffeClientVerifier,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl DeferredClientVerifier {
+    pub fn new(checker: SpiffeClientVerifier, algs: WebPkiSupportedAlgorithms) -> Self {
+        DeferredClientVerifier { checker, algs }
+    }
+}
+
+impl ClientCertVerifier for DeferredClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.checker.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        // Deferred by design: see the type's documentation.
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn offer_client_auth(&self) -> bool {
         true

@@ -60,6 +60,15 @@ impl WorkloadKey {
         Ok(csr.der().clone())
     }
 
+    /// A CSR with no SAN at all, for a workload that does not know its own identity yet:
+    /// the CA issues the SVID for whatever identity the caller's token proves.
+    pub fn anonymous_csr(&self) -> Result<CertificateSigningRequestDer<'static>, SvidError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let csr = params.serialize_request(&self.key).map_err(|e| SvidError::BadKey(e.to_string()))?;
+        Ok(csr.der().clone())
+    }
+
     pub fn private_key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
     }
