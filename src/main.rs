@@ -1,9 +1,12 @@
 //! `trellis`: the one binary. Parses flags, wires the crates together, and holds no logic
 //! of its own: each subcommand lives in `cmd/` and calls into `trellis-identity`,
-//! `trellis-policy`, `trellis-control` or `trellis-proxy`. Subcommands arrive with the
-//! issues that build them.
+//! `trellis-policy`, `trellis-control` or `trellis-proxy`.
 
-use clap::{CommandFactory, Parser};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -14,9 +17,45 @@ use clap::{CommandFactory, Parser};
         Sidecars talk only over mutual TLS with SPIFFE identities issued by a small control plane; \
         every connection and HTTP request is checked against policy; every flow becomes a span."
 )]
-struct Cli {}
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `trellis_proxy=debug`.
+    #[arg(long, global = true, env = "TRELLIS_LOG", default_value = "info")]
+    log: String,
 
-fn main() {
-    let _cli = Cli::parse();
-    let _ = Cli::command().print_help();
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane.
+    #[command(subcommand)]
+    Control(cmd::control::ControlCommand),
+    /// Create join tokens that bootstrap a workload's identity.
+    #[command(subcommand)]
+    Token(cmd::token::TokenCommand),
+    /// Validate, apply, inspect and check policies.
+    #[command(subcommand)]
+    Policy(cmd::policy::PolicyCommand),
+    /// List the proxies connected to the control plane.
+    #[command(subcommand)]
+    Workloads(cmd::workloads::WorkloadsCommand),
+    /// Run the sidecar proxy, or install its transparent-capture rules.
+    #[command(subcommand)]
+    Proxy(cmd::proxy::ProxyCommand),
+    /// Add the Trellis sidecar to Kubernetes manifests (prints them to stdout).
+    Inject(cmd::inject::InjectArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cmd::init_logging(&cli.log);
+    match cli.command {
+        Command::Control(c) => cmd::control::run(c),
+        Command::Token(c) => cmd::token::run(c),
+        Command::Policy(c) => cmd::policy::run(c),
+        Command::Workloads(c) => cmd::workloads::run(c),
+        Command::Proxy(c) => cmd::proxy::run(c),
+        Command::Inject(args) => cmd::inject::run(args),
+    }
 }

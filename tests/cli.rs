@@ -14,7 +14,7 @@ fn version_and_help() {
     let out = trellis().arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("zero-trust"), "{help}");
+    assert!(help.contains("zero-trust") && help.contains("policy"), "{help}");
 }
 
 #[test]

@@ -1,6 +1,24 @@
-//! `trellis-control`: the control plane (`trellis control run`).
+//! `trellis-control`: the control plane (`trellis control run`), DESIGN.md §6.
 //!
-//! Not built yet. It will hold the CA service (SVID bootstrap with join tokens, renewal with
-//! the current SVID), the durable versioned policy store, the endpoint registry, the watch
-//! stream that pushes each proxy its policies and trust bundle, and the admin API, as described
-//! in DESIGN.md §6.
+//! - [`run`] prepares the data dir (CA, `bundle.pem`, `admin.token`, the store) and serves;
+//! - [`server`] is the HTTPS API: SVID bootstrap and renewal, the watch stream, the admin
+//!   routes (tokens, policies, checks, workloads, audit log) and the injection webhook;
+//! - [`store`] is the durable, versioned redb store; [`state`] the in-memory snapshots and
+//!   the change hub that wakes watchers; [`tokens`] join/admin token handling;
+//! - [`api`] holds the wire types and [`client`] the client proxies and the CLI use;
+//! - [`inject`] and [`kube`] are the Kubernetes pieces (sidecar injection, TokenReview).
+//!
+//! The API is described in `docs/api/openapi.yaml`.
+
+pub mod api;
+pub mod client;
+pub mod inject;
+pub mod kube;
+pub mod run;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod tokens;
+
+pub use client::{ClientError, ControlClient, WatchStream};
+pub use run::{ControlConfig, Running, StartError, start};

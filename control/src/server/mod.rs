@@ -1,0 +1,298 @@
+//! The control plane's HTTPS server: TLS accept loop, routing, and the helpers every
+//! handler shares (body limits, admin-token and SVID authentication, JSON responses).
+//!
+//! Flow of one request: accept → TLS (the control plane's own SVID; a client certificate
+//! is requested but checked later, see `trellis_identity::verify::DeferredClientVerifier`)
+//! → route → authenticate (admin token or SVID, per route) → handler → JSON response.
+//! Handlers live in `svid.rs` (bootstrap, renew), `watch.rs` (the push stream) and
+//! `admin.rs` (tokens, policies, check, workloads, audit).
+
+mod admin;
+mod svid;
+mod watch;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use trellis_identity::pki_types::{CertificateDer, UnixTime};
+use trellis_identity::verify::SpiffeClientVerifier;
+use trellis_identity::{CertificateAuthority, SpiffeId, TrustDomain, VerifyError};
+
+use crate::api::{ErrorBody, paths};
+use crate::state::Shared;
+use crate::store::Actor;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Largest request body accepted, except policy applies.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest policy apply accepted (the policy crate enforces its own, larger limits too).
+pub const MAX_POLICY_BODY: usize = 16 * 1024 * 1024;
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a request handler may need.
+pub struct Ctx {
+    pub shared: Arc<Shared>,
+    pub ca: CertificateAuthority,
+    pub trust_domain: TrustDomain,
+    pub svid_ttl: Duration,
+    pub admin_token: String,
+    /// Checks client SVIDs after the handshake (see module docs).
+    pub svid_checker: SpiffeClientVerifier,
+    pub hooks: Hooks,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+    }
+}
+
+/// Verifies a Kubernetes projected ServiceAccount token; resolves to the SPIFFE ID it proves.
+pub type AttestHook = Arc<dyn Fn(String) -> AttestFuture + Send + Sync>;
+/// Answers an AdmissionReview body (the `/inject` webhook) given the current trust bundle
+/// PEM (which injected pods embed), or says why the body is malformed.
+pub type WebhookHook = Arc<dyn Fn(&[u8], &str) -> Result<Vec<u8>, String> + Send + Sync>;
+
+/// Optional integrations, plugged in by `trellis control run` flags.
+#[derive(Default)]
+pub struct Hooks {
+    pub k8s_attest: Option<AttestHook>,
+    pub webhook: Option<WebhookHook>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("k8s_attest", &self.k8s_attest.is_some())
+            .field("webhook", &self.webhook.is_some())
+            .finish()
+    }
+}
+
+pub type AttestFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<SpiffeId, ApiError>> + Send>>;
+
+/// What the TLS handshake told us about the client.
+#[derive(Debug)]
+pub struct Conn {
+    pub remote: SocketAddr,
+    pub peer_chain: Option<Vec<CertificateDer<'static>>>,
+}
+
+/// An error answered as `{"error": ...}` with a status code.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        ApiError { status, body: ErrorBody { error: msg.into(), details: vec![] } }
+    }
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, msg)
+    }
+    pub fn unauthorized(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, msg)
+    }
+    pub fn forbidden(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, msg)
+    }
+    pub fn internal(msg: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %msg, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {msg}"))
+    }
+}
+
+pub type ApiResult = Result<Response<Body>, ApiError>;
+
+/// Serves HTTPS on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<trellis_identity::rustls::ServerConfig>,
+    ctx: Arc<Ctx>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let ctx = ctx.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let peer_chain =
+                tls.get_ref().1.peer_certificates().map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+            let conn = Arc::new(Conn { remote, peer_chain });
+            let svc = hyper::service::service_fn(move |req| {
+                let (ctx, conn) = (ctx.clone(), conn.clone());
+                async move { Ok::<_, Infallible>(route(ctx, conn, req).await) }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let fut = builder.serve_connection(TokioIo::new(tls), svc);
+            if let Err(e) = watcher.watch(fut.into_owned()).await {
+                tracing::debug!(%remote, error = %e, "connection ended with error");
+            }
+        });
+    }
+    // Watch streams never end on their own; give in-flight requests a moment, then go.
+    let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
+}
+
+async fn route(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let result = match (method.clone(), path.as_str()) {
+        (Method::GET, paths::HEALTHZ) => Ok(text(StatusCode::OK, "ok\n")),
+        (Method::GET, paths::BUNDLE) => Ok(text(StatusCode::OK, ctx.shared.bundle.load().to_pem())),
+        (Method::POST, paths::BOOTSTRAP) => svid::bootstrap(&ctx, &conn, req).await,
+        (Method::POST, paths::RENEW) => svid::renew(&ctx, &conn, req).await,
+        (Method::GET, paths::WATCH) => watch::watch(&ctx, &conn, req).await,
+        (Method::POST, paths::ACK) => watch::ack(&ctx, &conn, req).await,
+        (Method::POST, paths::INJECT) => webhook(&ctx, req).await,
+        (_, p) if is_admin_path(p) => admin::route(&ctx, &conn, req).await,
+        (_, paths::HEALTHZ | paths::BUNDLE | paths::BOOTSTRAP | paths::RENEW | paths::WATCH | paths::ACK) => {
+            Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path}")))
+        }
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {method} {path}"))),
+    };
+    let response = result.unwrap_or_else(|e| json(e.status, &e.body));
+    tracing::debug!(%method, %path, status = response.status().as_u16(), remote = %conn.remote, "request");
+    response
+}
+
+fn is_admin_path(p: &str) -> bool {
+    [paths::TOKENS, paths::POLICIES, paths::CHECK, paths::WORKLOADS, paths::AUDIT]
+        .iter()
+        .any(|a| p == *a || p.strip_prefix(a).is_some_and(|rest| rest.starts_with('/')))
+}
+
+async fn webhook(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
+    let Some(hook) = ctx.hooks.webhook.clone() else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "the injection webhook is not enabled (--webhook)"));
+    };
+    let body = read_body(req, MAX_POLICY_BODY).await?;
+    match hook(&body, &ctx.shared.bundle.load().to_pem()) {
+        Ok(out) => Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(full(out))
+            .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"))),
+        Err(e) => Err(ApiError::bad_request(format!("malformed AdmissionReview: {e}"))),
+    }
+}
+
+/// Reads a request body of at most `limit` bytes.
+pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {limit} bytes")))
+        }
+        Err(e) => Err(ApiError::bad_request(format!("could not read request body: {e}"))),
+    }
+}
+
+/// Reads and parses a JSON body, naming what was wrong with it.
+pub async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = read_body(req, MAX_BODY).await?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+/// Requires `Authorization: Bearer <admin token>`.
+pub fn require_admin<B>(ctx: &Ctx, conn: &Conn, req: &Request<B>) -> Result<Actor, ApiError> {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return Err(ApiError::unauthorized("missing admin token: send `Authorization: Bearer <admin token>`"));
+    };
+    let presented = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    if presented.is_empty() || !crate::tokens::admin_token_matches(presented, &ctx.admin_token) {
+        tracing::warn!(remote = %conn.remote, "admin request with a wrong token refused");
+        return Err(ApiError::unauthorized("invalid admin token"));
+    }
+    Ok(Actor { principal: "admin".into(), remote: conn.remote.to_string() })
+}
+
+/// The client's SPIFFE ID, after running the full SVID checks on its certificate chain.
+pub fn require_svid(ctx: &Ctx, conn: &Conn) -> Result<(SpiffeId, u64), ApiError> {
+    let chain = conn
+        .peer_chain
+        .as_deref()
+        .ok_or_else(|| ApiError::unauthorized("this endpoint requires a client SVID (mutual TLS)"))?;
+    let id = ctx.svid_checker.verify_chain(chain, UnixTime::now()).map_err(|e| {
+        let msg = match &e {
+            VerifyError::Expired => "client SVID has expired; bootstrap again with a new join token".to_string(),
+            VerifyError::UnknownIssuer => "client SVID is not issued by this control plane's CA".to_string(),
+            other => format!("client SVID refused: {other}"),
+        };
+        tracing::warn!(remote = %conn.remote, reason = e.label(), "SVID refused");
+        ApiError::unauthorized(msg)
+    })?;
+    let expires = trellis_identity::CertInfo::parse(&chain[0]).map(|i| i.not_after_unix()).unwrap_or(0);
+    Ok((id, expires))
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(mut bytes) => {
+            bytes.push(b'\n');
+            let mut r = Response::new(full(bytes));
+            *r.status_mut() = status;
+            r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("serialization failed: {e}")),
+    }
+}
+
+/// Runs blocking store work off the async threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)
+}

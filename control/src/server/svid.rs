@@ -1,0 +1,125 @@
+//! Issuing SVIDs: bootstrap (join token or Kubernetes token + CSR) and renewal (current
+//! SVID over mTLS + CSR for the same ID).
+//!
+//! The caller's *proof* decides the identity — the token's binding, the TokenReview result,
+//! or the presented SVID — and the CSR must ask for exactly that (the CA refuses anything
+//! else). A join token is spent only once a certificate has been signed for it, so a
+//! malformed CSR does not burn a token, and two racing bootstraps cannot both win.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use trellis_identity::pem::{self, PemError};
+use trellis_identity::{CsrError, SpiffeId};
+
+use super::{ApiError, ApiResult, Conn, Ctx, blocking, json, read_json, require_svid};
+use crate::api::{BootstrapRequest, RenewRequest, SvidResponse};
+use crate::store::{Actor, StoreError, now_unix};
+use crate::tokens;
+
+pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult {
+    let body: BootstrapRequest = read_json(req).await?;
+    let addresses = check_addresses(&body.addresses)?;
+    let actor = Actor { principal: "bootstrap".into(), remote: conn.remote.to_string() };
+    let (id, token_hash) = match (&body.token, &body.k8s_token) {
+        (Some(token), None) => {
+            let hash = tokens::hash(token);
+            let store = ctx.shared.store.clone();
+            let record = blocking(move || store.peek_token(&hash, now_unix())).await?.map_err(token_error)?;
+            (record.spiffe_id, Some(hash))
+        }
+        (None, Some(k8s)) => {
+            let Some(attest) = ctx.hooks.k8s_attest.clone() else {
+                return Err(ApiError::bad_request(
+                    "Kubernetes attestation is not enabled on this control plane (--k8s-attestation)",
+                ));
+            };
+            (attest(k8s.clone()).await?, None)
+        }
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("send either `token` or `k8s_token`, not both")),
+        (None, None) => return Err(ApiError::bad_request("missing `token` (a join token) or `k8s_token`")),
+    };
+    let response = sign(ctx, &body.csr_pem, &id)?;
+    if let Some(hash) = token_hash {
+        let store = ctx.shared.store.clone();
+        let actor = actor.clone();
+        blocking(move || store.consume_token(&hash, now_unix(), &actor)).await?.map_err(token_error)?;
+    }
+    register(ctx, &id, addresses).await?;
+    tracing::info!(spiffe_id = %id, remote = %conn.remote, "SVID bootstrapped");
+    Ok(json(StatusCode::OK, &response))
+}
+
+pub async fn renew(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult {
+    let (id, _) = require_svid(ctx, conn)?;
+    let body: RenewRequest = read_json(req).await?;
+    let addresses = check_addresses(&body.addresses)?;
+    let response = sign(ctx, &body.csr_pem, &id)?;
+    register(ctx, &id, addresses).await?;
+    let store = ctx.shared.store.clone();
+    let actor = Actor { principal: id.to_string(), remote: conn.remote.to_string() };
+    let target = id.to_string();
+    if let Err(e) = blocking(move || store.record(&actor, "svid.renew", &target)).await? {
+        tracing::warn!(error = %e, "could not record renewal in the audit log");
+    }
+    tracing::debug!(spiffe_id = %id, "SVID renewed");
+    Ok(json(StatusCode::OK, &response))
+}
+
+fn sign(ctx: &Ctx, csr_pem: &str, id: &SpiffeId) -> Result<SvidResponse, ApiError> {
+    let csr =
+        pem::csr_from_pem("csr_pem", csr_pem.as_bytes()).map_err(|e: PemError| ApiError::bad_request(e.to_string()))?;
+    let issued = ctx.ca.sign_csr(&csr, id, ctx.svid_ttl).map_err(csr_error)?;
+    Ok(SvidResponse {
+        spiffe_id: id.clone(),
+        chain_pem: pem::certs_to_pem(&issued.chain),
+        bundle_pem: ctx.shared.bundle.load().to_pem(),
+        expires_at: issued.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    })
+}
+
+async fn register(ctx: &Ctx, id: &SpiffeId, addresses: Vec<String>) -> Result<(), ApiError> {
+    if addresses.is_empty() {
+        return Ok(());
+    }
+    let store = ctx.shared.store.clone();
+    let owner = id.clone();
+    blocking(move || store.register_endpoints(&owner, &addresses)).await?.map_err(ApiError::internal)?;
+    ctx.shared.reload_registry().map_err(ApiError::internal)
+}
+
+/// Registry addresses are `ip` or `ip:port`, stored in their canonical text form.
+fn check_addresses(addresses: &[String]) -> Result<Vec<String>, ApiError> {
+    addresses
+        .iter()
+        .map(|a| {
+            if let Ok(ip) = a.parse::<IpAddr>() {
+                Ok(ip.to_string())
+            } else if let Ok(sa) = a.parse::<SocketAddr>() {
+                Ok(sa.to_string())
+            } else {
+                Err(ApiError::bad_request(format!("address {a:?} is not `ip` or `ip:port`")))
+            }
+        })
+        .collect()
+}
+
+fn token_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::TokenUnknown | StoreError::TokenExpired | StoreError::TokenUsed => {
+            ApiError::unauthorized(e.to_string())
+        }
+        other => ApiError::internal(other),
+    }
+}
+
+fn csr_error(e: CsrError) -> ApiError {
+    match e {
+        CsrError::IdMismatch { .. } | CsrError::ExtraSans(_) | CsrError::RequestsCa => {
+            ApiError::forbidden(e.to_string())
+        }
+        CsrError::CaExpired | CsrError::Signing(_) => ApiError::internal(e),
+        other => ApiError::bad_request(other.to_string()),
+    }
+}

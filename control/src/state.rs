@@ -1,0 +1,213 @@
+//! The control plane's in-memory view of the store, and the hub that tells watchers about
+//! changes.
+//!
+//! Each domain is one immutable value swapped whole: [`PolicyState`] (version, policies, the
+//! compiled snapshot and each policy's pre-serialized JSON) and [`Registry`] (the endpoint
+//! registry and its JSON). A change is written to the [`Store`] first, then the matching
+//! value is rebuilt from it and swapped, then watchers are woken. Watchers read whatever
+//! is current when they wake, so a burst of changes coalesces into one push per watcher.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use trellis_identity::{SpiffeId, TrustBundle};
+use trellis_policy::{Defaults, Policy, PolicySnapshot};
+
+use crate::api::{EndpointEntry, WorkloadStatus};
+use crate::store::{Endpoint, Store, StoreError, now_unix};
+
+/// The stored policies at one version.
+#[derive(Debug)]
+pub struct PolicyState {
+    pub snapshot: PolicySnapshot,
+    /// `(policy, its JSON)`, in snapshot order; JSON is serialized once per version, not
+    /// once per watcher.
+    pub json: Vec<(Policy, String)>,
+}
+
+impl PolicyState {
+    pub fn build(version: u64, policies: Vec<Policy>) -> Result<Self, StoreError> {
+        let json = policies
+            .iter()
+            .map(|p| serde_json::to_string(p).map(|j| (p.clone(), j)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let snapshot = PolicySnapshot::compile(version, policies, Defaults::default())
+            .map_err(|e| StoreError::Rejected(e.to_string()))?;
+        Ok(PolicyState { snapshot, json })
+    }
+
+    pub fn version(&self) -> u64 {
+        self.snapshot.version()
+    }
+
+    /// The JSON array of the policies that select `id` (what its proxy enforces).
+    pub fn selecting_json(&self, id: &SpiffeId) -> String {
+        let mut out = String::from("[");
+        for (policy, json) in &self.json {
+            if policy.selects(id) {
+                if out.len() > 1 {
+                    out.push(',');
+                }
+                out.push_str(json);
+            }
+        }
+        out.push(']');
+        out
+    }
+}
+
+/// The endpoint registry at one version.
+#[derive(Debug)]
+pub struct Registry {
+    pub version: u64,
+    pub endpoints: Vec<Endpoint>,
+    pub json: String,
+}
+
+impl Registry {
+    pub fn build(version: u64, endpoints: Vec<Endpoint>) -> Self {
+        let entries: Vec<EndpointEntry> = endpoints
+            .iter()
+            .map(|e| EndpointEntry { address: e.address.clone(), spiffe_id: e.spiffe_id.clone() })
+            .collect();
+        let json = serde_json::to_string(&entries).unwrap_or_else(|_| "[]".into());
+        Registry { version, endpoints, json }
+    }
+
+    /// The workload at `ip:port`, or registered for the whole `ip`.
+    pub fn resolve(&self, ip: &str, port: u16) -> Option<&SpiffeId> {
+        let exact = format!("{ip}:{port}");
+        self.endpoints
+            .iter()
+            .find(|e| e.address == exact)
+            .or_else(|| self.endpoints.iter().find(|e| e.address == ip))
+            .map(|e| &e.spiffe_id)
+    }
+}
+
+/// Everything request handlers share.
+#[derive(Debug)]
+pub struct Shared {
+    pub store: Arc<Store>,
+    pub policy: ArcSwap<PolicyState>,
+    pub registry: ArcSwap<Registry>,
+    pub bundle: ArcSwap<TrustBundle>,
+    changes: watch::Sender<u64>,
+    sessions: Mutex<Sessions>,
+}
+
+#[derive(Debug, Default)]
+struct Sessions {
+    next: u64,
+    live: HashMap<u64, WorkloadStatus>,
+}
+
+impl Shared {
+    pub fn load(store: Arc<Store>, bundle: TrustBundle) -> Result<Arc<Self>, StoreError> {
+        let (version, policies) = store.policies()?;
+        let policy = PolicyState::build(version, policies)?;
+        let (rv, endpoints) = store.endpoints()?;
+        let (changes, _) = watch::channel(0);
+        Ok(Arc::new(Shared {
+            store,
+            policy: ArcSwap::from_pointee(policy),
+            registry: ArcSwap::from_pointee(Registry::build(rv, endpoints)),
+            bundle: ArcSwap::from_pointee(bundle),
+            changes,
+            sessions: Mutex::default(),
+        }))
+    }
+
+    /// Re-reads policies from the store, swaps the snapshot and wakes watchers.
+    pub fn reload_policies(&self) -> Result<(), StoreError> {
+        let (version, policies) = self.store.policies()?;
+        // Two concurrent applies may reload out of order; never go backwards.
+        if version >= self.policy.load().version() {
+            self.policy.store(Arc::new(PolicyState::build(version, policies)?));
+        }
+        self.notify();
+        Ok(())
+    }
+
+    pub fn reload_registry(&self) -> Result<(), StoreError> {
+        let (version, endpoints) = self.store.endpoints()?;
+        if version > self.registry.load().version {
+            self.registry.store(Arc::new(Registry::build(version, endpoints)));
+            self.notify();
+        }
+        Ok(())
+    }
+
+    fn notify(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// A new watch session for a proxy; dropped with the returned guard.
+    pub fn open_session(self: &Arc<Self>, id: SpiffeId, address: String, svid_expires_at: Option<u64>) -> SessionGuard {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        s.next += 1;
+        let session = s.next;
+        let now = now_unix();
+        s.live.insert(
+            session,
+            WorkloadStatus {
+                session,
+                spiffe_id: id,
+                address,
+                connected_since: now,
+                last_seen: now,
+                acked_version: None,
+                svid_expires_at,
+            },
+        );
+        SessionGuard { shared: self.clone(), session }
+    }
+
+    /// Records an ack; false if the session is unknown or belongs to someone else.
+    pub fn ack(&self, session: u64, id: &SpiffeId, version: u64) -> bool {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match s.live.get_mut(&session) {
+            Some(w) if &w.spiffe_id == id => {
+                w.acked_version = Some(version);
+                w.last_seen = now_unix();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn touch(&self, session: u64) {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = s.live.get_mut(&session) {
+            w.last_seen = now_unix();
+        }
+    }
+
+    pub fn workloads(&self) -> Vec<WorkloadStatus> {
+        let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = s.live.values().cloned().collect();
+        out.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then(a.session.cmp(&b.session)));
+        out
+    }
+}
+
+/// Removes its session from the connected list when the watch stream ends.
+#[derive(Debug)]
+pub struct SessionGuard {
+    shared: Arc<Shared>,
+    pub session: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut s = self.shared.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        s.live.remove(&self.session);
+    }
+}

@@ -1,0 +1,364 @@
+//! The control plane's durable store, on redb (an embedded, crash-safe B-tree database).
+//!
+//! Everything that must survive a restart lives here: policies and the version counter,
+//! join tokens (hashed), the endpoint registry and the audit log. Every change is one redb
+//! write transaction committed with immediate durability before the API answers, so a crash
+//! leaves the old or the new state — never a mix — and every acknowledged change is on disk.
+//! Each change appends its audit entry in the same transaction as the change itself.
+//!
+//! Calls block on disk I/O; the API calls them from `spawn_blocking`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use trellis_identity::SpiffeId;
+use trellis_policy::Policy;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
+const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
+const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+const K_VERSION: &str = "policy_version";
+const K_ENDPOINTS_VERSION: &str = "endpoints_version";
+
+/// Store file name inside the data dir.
+pub const STORE_FILE: &str = "trellis.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Db(String),
+    #[error("store record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("policy {0:?} not found")]
+    NotFound(String),
+    #[error("policy set rejected: {0}")]
+    Rejected(String),
+    #[error("join token is unknown")]
+    TokenUnknown,
+    #[error("join token has expired")]
+    TokenExpired,
+    #[error("join token has already been used")]
+    TokenUsed,
+}
+
+impl<E: Into<redb::Error>> From<E> for StoreError {
+    fn from(e: E) -> Self {
+        StoreError::Db(e.into().to_string())
+    }
+}
+
+/// Who made a change, for the audit log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Actor {
+    /// `admin`, or the SPIFFE ID of a workload.
+    pub principal: String,
+    /// Remote address of the request.
+    pub remote: String,
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub seq: u64,
+    /// Unix seconds.
+    pub time: u64,
+    pub actor: Actor,
+    /// `policy.apply`, `policy.delete`, `token.create`, `svid.bootstrap`, `svid.renew`.
+    pub action: String,
+    pub target: String,
+    /// Policy version after the change.
+    pub version: u64,
+}
+
+/// A stored join token: the hash of the secret, never the secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub spiffe_id: SpiffeId,
+    pub created: u64,
+    pub expires: u64,
+    pub used: Option<u64>,
+}
+
+/// One address in the endpoint registry: which workload answers there.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `ip` (any port) or `ip:port`.
+    pub address: String,
+    pub spiffe_id: SpiffeId,
+    pub updated: u64,
+}
+
+/// What an apply changed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    pub version: u64,
+    pub created: Vec<String>,
+    pub configured: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`, creating missing tables.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(META)?;
+            txn.open_table(POLICIES)?;
+            txn.open_table(TOKENS)?;
+            txn.open_table(ENDPOINTS)?;
+            txn.open_table(AUDIT)?;
+        }
+        txn.commit()?;
+        Ok(Store { db })
+    }
+
+    /// The current version and every stored policy, read in one consistent transaction.
+    pub fn policies(&self) -> Result<(u64, Vec<Policy>), StoreError> {
+        let txn = self.db.begin_read()?;
+        let version = txn.open_table(META)?.get(K_VERSION)?.map(|v| v.value()).unwrap_or(0);
+        let table = txn.open_table(POLICIES)?;
+        let mut out = Vec::with_capacity(table.len()? as usize);
+        for row in table.iter()? {
+            let (name, json) = row?;
+            let policy: Policy = serde_json::from_slice(json.value())
+                .map_err(|e| StoreError::Corrupt(format!("policy {:?}: {e}", name.value())))?;
+            out.push(policy);
+        }
+        Ok((version, out))
+    }
+
+    /// Creates or replaces `docs` by name, all or nothing. `check` sees the complete
+    /// resulting set before anything is written, so the store never holds a set that
+    /// does not compile.
+    pub fn apply(
+        &self,
+        docs: &[Policy],
+        actor: &Actor,
+        check: impl FnOnce(&[Policy]) -> Result<(), String>,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let txn = self.db.begin_write()?;
+        let outcome = {
+            let mut table = txn.open_table(POLICIES)?;
+            let mut merged: BTreeMap<String, Policy> = BTreeMap::new();
+            for row in table.iter()? {
+                let (name, json) = row?;
+                let p: Policy = serde_json::from_slice(json.value())
+                    .map_err(|e| StoreError::Corrupt(format!("policy {:?}: {e}", name.value())))?;
+                merged.insert(name.value().to_string(), p);
+            }
+            let (mut created, mut configured, mut unchanged) = (vec![], vec![], vec![]);
+            for doc in docs {
+                match merged.insert(doc.name().to_string(), doc.clone()) {
+                    None => created.push(doc.name().to_string()),
+                    Some(old) if old == *doc => unchanged.push(doc.name().to_string()),
+                    Some(_) => configured.push(doc.name().to_string()),
+                }
+            }
+            let all: Vec<Policy> = merged.into_values().collect();
+            check(&all).map_err(StoreError::Rejected)?;
+            if created.is_empty() && configured.is_empty() {
+                // Nothing changes: no new version, no audit line, no push.
+                return Ok(ApplyOutcome { version: self.version()?, created, configured, unchanged });
+            }
+            for doc in docs {
+                let json = serde_json::to_vec(doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                table.insert(doc.name(), json.as_slice())?;
+            }
+            let version = bump(&txn, K_VERSION)?;
+            let target = created.iter().chain(&configured).cloned().collect::<Vec<_>>().join(",");
+            append_audit(&txn, actor, "policy.apply", &target, version)?;
+            ApplyOutcome { version, created, configured, unchanged }
+        };
+        txn.commit()?;
+        Ok(outcome)
+    }
+
+    /// Deletes one policy; `NotFound` if it does not exist.
+    pub fn delete(&self, name: &str, actor: &Actor) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let version = {
+            let mut table = txn.open_table(POLICIES)?;
+            if table.remove(name)?.is_none() {
+                return Err(StoreError::NotFound(name.to_string()));
+            }
+            let version = bump(&txn, K_VERSION)?;
+            append_audit(&txn, actor, "policy.delete", name, version)?;
+            version
+        };
+        txn.commit()?;
+        Ok(version)
+    }
+
+    pub fn version(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(META)?.get(K_VERSION)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Stores a new join token under the hash of its secret.
+    pub fn insert_token(&self, hash: &[u8; 32], record: &TokenRecord, actor: &Actor) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            txn.open_table(TOKENS)?.insert(hash.as_slice(), json.as_slice())?;
+            let version = txn.open_table(META)?.get(K_VERSION)?.map(|v| v.value()).unwrap_or(0);
+            append_audit(&txn, actor, "token.create", record.spiffe_id.as_str(), version)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Reads a token without using it, to check a CSR against its identity before the
+    /// token is spent.
+    pub fn peek_token(&self, hash: &[u8; 32], now: u64) -> Result<TokenRecord, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TOKENS)?;
+        let record: TokenRecord = match table.get(hash.as_slice())? {
+            Some(v) => serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            None => return Err(StoreError::TokenUnknown),
+        };
+        if record.used.is_some() {
+            return Err(StoreError::TokenUsed);
+        }
+        if record.expires <= now {
+            return Err(StoreError::TokenExpired);
+        }
+        Ok(record)
+    }
+
+    /// Marks a token used and returns it, in one transaction, so two concurrent bootstraps
+    /// with the same token cannot both succeed.
+    pub fn consume_token(&self, hash: &[u8; 32], now: u64, actor: &Actor) -> Result<TokenRecord, StoreError> {
+        let txn = self.db.begin_write()?;
+        let record = {
+            let mut table = txn.open_table(TOKENS)?;
+            let mut record: TokenRecord = match table.get(hash.as_slice())? {
+                Some(v) => serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                None => return Err(StoreError::TokenUnknown),
+            };
+            if record.used.is_some() {
+                return Err(StoreError::TokenUsed);
+            }
+            if record.expires <= now {
+                return Err(StoreError::TokenExpired);
+            }
+            record.used = Some(now);
+            let json = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            table.insert(hash.as_slice(), json.as_slice())?;
+            let version = txn.open_table(META)?.get(K_VERSION)?.map(|v| v.value()).unwrap_or(0);
+            append_audit(&txn, actor, "svid.bootstrap", record.spiffe_id.as_str(), version)?;
+            record
+        };
+        txn.commit()?;
+        Ok(record)
+    }
+
+    /// Records that `addresses` are served by `id`; returns the registry version (bumped
+    /// only when something actually changed).
+    pub fn register_endpoints(&self, id: &SpiffeId, addresses: &[String]) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let version = {
+            let mut table = txn.open_table(ENDPOINTS)?;
+            let mut changed = false;
+            for address in addresses {
+                let current =
+                    table.get(address.as_str())?.and_then(|v| serde_json::from_slice::<Endpoint>(v.value()).ok());
+                if current.is_some_and(|e| &e.spiffe_id == id) {
+                    continue;
+                }
+                let entry = Endpoint { address: address.clone(), spiffe_id: id.clone(), updated: now_unix() };
+                let json = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                table.insert(address.as_str(), json.as_slice())?;
+                changed = true;
+            }
+            if changed {
+                bump(&txn, K_ENDPOINTS_VERSION)?
+            } else {
+                txn.open_table(META)?.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0)
+            }
+        };
+        txn.commit()?;
+        Ok(version)
+    }
+
+    /// The registry and its version, read consistently.
+    pub fn endpoints(&self) -> Result<(u64, Vec<Endpoint>), StoreError> {
+        let txn = self.db.begin_read()?;
+        let version = txn.open_table(META)?.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0);
+        let mut out = Vec::new();
+        for row in txn.open_table(ENDPOINTS)?.iter()? {
+            let (_, json) = row?;
+            out.push(serde_json::from_slice(json.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok((version, out))
+    }
+
+    /// Audit entries with `seq > after`, oldest first, at most `limit`.
+    pub fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for row in table.range(after.saturating_add(1)..)?.take(limit) {
+            let (_, json) = row?;
+            out.push(serde_json::from_slice(json.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Appends an audit line for an event that changes nothing else (an SVID renewal).
+    pub fn record(&self, actor: &Actor, action: &str, target: &str) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        // Renewals are frequent and change no state; losing the last few in a crash is fine.
+        txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
+        {
+            let version = txn.open_table(META)?.get(K_VERSION)?.map(|v| v.value()).unwrap_or(0);
+            append_audit(&txn, actor, action, target, version)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+fn bump(txn: &redb::WriteTransaction, key: &str) -> Result<u64, StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let next = meta.get(key)?.map(|v| v.value()).unwrap_or(0) + 1;
+    meta.insert(key, next)?;
+    Ok(next)
+}
+
+fn append_audit(
+    txn: &redb::WriteTransaction,
+    actor: &Actor,
+    action: &str,
+    target: &str,
+    version: u64,
+) -> Result<(), StoreError> {
+    let mut table = txn.open_table(AUDIT)?;
+    let seq = table.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+    let entry = AuditEntry {
+        seq,
+        time: now_unix(),
+        actor: actor.clone(),
+        action: action.to_string(),
+        target: target.to_string(),
+        version,
+    };
+    let json = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    table.insert(seq, json.as_slice())?;
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! The control plane end to end over loopback HTTPS: bootstrap, every refusal, renewal,
+//! admin authentication, all-or-nothing policy applies, and restarts.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use http::StatusCode;
+use trellis_control::api::{CheckRequest, RenewRequest, TokenRequest};
+use trellis_control::store::{Actor, TokenRecord, now_unix};
+use trellis_control::{ClientError, tokens};
+use trellis_identity::{CredentialStore, Svid, WorkloadKey};
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+
+const POLICY: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: api-from-web
+spec:
+  selector: spiffe://cluster.local/ns/shop/sa/api
+  action: ALLOW
+  rules:
+    - from:
+        - identity: spiffe://cluster.local/ns/shop/sa/web
+      to:
+        - ports: [8080]
+"#;
+
+fn api_error(r: Result<impl std::fmt::Debug, ClientError>) -> (StatusCode, String) {
+    match r {
+        Err(ClientError::Api { status, body }) => (status, body.error),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bootstrap_with_token_issues_svid_and_registers_addresses() {
+    let plane = Plane::start().await;
+    let token = plane.token(WEB).await;
+    let (key, mut req) = bootstrap_request(&token, WEB);
+    req.addresses = vec!["10.1.2.3".into(), "10.1.2.3:15006".into()];
+    let resp = plane.anonymous().bootstrap(&req).await.unwrap();
+    assert_eq!(resp.spiffe_id, id(WEB));
+    let chain = trellis_identity::pem::certs_from_pem("chain", resp.chain_pem.as_bytes()).unwrap();
+    let svid = key.into_svid(chain).unwrap();
+    assert_eq!(svid.id(), &id(WEB));
+    assert_eq!(resp.bundle_pem, plane.bundle().to_pem());
+    let registry = plane.running.shared.registry.load();
+    assert_eq!(registry.resolve("10.1.2.3", 9999), Some(&id(WEB)));
+}
+
+#[tokio::test]
+async fn reused_token_is_refused() {
+    let plane = Plane::start().await;
+    let token = plane.token(WEB).await;
+    plane.anonymous().bootstrap(&bootstrap_request(&token, WEB).1).await.unwrap();
+    let (status, msg) = api_error(plane.anonymous().bootstrap(&bootstrap_request(&token, WEB).1).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(msg.contains("already been used"), "{msg}");
+}
+
+#[tokio::test]
+async fn expired_and_unknown_tokens_are_refused() {
+    let plane = Plane::start().await;
+    let secret = tokens::mint();
+    let record = TokenRecord { spiffe_id: id(WEB), created: now_unix() - 100, expires: now_unix() - 1, used: None };
+    let actor = Actor { principal: "test".into(), remote: "-".into() };
+    plane.running.shared.store.insert_token(&tokens::hash(&secret), &record, &actor).unwrap();
+    let (status, msg) = api_error(plane.anonymous().bootstrap(&bootstrap_request(&secret, WEB).1).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(msg.contains("expired"), "{msg}");
+
+    let (status, msg) = api_error(plane.anonymous().bootstrap(&bootstrap_request(&tokens::mint(), WEB).1).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(msg.contains("unknown"), "{msg}");
+}
+
+#[tokio::test]
+async fn csr_for_another_id_is_refused_and_token_not_spent() {
+    let plane = Plane::start().await;
+    let token = plane.token(WEB).await;
+    let (_, req) = bootstrap_request(&token, "spiffe://cluster.local/ns/kube-system/sa/admin");
+    let (status, msg) = api_error(plane.anonymous().bootstrap(&req).await);
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(msg.contains("entitled only to spiffe://cluster.local/ns/shop/sa/web"), "{msg}");
+    // The token was not spent by the refused attempt.
+    plane.anonymous().bootstrap(&bootstrap_request(&token, WEB).1).await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_bootstrap_bodies_get_400() {
+    let plane = Plane::start().await;
+    let token = plane.token(WEB).await;
+    let (_, mut req) = bootstrap_request(&token, WEB);
+    req.csr_pem = "not a csr".into();
+    let (status, msg) = api_error(plane.anonymous().bootstrap(&req).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("csr_pem"), "{msg}");
+    let (_, mut req) = bootstrap_request(&token, WEB);
+    req.addresses = vec!["not-an-ip".into()];
+    let (status, msg) = api_error(plane.anonymous().bootstrap(&req).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("not-an-ip"), "{msg}");
+    let raw = plane
+        .anonymous()
+        .call(http::Method::POST, "/v1/svid/bootstrap", Some("{nope".into()), "application/json")
+        .await;
+    let (status, msg) = api_error(raw);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("malformed JSON"), "{msg}");
+}
+
+#[tokio::test]
+async fn renewal_with_current_svid_works() {
+    let plane = Plane::start().await;
+    let client = plane.workload(WEB);
+    let key = WorkloadKey::generate().unwrap();
+    let csr_pem = trellis_identity::pem::csr_to_pem(&key.csr(&id(WEB)).unwrap());
+    let resp = client.renew(&RenewRequest { csr_pem, addresses: vec![] }).await.unwrap();
+    assert_eq!(resp.spiffe_id, id(WEB));
+    assert!(resp.expires_at > now_unix() + 3000);
+}
+
+#[tokio::test]
+async fn renewal_refusals() {
+    let plane = Plane::start().await;
+    let csr_for = |who: &str| {
+        let key = WorkloadKey::generate().unwrap();
+        RenewRequest { csr_pem: trellis_identity::pem::csr_to_pem(&key.csr(&id(who)).unwrap()), addresses: vec![] }
+    };
+    // No SVID at all.
+    let (status, msg) = api_error(plane.anonymous().renew(&csr_for(WEB)).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(msg.contains("requires a client SVID"), "{msg}");
+    // A CSR for someone else.
+    let (status, msg) = api_error(plane.workload(WEB).renew(&csr_for(API)).await);
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(msg.contains("entitled only to"), "{msg}");
+    // An expired SVID.
+    let old = plane.svid_at(WEB, Duration::from_secs(3600), SystemTime::now() - Duration::from_secs(7200));
+    let client = plane.client_with(Some(CredentialStore::with(old).unwrap()), None);
+    let (status, msg) = api_error(client.renew(&csr_for(WEB)).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(msg.contains("expired"), "{msg}");
+    // An SVID from a foreign CA.
+    let foreign = Plane::start().await;
+    let svid: Svid = foreign.svid_at(WEB, Duration::from_secs(3600), SystemTime::now());
+    let client = plane.client_with(Some(CredentialStore::with(svid).unwrap()), None);
+    let (status, msg) = api_error(client.renew(&csr_for(WEB)).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(msg.contains("not issued by this control plane"), "{msg}");
+}
+
+#[tokio::test]
+async fn every_admin_endpoint_requires_the_admin_token() {
+    let plane = Plane::start().await;
+    let wrong = plane.client_with(None, Some("0".repeat(64)));
+    let before_audit = plane.running.shared.store.audit(0, 100).unwrap();
+    for client in [plane.anonymous(), wrong] {
+        let calls: Vec<(http::Method, &str, Option<&str>)> = vec![
+            (http::Method::POST, "/v1/tokens", Some(r#"{"spiffe_id":"spiffe://cluster.local/ns/a/sa/b"}"#)),
+            (http::Method::GET, "/v1/policies", None),
+            (http::Method::POST, "/v1/policies", Some(POLICY)),
+            (http::Method::GET, "/v1/policies/api-from-web", None),
+            (http::Method::DELETE, "/v1/policies/api-from-web", None),
+            (http::Method::POST, "/v1/check", Some(r#"{"to":"spiffe://cluster.local/ns/a/sa/b","port":80}"#)),
+            (http::Method::GET, "/v1/workloads", None),
+            (http::Method::GET, "/v1/audit", None),
+        ];
+        for (method, path, body) in calls {
+            let r = client.call(method.clone(), path, body.map(|b| b.to_string().into()), "application/json").await;
+            let (status, msg) = api_error(r);
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+            assert!(msg.contains("admin token"), "{msg}");
+        }
+    }
+    assert_eq!(plane.running.shared.store.version().unwrap(), 0, "nothing applied");
+    assert_eq!(plane.running.shared.store.audit(0, 100).unwrap(), before_audit, "no token created");
+}
+
+#[tokio::test]
+async fn invalid_policy_file_is_refused_whole_with_field_errors() {
+    let plane = Plane::start().await;
+    plane.admin().apply_policies(POLICY.into()).await.unwrap();
+    let bad = format!(
+        "{POLICY}\n---\napiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: second}}\nspec:\n  selector: spiffe://cluster.local/ns/shop/sa/db\n  rules:\n    - to:\n        - ports: [70000]\n"
+    )
+    .replace("ports: [8080]", "ports: [8081]");
+    let err = plane.admin().apply_policies(bad).await.unwrap_err();
+    let ClientError::Api { status, body } = err else { panic!("{err:?}") };
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.error.contains("nothing was applied"), "{}", body.error);
+    assert!(
+        body.details.iter().any(|d| d.path.contains("spec.rules[0].to[0].ports") && d.document == "second"),
+        "{body:?}"
+    );
+    // The store is unchanged: the first document's edit (8080 -> 8081) did not land either.
+    assert_eq!(plane.running.shared.store.version().unwrap(), 1);
+    let stored = plane.admin().get_policy("api-from-web").await.unwrap();
+    assert!(serde_json::to_string(&stored).unwrap().contains("8080"));
+}
+
+#[tokio::test]
+async fn apply_versions_each_change_and_audits_it() {
+    let plane = Plane::start().await;
+    let admin = plane.admin();
+    let first = admin.apply_policies(POLICY.into()).await.unwrap();
+    assert_eq!((first.version, first.created.as_slice()), (1, ["api-from-web".to_string()].as_slice()));
+    let again = admin.apply_policies(POLICY.into()).await.unwrap();
+    assert_eq!(again.version, 1, "an identical apply is not a change");
+    assert_eq!(again.unchanged, ["api-from-web"]);
+    let edited = admin.apply_policies(POLICY.replace("8080", "9090")).await.unwrap();
+    assert_eq!((edited.version, edited.configured.as_slice()), (2, ["api-from-web".to_string()].as_slice()));
+    let list = admin.list_policies().await.unwrap();
+    assert_eq!(list.version, 2);
+    assert_eq!(list.policies[0].name, "api-from-web");
+    let deleted = admin.delete_policy("api-from-web").await.unwrap();
+    assert_eq!(deleted["version"], 3);
+    let (status, _) = api_error(admin.delete_policy("api-from-web").await);
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let audit = admin.audit(0).await.unwrap();
+    let actions: Vec<_> = audit.iter().map(|e| (e.action.as_str(), e.version)).collect();
+    assert_eq!(actions, [("policy.apply", 1), ("policy.apply", 2), ("policy.delete", 3)]);
+    assert!(audit.iter().all(|e| e.actor.principal == "admin" && e.actor.remote.starts_with("127.0.0.1")));
+}
+
+#[tokio::test]
+async fn live_check_matches_policy_and_registry() {
+    let plane = Plane::start().await;
+    let admin = plane.admin();
+    admin.apply_policies(POLICY.into()).await.unwrap();
+    let check = |from: &str, port| CheckRequest {
+        from: Some(id(from)),
+        to: Some(id(API)),
+        port: Some(port),
+        ..CheckRequest::default()
+    };
+    let allow = admin.check(&check(WEB, 8080)).await.unwrap();
+    assert_eq!(allow.decision["action"], "allow");
+    assert_eq!(allow.version, 1);
+    let deny = admin.check(&check("spiffe://cluster.local/ns/shop/sa/evil", 8080)).await.unwrap();
+    assert_eq!(deny.decision["action"], "deny");
+    // An address in the registry resolves to its workload.
+    plane.running.shared.store.register_endpoints(&id(API), &["10.0.0.9".into()]).unwrap();
+    plane.running.shared.reload_registry().unwrap();
+    let via_addr = CheckRequest { from: Some(id(WEB)), to_address: Some("10.0.0.9:8080".into()), ..Default::default() };
+    let r = admin.check(&via_addr).await.unwrap();
+    assert_eq!((r.resolved, r.decision["action"].as_str()), (Some(id(API)), Some("allow")));
+    // Anything else is egress, denied by default.
+    let egress =
+        CheckRequest { from: Some(id(WEB)), to_address: Some("93.184.216.34:443".into()), ..Default::default() };
+    assert_eq!(admin.check(&egress).await.unwrap().decision["action"], "deny");
+    let (status, _) = api_error(admin.check(&CheckRequest::default()).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn token_requests_are_validated() {
+    let plane = Plane::start().await;
+    let admin = plane.admin();
+    let other_td = TokenRequest { spiffe_id: id("spiffe://other.mesh/ns/a/sa/b"), ttl_seconds: None };
+    let (status, msg) = api_error(admin.create_token(&other_td).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("trust domain"), "{msg}");
+    let zero = TokenRequest { spiffe_id: id(WEB), ttl_seconds: Some(0) };
+    assert_eq!(api_error(admin.create_token(&zero).await).0, StatusCode::BAD_REQUEST);
+    let ok = admin.create_token(&TokenRequest { spiffe_id: id(WEB), ttl_seconds: Some(60) }).await.unwrap();
+    assert!(ok.expires_at <= now_unix() + 60 && ok.token.len() == 64);
+}
+
+#[tokio::test]
+async fn restart_keeps_ca_policies_version_tokens_and_audit() {
+    let plane = Plane::start().await;
+    let fingerprint = plane.running.ca_fingerprint.clone();
+    let admin_token = plane.admin_token();
+    plane.admin().apply_policies(POLICY.into()).await.unwrap();
+    plane.admin().apply_policies(POLICY.replace("8080", "8081")).await.unwrap();
+    let unused = plane.token(WEB).await;
+    let audit_before = plane.running.shared.store.audit(0, 100).unwrap();
+
+    let plane = plane.restart().await;
+    assert_eq!(plane.running.ca_fingerprint, fingerprint, "same CA");
+    assert_eq!(plane.admin_token(), admin_token, "same admin token");
+    let list = plane.admin().list_policies().await.unwrap();
+    assert_eq!((list.version, list.policies.len()), (2, 1));
+    assert_eq!(plane.running.shared.store.audit(0, 100).unwrap(), audit_before);
+    // A token minted before the restart still bootstraps.
+    plane.anonymous().bootstrap(&bootstrap_request(&unused, WEB).1).await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_clear() {
+    let plane = Plane::start().await;
+    let (status, msg) = api_error(plane.anonymous().call(http::Method::GET, "/v2/nothing", None, "").await);
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(msg.contains("/v2/nothing"), "{msg}");
+    let (status, _) = api_error(plane.anonymous().call(http::Method::DELETE, "/v1/svid/bootstrap", None, "").await);
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let ok = plane.anonymous().call(http::Method::GET, "/healthz", None, "").await.unwrap();
+    assert_eq!(&ok[..], b"ok\n");
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused() {
+    let plane = Plane::start().await;
+    let big = "x".repeat(200 * 1024);
+    let (status, _) = api_error(
+        plane.anonymous().call(http::Method::POST, "/v1/svid/bootstrap", Some(big.into()), "application/json").await,
+    );
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}

@@ -1,0 +1,147 @@
+//! The watch stream: every connected proxy gets each change, and only the policies that
+//! select it; acks show up in the workload list.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use trellis_control::ClientError;
+
+fn policy(name: &str, selector: &str, port: u16) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\nspec:\n  selector: \"{selector}\"\n  rules:\n    - to:\n        - ports: [{port}]\n---\n"
+    )
+}
+
+fn names(event: &trellis_control::api::WatchEvent) -> BTreeSet<String> {
+    event.policies.as_ref().expect("policies present").iter().map(|p| p.name().to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_change_reaches_100_watchers_each_with_only_its_policies() {
+    let plane = Plane::start().await;
+    plane
+        .admin()
+        .apply_policies(policy("shop-api", "spiffe://cluster.local/ns/shop/sa/api", 80) + &policy("everyone", "*", 1))
+        .await
+        .unwrap();
+
+    // 100 proxies: 50 shop/api (selected by shop-api) and 50 in other namespaces.
+    let mut streams = Vec::new();
+    for i in 0..100 {
+        let who = if i % 2 == 0 {
+            "spiffe://cluster.local/ns/shop/sa/api".to_string()
+        } else {
+            format!("spiffe://cluster.local/ns/team{i}/sa/svc")
+        };
+        let client = plane.workload(&who);
+        let mut stream = client.watch().await.unwrap();
+        let first = stream.next().await.unwrap();
+        assert_eq!(first.version, 1);
+        assert!(first.bundle_pem.is_some() && first.endpoints.is_some(), "first event is complete");
+        let expected: BTreeSet<String> = if i % 2 == 0 {
+            ["everyone", "shop-api"].map(String::from).into()
+        } else {
+            ["everyone"].map(String::from).into()
+        };
+        assert_eq!(names(&first), expected, "watcher {i} ({who})");
+        streams.push((i, stream));
+    }
+
+    // One change that only the api watchers care about, one that all do.
+    plane.admin().apply_policies(policy("shop-api", "spiffe://cluster.local/ns/shop/sa/api", 8080)).await.unwrap();
+    plane.admin().apply_policies(policy("late", "spiffe://cluster.local/ns/*", 2)).await.unwrap();
+
+    let all = streams.into_iter().map(|(i, mut stream)| {
+        tokio::spawn(async move {
+            // Changes may coalesce; read until this watcher reaches version 3.
+            let mut last = None;
+            while last.as_ref().is_none_or(|e: &trellis_control::api::WatchEvent| e.version < 3) {
+                let e = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("in time").unwrap();
+                assert!(e.bundle_pem.is_none(), "unchanged bundle is not resent");
+                last = Some(e);
+            }
+            let last = last.unwrap();
+            let want: BTreeSet<String> = if i % 2 == 0 {
+                ["everyone", "late", "shop-api"].map(String::from).into()
+            } else {
+                ["everyone", "late"].map(String::from).into()
+            };
+            assert_eq!(names(&last), want, "watcher {i}");
+            if i % 2 == 0 {
+                let api = last.policies.unwrap().into_iter().find(|p| p.name() == "shop-api").unwrap();
+                assert!(serde_json::to_string(&api).unwrap().contains("8080"), "watcher {i} got the new version");
+            }
+        })
+    });
+    for t in all {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn acks_show_in_workloads_and_disconnects_leave() {
+    let plane = Plane::start().await;
+    let who = "spiffe://cluster.local/ns/shop/sa/web";
+    let client = plane.workload(who);
+    let mut stream = client.watch().await.unwrap();
+    let first = stream.next().await.unwrap();
+    let listed = plane.admin().workloads().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].spiffe_id.as_str(), listed[0].acked_version), (who, None));
+    assert!(listed[0].svid_expires_at.unwrap() > trellis_control::store::now_unix());
+    assert_eq!(listed[0].address, "127.0.0.1");
+
+    client.ack(first.session, first.version).await.unwrap();
+    let listed = plane.admin().workloads().await.unwrap();
+    assert_eq!(listed[0].acked_version, Some(0));
+
+    // Someone else cannot ack this session.
+    let other = plane.workload("spiffe://cluster.local/ns/shop/sa/evil");
+    match other.ack(first.session, 7).await {
+        Err(ClientError::Api { status, .. }) => assert_eq!(status, StatusCode::NOT_FOUND),
+        r => panic!("{r:?}"),
+    }
+
+    drop(stream);
+    for _ in 0..100 {
+        if plane.admin().workloads().await.unwrap().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("disconnected proxy still listed");
+}
+
+#[tokio::test]
+async fn watch_without_svid_is_refused() {
+    let plane = Plane::start().await;
+    match plane.anonymous().watch().await {
+        Err(ClientError::Api { status, body }) => {
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert!(body.error.contains("SVID"));
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+#[tokio::test]
+async fn registry_changes_are_pushed() {
+    let plane = Plane::start().await;
+    let client = plane.workload("spiffe://cluster.local/ns/shop/sa/web");
+    let mut stream = client.watch().await.unwrap();
+    let first = stream.next().await.unwrap();
+    assert_eq!(first.endpoints.as_deref(), Some(&[][..]));
+    let token = plane.token("spiffe://cluster.local/ns/shop/sa/api").await;
+    let (_, mut req) = bootstrap_request(&token, "spiffe://cluster.local/ns/shop/sa/api");
+    req.addresses = vec!["10.9.8.7".into()];
+    plane.anonymous().bootstrap(&req).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap();
+    let endpoints = next.endpoints.unwrap();
+    assert_eq!(endpoints.len(), 1);
+    assert_eq!(endpoints[0].address, "10.9.8.7");
+    assert!(next.policies.is_none(), "policies unchanged, not resent");
+}

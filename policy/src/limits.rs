@@ -1,0 +1,41 @@
+//! Limits on what the policy engine accepts, so that no input (a typo, a generated file, a
+//! hostile document) can make it panic, run for minutes or exhaust memory. Every limit is
+//! enforced with an error naming it.
+//!
+//! What the limits buy, measured on the project's reference machine (2 cores) in a release
+//! build (see `docs/policy.md` for the numbers): a file at [`MAX_INPUT_BYTES`] parses and
+//! validates in a few seconds, and [`MAX_RULES`] rules compile in well under a second.
+
+/// Largest policy file (or JSON body) read: 32 MiB.
+pub const MAX_INPUT_BYTES: usize = 32 * 1024 * 1024;
+
+/// Most values (scalars, lists and maps) in one input. A 100,000-rule file needs ~700,000.
+pub const MAX_NODES: usize = 4_000_000;
+
+/// Deepest nesting of lists and maps in YAML (a policy needs 8).
+pub const MAX_DEPTH: usize = 64;
+
+/// Most YAML anchors and aliases in one input: aliases can make a small file expand into a
+/// huge tree ("billion laughs"); policies rarely need any.
+pub const MAX_ALIASES: usize = 1_000;
+
+/// Most policy documents in one input.
+pub const MAX_DOCUMENTS: usize = 10_000;
+
+/// Most rules in one input, and in one snapshot.
+pub const MAX_RULES: usize = 200_000;
+
+/// Most `from` and `to` entries (all rules together) in one snapshot.
+pub const MAX_ENTRIES: usize = 1_000_000;
+
+/// Errors kept in a [`crate::ValidationErrors`]; the rest are only counted.
+pub const MAX_REPORTED_ERRORS: usize = 1_000;
+
+/// Longest `metadata.name` (a DNS-1123 subdomain).
+pub const MAX_NAME_LEN: usize = 253;
+
+/// Longest `metadata.namespace` (a DNS-1123 label).
+pub const MAX_NAMESPACE_LEN: usize = 63;
+
+pub(crate) const NAME_RULE: &str = "names are 1-253 lowercase letters, digits, '-' and '.', \
+     starting and ending with a letter or digit";

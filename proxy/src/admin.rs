@@ -1,0 +1,106 @@
+//! The admin listener (default `127.0.0.1:15000`): `/live`, `/ready`, `/metrics`, `/config`.
+//!
+//! It starts before anything else so probes can tell "alive but not ready" (no SVID or no
+//! policy yet) from "dead". Kubernetes probes `/ready` as the startup and readiness probe.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::state::ProxyState;
+
+pub async fn serve(state: Arc<ProxyState>, listener: TcpListener) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+            () = state.shutdown.cancelled() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+        });
+    }
+}
+
+fn route(state: &ProxyState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    }
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n".into()),
+        "/ready" => match state.ready() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        },
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, state.metrics.encode());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            r
+        }
+        "/config" => {
+            let body = serde_json::to_string_pretty(&config(state)).unwrap_or_default() + "\n";
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            r
+        }
+        other => text(StatusCode::NOT_FOUND, format!("no such endpoint {other}; try /live /ready /metrics /config\n")),
+    }
+}
+
+/// The effective configuration and what is being enforced right now.
+fn config(state: &ProxyState) -> serde_json::Value {
+    let cfg = &state.config;
+    let cred = state.creds.current();
+    let policy = state.policy.load();
+    json!({
+        "identity": cred.as_ref().map(|c| c.id().to_string()),
+        "svid_expires_at": cred.as_ref().and_then(|c| c.svid.not_after().duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+        "ready": state.ready().is_ok(),
+        "policy": {
+            "applied": policy.applied,
+            "version": policy.snapshot.version(),
+            "policies": policy.snapshot.policies().iter().map(|p| p.name()).collect::<Vec<_>>(),
+            "default_action": cfg.default_action.as_str(),
+        },
+        "control_plane": {
+            "url": cfg.control_url,
+            "status": state.control_status(),
+        },
+        "endpoint_registry": { "version": state.registry.load().version, "entries": state.registry.load().len() },
+        "listeners": {
+            "inbound": cfg.inbound,
+            "outbound": cfg.outbound,
+            "routes": cfg.routes,
+            "admin": cfg.admin,
+        },
+        "opaque_ports": cfg.opaque_ports,
+        "detect_timeout_ms": cfg.detect_timeout.as_millis() as u64,
+        "drain_timeout_ms": cfg.drain_timeout.as_millis() as u64,
+        "tracked_connections": state.conns.len(),
+    })
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}

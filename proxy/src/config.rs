@@ -1,0 +1,164 @@
+//! The proxy's configuration: what `trellis proxy run` parsed, in types the data plane uses.
+//!
+//! The binary fills a [`ProxyConfig`] from flags and environment; nothing in here reads
+//! either. Parsing helpers for the flag syntaxes (`LISTEN[=APP]`, `LISTEN=PEER,SPIFFE_ID`)
+//! live here so the tests and the CLI share them.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use trellis_identity::SpiffeId;
+use trellis_policy::Action;
+
+/// One inbound listener: mTLS from peers, forwarded to the local app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InboundSpec {
+    pub listen: SocketAddr,
+    /// The app's address; `None` = transparent (the original destination port, on loopback).
+    pub app: Option<SocketAddr>,
+}
+
+/// One explicit outbound route (VM mode): plaintext from the app, mTLS to `peer`, which
+/// must prove it is `identity`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteSpec {
+    pub listen: SocketAddr,
+    pub peer: SocketAddr,
+    pub identity: SpiffeId,
+}
+
+/// How the proxy proves who it is the first time.
+#[derive(Debug, Clone)]
+pub enum Attestation {
+    JoinToken(String),
+    /// A file holding a projected Kubernetes ServiceAccount token (re-read on each use: the
+    /// kubelet rotates it).
+    KubernetesTokenFile(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub control_url: String,
+    /// The trust bundle PEM (from `--ca-bundle FILE` or `TRELLIS_CA_BUNDLE_PEM`).
+    pub bundle_pem: String,
+    pub attestation: Attestation,
+    pub inbound: Vec<InboundSpec>,
+    pub outbound: Option<SocketAddr>,
+    pub routes: Vec<RouteSpec>,
+    pub admin: SocketAddr,
+    /// Ports never sniffed for HTTP: app ports inbound, destination (or route) ports outbound.
+    pub opaque_ports: BTreeSet<u16>,
+    pub default_action: Action,
+    /// Registered in the control plane's endpoint registry (with the inbound ports).
+    pub advertise_ip: Option<IpAddr>,
+    /// Where to keep the SVID across restarts (a join token works only once).
+    pub state_dir: Option<PathBuf>,
+    pub detect_timeout: Duration,
+    pub drain_timeout: Duration,
+    /// Time a client has to send a request's headers (slowloris guard).
+    pub header_timeout: Duration,
+}
+
+impl ProxyConfig {
+    pub fn is_opaque(&self, port: u16) -> bool {
+        self.opaque_ports.contains(&port)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("{0:?}: expected LISTEN or LISTEN=APP with addresses like 0.0.0.0:15006=127.0.0.1:8080")]
+    Inbound(String),
+    #[error(
+        "{0:?}: expected LISTEN=PEER,SPIFFE_ID, e.g. 127.0.0.1:9001=10.0.0.12:15006,spiffe://cluster.local/ns/prod/sa/db"
+    )]
+    Route(String),
+    #[error("{spec:?}: {reason}")]
+    RouteIdentity { spec: String, reason: String },
+    #[error("{0:?} is not a port list like 5432,6379 or 9000-9010")]
+    Ports(String),
+}
+
+pub fn parse_inbound(s: &str) -> Result<InboundSpec, SpecError> {
+    let err = || SpecError::Inbound(s.to_string());
+    match s.split_once('=') {
+        Some((listen, app)) => Ok(InboundSpec {
+            listen: listen.trim().parse().map_err(|_| err())?,
+            app: Some(app.trim().parse().map_err(|_| err())?),
+        }),
+        None => Ok(InboundSpec { listen: s.trim().parse().map_err(|_| err())?, app: None }),
+    }
+}
+
+pub fn parse_route(s: &str) -> Result<RouteSpec, SpecError> {
+    let err = || SpecError::Route(s.to_string());
+    let (listen, rest) = s.split_once('=').ok_or_else(err)?;
+    let (peer, id) = rest.split_once(',').ok_or_else(err)?;
+    let identity = SpiffeId::parse(id.trim())
+        .map_err(|e| SpecError::RouteIdentity { spec: s.to_string(), reason: e.to_string() })?;
+    Ok(RouteSpec {
+        listen: listen.trim().parse().map_err(|_| err())?,
+        peer: peer.trim().parse().map_err(|_| err())?,
+        identity,
+    })
+}
+
+/// `5432,6379,9000-9010`.
+pub fn parse_ports(s: &str) -> Result<BTreeSet<u16>, SpecError> {
+    let err = || SpecError::Ports(s.to_string());
+    let mut out = BTreeSet::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<u16>().map_err(|_| err())?, b.parse::<u16>().map_err(|_| err())?),
+            None => {
+                let p = part.parse::<u16>().map_err(|_| err())?;
+                (p, p)
+            }
+        };
+        if lo == 0 || lo > hi {
+            return Err(err());
+        }
+        out.extend(lo..=hi);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_specs() {
+        assert_eq!(
+            parse_inbound("0.0.0.0:15006=127.0.0.1:8080").unwrap(),
+            InboundSpec { listen: "0.0.0.0:15006".parse().unwrap(), app: Some("127.0.0.1:8080".parse().unwrap()) }
+        );
+        assert_eq!(parse_inbound("0.0.0.0:15006").unwrap().app, None);
+        assert!(parse_inbound("15006=8080").is_err());
+        assert!(parse_inbound("0.0.0.0:15006=").is_err());
+    }
+
+    #[test]
+    fn route_specs() {
+        let r = parse_route("127.0.0.1:9001=10.0.0.12:15006,spiffe://cluster.local/ns/prod/sa/db").unwrap();
+        assert_eq!(r.peer, "10.0.0.12:15006".parse().unwrap());
+        assert_eq!(r.identity.as_str(), "spiffe://cluster.local/ns/prod/sa/db");
+        assert!(matches!(parse_route("127.0.0.1:9001=10.0.0.12:15006"), Err(SpecError::Route(_))));
+        assert!(matches!(
+            parse_route("127.0.0.1:9001=10.0.0.12:15006,spiffe://x/a/"),
+            Err(SpecError::RouteIdentity { .. })
+        ));
+    }
+
+    #[test]
+    fn port_lists() {
+        assert_eq!(parse_ports("5432, 9000-9002").unwrap().into_iter().collect::<Vec<_>>(), [5432, 9000, 9001, 9002]);
+        assert!(parse_ports("0").is_err());
+        assert!(parse_ports("9-3").is_err());
+        assert!(parse_ports("http").is_err());
+        assert!(parse_ports("").unwrap().is_empty());
+    }
+}

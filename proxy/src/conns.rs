@@ -1,0 +1,127 @@
+//! Open connections and the flows they were allowed for, so a policy change that revokes a
+//! permission can close the connections it no longer allows (DESIGN.md §5).
+//!
+//! Each allowed connection registers its flow and a cancellation token; an HTTP connection
+//! updates its flow with each allowed request. When a new snapshot is swapped in,
+//! [`ConnTracker::recheck`] evaluates every registered flow against it and cancels the
+//! ones now denied; the connection's task sees the cancellation and closes.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+use trellis_identity::SpiffeId;
+use trellis_policy::{EgressFlow, Flow, HttpRequest, PolicySnapshot};
+
+/// The flow a connection was allowed for, owned so it can be re-evaluated later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrackedFlow {
+    /// Into this workload (inbound); `http` is the last allowed request's method and path.
+    Mesh {
+        source: Option<SpiffeId>,
+        source_ip: IpAddr,
+        destination: SpiffeId,
+        port: u16,
+        http: Option<(String, String)>,
+    },
+    /// Out of the mesh (outbound egress).
+    Egress { source: SpiffeId, destination_ip: IpAddr, port: u16 },
+}
+
+impl TrackedFlow {
+    fn allowed_by(&self, snapshot: &PolicySnapshot) -> bool {
+        match self {
+            TrackedFlow::Mesh { source, source_ip, destination, port, http } => {
+                let http = http.as_ref().map(|(m, p)| HttpRequest { method: m, path: p });
+                let flow = Flow { source: source.as_ref(), source_ip: *source_ip, destination, port: *port, http };
+                snapshot.evaluate(&flow).is_allowed()
+            }
+            TrackedFlow::Egress { source, destination_ip, port } => {
+                let flow = EgressFlow { source, destination_ip: *destination_ip, port: *port };
+                snapshot.evaluate_egress(&flow).is_allowed()
+            }
+        }
+    }
+}
+
+/// The flow sits behind its own lock so an HTTP connection updating it per request never
+/// contends with other connections.
+#[derive(Debug)]
+struct Entry {
+    flow: Arc<Mutex<TrackedFlow>>,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+pub struct ConnTracker {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Entry>>,
+}
+
+impl ConnTracker {
+    /// Registers an allowed connection, to be closed through `cancel` if a later policy
+    /// no longer allows `flow`; it is forgotten when the handle drops.
+    pub fn track(self: &Arc<Self>, flow: TrackedFlow, cancel: CancellationToken) -> Tracked {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let flow = Arc::new(Mutex::new(flow));
+        self.lock().insert(id, Entry { flow: flow.clone(), cancel: cancel.clone() });
+        Tracked { id, cancel, flow, tracker: self.clone() }
+    }
+
+    /// Cancels every connection `snapshot` no longer allows; returns how many.
+    pub fn recheck(&self, snapshot: &PolicySnapshot) -> usize {
+        let live = self.lock();
+        let mut closed = 0;
+        for entry in live.values() {
+            let flow = entry.flow.lock().unwrap_or_else(|p| p.into_inner());
+            if !entry.cancel.is_cancelled() && !flow.allowed_by(snapshot) {
+                tracing::info!(flow = ?*flow, "policy change revoked an open connection; closing it");
+                entry.cancel.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A registered connection.
+#[derive(Debug)]
+pub struct Tracked {
+    id: u64,
+    pub cancel: CancellationToken,
+    flow: Arc<Mutex<TrackedFlow>>,
+    tracker: Arc<ConnTracker>,
+}
+
+impl Tracked {
+    /// Records the latest allowed request on an HTTP connection.
+    pub fn set_http(&self, method: &str, path: &str) {
+        let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
+        if let TrackedFlow::Mesh { http, .. } = &mut *flow {
+            match http {
+                Some((m, p)) if m == method && p == path => {}
+                _ => *http = Some((method.to_string(), path.to_string())),
+            }
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.tracker.lock().remove(&self.id);
+    }
+}

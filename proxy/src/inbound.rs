@@ -1,0 +1,440 @@
+//! Inbound: peers → this workload's app.
+//!
+//! accept ([`Accepted`]) → TLS, mTLS required → identify the peer from its SVID
+//! ([`Authenticated`]) → detect the protocol → authorize → forward:
+//! - opaque TCP: one L4 decision for the connection; a [`Permit`] opens the tunnel to the app;
+//! - HTTP/1.1 and HTTP/2: one decision per request (method + normalized path) in the
+//!   tower stack built by [`http_stage`]; denied requests get 403 + `x-trellis-denied`.
+//!
+//! Allowed connections are registered with the connection tracker, so a later policy
+//! that revokes them closes them.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tracing::{Instrument, field};
+use trellis_identity::{SpiffeId, VerifyError};
+use trellis_policy::{Flow, HttpRequest, normalize_path};
+
+use crate::authz::{Denial, Permit, authorize};
+use crate::config::InboundSpec;
+use crate::conns::{Tracked, TrackedFlow};
+use crate::http::{ORIG_PROTO, PEER_ID, RespBody, is_upgrade, proxy_error, server_builder, strip_hop_by_hop};
+use crate::io::{Prefixed, tunnel};
+use crate::layers::{MetricsLayer, PermitSlot, PolicyLayer};
+use crate::metrics::OpenGuard;
+use crate::sniff::{Protocol, detect};
+use crate::state::{ALPN_H2, ALPN_HTTP11, ALPN_OPAQUE, ProxyState};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+type PeerIo = Prefixed<TlsStream<TcpStream>>;
+
+/// Clients from the inbound sidecar to its app: pooled HTTP/1.1 and (for apps that speak
+/// it, such as gRPC servers) HTTP/2 with prior knowledge.
+#[derive(Clone, Debug)]
+pub struct AppClients {
+    h1: Client<HttpConnector, Incoming>,
+    h2: Client<HttpConnector, Incoming>,
+}
+
+impl Default for AppClients {
+    fn default() -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(conn.clone());
+        let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(conn);
+        AppClients { h1, h2 }
+    }
+}
+
+/// Serves one inbound listener until shutdown.
+pub async fn serve(state: Arc<ProxyState>, spec: InboundSpec, listener: TcpListener) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = state.shutdown.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let state = state.clone();
+        let spec = spec.clone();
+        tokio::spawn(async move {
+            let _open = OpenGuard::new(&state.metrics, "inbound");
+            let Some(accepted) = accept(&state, &spec, tcp, remote) else { return };
+            let span = tracing::info_span!(
+                "inbound",
+                peer.addr = %remote,
+                app = %accepted.app,
+                peer.id = field::Empty,
+                protocol = field::Empty,
+            );
+            handle(state, accepted).instrument(span).await;
+        });
+    }
+}
+
+/// A TCP connection from a peer and the app address its bytes are for.
+pub struct Accepted {
+    tcp: TcpStream,
+    remote: SocketAddr,
+    app: SocketAddr,
+}
+
+/// The peer has proved its SPIFFE ID over mTLS.
+pub struct Authenticated {
+    io: TlsStream<TcpStream>,
+    remote: SocketAddr,
+    app: SocketAddr,
+    peer: SpiffeId,
+    me: SpiffeId,
+}
+
+/// Works out the app target: fixed (`LISTEN=APP`) or the original destination.
+fn accept(state: &ProxyState, spec: &InboundSpec, tcp: TcpStream, remote: SocketAddr) -> Option<Accepted> {
+    let app = match spec.app {
+        Some(app) => app,
+        None => {
+            let Some(dst) = crate::orig_dst::original_dst(&tcp) else {
+                tracing::warn!(%remote, "transparent inbound connection without an original destination; closing");
+                return None;
+            };
+            if dst.port() == spec.listen.port() || state.config.admin.port() == dst.port() && dst.ip().is_loopback() {
+                tracing::warn!(%remote, %dst, "inbound connection addressed to the proxy itself; refusing the loop");
+                return None;
+            }
+            dst
+        }
+    };
+    Some(Accepted { tcp, remote, app })
+}
+
+async fn handle(state: Arc<ProxyState>, accepted: Accepted) {
+    let Some(auth) = handshake(&state, accepted).await else { return };
+    tracing::Span::current().record("peer.id", field::display(&auth.peer));
+    let alpn = auth.io.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let port = auth.app.port();
+    let (protocol, prefix) = match alpn.as_deref() {
+        Some(ALPN_H2) => (Protocol::Http2, Default::default()),
+        Some(ALPN_HTTP11) => (Protocol::Http1, Default::default()),
+        Some(ALPN_OPAQUE) => (Protocol::Opaque, Default::default()),
+        _ if state.config.is_opaque(port) => (Protocol::Opaque, Default::default()),
+        _ => {
+            let mut io = auth.io;
+            let detected = match detect(&mut io, state.config.detect_timeout).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection failed while detecting its protocol");
+                    return;
+                }
+            };
+            if detected.timed_out {
+                state.metrics.detect_timeouts.inc();
+            }
+            let auth = Authenticated { io, ..auth };
+            return dispatch(state, auth, detected.protocol, detected.prefix).await;
+        }
+    };
+    dispatch(state, auth, protocol, prefix).await
+}
+
+async fn dispatch(state: Arc<ProxyState>, auth: Authenticated, protocol: Protocol, prefix: bytes::Bytes) {
+    tracing::Span::current().record("protocol", protocol.label());
+    let Authenticated { io, remote, app, peer, me } = auth;
+    let io = Prefixed::new(prefix, io);
+    let ctx =
+        Arc::new(ConnCtx { state, peer, me, remote, app, cancel: CancellationToken::new(), tracked: Mutex::new(None) });
+    match protocol {
+        Protocol::Opaque => tcp_stage(ctx, io).await,
+        Protocol::Http1 | Protocol::Http2 => http_stage(ctx, io, protocol).await,
+    }
+}
+
+/// TLS with mutual authentication; failures are counted by reason and the connection dropped.
+async fn handshake(state: &ProxyState, accepted: Accepted) -> Option<Authenticated> {
+    let Accepted { tcp, remote, app } = accepted;
+    let tls = state.tls.load_full()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => {
+            let reason = VerifyError::from_io(&e).unwrap_or(VerifyError::Other(e.to_string()));
+            state.metrics.handshake_failure(reason.label());
+            tracing::info!(%reason, "inbound TLS handshake refused");
+            return None;
+        }
+        Err(_) => {
+            state.metrics.handshake_failure("timeout");
+            tracing::info!("inbound TLS handshake timed out");
+            return None;
+        }
+    };
+    let peer = match peer_identity(io.get_ref().1) {
+        Ok(id) => id,
+        Err(reason) => {
+            state.metrics.handshake_failure(reason.label());
+            tracing::info!(%reason, "inbound peer identity refused");
+            return None;
+        }
+    };
+    let me = state.id()?;
+    Some(Authenticated { io, remote, app, peer, me })
+}
+
+/// The peer's SPIFFE ID, refusing certificates that expired since the session that a
+/// resumed handshake reuses was first established.
+fn peer_identity(conn: &trellis_identity::rustls::ServerConnection) -> Result<SpiffeId, VerifyError> {
+    let leaf = conn.peer_certificates().and_then(|c| c.first()).ok_or(VerifyError::NoCertificate)?;
+    let info = trellis_identity::CertInfo::parse(leaf).map_err(VerifyError::BadEncoding)?;
+    if info.not_after < std::time::SystemTime::now() {
+        return Err(VerifyError::Expired);
+    }
+    Ok(info.spiffe_id()?)
+}
+
+/// Per-connection facts every request on it shares.
+pub struct ConnCtx {
+    pub state: Arc<ProxyState>,
+    pub peer: SpiffeId,
+    pub me: SpiffeId,
+    pub remote: SocketAddr,
+    pub app: SocketAddr,
+    /// Fired when a policy change revokes this connection.
+    pub cancel: CancellationToken,
+    tracked: Mutex<Option<Tracked>>,
+}
+
+impl ConnCtx {
+    fn flow<'a>(&'a self, http: Option<HttpRequest<'a>>) -> Flow<'a> {
+        Flow {
+            source: Some(&self.peer),
+            source_ip: self.remote.ip(),
+            destination: &self.me,
+            port: self.app.port(),
+            http,
+        }
+    }
+
+    /// Decides one request and remembers the latest allowed one for revocation checks.
+    pub fn authorize<B>(&self, req: &Request<B>) -> Result<Permit, Denial> {
+        let method = req.method().as_str();
+        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let view = self.state.policy.load();
+        let permit = authorize(&view, &self.flow(Some(HttpRequest { method, path })))?;
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        match tracked.as_ref() {
+            Some(t) => t.set_http(method, path),
+            None => {
+                let flow = TrackedFlow::Mesh {
+                    source: Some(self.peer.clone()),
+                    source_ip: self.remote.ip(),
+                    destination: self.me.clone(),
+                    port: self.app.port(),
+                    http: Some((method.to_string(), path.to_string())),
+                };
+                *tracked = Some(self.state.conns.track(flow, self.cancel.clone()));
+            }
+        }
+        Ok(permit)
+    }
+}
+
+/// One L4 decision, then a byte tunnel to the app.
+async fn tcp_stage(ctx: Arc<ConnCtx>, mut io: PeerIo) {
+    let view = ctx.state.policy.load();
+    let permit = match authorize(&view, &ctx.flow(None)) {
+        Ok(p) => p,
+        Err(denial) => {
+            ctx.state.metrics.flow("inbound", "deny", "tcp");
+            tracing::info!(reason = %denial, "connection denied");
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+            return;
+        }
+    };
+    drop(view);
+    ctx.state.metrics.flow("inbound", permit.decision().label(), "tcp");
+    forward_tcp(&ctx, permit, io).await;
+}
+
+/// Tunnels an authorized connection to the app until either side closes or the policy
+/// revokes it.
+async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) {
+    let flow = TrackedFlow::Mesh {
+        source: Some(ctx.peer.clone()),
+        source_ip: ctx.remote.ip(),
+        destination: ctx.me.clone(),
+        port: ctx.app.port(),
+        http: None,
+    };
+    let tracked = ctx.state.conns.track(flow, ctx.cancel.clone());
+    let mut app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(ctx.app)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(app = %ctx.app, error = %e, "app unreachable");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(app = %ctx.app, "app connect timed out");
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "connection allowed");
+    match tunnel(&mut io, &mut app, &tracked.cancel).await {
+        Ok(t) => tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, "connection closed"),
+        Err(e) => tracing::debug!(error = %e, "connection ended with error"),
+    }
+}
+
+/// Serves HTTP on the connection through the tower stack, until the peer closes, the
+/// policy revokes the connection, or the proxy drains.
+async fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) {
+    let state = ctx.state.clone();
+    let svc = ServiceBuilder::new()
+        .layer(MetricsLayer { state: state.clone(), direction: "inbound" })
+        .layer(PolicyLayer { ctx: ctx.clone() })
+        .service(ForwardToApp { ctx: ctx.clone() });
+    let svc = hyper_util::service::TowerToHyperService::new(svc);
+    let mut builder = server_builder(state.config.header_timeout);
+    builder = match protocol {
+        Protocol::Http2 => builder.http2_only(),
+        _ => builder.http1_only(),
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let drain = tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "HTTP connection ended with error");
+            }
+            return;
+        }
+        () = ctx.cancel.cancelled() => Duration::from_millis(500),
+        () = state.shutdown.cancelled() => state.config.drain_timeout,
+    };
+    conn.as_mut().graceful_shutdown();
+    if tokio::time::timeout(drain, conn).await.is_err() {
+        tracing::debug!("HTTP connection closed after the drain deadline");
+    }
+}
+
+/// The innermost service: sends a permitted request to the app.
+#[derive(Clone)]
+pub struct ForwardToApp {
+    ctx: Arc<ConnCtx>,
+}
+
+impl tower::Service<Request<Incoming>> for ForwardToApp {
+    type Response = Response<RespBody>;
+    type Error = std::convert::Infallible;
+    type Future = crate::layers::BoxFuture<Result<Response<RespBody>, std::convert::Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let ctx = self.ctx.clone();
+        Box::pin(async move {
+            let Some(permit) = PermitSlot::take(&req) else {
+                // Unreachable by construction: the policy layer always runs first.
+                return Ok(proxy_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "unauthorized",
+                    "request was not authorized",
+                ));
+            };
+            Ok(forward_http(&ctx, permit, req).await)
+        })
+    }
+}
+
+/// Rewrites a permitted request for the app (verified peer ID, normalized path, hop-by-hop
+/// headers removed) and relays the app's answer.
+async fn forward_http(ctx: &ConnCtx, permit: Permit, mut req: Request<Incoming>) -> Response<RespBody> {
+    tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
+    if is_upgrade(&req) {
+        set_peer_header(ctx, req.headers_mut());
+        return crate::upgrade::forward_upgrade(req, UpgradeTarget::App(ctx.app), ctx.cancel.clone()).await;
+    }
+    let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some() || req.version() != http::Version::HTTP_2;
+    prepare_for_app(ctx, &mut req);
+    *req.version_mut() = if downgrade { http::Version::HTTP_11 } else { http::Version::HTTP_2 };
+    let client = if downgrade { &ctx.state.app.h1 } else { &ctx.state.app.h2 };
+    match client.request(req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Either::Left(body))
+        }
+        Err(e) => {
+            tracing::warn!(app = %ctx.app, error = %e, "app request failed");
+            proxy_error(
+                StatusCode::BAD_GATEWAY,
+                "app_unreachable",
+                &format!("the app at {} did not answer: {e}", ctx.app),
+            )
+        }
+    }
+}
+
+pub use crate::upgrade::UpgradeTarget;
+
+/// Sets the headers and absolute URI the app client needs.
+fn prepare_for_app<B>(ctx: &ConnCtx, req: &mut Request<B>) {
+    let authority = req.uri().authority().map(|a| a.as_str().to_string());
+    let path = forwarded_path(req.uri());
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    set_peer_header(ctx, headers);
+    if !headers.contains_key(header::HOST)
+        && let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
+    {
+        headers.insert(header::HOST, a);
+    }
+    if let Ok(uri) = Uri::builder().scheme("http").authority(ctx.app.to_string()).path_and_query(path).build() {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// Replaces any `x-trellis-peer-id` the client sent with the verified one.
+fn set_peer_header(ctx: &ConnCtx, headers: &mut http::HeaderMap) {
+    headers.remove(PEER_ID);
+    if let Ok(v) = HeaderValue::from_str(ctx.peer.as_str()) {
+        headers.insert(PEER_ID, v);
+    }
+}
+
+/// The path the policy judged (normalized), with the original query.
+fn forwarded_path(uri: &Uri) -> PathAndQuery {
+    let raw = uri.path();
+    let normalized = normalize_path(raw).map(|p| p.into_owned()).unwrap_or_else(|_| raw.to_string());
+    let full = match uri.query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    full.parse().unwrap_or_else(|_| PathAndQuery::from_static("/"))
+}

@@ -1,0 +1,121 @@
+//! The link to the control plane: the watch stream that brings policies, the trust bundle
+//! and the endpoint registry, and the acks that report what this proxy enforces.
+//!
+//! Each update is compiled into a new snapshot and swapped in whole; connections the new
+//! policy no longer allows are closed. When the control plane goes away nothing changes in
+//! flight: the last snapshot stays in force and the link reconnects with backoff and jitter.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use trellis_control::api::WatchEvent;
+use trellis_control::{ClientError, ControlClient};
+use trellis_identity::TrustBundle;
+use trellis_policy::{Action, Defaults, Policy, PolicySnapshot};
+
+use crate::state::{PolicyView, ProxyState, Registry, TlsState};
+use crate::svid::Backoff;
+
+/// What the stream has said so far (later events only carry what changed).
+#[derive(Default)]
+struct Received {
+    policies: Vec<Policy>,
+}
+
+pub async fn watch_loop(state: Arc<ProxyState>, client: ControlClient) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+    loop {
+        if state.shutdown.is_cancelled() {
+            return;
+        }
+        let result = tokio::select! {
+            r = follow(&state, &client, &mut backoff) => r,
+            () = state.shutdown.cancelled() => return,
+        };
+        let error = match result {
+            Ok(()) => "stream ended".to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(%error, "lost the control plane; enforcing the last policy and reconnecting");
+        state.update_control(|c| {
+            c.connected = false;
+            c.session = None;
+            c.last_error = Some(error);
+            c.reconnects += 1;
+        });
+        tokio::select! {
+            () = backoff.wait() => {}
+            () = state.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Follows one watch stream until it fails.
+async fn follow(state: &Arc<ProxyState>, client: &ControlClient, backoff: &mut Backoff) -> Result<(), ClientError> {
+    let mut stream = client.watch().await?;
+    let mut received = Received::default();
+    loop {
+        let event = stream.next().await?;
+        backoff.reset(Duration::from_millis(200));
+        let session = event.session;
+        let version = event.version;
+        match apply(state, event, &mut received) {
+            Ok(()) => {
+                state.update_control(|c| {
+                    c.connected = true;
+                    c.session = Some(session);
+                    c.last_error = None;
+                });
+                let (state, client) = (state.clone(), client.clone());
+                tokio::spawn(async move {
+                    match client.ack(session, version).await {
+                        Ok(()) => state.update_control(|c| c.acked_version = Some(version)),
+                        Err(e) => tracing::debug!(error = %e, "ack failed"),
+                    }
+                });
+            }
+            Err(e) => {
+                // Keep enforcing the last good snapshot; a bad push must not open anything.
+                tracing::error!(error = %e, version, "could not apply the control plane's update");
+                state.update_control(|c| c.last_error = Some(e.clone()));
+            }
+        }
+    }
+}
+
+fn apply(state: &ProxyState, event: WatchEvent, received: &mut Received) -> Result<(), String> {
+    if let Some(pem) = event.bundle_pem {
+        let bundle = TrustBundle::from_pem(pem.as_bytes()).map_err(|e| format!("trust bundle: {e}"))?;
+        let current = state.tls.load();
+        if current.as_ref().is_none_or(|t| t.bundle != bundle) {
+            let td = state.id().map(|id| id.trust_domain()).ok_or("no SVID yet")?;
+            let tls = TlsState::new(bundle, td, state.creds.clone()).map_err(|e| e.to_string())?;
+            state.tls.store(Some(Arc::new(tls)));
+            state.pools.clear();
+            tracing::info!("trust bundle updated");
+        }
+    }
+    if let (Some(version), Some(endpoints)) = (event.endpoints_version, event.endpoints) {
+        let registry = Registry::new(version, endpoints.into_iter().map(|e| (e.address, e.spiffe_id)));
+        tracing::debug!(version, entries = registry.len(), "endpoint registry updated");
+        state.registry.store(Arc::new(registry));
+    }
+    if let Some(policies) = event.policies {
+        received.policies = policies;
+    }
+    let current = state.policy.load();
+    if current.applied && current.snapshot.version() == event.version {
+        return Ok(());
+    }
+    let defaults = Defaults { mesh: state.config.default_action, egress: Action::Deny };
+    let snapshot = PolicySnapshot::compile(event.version, received.policies.clone(), defaults)
+        .map_err(|e| format!("policy: {e}"))?;
+    let closed = state.conns.recheck(&snapshot);
+    state.policy.store(Arc::new(PolicyView { snapshot, applied: true }));
+    // Recheck again against the stored snapshot: a connection admitted between the first
+    // recheck and the swap was judged by the old policy.
+    let closed = closed + state.conns.recheck(&state.policy.load().snapshot);
+    state.metrics.policy_version.set(event.version as i64);
+    tracing::info!(version = event.version, policies = received.policies.len(), revoked = closed, "policy applied");
+    Ok(())
+}

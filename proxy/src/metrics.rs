@@ -1,0 +1,139 @@
+//! Prometheus metrics, exposed as text on the admin listener's `/metrics`.
+//!
+//! Label sets are bounded (direction, decision, protocol, reason): no per-identity or
+//! per-path labels, so cardinality cannot grow with the mesh. Every stage of the data path
+//! bumps its counter here; spans (telemetry) carry the per-flow detail.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub direction: &'static str,
+    pub decision: &'static str,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub flows: Family<FlowLabels, Counter>,
+    pub request_duration: Family<DirectionLabels, Histogram>,
+    pub handshake_failures: Family<ReasonLabels, Counter>,
+    pub svid_expiry: Gauge,
+    pub policy_version: Gauge,
+    pub spans_dropped: Counter,
+    pub detect_timeouts: Counter,
+    pub open_connections: Family<DirectionLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("trellis");
+        let flows = Family::<FlowLabels, Counter>::default();
+        registry.register(
+            "flows",
+            "Flows by direction, decision (allow, deny, audit-deny) and protocol",
+            flows.clone(),
+        );
+        let request_duration = Family::<DirectionLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+        });
+        registry.register_with_unit(
+            "request_duration",
+            "HTTP request latency through this proxy",
+            prometheus_client::registry::Unit::Seconds,
+            request_duration.clone(),
+        );
+        let handshake_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register("handshake_failures", "TLS handshakes that failed, by reason", handshake_failures.clone());
+        let svid_expiry = Gauge::default();
+        registry.register(
+            "svid_expiry_timestamp_seconds",
+            "When the current SVID expires (Unix seconds)",
+            svid_expiry.clone(),
+        );
+        let policy_version = Gauge::default();
+        registry.register("policy_version", "Version of the policy snapshot being enforced", policy_version.clone());
+        let spans_dropped = Counter::default();
+        registry.register("spans_dropped", "Spans dropped because the export queue was full", spans_dropped.clone());
+        let detect_timeouts = Counter::default();
+        registry.register(
+            "protocol_detect_timeouts",
+            "Connections treated as opaque TCP because no bytes arrived before the detect timeout",
+            detect_timeouts.clone(),
+        );
+        let open_connections = Family::<DirectionLabels, Gauge>::default();
+        registry.register("open_connections", "Connections currently open", open_connections.clone());
+        Metrics {
+            registry,
+            flows,
+            request_duration,
+            handshake_failures,
+            svid_expiry,
+            policy_version,
+            spans_dropped,
+            detect_timeouts,
+            open_connections,
+        }
+    }
+
+    pub fn flow(&self, direction: &'static str, decision: &'static str, protocol: &'static str) {
+        self.flows.get_or_create(&FlowLabels { direction, decision, protocol }).inc();
+    }
+
+    pub fn handshake_failure(&self, reason: &'static str) {
+        self.handshake_failures.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Counts an open connection for as long as it lives.
+pub struct OpenGuard(Gauge);
+
+impl OpenGuard {
+    pub fn new(metrics: &Metrics, direction: &'static str) -> Self {
+        let g = metrics.open_connections.get_or_create(&DirectionLabels { direction }).clone();
+        g.inc();
+        OpenGuard(g)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

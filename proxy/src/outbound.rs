@@ -1,0 +1,317 @@
+//! Outbound: this workload's app → a peer.
+//!
+//! accept plaintext from the app ([`Accepted`]) → find the destination ([`Target`]: an
+//! explicit route, or the original destination looked up in the endpoint registry) →
+//! - a mesh peer: detect the protocol; HTTP rides the pooled HTTP/2 mTLS connection to the
+//!   peer (which must prove the expected SPIFFE ID), anything else gets its own mTLS
+//!   tunnel. The peer's inbound sidecar authorizes; its 403s reach the app as they are.
+//! - outside the mesh: egress policy decides; a [`Permit`] opens a plain TCP tunnel.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tracing::{Instrument, field};
+use trellis_identity::SpiffeId;
+use trellis_policy::EgressFlow;
+
+use crate::authz::{Permit, authorize_egress};
+use crate::config::RouteSpec;
+use crate::conns::TrackedFlow;
+use crate::http::{ORIG_PROTO, PEER_ID, RespBody, is_upgrade, proxy_error, server_builder, strip_hop_by_hop};
+use crate::io::{Prefixed, tunnel};
+use crate::layers::{BoxFuture, MetricsLayer};
+use crate::metrics::OpenGuard;
+use crate::sniff::{Protocol, detect};
+use crate::state::{PeerProtocol, ProxyState};
+use crate::upgrade::{UpgradeTarget, forward_upgrade};
+
+const EGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A plaintext connection from the local app.
+pub struct Accepted {
+    tcp: TcpStream,
+    remote: SocketAddr,
+    /// The listener's port: with the destination's port, what `--opaque-ports` is matched on.
+    port: u16,
+}
+
+/// Where the app's bytes go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A sidecar that must prove `id`.
+    Mesh { addr: SocketAddr, id: SpiffeId },
+    /// An address outside the mesh.
+    Egress { addr: SocketAddr },
+}
+
+/// Serves an explicit route (`--route LISTEN=PEER,SPIFFE_ID`).
+pub async fn serve_route(state: Arc<ProxyState>, route: RouteSpec, listener: TcpListener) {
+    let target = Target::Mesh { addr: route.peer, id: route.identity.clone() };
+    accept_loop(state, listener, move |_, _| Some(target.clone())).await
+}
+
+/// Serves the transparent listener: destinations from `SO_ORIGINAL_DST`.
+pub async fn serve_transparent(state: Arc<ProxyState>, listener: TcpListener) {
+    let own = listener.local_addr().ok();
+    let lookup_state = state.clone();
+    accept_loop(state, listener, move |tcp, remote| {
+        let Some(dst) = crate::orig_dst::original_dst(tcp) else {
+            tracing::warn!(%remote, "outbound connection without an original destination; closing");
+            return None;
+        };
+        if is_own_listener(&lookup_state, own, dst) {
+            tracing::warn!(%remote, %dst, "outbound connection to the proxy's own listener; refusing the loop");
+            return None;
+        }
+        Some(match lookup_state.registry.load().resolve(dst) {
+            Some(id) => Target::Mesh { addr: dst, id: id.clone() },
+            None => Target::Egress { addr: dst },
+        })
+    })
+    .await
+}
+
+fn is_own_listener(state: &ProxyState, own: Option<SocketAddr>, dst: SocketAddr) -> bool {
+    let cfg = &state.config;
+    let local = |a: SocketAddr| {
+        a.port() == dst.port() && (a.ip().is_unspecified() || a.ip() == dst.ip() || dst.ip().is_loopback())
+    };
+    own.is_some_and(local)
+        || local(cfg.admin)
+        || cfg.inbound.iter().any(|i| local(i.listen))
+        || cfg.routes.iter().any(|r| local(r.listen))
+}
+
+async fn accept_loop<F>(state: Arc<ProxyState>, listener: TcpListener, target: F)
+where
+    F: Fn(&TcpStream, SocketAddr) -> Option<Target> + Send + Sync + 'static,
+{
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = state.shutdown.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(target) = target(&tcp, remote) else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _open = OpenGuard::new(&state.metrics, "outbound");
+            let span = tracing::info_span!("outbound", app.addr = %remote, dst = field::Empty, dst.id = field::Empty);
+            handle(state, Accepted { tcp, remote, port }, target).instrument(span).await
+        });
+    }
+}
+
+async fn handle(state: Arc<ProxyState>, accepted: Accepted, target: Target) {
+    let span = tracing::Span::current();
+    match target {
+        Target::Egress { addr } => {
+            span.record("dst", field::display(addr));
+            egress(state, accepted, addr).await
+        }
+        Target::Mesh { addr, id } => {
+            span.record("dst", field::display(addr));
+            span.record("dst.id", field::display(&id));
+            mesh(state, accepted, addr, id).await
+        }
+    }
+}
+
+async fn mesh(state: Arc<ProxyState>, accepted: Accepted, addr: SocketAddr, id: SpiffeId) {
+    let Accepted { mut tcp, port, remote } = accepted;
+    tracing::debug!(app = %remote, peer = %addr, "outbound connection");
+    let opaque = state.config.is_opaque(port) || state.config.is_opaque(addr.port());
+    let (protocol, prefix) = if opaque {
+        (Protocol::Opaque, Bytes::new())
+    } else {
+        match detect(&mut tcp, state.config.detect_timeout).await {
+            Ok(d) => {
+                if d.timed_out {
+                    state.metrics.detect_timeouts.inc();
+                }
+                (d.protocol, d.prefix)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "app connection failed while detecting its protocol");
+                return;
+            }
+        }
+    };
+    let io = Prefixed::new(prefix, tcp);
+    match protocol {
+        Protocol::Opaque => mesh_tcp(state, io, addr, id).await,
+        Protocol::Http1 | Protocol::Http2 => mesh_http(state, io, addr, id, protocol).await,
+    }
+}
+
+/// Opaque bytes to a mesh peer: a dedicated mTLS tunnel.
+async fn mesh_tcp(state: Arc<ProxyState>, mut io: Prefixed<TcpStream>, addr: SocketAddr, id: SpiffeId) {
+    let mut peer = match crate::pool::connect_tls(&state, addr, &id, PeerProtocol::Opaque).await {
+        Ok(p) => p,
+        Err(e) => {
+            state.metrics.flow("outbound", "error", "tcp");
+            tracing::warn!(error = %e, "cannot reach peer");
+            return;
+        }
+    };
+    state.metrics.flow("outbound", "allow", "tcp");
+    match tunnel(&mut io, &mut peer, &CancellationToken::new()).await {
+        Ok(t) => tracing::debug!(sent = t.sent, received = t.received, "tunnel closed"),
+        Err(e) => tracing::debug!(error = %e, "tunnel ended with error"),
+    }
+}
+
+/// HTTP to a mesh peer: each request over the pooled HTTP/2 connection.
+async fn mesh_http(
+    state: Arc<ProxyState>,
+    io: Prefixed<TcpStream>,
+    addr: SocketAddr,
+    id: SpiffeId,
+    protocol: Protocol,
+) {
+    let svc = ServiceBuilder::new()
+        .layer(MetricsLayer { state: state.clone(), direction: "outbound" })
+        .service(ForwardToPeer { state: state.clone(), addr, id });
+    let svc = hyper_util::service::TowerToHyperService::new(svc);
+    let mut builder = server_builder(state.config.header_timeout);
+    builder = match protocol {
+        Protocol::Http2 => builder.http2_only(),
+        _ => builder.http1_only(),
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "app HTTP connection ended with error");
+            }
+            return;
+        }
+        () = state.shutdown.cancelled() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(state.config.drain_timeout, conn).await;
+}
+
+#[derive(Clone)]
+struct ForwardToPeer {
+    state: Arc<ProxyState>,
+    addr: SocketAddr,
+    id: SpiffeId,
+}
+
+impl tower::Service<Request<Incoming>> for ForwardToPeer {
+    type Response = Response<RespBody>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Result<Response<RespBody>, std::convert::Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.forward(req).await) })
+    }
+}
+
+impl ForwardToPeer {
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<RespBody> {
+        // Nothing the app sends may impersonate what sidecars tell each other.
+        req.headers_mut().remove(PEER_ID);
+        req.headers_mut().remove(ORIG_PROTO);
+        if is_upgrade(&req) {
+            let target = UpgradeTarget::Peer { state: self.state.clone(), addr: self.addr, id: self.id.clone() };
+            return forward_upgrade(req, target, CancellationToken::new()).await;
+        }
+        let was_h1 = req.version() != http::Version::HTTP_2;
+        let authority = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| self.addr.to_string());
+        let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        strip_hop_by_hop(req.headers_mut());
+        if was_h1 {
+            req.headers_mut().insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        }
+        // HTTP/2 carries the authority as :authority; a Host header would duplicate it.
+        req.headers_mut().remove(header::HOST);
+        match Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(path).build() {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(e) => return proxy_error(StatusCode::BAD_REQUEST, "bad_request", &format!("bad request target: {e}")),
+        }
+        *req.version_mut() = http::Version::HTTP_2;
+        let mut send = match self.state.pools.sender(&self.state, self.addr, &self.id).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach peer");
+                return proxy_error(StatusCode::BAD_GATEWAY, e.label(), &e.to_string());
+            }
+        };
+        match send.send_request(req).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, Either::Left(body))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "request to peer failed");
+                proxy_error(StatusCode::BAD_GATEWAY, "peer_http", &format!("request to peer {} failed: {e}", self.addr))
+            }
+        }
+    }
+}
+
+/// A connection out of the mesh: egress policy, then a plain TCP tunnel.
+async fn egress(state: Arc<ProxyState>, accepted: Accepted, addr: SocketAddr) {
+    let Some(me) = state.id() else { return };
+    let flow = EgressFlow { source: &me, destination_ip: addr.ip(), port: addr.port() };
+    let view = state.policy.load();
+    let permit = match authorize_egress(&view, &flow) {
+        Ok(p) => p,
+        Err(denial) => {
+            state.metrics.flow("outbound", "deny", "tcp");
+            tracing::info!(reason = %denial, "egress denied");
+            return;
+        }
+    };
+    drop(view);
+    state.metrics.flow("outbound", permit.decision().label(), "tcp");
+    forward_egress(&state, permit, accepted, me, addr).await
+}
+
+async fn forward_egress(state: &Arc<ProxyState>, permit: Permit, accepted: Accepted, me: SpiffeId, addr: SocketAddr) {
+    let Accepted { mut tcp, .. } = accepted;
+    let flow = TrackedFlow::Egress { source: me, destination_ip: addr.ip(), port: addr.port() };
+    let tracked = state.conns.track(flow, CancellationToken::new());
+    let mut upstream = match tokio::time::timeout(EGRESS_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return tracing::info!(error = %e, "egress destination unreachable"),
+        Err(_) => return tracing::info!("egress connect timed out"),
+    };
+    let _ = upstream.set_nodelay(true);
+    tracing::debug!(reason = %permit.decision(), "egress allowed");
+    if let Err(e) = tunnel(&mut tcp, &mut upstream, &tracked.cancel).await {
+        tracing::debug!(error = %e, "egress tunnel ended with error");
+    }
+}

@@ -1,0 +1,161 @@
+//! Sidecar-to-sidecar connections: one pooled, multiplexed HTTP/2-over-mTLS connection per
+//! (peer address, expected identity), shared by every HTTP request going there, plus
+//! one-off mTLS connections for byte tunnels and HTTP/1.1 upgrades.
+//!
+//! Pooling is why a new app connection (`Connection: close` clients) costs no TLS
+//! handshake between sidecars, and why many app connections cost one peer connection. A
+//! pooled connection is retired after [`MAX_AGE`] so it never outlives the SVIDs it was
+//! opened with by much; in-flight requests finish on it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use trellis_identity::pki_types::ServerName;
+use trellis_identity::{SpiffeId, VerifyError};
+
+use crate::state::{PeerProtocol, ProxyState};
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pooled connections are replaced after this long.
+pub const MAX_AGE: Duration = Duration::from_secs(10 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("cannot connect to peer {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("peer {addr} failed TLS verification: {error}")]
+    Tls { addr: SocketAddr, error: VerifyError },
+    #[error("peer {addr} did not negotiate {wanted}")]
+    Alpn { addr: SocketAddr, wanted: &'static str },
+    #[error("HTTP/2 with peer {addr} failed: {reason}")]
+    Http { addr: SocketAddr, reason: String },
+    #[error("no TLS configuration: {0}")]
+    Config(String),
+}
+
+impl PeerError {
+    /// The `x-trellis-error` / metric label for this failure.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PeerError::Connect { .. } => "peer_unreachable",
+            PeerError::Tls { error, .. } => error.label(),
+            PeerError::Alpn { .. } => "peer_protocol",
+            PeerError::Http { .. } => "peer_http",
+            PeerError::Config(_) => "config",
+        }
+    }
+}
+
+/// Opens an mTLS connection to `addr`, which must prove it is `expected`.
+pub async fn connect_tls(
+    state: &ProxyState,
+    addr: SocketAddr,
+    expected: &SpiffeId,
+    protocol: PeerProtocol,
+) -> Result<TlsStream<TcpStream>, PeerError> {
+    let tls = state.tls.load_full().ok_or_else(|| PeerError::Config("no SVID yet".into()))?;
+    let cfg = tls.client(expected, protocol).map_err(|e| PeerError::Config(e.to_string()))?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PeerError::Connect { addr, reason: "timed out".into() })?
+        .map_err(|e| PeerError::Connect { addr, reason: e.to_string() })?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(cfg).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+    )
+    .await
+    .map_err(|_| PeerError::Connect { addr, reason: "TLS handshake timed out".into() })?
+    .map_err(|e| match VerifyError::from_io(&e) {
+        Some(error) => {
+            state.metrics.handshake_failure(error.label());
+            PeerError::Tls { addr, error }
+        }
+        None => PeerError::Connect { addr, reason: e.to_string() },
+    })?;
+    Ok(tls)
+}
+
+struct Pooled {
+    send: SendRequest<Incoming>,
+    born: Instant,
+}
+
+/// One slot per peer; the async mutex makes concurrent first requests share one connect.
+type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+
+#[derive(Default)]
+pub struct PeerPools {
+    slots: Mutex<HashMap<(SocketAddr, SpiffeId), Slot>>,
+}
+
+impl std::fmt::Debug for PeerPools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerPools({})", self.slots.lock().map(|s| s.len()).unwrap_or(0))
+    }
+}
+
+impl PeerPools {
+    /// A sender on the live pooled connection to (`addr`, `expected`), connecting if needed.
+    pub async fn sender(
+        &self,
+        state: &ProxyState,
+        addr: SocketAddr,
+        expected: &SpiffeId,
+    ) -> Result<SendRequest<Incoming>, PeerError> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.entry((addr, expected.clone())).or_default().clone()
+        };
+        let mut guard = slot.lock().await;
+        if let Some(p) = guard.as_ref()
+            && !p.send.is_closed()
+            && p.born.elapsed() < MAX_AGE
+        {
+            return Ok(p.send.clone());
+        }
+        let send = open_h2(state, addr, expected).await?;
+        *guard = Some(Pooled { send: send.clone(), born: Instant::now() });
+        Ok(send)
+    }
+
+    /// Forgets every pooled connection (after a trust bundle change).
+    pub fn clear(&self) {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+async fn open_h2(
+    state: &ProxyState,
+    addr: SocketAddr,
+    expected: &SpiffeId,
+) -> Result<SendRequest<Incoming>, PeerError> {
+    let tls = connect_tls(state, addr, expected, PeerProtocol::H2).await?;
+    if tls.get_ref().1.alpn_protocol() != Some(crate::state::ALPN_H2) {
+        return Err(PeerError::Alpn { addr, wanted: "h2" });
+    }
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(4 * 1024 * 1024)
+        .max_concurrent_reset_streams(1024)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| PeerError::Http { addr, reason: e.to_string() })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "pooled peer connection ended");
+        }
+    });
+    tracing::debug!(%addr, peer = %expected, "opened pooled HTTP/2 connection to peer");
+    Ok(send)
+}

@@ -1,0 +1,220 @@
+//! The proxy's hot state: one immutable snapshot per domain, swapped whole.
+//!
+//! - [`PolicyView`]: the compiled policy snapshot and whether the control plane has sent
+//!   one yet (before it has, everything is denied: fail closed);
+//! - [`Registry`]: the endpoint registry (address → SPIFFE ID) for transparent outbound;
+//! - [`TlsState`]: the rustls server config and the per-peer client configs, rebuilt
+//!   together whenever the trust bundle changes (the SVID itself rotates underneath them
+//!   through the shared `CredentialStore`).
+//!
+//! Readers `load()` a snapshot once per connection or request and use it throughout, so a
+//! swap never splits a decision between two versions.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use trellis_identity::rustls::{ClientConfig, ServerConfig};
+use trellis_identity::{ClientAuth, CredentialStore, SpiffeId, TlsError, TrustBundle, TrustDomain};
+use trellis_policy::{Action, Defaults, PolicySnapshot};
+
+use crate::config::ProxyConfig;
+use crate::conns::ConnTracker;
+use crate::metrics::Metrics;
+
+/// ALPN a Trellis outbound offers for a raw TCP tunnel, so the peer's inbound never sniffs
+/// (server-speaks-first protocols must not wait out a detect timeout).
+pub const ALPN_OPAQUE: &[u8] = b"trellis.opaque";
+pub const ALPN_H2: &[u8] = b"h2";
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// The protocol an outbound connection to a peer carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerProtocol {
+    /// Pooled, multiplexed HTTP/2 between sidecars.
+    H2,
+    /// One HTTP/1.1 exchange that will upgrade (WebSocket and friends).
+    Http1,
+    /// A byte tunnel.
+    Opaque,
+}
+
+impl PeerProtocol {
+    fn alpn(self) -> &'static [u8] {
+        match self {
+            PeerProtocol::H2 => ALPN_H2,
+            PeerProtocol::Http1 => ALPN_HTTP11,
+            PeerProtocol::Opaque => ALPN_OPAQUE,
+        }
+    }
+}
+
+/// The policy being enforced.
+#[derive(Debug)]
+pub struct PolicyView {
+    pub snapshot: PolicySnapshot,
+    /// False until the control plane's first push: until then the snapshot is empty and
+    /// denies everything, whatever `--default-action` says.
+    pub applied: bool,
+}
+
+impl PolicyView {
+    pub fn fail_closed() -> Self {
+        PolicyView {
+            snapshot: PolicySnapshot::empty(Defaults { mesh: Action::Deny, egress: Action::Deny }),
+            applied: false,
+        }
+    }
+}
+
+/// Who answers at which address, as the control plane last said.
+#[derive(Debug, Default)]
+pub struct Registry {
+    pub version: u64,
+    exact: HashMap<SocketAddr, SpiffeId>,
+    by_ip: HashMap<IpAddr, SpiffeId>,
+}
+
+impl Registry {
+    pub fn new(version: u64, entries: impl IntoIterator<Item = (String, SpiffeId)>) -> Self {
+        let mut r = Registry { version, ..Registry::default() };
+        for (address, id) in entries {
+            if let Ok(sa) = address.parse::<SocketAddr>() {
+                r.exact.insert(sa, id);
+            } else if let Ok(ip) = address.parse::<IpAddr>() {
+                r.by_ip.insert(ip, id);
+            }
+        }
+        r
+    }
+
+    /// The mesh workload at `addr`, if it is in the mesh.
+    pub fn resolve(&self, addr: SocketAddr) -> Option<&SpiffeId> {
+        self.exact.get(&addr).or_else(|| self.by_ip.get(&addr.ip()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.by_ip.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// rustls configs for one trust bundle.
+pub struct TlsState {
+    pub bundle: TrustBundle,
+    pub server: Arc<ServerConfig>,
+    trust_domain: TrustDomain,
+    creds: Arc<CredentialStore>,
+    clients: Mutex<HashMap<(SpiffeId, PeerProtocol), Arc<ClientConfig>>>,
+}
+
+impl std::fmt::Debug for TlsState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsState").field("bundle", &self.bundle).finish_non_exhaustive()
+    }
+}
+
+impl TlsState {
+    pub fn new(bundle: TrustBundle, trust_domain: TrustDomain, creds: Arc<CredentialStore>) -> Result<Self, TlsError> {
+        let mut server = trellis_identity::server_config(
+            creds.clone(),
+            &bundle,
+            std::slice::from_ref(&trust_domain),
+            ClientAuth::Required,
+        )?;
+        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec(), ALPN_OPAQUE.to_vec()];
+        // Peers resume sessions with tickets instead of a full handshake each time.
+        server.ticketer = trellis_identity::rustls::crypto::ring::Ticketer::new().map_err(TlsError::Config)?;
+        server.send_tls13_tickets = 2;
+        Ok(TlsState { bundle, server: Arc::new(server), trust_domain, creds, clients: Mutex::new(HashMap::new()) })
+    }
+
+    /// The client config that requires the peer to be `expected`, cached per peer so TLS
+    /// sessions resume.
+    pub fn client(&self, expected: &SpiffeId, protocol: PeerProtocol) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&(expected.clone(), protocol)) {
+            return Ok(c.clone());
+        }
+        let mut cfg = trellis_identity::client_config(Some(self.creds.clone()), &self.bundle, expected.clone())?;
+        cfg.alpn_protocols = vec![protocol.alpn().to_vec()];
+        let cfg = Arc::new(cfg);
+        clients.insert((expected.clone(), protocol), cfg.clone());
+        Ok(cfg)
+    }
+
+    /// Drops the per-peer client configs and with them their TLS session caches, so no
+    /// later connection resumes a session made with a previous SVID (a resumed session
+    /// shows the peer the certificate of the handshake it resumes).
+    pub fn forget_sessions(&self) {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+}
+
+/// How the link to the control plane is doing, for `/config` and `/ready`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ControlStatus {
+    pub connected: bool,
+    pub session: Option<u64>,
+    pub last_error: Option<String>,
+    pub reconnects: u64,
+    pub acked_version: Option<u64>,
+}
+
+/// Everything the data path shares.
+pub struct ProxyState {
+    pub config: ProxyConfig,
+    pub creds: Arc<CredentialStore>,
+    pub policy: ArcSwap<PolicyView>,
+    pub registry: ArcSwap<Registry>,
+    /// Set once the first SVID is in hand (its trust domain is what the verifiers accept).
+    pub tls: ArcSwapOption<TlsState>,
+    pub control: Mutex<ControlStatus>,
+    pub metrics: Metrics,
+    pub conns: Arc<ConnTracker>,
+    /// Cancelled on SIGTERM: listeners stop accepting and connections start draining.
+    pub shutdown: CancellationToken,
+    pub pools: crate::pool::PeerPools,
+    pub app: crate::inbound::AppClients,
+}
+
+impl std::fmt::Debug for ProxyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyState").finish_non_exhaustive()
+    }
+}
+
+impl ProxyState {
+    /// This proxy's own identity (present once the SVID is issued).
+    pub fn id(&self) -> Option<SpiffeId> {
+        self.creds.id()
+    }
+
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if self.creds.current().is_none() {
+            return Err("no SVID yet");
+        }
+        if !self.policy.load().applied {
+            return Err("no policy received from the control plane yet");
+        }
+        Ok(())
+    }
+
+    pub fn control_status(&self) -> ControlStatus {
+        self.control.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn update_control(&self, f: impl FnOnce(&mut ControlStatus)) {
+        f(&mut self.control.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}

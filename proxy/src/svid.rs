@@ -1,0 +1,200 @@
+//! The proxy's identity over time: bootstrap (join token, Kubernetes token, or an SVID kept
+//! from a previous run), then renewal at half-life with jitter for as long as it runs.
+//!
+//! The private key is generated here and never leaves the process (or its state dir,
+//! mode 0600). A renewal that fails keeps the current SVID in place and retries with
+//! backoff; only a new SVID in hand replaces it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use trellis_control::api::{BootstrapRequest, RenewRequest, SvidResponse};
+use trellis_control::{ClientError, ControlClient};
+use trellis_identity::pem::{self, write_private};
+use trellis_identity::{Svid, WorkloadKey};
+
+use crate::ProxyError;
+use crate::config::Attestation;
+use crate::state::ProxyState;
+
+const SVID_FILE: &str = "svid.pem";
+const KEY_FILE: &str = "svid-key.pem";
+
+/// Gets the first SVID: from the state dir if a valid one is there, else by attestation.
+/// Transport failures are retried with backoff; a refused token is fatal (it will not
+/// get better by retrying).
+pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient) -> Result<(), ProxyError> {
+    if let Some(dir) = &state.config.state_dir
+        && let Some(svid) = load_persisted(dir)
+    {
+        tracing::info!(spiffe_id = %svid.id(), "using the SVID kept in the state dir");
+        return install(state, svid);
+    }
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
+    loop {
+        match bootstrap(state, anon).await {
+            Ok(svid) => {
+                tracing::info!(spiffe_id = %svid.id(), "SVID issued");
+                return install(state, svid);
+            }
+            Err(ClientError::Api { status, body }) if status.is_client_error() => {
+                return Err(ProxyError::Bootstrap(format!(
+                    "the control plane refused the bootstrap ({status}): {body}"
+                )));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "bootstrap failed; retrying");
+                tokio::select! {
+                    () = backoff.wait() => {}
+                    () = state.shutdown.cancelled() => return Err(ProxyError::Bootstrap("shut down before an SVID was issued".into())),
+                }
+            }
+        }
+    }
+}
+
+async fn bootstrap(state: &ProxyState, anon: &ControlClient) -> Result<Svid, ClientError> {
+    let key = WorkloadKey::generate().map_err(|e| ClientError::Decode(e.to_string()))?;
+    let csr = key.anonymous_csr().map_err(|e| ClientError::Decode(e.to_string()))?;
+    let (token, k8s_token) = match &state.config.attestation {
+        Attestation::JoinToken(t) => (Some(t.trim().to_string()), None),
+        Attestation::KubernetesTokenFile(path) => {
+            let t = std::fs::read_to_string(path)
+                .map_err(|e| ClientError::Decode(format!("reading the Kubernetes token {}: {e}", path.display())))?;
+            (None, Some(t.trim().to_string()))
+        }
+    };
+    let req = BootstrapRequest { token, k8s_token, csr_pem: pem::csr_to_pem(&csr), addresses: addresses(state) };
+    let resp = anon.bootstrap(&req).await?;
+    into_svid(key, &resp)
+}
+
+fn into_svid(key: WorkloadKey, resp: &SvidResponse) -> Result<Svid, ClientError> {
+    let chain =
+        pem::certs_from_pem("SVID chain", resp.chain_pem.as_bytes()).map_err(|e| ClientError::Decode(e.to_string()))?;
+    key.into_svid(chain).map_err(|e| ClientError::Decode(e.to_string()))
+}
+
+/// The addresses to put in the endpoint registry: the advertised IP for transparent
+/// listeners, `ip:port` for explicit ones.
+fn addresses(state: &ProxyState) -> Vec<String> {
+    let mut out = Vec::new();
+    for spec in &state.config.inbound {
+        let ip = state.config.advertise_ip.or_else(|| (!spec.listen.ip().is_unspecified()).then(|| spec.listen.ip()));
+        let Some(ip) = ip else { continue };
+        let entry = match spec.app {
+            None => ip.to_string(),
+            Some(_) => std::net::SocketAddr::new(ip, spec.listen.port()).to_string(),
+        };
+        if !out.contains(&entry) {
+            out.push(entry);
+        }
+    }
+    out
+}
+
+fn install(state: &ProxyState, svid: Svid) -> Result<(), ProxyError> {
+    let expiry = svid.not_after().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    if let Some(dir) = &state.config.state_dir {
+        persist(dir, &svid);
+    }
+    state.creds.set(svid).map_err(|e| ProxyError::Bootstrap(e.to_string()))?;
+    if let Some(tls) = state.tls.load_full() {
+        tls.forget_sessions();
+    }
+    state.metrics.svid_expiry.set(expiry as i64);
+    Ok(())
+}
+
+fn persist(dir: &Path, svid: &Svid) {
+    let ok = std::fs::create_dir_all(dir)
+        .and_then(|()| write_private(&dir.join(KEY_FILE), svid.key_pem().as_bytes(), 0o600))
+        .and_then(|()| write_private(&dir.join(SVID_FILE), svid.chain_pem().as_bytes(), 0o644));
+    if let Err(e) = ok {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not keep the SVID in the state dir");
+    }
+}
+
+fn load_persisted(dir: &Path) -> Option<Svid> {
+    let chain = std::fs::read(dir.join(SVID_FILE)).ok()?;
+    let key = std::fs::read(dir.join(KEY_FILE)).ok()?;
+    let svid = Svid::from_pem(&chain, &key).ok()?;
+    // Only worth keeping if there is time left to renew it over mTLS.
+    (svid.not_after() > SystemTime::now() + Duration::from_secs(30)).then_some(svid)
+}
+
+/// Renews at half the remaining life (±10% jitter so a fleet does not renew in lockstep),
+/// forever. `client` presents the current SVID.
+pub async fn renew_loop(state: Arc<ProxyState>, client: ControlClient, anon: ControlClient) {
+    loop {
+        let Some(current) = state.creds.current() else { return };
+        let at = current.svid.renew_at(current.received);
+        let wait = jitter(at.duration_since(SystemTime::now()).unwrap_or_default());
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = state.shutdown.cancelled() => return,
+        }
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            match renew(&state, &client, &current.svid).await {
+                Ok(svid) => {
+                    tracing::info!(spiffe_id = %svid.id(), not_after = ?svid.not_after(), "SVID renewed");
+                    if let Err(e) = install(&state, svid) {
+                        tracing::error!(error = %e, "renewed SVID could not be installed");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "SVID renewal failed; keeping the current SVID and retrying");
+                    // A Kubernetes token can attest again once the SVID itself has expired.
+                    if current.svid.not_after() <= SystemTime::now()
+                        && matches!(state.config.attestation, Attestation::KubernetesTokenFile(_))
+                        && let Ok(svid) = bootstrap(&state, &anon).await
+                    {
+                        let _ = install(&state, svid);
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                () = backoff.wait() => {}
+                () = state.shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+async fn renew(state: &ProxyState, client: &ControlClient, current: &Svid) -> Result<Svid, ClientError> {
+    let key = WorkloadKey::generate().map_err(|e| ClientError::Decode(e.to_string()))?;
+    let csr = key.csr(current.id()).map_err(|e| ClientError::Decode(e.to_string()))?;
+    let resp = client.renew(&RenewRequest { csr_pem: pem::csr_to_pem(&csr), addresses: addresses(state) }).await?;
+    into_svid(key, &resp)
+}
+
+/// ±10%.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.9 + rand::random::<f64>() * 0.2)
+}
+
+/// Exponential backoff with full jitter.
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(start: Duration, max: Duration) -> Self {
+        Backoff { next: start, max }
+    }
+
+    pub fn reset(&mut self, start: Duration) {
+        self.next = start;
+    }
+
+    pub async fn wait(&mut self) {
+        let d = self.next.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        self.next = (self.next * 2).min(self.max);
+        tokio::time::sleep(d).await;
+    }
+}

@@ -1,0 +1,117 @@
+//! `trellis inject -f FILE|-`: adds the Trellis sidecar to Kubernetes manifests and prints
+//! them to stdout. The work is `trellis_control::inject`, the code the admission webhook runs.
+//!
+//! Everything is read and injected before anything is printed, so an error (exit 2, message
+//! on stderr) never leaves half a manifest on stdout.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use trellis_control::inject::{self, InjectConfig, Outcome, SkipReason};
+
+#[derive(Debug, clap::Args)]
+pub struct InjectArgs {
+    /// Manifests to inject (YAML with `---` documents, a `kind: List`, or JSON); `-` reads stdin.
+    #[arg(short = 'f', long = "filename", value_name = "FILE|-")]
+    pub file: PathBuf,
+    /// The trust bundle (PEM) the injected proxies verify the control plane with; it is
+    /// embedded in each pod spec. `trellis control run` writes it as `<data-dir>/bundle.pem`.
+    #[arg(long, env = "TRELLIS_CA_BUNDLE", value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// The control plane URL the injected proxies use. Its own variable, not TRELLIS_CONTROL:
+    /// that one usually points at the control plane from the operator's machine, not from pods.
+    #[arg(long, env = "TRELLIS_INJECT_CONTROL", default_value = inject::DEFAULT_CONTROL_URL)]
+    pub control: String,
+    /// Image for the init container and the proxy.
+    #[arg(long, env = "TRELLIS_IMAGE", default_value_t = inject::default_image())]
+    pub image: String,
+    /// Run the proxy as a regular container instead of a native sidecar (Kubernetes < 1.29).
+    /// Jobs then never complete on their own: the proxy keeps running after the app exits.
+    #[arg(long, env = "TRELLIS_CLASSIC_SIDECAR")]
+    pub classic_sidecar: bool,
+}
+
+pub fn run(args: InjectArgs) -> ExitCode {
+    match inject_to_string(&args) {
+        Ok(output) => {
+            let mut stdout = std::io::stdout().lock();
+            if let Err(e) = stdout.write_all(output.as_bytes()).and_then(|()| stdout.flush()) {
+                eprintln!("trellis inject: cannot write to stdout: {e}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("trellis inject: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn inject_to_string(args: &InjectArgs) -> anyhow::Result<String> {
+    let bundle_path = args.ca_bundle.as_ref().context(
+        "--ca-bundle FILE (or TRELLIS_CA_BUNDLE) is required: the injected proxies verify the control plane with \
+         it (the control plane writes it to <data-dir>/bundle.pem)",
+    )?;
+    let bundle = std::fs::read_to_string(bundle_path)
+        .with_context(|| format!("cannot read the CA bundle {}", bundle_path.display()))?;
+    let cfg = InjectConfig {
+        image: args.image.clone(),
+        control_url: args.control.clone(),
+        ca_bundle_pem: bundle,
+        classic_sidecar: args.classic_sidecar,
+        skip_namespaces: Vec::new(),
+    };
+    cfg.validate().map_err(|e| match e {
+        inject::InjectError::BadBundle(_) => anyhow::Error::new(e).context(bundle_path.display().to_string()),
+        other => other.into(),
+    })?;
+    let input = read_input(&args.file)?;
+    let source = if args.file.as_os_str() == "-" { "<stdin>".to_string() } else { args.file.display().to_string() };
+    let injected = inject::inject_manifests(&input, &cfg).context(source)?;
+    report(&injected.outcomes);
+    Ok(injected.yaml)
+}
+
+fn read_input(file: &Path) -> anyhow::Result<String> {
+    if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("cannot read stdin")?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
+}
+
+/// One line per skipped workload on stderr, so a silent skip is never a surprise.
+fn report(outcomes: &[Outcome]) {
+    let mut injected = 0;
+    let mut skipped = Vec::new();
+    collect(outcomes, &mut injected, &mut skipped);
+    for (document, reason) in &skipped {
+        let why = match reason {
+            SkipReason::Disabled => "annotated trellis.dev/inject: disabled".to_string(),
+            SkipReason::HostNetwork => "uses hostNetwork".to_string(),
+            SkipReason::AlreadyInjected => "already injected".to_string(),
+            SkipReason::Namespace(ns) => format!("namespace {ns} is skipped"),
+        };
+        tracing::info!("document {document}: not injected: {why}");
+    }
+    tracing::debug!(injected, skipped = skipped.len(), "trellis inject done");
+}
+
+fn collect(outcomes: &[Outcome], injected: &mut usize, skipped: &mut Vec<(usize, SkipReason)>) {
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match outcome {
+            Outcome::Injected => *injected += 1,
+            Outcome::Skipped(reason) => skipped.push((i + 1, reason.clone())),
+            Outcome::List(items) => {
+                let mut inner = Vec::new();
+                collect(items, injected, &mut inner);
+                skipped.extend(inner.into_iter().map(|(_, r)| (i + 1, r)));
+            }
+            Outcome::NotAWorkload => {}
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! Subcommands of the `trellis` binary, one module each.
+
+pub mod control;
+pub mod inject;
+pub mod policy;
+pub mod proxy;
+pub mod proxy_init;
+pub mod remote;
+pub mod token;
+pub mod workloads;
+
+/// Logs go to stderr so that stdout stays parseable (`token create` prints only the token).
+pub fn init_logging(filter: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .try_init();
+}
+
+/// Resolves on SIGTERM (what systemd and the kubelet send) or SIGINT (Ctrl-C).
+pub async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C will stop this process");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

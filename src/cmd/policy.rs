@@ -1,0 +1,227 @@
+//! `trellis policy validate|check`: test policy files offline (in CI, before applying them).
+//!
+//! Only flags, file reading and printing live here; parsing, validation and decisions are
+//! `trellis-policy`'s. Exit codes: 0 allow (or valid), 1 deny, 2 any error (bad file, bad
+//! flag; clap's own usage errors also exit 2).
+
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{ArgGroup, Args, Subcommand, ValueEnum};
+use trellis_policy::limits::MAX_INPUT_BYTES;
+use trellis_policy::{
+    Action, Decision, Defaults, EgressFlow, Flow, HttpRequest, Policy, PolicySnapshot, SpiffeId, parse_documents,
+};
+
+const EXIT_DENY: u8 = 1;
+const EXIT_ERROR: u8 = 2;
+
+/// Names printed by `validate` before the list is cut short.
+const MAX_LISTED_NAMES: usize = 20;
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file: prints `ok: N policies (names)`, or every problem (exit 2).
+    Validate(ValidateArgs),
+    /// Print the decision a policy file gives one flow and why: exit 0 allow, 1 deny, 2 error.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub policies: PolicySourceArgs,
+}
+
+/// Where policies come from (a later `--control URL` joins `--file` here).
+#[derive(Debug, Args)]
+pub struct PolicySourceArgs {
+    /// Policy file, YAML or JSON, several documents allowed; `-` reads standard input.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub policies: PolicySourceArgs,
+
+    #[command(flatten)]
+    pub flow: FlowArgs,
+
+    /// Action for a mesh flow no rule matches. Egress (`--to-address`) always defaults to deny.
+    #[arg(long, value_enum, default_value = "deny", env = "TRELLIS_DEFAULT_ACTION")]
+    pub default: DefaultAction,
+
+    /// `text`: the decision line, then an `audit:` line if audit-mode policies apply.
+    /// `json`: the decision as one JSON object.
+    #[arg(long, value_enum, default_value = "text", env = "TRELLIS_OUTPUT")]
+    pub output: OutputFormat,
+}
+
+/// The flow to decide: a mesh flow (`--to` and `--port`, plus `--method` and `--path` for an
+/// HTTP request) or an egress connection (`--to-address`).
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("destination").required(true).args(["to", "to_address"])))]
+pub struct FlowArgs {
+    /// The source's SPIFFE ID; omitted, the source is unauthenticated. Required for egress.
+    #[arg(long, value_name = "SPIFFE_ID", env = "TRELLIS_CHECK_FROM")]
+    pub from: Option<SpiffeId>,
+
+    /// The source's IP address (matched by `ipBlock` in `from`).
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1", env = "TRELLIS_CHECK_SOURCE_IP")]
+    pub source_ip: IpAddr,
+
+    /// The destination workload's SPIFFE ID (a mesh flow).
+    #[arg(long, value_name = "SPIFFE_ID", requires = "port", env = "TRELLIS_CHECK_TO")]
+    pub to: Option<SpiffeId>,
+
+    /// The destination application's port.
+    #[arg(long, value_name = "N", requires = "to", value_parser = clap::value_parser!(u16).range(1..),
+          env = "TRELLIS_CHECK_PORT")]
+    pub port: Option<u16>,
+
+    /// HTTP method of the request (with `--path`); without both, the flow is a plain connection.
+    #[arg(long, value_name = "M", requires_all = ["path", "to"], env = "TRELLIS_CHECK_METHOD")]
+    pub method: Option<String>,
+
+    /// HTTP request path (with `--method`), normalized before matching.
+    #[arg(long, value_name = "P", requires_all = ["method", "to"], env = "TRELLIS_CHECK_PATH")]
+    pub path: Option<String>,
+
+    /// An address outside the mesh (`IP:PORT`): checks egress policy for `--from`.
+    #[arg(long, value_name = "IP:PORT", requires = "from", env = "TRELLIS_CHECK_TO_ADDRESS")]
+    pub to_address: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DefaultAction {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+pub fn run(cmd: PolicyCommand) -> ExitCode {
+    let result = match cmd {
+        PolicyCommand::Validate(args) => validate(&args),
+        PolicyCommand::Check(args) => check(&args),
+    };
+    result.unwrap_or_else(|code| code)
+}
+
+fn validate(args: &ValidateArgs) -> Result<ExitCode, ExitCode> {
+    let policies = load(&args.policies)?;
+    println!("{}", summary(&policies));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ok: 2 policies (api-from-web, block-admin)`.
+fn summary(policies: &[Policy]) -> String {
+    let noun = if policies.len() == 1 { "policy" } else { "policies" };
+    let mut names: Vec<&str> = policies.iter().take(MAX_LISTED_NAMES).map(Policy::name).collect();
+    let more = policies.len().saturating_sub(MAX_LISTED_NAMES);
+    let more = format!("and {more} more");
+    if policies.len() > MAX_LISTED_NAMES {
+        names.push(&more);
+    }
+    if names.is_empty() {
+        format!("ok: 0 {noun}")
+    } else {
+        format!("ok: {} {noun} ({})", policies.len(), names.join(", "))
+    }
+}
+
+fn check(args: &CheckArgs) -> Result<ExitCode, ExitCode> {
+    let policies = load(&args.policies)?;
+    let mesh = match args.default {
+        DefaultAction::Allow => Action::Allow,
+        DefaultAction::Deny => Action::Deny,
+    };
+    let defaults = Defaults { mesh, ..Defaults::default() };
+    let snapshot = PolicySnapshot::compile(0, policies, defaults).map_err(|e| fail(format_args!("{e}")))?;
+    let decision = decide(&snapshot, &args.flow)?;
+    print_decision(&decision, args.output)?;
+    Ok(if decision.is_allowed() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_DENY) })
+}
+
+/// clap has already enforced which flags go together; the `else` branches are defensive.
+fn decide(snapshot: &PolicySnapshot, f: &FlowArgs) -> Result<Decision, ExitCode> {
+    if let Some(addr) = f.to_address {
+        let Some(source) = &f.from else {
+            return Err(fail("--to-address needs --from: egress is checked for a source workload"));
+        };
+        if addr.port() == 0 {
+            return Err(fail("--to-address: port 0 is not a valid port"));
+        }
+        let flow = EgressFlow { source, destination_ip: addr.ip(), port: addr.port() };
+        return Ok(snapshot.evaluate_egress(&flow));
+    }
+    let (Some(destination), Some(port)) = (&f.to, f.port) else {
+        return Err(fail("give --to and --port (a mesh flow) or --to-address (egress)"));
+    };
+    let http = match (&f.method, &f.path) {
+        (Some(method), Some(path)) => Some(HttpRequest { method, path }),
+        (None, None) => None,
+        _ => return Err(fail("--method and --path go together")),
+    };
+    let flow = Flow { source: f.from.as_ref(), source_ip: f.source_ip, destination, port, http };
+    Ok(snapshot.evaluate(&flow))
+}
+
+fn print_decision(decision: &Decision, output: OutputFormat) -> Result<(), ExitCode> {
+    match output {
+        OutputFormat::Text => {
+            println!("{decision}");
+            if let Some(audit) = &decision.audit {
+                println!("audit: {audit}");
+            }
+        }
+        OutputFormat::Json => {
+            let json = serde_json::to_string(decision).map_err(|e| fail(format_args!("{e}")))?;
+            println!("{json}");
+        }
+    }
+    Ok(())
+}
+
+/// Reads and validates the policy file, printing every problem on failure.
+fn load(source: &PolicySourceArgs) -> Result<Vec<Policy>, ExitCode> {
+    let text = read_input(&source.file).map_err(|e| fail(format_args!("{}: {e}", source.file.display())))?;
+    parse_documents(&text).map_err(|errors| {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        if errors.omitted() > 0 {
+            eprintln!("... and {} more errors", errors.omitted());
+        }
+        ExitCode::from(EXIT_ERROR)
+    })
+}
+
+/// Reads at most one byte past the limit, so an endless or huge input is refused early.
+fn read_input(path: &Path) -> Result<String, String> {
+    let limit = MAX_INPUT_BYTES as u64 + 1;
+    let mut bytes = Vec::new();
+    let read = if path == Path::new("-") {
+        std::io::stdin().lock().take(limit).read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut bytes))
+    };
+    read.map_err(|e| e.to_string())?;
+    if bytes.len() > MAX_INPUT_BYTES {
+        return Err(format!("larger than the {} MiB limit", MAX_INPUT_BYTES >> 20));
+    }
+    String::from_utf8(bytes).map_err(|_| "not valid UTF-8".to_owned())
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_ERROR)
+}

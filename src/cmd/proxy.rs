@@ -1,0 +1,161 @@
+//! `trellis proxy ...`: the sidecar (`run`) and its capture rules (`init`).
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use trellis_policy::Action;
+use trellis_proxy::config::{
+    Attestation, InboundSpec, ProxyConfig, RouteSpec, parse_inbound, parse_ports, parse_route,
+};
+
+use super::remote::{DEFAULT_CONTROL, parse_duration};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ProxyCommand {
+    /// Run the sidecar: mTLS in and out, policy on every connection and request.
+    Run(Box<RunArgs>),
+    /// Install nftables rules that send the pod's TCP traffic through the sidecar
+    /// (run as the init container, with NET_ADMIN).
+    Init(super::proxy_init::InitArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Control plane URL.
+    #[arg(long, env = "TRELLIS_CONTROL", default_value = DEFAULT_CONTROL)]
+    control: String,
+    /// Trust bundle (PEM file) from the control plane.
+    #[arg(long, env = "TRELLIS_CA_BUNDLE")]
+    ca_bundle: Option<PathBuf>,
+    /// The trust bundle PEM itself (what Kubernetes injection sets).
+    #[arg(long, env = "TRELLIS_CA_BUNDLE_PEM", hide_env_values = true, conflicts_with = "ca_bundle")]
+    ca_bundle_pem: Option<String>,
+    /// A join token (single use; see `trellis token create`).
+    #[arg(long, env = "TRELLIS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the join token.
+    #[arg(long, env = "TRELLIS_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// A projected Kubernetes ServiceAccount token file (audience `trellis`).
+    #[arg(long, env = "TRELLIS_K8S_TOKEN_FILE", conflicts_with_all = ["token", "token_file"])]
+    k8s_token_file: Option<PathBuf>,
+    /// Inbound listener: LISTEN=APP (forward to APP) or LISTEN (transparent). Repeatable.
+    #[arg(long, env = "TRELLIS_INBOUND", value_delimiter = ',', value_parser = parse_inbound)]
+    inbound: Vec<InboundSpec>,
+    /// Transparent outbound listener (destinations from SO_ORIGINAL_DST).
+    #[arg(long, env = "TRELLIS_OUTBOUND")]
+    outbound: Option<SocketAddr>,
+    /// Explicit outbound route LISTEN=PEER,SPIFFE_ID (VM mode). Repeatable.
+    #[arg(long, env = "TRELLIS_ROUTE", value_delimiter = ';', value_parser = parse_route)]
+    route: Vec<RouteSpec>,
+    /// Admin listener: /live /ready /metrics /config.
+    #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Ports never sniffed for HTTP (server-speaks-first protocols), e.g. 5432,3306.
+    #[arg(long, env = "TRELLIS_OPAQUE_PORTS", value_parser = parse_ports, default_value = "")]
+    opaque_ports: BTreeSet<u16>,
+    /// Worker threads (1 = a single-threaded runtime, the smallest footprint).
+    #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 1)]
+    workers: usize,
+    /// What mesh flows no policy rule matches get (allow only while onboarding).
+    #[arg(long, env = "TRELLIS_DEFAULT_ACTION", default_value = "deny", value_parser = ["deny", "allow"])]
+    default_action: String,
+    /// This workload's IP, registered in the control plane's endpoint registry.
+    #[arg(long, env = "TRELLIS_ADVERTISE_IP")]
+    advertise_ip: Option<IpAddr>,
+    /// Keep the SVID here across restarts (a join token works only once).
+    #[arg(long, env = "TRELLIS_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// How long to wait for a client's first bytes before treating it as opaque TCP.
+    #[arg(long, env = "TRELLIS_DETECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    detect_timeout: Duration,
+    /// How long in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// How long a client may take to send a request's headers (slowloris guard).
+    #[arg(long, env = "TRELLIS_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    header_timeout: Duration,
+}
+
+pub fn run(cmd: ProxyCommand) -> ExitCode {
+    match cmd {
+        ProxyCommand::Init(args) => super::proxy_init::run(args),
+        ProxyCommand::Run(args) => match run_proxy(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn config(args: RunArgs) -> Result<(ProxyConfig, usize)> {
+    let bundle_pem = match (&args.ca_bundle, args.ca_bundle_pem) {
+        (Some(path), _) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading --ca-bundle {}", path.display()))?
+        }
+        (None, Some(pem)) => pem,
+        (None, None) => bail!("no trust bundle: pass --ca-bundle FILE (TRELLIS_CA_BUNDLE) or TRELLIS_CA_BUNDLE_PEM"),
+    };
+    let attestation = match (args.token, args.token_file, args.k8s_token_file) {
+        (Some(t), _, _) => Attestation::JoinToken(t),
+        (None, Some(path), _) => Attestation::JoinToken(
+            std::fs::read_to_string(&path).with_context(|| format!("reading --token-file {}", path.display()))?,
+        ),
+        (None, None, Some(path)) => Attestation::KubernetesTokenFile(path),
+        (None, None, None) if args.state_dir.is_some() => Attestation::JoinToken(String::new()),
+        (None, None, None) => {
+            bail!(
+                "no way to prove identity: pass --token, --token-file or --k8s-token-file (see `trellis token create`)"
+            )
+        }
+    };
+    let inbound = if args.inbound.is_empty() && args.route.is_empty() && args.outbound.is_none() {
+        vec![InboundSpec { listen: "0.0.0.0:15006".parse()?, app: None }]
+    } else {
+        args.inbound
+    };
+    if args.workers == 0 || args.workers > 64 {
+        bail!("--workers must be between 1 and 64");
+    }
+    let config = ProxyConfig {
+        control_url: args.control,
+        bundle_pem,
+        attestation,
+        inbound,
+        outbound: args.outbound,
+        routes: args.route,
+        admin: args.admin,
+        opaque_ports: args.opaque_ports,
+        default_action: if args.default_action == "allow" { Action::Allow } else { Action::Deny },
+        advertise_ip: args.advertise_ip,
+        state_dir: args.state_dir,
+        detect_timeout: args.detect_timeout,
+        drain_timeout: args.drain_timeout,
+        header_timeout: args.header_timeout,
+    };
+    Ok((config, args.workers))
+}
+
+fn run_proxy(args: RunArgs) -> Result<()> {
+    let (config, workers) = config(args)?;
+    let rt = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+    }
+    .context("starting the runtime")?;
+    rt.block_on(async move {
+        trellis_proxy::run(config, async {
+            super::wait_for_shutdown_signal().await;
+            tracing::info!("shutdown signal received");
+        })
+        .await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Flags shared by every command that talks to a control plane, and the client they build.
+//!
+//! Defaults follow DESIGN.md §8, plus one convenience: when `--ca-bundle` or the admin
+//! token is not given, the files a control plane started in the same directory wrote
+//! (`./trellis-data/bundle.pem`, `./trellis-data/admin.token`) are used if they exist, so
+//! `trellis control run` and `trellis token create` work side by side with no flags.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use trellis_control::ControlClient;
+use trellis_identity::TrustBundle;
+
+pub const DEFAULT_CONTROL: &str = "https://127.0.0.1:7443";
+pub const DEFAULT_DATA_DIR: &str = "trellis-data";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlArgs {
+    /// Control plane URL.
+    #[arg(long = "control", env = "TRELLIS_CONTROL", default_value = DEFAULT_CONTROL)]
+    pub url: String,
+    /// Trust bundle (PEM) to verify the control plane with [default: ./trellis-data/bundle.pem if present].
+    #[arg(long, env = "TRELLIS_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// File holding the admin token [default: ./trellis-data/admin.token if present].
+    #[arg(long, env = "TRELLIS_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin token itself (prefer the file or the environment over the command line).
+    #[arg(long, env = "TRELLIS_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+impl ControlArgs {
+    pub fn bundle(&self) -> Result<TrustBundle> {
+        let path = match &self.ca_bundle {
+            Some(p) => p.clone(),
+            None => {
+                let local = PathBuf::from(DEFAULT_DATA_DIR).join("bundle.pem");
+                if !local.exists() {
+                    bail!(
+                        "no trust bundle: pass --ca-bundle FILE (or set TRELLIS_CA_BUNDLE) to the control plane's bundle.pem"
+                    );
+                }
+                local
+            }
+        };
+        TrustBundle::load(&path).with_context(|| format!("reading trust bundle {}", path.display()))
+    }
+}
+
+impl AdminArgs {
+    pub fn token(&self) -> Result<String> {
+        if let Some(t) = &self.admin_token {
+            return Ok(t.trim().to_string());
+        }
+        let path = match &self.admin_token_file {
+            Some(p) => p.clone(),
+            None => {
+                let local = PathBuf::from(DEFAULT_DATA_DIR).join("admin.token");
+                if !local.exists() {
+                    bail!(
+                        "no admin token: pass --admin-token-file FILE or set TRELLIS_ADMIN_TOKEN (the control plane writes admin.token in its data dir)"
+                    );
+                }
+                local
+            }
+        };
+        let token =
+            std::fs::read_to_string(&path).with_context(|| format!("reading admin token {}", path.display()))?;
+        if token.trim().is_empty() {
+            bail!("admin token file {} is empty", path.display());
+        }
+        Ok(token.trim().to_string())
+    }
+
+    pub fn client(&self) -> Result<ControlClient> {
+        Ok(ControlClient::new(&self.control.url, &self.control.bundle()?, None, None, Some(self.token()?))?)
+    }
+}
+
+/// A small runtime for one CLI call.
+pub fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    Ok(rt.block_on(f))
+}
+
+/// Parses `15m`, `1h`, `30s`, `90` (seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s, 15m or 1h: {e}"))
+}

@@ -1,0 +1,46 @@
+//! `trellis token create`: mint a join token (printed alone on stdout).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use trellis_control::api::TokenRequest;
+use trellis_identity::SpiffeId;
+
+use super::remote::{AdminArgs, block_on, parse_duration};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Create a single-use join token bound to one SPIFFE ID.
+    Create(CreateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// The identity the token bootstraps, e.g. spiffe://cluster.local/ns/prod/sa/api.
+    #[arg(long, env = "TRELLIS_SPIFFE_ID", value_parser = SpiffeId::parse)]
+    pub spiffe_id: SpiffeId,
+    /// How long the token stays usable.
+    #[arg(long, env = "TRELLIS_TOKEN_TTL", default_value = "15m", value_parser = parse_duration)]
+    pub ttl: Duration,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+pub fn run(cmd: TokenCommand) -> ExitCode {
+    let TokenCommand::Create(args) = cmd;
+    let result = (|| {
+        let client = args.admin.client()?;
+        let req = TokenRequest { spiffe_id: args.spiffe_id, ttl_seconds: Some(args.ttl.as_secs().max(1)) };
+        Ok::<_, anyhow::Error>(block_on(client.create_token(&req))??)
+    })();
+    match result {
+        Ok(resp) => {
+            println!("{}", resp.token);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! End-to-end tests of `trellis policy validate|check`: the built binary, real files, exit codes
+//! (0 allow / valid, 1 deny, 2 error) and what is printed where.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+const POLICIES: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: api-from-web
+spec:
+  selector: spiffe://cluster.local/ns/shop/sa/api
+  rules:
+    - from:
+        - identity: spiffe://cluster.local/ns/shop/sa/web
+      to:
+        - ports: [8080]
+          methods: [GET]
+          paths: ["/api/*"]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: block-admin
+spec:
+  selector: spiffe://cluster.local/ns/shop/sa/api
+  action: DENY
+  rules:
+    - to:
+        - paths: ["/admin*"]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: lb-only
+spec:
+  selector: spiffe://cluster.local/ns/shop/sa/web
+  mode: audit
+  rules:
+    - from:
+        - ipBlock: 10.0.0.0/8
+---
+apiVersion: trellis.dev/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: web-to-psp
+spec:
+  selector: spiffe://cluster.local/ns/shop/sa/web
+  rules:
+    - to:
+        - ipBlock: 203.0.113.0/24
+          ports: [443]
+"#;
+
+/// The binary with no `TRELLIS_*` variables from the caller's environment.
+fn trellis() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TRELLIS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("TRELLIS_LOG", "error");
+    cmd
+}
+
+fn file(content: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    f.write_all(content.as_bytes()).unwrap();
+    f
+}
+
+fn run(args: &[&str]) -> Output {
+    trellis().args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+fn assert_exit(o: &Output, code: i32) {
+    assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
+}
+
+fn check(policies: &tempfile::NamedTempFile, extra: &[&str]) -> Output {
+    let path = policies.path().to_str().unwrap();
+    let mut args = vec!["policy", "check", "-f", path];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn validate_ok_lists_the_policies() {
+    let f = file(POLICIES);
+    let o = run(&["policy", "validate", "-f", f.path().to_str().unwrap()]);
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o), "ok: 4 policies (api-from-web, block-admin, lb-only, web-to-psp)\n");
+}
+
+#[test]
+fn validate_reports_every_error_and_exits_2() {
+    let bad = POLICIES.replace("ports: [8080]", "ports: [0]").replace("action: DENY", "action: deny");
+    let f = file(&bad);
+    let o = run(&["policy", "validate", "-f", f.path().to_str().unwrap()]);
+    assert_exit(&o, 2);
+    assert_eq!(stdout(&o), "");
+    let err = stderr(&o);
+    assert!(err.contains("document \"api-from-web\": spec.rules[0].to[0].ports[0]: port 0 is not a valid port"), "{err}");
+    assert!(err.contains("document \"block-admin\": spec.action: invalid action \"deny\""), "{err}");
+    assert_eq!(err.lines().count(), 2, "{err}");
+}
+
+#[test]
+fn validate_reads_stdin() {
+    let mut child = trellis()
+        .args(["policy", "validate", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(POLICIES.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_exit(&o, 0);
+    assert!(stdout(&o).starts_with("ok: 4 policies"));
+}
+
+#[test]
+fn validate_missing_or_unreadable_file_exits_2() {
+    let o = run(&["policy", "validate", "-f", "/nonexistent/policies.yaml"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("/nonexistent/policies.yaml"), "{}", stderr(&o));
+    let f = file("");
+    std::fs::write(f.path(), [0xff, 0xfe, 0x00]).unwrap();
+    let o = run(&["policy", "validate", "-f", f.path().to_str().unwrap()]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("not valid UTF-8"), "{}", stderr(&o));
+}
+
+#[test]
+fn check_allow_exits_0() {
+    let f = file(POLICIES);
+    let o = check(&f, &["--from", WEB, "--to", API, "--port", "8080", "--method", "GET", "--path", "/api/items"]);
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o), "allow: policy \"api-from-web\" rule 0\n");
+}
+
+#[test]
+fn check_deny_exits_1_with_the_reason() {
+    let f = file(POLICIES);
+    let o = check(&f, &["--from", WEB, "--to", API, "--port", "8080", "--method", "GET", "--path", "/api/../admin"]);
+    assert_exit(&o, 1);
+    assert_eq!(stdout(&o), "deny: policy \"block-admin\" rule 0\n");
+    // No --from: an unauthenticated source.
+    let o = check(&f, &["--to", API, "--port", "8080", "--method", "GET", "--path", "/api/x"]);
+    assert_exit(&o, 1);
+    assert_eq!(stdout(&o), "deny: no rule matched (default deny)\n");
+    let o = check(&f, &["--from", WEB, "--to", API, "--port", "8080", "--method", "GET", "--path", "/api%2fx"]);
+    assert_exit(&o, 1);
+    assert_eq!(stdout(&o), "deny: invalid path: encoded '/' in path\n");
+}
+
+#[test]
+fn check_default_and_audit_lines() {
+    let f = file(POLICIES);
+    let args = ["--to", WEB, "--port", "8080", "--source-ip", "192.168.1.5", "--default", "allow"];
+    let o = check(&f, &args);
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o), "allow: no rule matched (default allow)\naudit: deny: no rule matched (default deny)\n");
+    let o = trellis()
+        .args(["policy", "check", "-f", f.path().to_str().unwrap(), "--to", WEB, "--port", "8080"])
+        .args(["--source-ip", "10.1.2.3"])
+        .env("TRELLIS_DEFAULT_ACTION", "allow")
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o), "allow: no rule matched (default allow)\naudit: allow: policy \"lb-only\" rule 0\n");
+}
+
+#[test]
+fn check_json_output_parses() {
+    let f = file(POLICIES);
+    let o = check(&f, &["--from", WEB, "--to", API, "--port", "8080", "--output", "json"]);
+    assert_exit(&o, 1);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["action"], "deny");
+    assert_eq!(v["reason"]["kind"], "policy");
+    assert_eq!(v["reason"]["policy"], "block-admin");
+    assert_eq!(v["reason"]["rule"], 0);
+    assert_eq!(v["audit"], serde_json::Value::Null);
+    let o = trellis()
+        .args(["policy", "check", "-f", f.path().to_str().unwrap(), "--to", WEB, "--port", "80"])
+        .env("TRELLIS_OUTPUT", "json")
+        .output()
+        .unwrap();
+    assert_exit(&o, 1);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["reason"]["kind"], "default");
+    assert_eq!(v["audit"]["action"], "deny", "127.0.0.1 is outside lb-only's block: {v}");
+}
+
+#[test]
+fn check_egress() {
+    let f = file(POLICIES);
+    let o = check(&f, &["--from", WEB, "--to-address", "203.0.113.7:443"]);
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o), "allow: policy \"web-to-psp\" rule 0\n");
+    let o = check(&f, &["--from", WEB, "--to-address", "[2001:db8::1]:443", "--default", "allow"]);
+    assert_exit(&o, 1);
+    assert_eq!(stdout(&o), "deny: no rule matched (default deny)\n", "--default does not apply to egress");
+}
+
+#[test]
+fn check_flag_errors_exit_2() {
+    let f = file(POLICIES);
+    let cases: &[&[&str]] = &[
+        &["--to-address", "203.0.113.7:443"],
+        &["--to", API, "--port", "8080", "--method", "GET"],
+        &["--to", API, "--port", "8080", "--path", "/x"],
+        &["--to", API],
+        &["--port", "8080"],
+        &[],
+        &["--to", API, "--port", "0"],
+        &["--to", API, "--port", "65536"],
+        &["--to", API, "--port", "80", "--from", WEB, "--to-address", "1.2.3.4:5"],
+        &["--to", API, "--port", "80", "--source-ip", "10.0.0"],
+        &["--to", "spiffe://Bad/x", "--port", "80"],
+        &["--to", API, "--port", "80", "--from", "web"],
+        &["--from", WEB, "--to-address", "1.2.3.4"],
+        &["--from", WEB, "--to-address", "1.2.3.4:0"],
+        &["--to", API, "--port", "80", "--default", "maybe"],
+        &["--to", API, "--port", "80", "--output", "yaml"],
+    ];
+    for args in cases {
+        let o = check(&f, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: stdout {} stderr {}", stdout(&o), stderr(&o));
+        assert!(!stderr(&o).is_empty(), "{args:?}: says why");
+        assert_eq!(stdout(&o), "", "{args:?}");
+    }
+}
+
+#[test]
+fn check_missing_file_and_bad_policies_exit_2() {
+    let o = run(&["policy", "check", "-f", "/nonexistent.yaml", "--to", API, "--port", "80"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).starts_with("error: /nonexistent.yaml:"), "{}", stderr(&o));
+    let f = file("apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec: {}\n");
+    let o = check(&f, &["--to", API, "--port", "80"]);
+    assert_exit(&o, 2);
+    assert_eq!(stderr(&o), "document \"x\": spec.selector: required field is missing\n");
+}

@@ -1,0 +1,106 @@
+//! Real backends the sidecars forward to, running inside the test's tokio runtime.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// An HTTP server that answers every request with a JSON description of it:
+/// `{"method", "path", "headers": {...}}`. `/slow/<ms>` waits first; an `Upgrade` request
+/// gets `101` and then an echo of the upgraded bytes.
+pub async fn http_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(answer(req).await) });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn answer(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    if let Some(ms) = path.strip_prefix("/slow/").and_then(|m| m.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if req.headers().contains_key(http::header::UPGRADE) {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(http::header::CONNECTION, "Upgrade")
+            .header(http::header::UPGRADE, "websocket")
+            .body(Full::default())
+            .unwrap();
+    }
+    let headers: BTreeMap<String, String> =
+        req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
+    let query = req.uri().query().map(str::to_string);
+    let body = serde_json::json!({
+        "method": req.method().as_str(),
+        "path": path,
+        "query": query,
+        "version": format!("{:?}", req.version()),
+        "headers": headers,
+    });
+    Response::new(Full::new(Bytes::from(body.to_string())))
+}
+
+/// A TCP echo server.
+pub async fn tcp_echo() -> SocketAddr {
+    tcp_server(None).await
+}
+
+/// A server that speaks first: it sends `banner` on accept, then echoes.
+pub async fn banner_server(banner: &'static [u8]) -> SocketAddr {
+    tcp_server(Some(banner)).await
+}
+
+async fn tcp_server(banner: Option<&'static [u8]>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                if let Some(b) = banner
+                    && tcp.write_all(b).await.is_err()
+                {
+                    return;
+                }
+                let mut buf = [0u8; 16 * 1024];
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 || tcp.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
