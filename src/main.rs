@@ -50,6 +50,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cmd::init_logging(&cli.log);
+    cmd::raise_fd_limit();
     match cli.command {
         Command::Control(c) => cmd::control::run(c),
         Command::Token(c) => cmd::token::run(c),

@@ -309,3 +309,77 @@ async fn svid_rotation_under_load_fails_no_request() {
     assert!(sent > 100, "{sent}");
     assert!(m.web.config()["svid_expires_at"].as_u64().unwrap() > first, "web rotated too");
 }
+
+/// A certificate and key on disk for curl/openssl, from `ca` (or a foreign CA).
+fn client_cert(ca: &trellis_identity::CertificateAuthority, id: &str, dir: &std::path::Path) -> (String, String) {
+    let who = trellis_identity::SpiffeId::parse(id).unwrap();
+    let key = trellis_identity::WorkloadKey::generate().unwrap();
+    let issued = ca.sign_csr(&key.csr(&who).unwrap(), &who, Duration::from_secs(600)).unwrap();
+    let svid = key.into_svid(issued.chain).unwrap();
+    let (cert, keyf) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, svid.chain_pem()).unwrap();
+    std::fs::write(&keyf, svid.key_pem()).unwrap();
+    (cert.display().to_string(), keyf.display().to_string())
+}
+
+fn curl(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new("curl").args(["-sk", "--max-time", "5", "-i"]).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_clients_to_the_inbound_port_are_refused() {
+    let m = default_mesh().await;
+    let url = format!("https://{}/api/x", m.api_http_inbound);
+    let dir = tempfile::tempdir().unwrap();
+    // No client certificate: the TLS handshake fails (curl exits with an SSL/receive error).
+    let (code, out) = curl(&[&url]);
+    assert_ne!(code, 0, "no-cert client got through: {out}");
+    assert!(!out.contains("HTTP/"), "{out}");
+    // A certificate from a foreign CA: refused at the handshake.
+    let foreign = trellis_identity::CertificateAuthority::create_root(
+        &trellis_identity::TrustDomain::parse("cluster.local").unwrap(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let (cert, key) = client_cert(&foreign, WEB, dir.path());
+    let (code, out) = curl(&["--cert", &cert, "--key", &key, &url]);
+    assert_ne!(code, 0, "foreign-CA client got through: {out}");
+    assert!(!out.contains("HTTP/"), "{out}");
+    // A valid SVID whose identity no policy allows: HTTP gets 403 with the reason...
+    let ca = trellis_identity::CertificateAuthority::load(
+        &trellis_identity::TrustDomain::parse("cluster.local").unwrap(),
+        &m.control.data().join("ca.pem"),
+        &m.control.data().join("ca-key.pem"),
+    )
+    .unwrap();
+    let (cert, key) = client_cert(&ca, "spiffe://cluster.local/ns/evil/sa/intruder", dir.path());
+    let (code, out) = curl(&["--cert", &cert, "--key", &key, &url]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("HTTP/2 403") || out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(out.contains("x-trellis-denied: default-deny"), "{out}");
+    // ...and the allowed identity over the same path gets through (curl speaks h2 here).
+    let (cert, key) = client_cert(&ca, WEB, dir.path());
+    let (_, out) = curl(&["--cert", &cert, "--key", &key, &url]);
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(out.contains(WEB), "backend saw the verified peer: {out}");
+    // The TCP port closes the connection for the intruder right after the handshake.
+    let (cert, key) = client_cert(&ca, "spiffe://cluster.local/ns/evil/sa/intruder", dir.path());
+    let mut s_client = std::process::Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", &m.api_tcp_inbound.to_string(), "-cert", &cert, "-key", &key])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = s_client.stdin.take().unwrap();
+        let _ = stdin.write_all(b"hello\n");
+        // Keep stdin open: the proxy, not EOF from us, must end the session.
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(stdin);
+    }
+    let out = s_client.wait_with_output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hello"), "the intruder's bytes were echoed");
+}

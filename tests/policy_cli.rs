@@ -114,7 +114,10 @@ fn validate_reports_every_error_and_exits_2() {
     assert_exit(&o, 2);
     assert_eq!(stdout(&o), "");
     let err = stderr(&o);
-    assert!(err.contains("document \"api-from-web\": spec.rules[0].to[0].ports[0]: port 0 is not a valid port"), "{err}");
+    assert!(
+        err.contains("document \"api-from-web\": spec.rules[0].to[0].ports[0]: port 0 is not a valid port"),
+        "{err}"
+    );
     assert!(err.contains("document \"block-admin\": spec.action: invalid action \"deny\""), "{err}");
     assert_eq!(err.lines().count(), 2, "{err}");
 }

@@ -37,7 +37,8 @@ fn check_path(raw: &str) {
 
 fn evaluate_flows(snapshot: &PolicySnapshot, policies: &[Policy], defaults: Defaults, text: &str) {
     let ids = identities(policies);
-    let ips: [IpAddr; 3] = ["10.1.2.3".parse().unwrap(), "::ffff:192.168.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+    let ips: [IpAddr; 3] =
+        ["10.1.2.3".parse().unwrap(), "::ffff:192.168.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
     let paths = ["/api/x", "/a/../admin", text];
     for dest in &ids {
         for source in ids.iter().map(Some).chain([None]) {

@@ -3,13 +3,15 @@
 //! enforced with an error naming it.
 //!
 //! What the limits buy, measured on the project's reference machine (2 cores) in a release
-//! build (see `docs/policy.md` for the numbers): a file at [`MAX_INPUT_BYTES`] parses and
-//! validates in a few seconds, and [`MAX_RULES`] rules compile in well under a second.
+//! build (`docs/policy.md` has the table): a 10 MB file of 100,000 rules parses and validates
+//! in 1.3 s (YAML) or 0.2 s (JSON) with under 200 MB at peak; the worst input within the
+//! limits is refused in under 2.5 s with under about 300 MB; [`MAX_RULES`] rules compile in
+//! well under a second.
 
 /// Largest policy file (or JSON body) read: 32 MiB.
 pub const MAX_INPUT_BYTES: usize = 32 * 1024 * 1024;
 
-/// Most values (scalars, lists and maps) in one input. A 100,000-rule file needs ~700,000.
+/// Most values (scalars, lists and maps) in one input. A 100,000-rule file needs 1.2 to 2 million.
 pub const MAX_NODES: usize = 4_000_000;
 
 /// Deepest nesting of lists and maps in YAML (a policy needs 8).

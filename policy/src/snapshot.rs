@@ -146,8 +146,10 @@ impl PolicySnapshot {
         check_limits(&policies)?;
         policies.sort_by(|a, b| a.name().cmp(b.name()));
         for pair in policies.windows(2) {
-            if pair[0].name() == pair[1].name() {
-                return Err(CompileError::DuplicateName(pair[0].name().to_owned()));
+            if let [a, b] = pair
+                && a.name() == b.name()
+            {
+                return Err(CompileError::DuplicateName(a.name().to_owned()));
             }
         }
         let mut snapshot = PolicySnapshot::empty(defaults);

@@ -218,6 +218,11 @@ proptest! {
         }
     }
 
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
     /// The JSON the control plane stores reads back to the same policies.
     #[test]
     fn json_round_trip(policies in policies()) {

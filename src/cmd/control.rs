@@ -85,11 +85,18 @@ fn serve(args: RunArgs) -> Result<()> {
             webhook_dns_names: if args.webhook { args.webhook_dns_name } else { vec![] },
         };
         let running = start(config, hooks).await?;
-        println!("trellis control plane listening on {}", running.url);
-        println!("  trust domain:    {}", running.trust_domain);
-        println!("  CA fingerprint:  SHA256 {}", running.ca_fingerprint);
-        println!("  trust bundle:    {}", running.bundle_path.display());
-        println!("  admin token:     {}", running.admin_token_path.display());
+        // A closed stdout (`| head -1`) must not take the control plane down: ignore write errors.
+        let banner = format!(
+            "trellis control plane listening on {}\n  trust domain:    {}\n  CA fingerprint:  SHA256 {}\n  trust bundle:    {}\n  admin token:     {}\n",
+            running.url,
+            running.trust_domain,
+            running.ca_fingerprint,
+            running.bundle_path.display(),
+            running.admin_token_path.display()
+        );
+        let mut out = std::io::stdout().lock();
+        let _ = std::io::Write::write_all(&mut out, banner.as_bytes()).and_then(|()| std::io::Write::flush(&mut out));
+        drop(out);
         super::wait_for_shutdown_signal().await;
         tracing::info!("shutting down");
         running.shutdown().await;

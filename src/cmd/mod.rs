@@ -22,6 +22,18 @@ pub fn init_logging(filter: &str) {
         .try_init();
 }
 
+/// A proxy or control plane holds one descriptor per connection; the default soft limit
+/// (often 1024) would cap it long before memory does, so raise it to the hard limit.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::debug!(error = %e, "could not raise the open-files limit");
+    }
+}
+
 /// Resolves on SIGTERM (what systemd and the kubelet send) or SIGINT (Ctrl-C).
 pub async fn wait_for_shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
