@@ -3,6 +3,7 @@
 pub mod control;
 pub mod inject;
 pub mod policy;
+pub mod policy_remote;
 pub mod proxy;
 pub mod proxy_init;
 pub mod remote;

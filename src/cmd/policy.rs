@@ -1,8 +1,10 @@
-//! `trellis policy validate|check`: test policy files offline (in CI, before applying them).
+//! `trellis policy validate|check`: test policy files offline (in CI, before applying them),
+//! or check a flow against the live policies of a control plane (`check` without `-f`).
+//! `apply`, `get`, `list` and `delete` talk to the control plane (`policy_remote.rs`).
 //!
 //! Only flags, file reading and printing live here; parsing, validation and decisions are
 //! `trellis-policy`'s. Exit codes: 0 allow (or valid), 1 deny, 2 any error (bad file, bad
-//! flag; clap's own usage errors also exit 2).
+//! flag, unreachable control plane; clap's own usage errors also exit 2).
 
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
@@ -25,8 +27,17 @@ const MAX_LISTED_NAMES: usize = 20;
 pub enum PolicyCommand {
     /// Check a policy file: prints `ok: N policies (names)`, or every problem (exit 2).
     Validate(ValidateArgs),
-    /// Print the decision a policy file gives one flow and why: exit 0 allow, 1 deny, 2 error.
+    /// Print the decision a policy file (`-f`) or the live control plane gives one flow and
+    /// why: exit 0 allow, 1 deny, 2 error.
     Check(CheckArgs),
+    /// Apply a policy file to the control plane: created, configured or unchanged per policy.
+    Apply(super::policy_remote::ApplyArgs),
+    /// Print one stored policy (YAML, or JSON with `-o json`).
+    Get(super::policy_remote::GetArgs),
+    /// List stored policies and the current version.
+    List(super::policy_remote::ListArgs),
+    /// Delete one stored policy.
+    Delete(super::policy_remote::DeleteArgs),
 }
 
 #[derive(Debug, Args)]
@@ -35,7 +46,7 @@ pub struct ValidateArgs {
     pub policies: PolicySourceArgs,
 }
 
-/// Where policies come from (a later `--control URL` joins `--file` here).
+/// A policy file.
 #[derive(Debug, Args)]
 pub struct PolicySourceArgs {
     /// Policy file, YAML or JSON, several documents allowed; `-` reads standard input.
@@ -45,8 +56,13 @@ pub struct PolicySourceArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// Policy file to check against offline; without it, the live control plane answers
+    /// (`--control`, `--ca-bundle`, admin token).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
     #[command(flatten)]
-    pub policies: PolicySourceArgs,
+    pub control: super::remote::AdminArgs,
 
     #[command(flatten)]
     pub flow: FlowArgs,
@@ -91,8 +107,9 @@ pub struct FlowArgs {
     #[arg(long, value_name = "P", requires_all = ["method", "to"], env = "TRELLIS_CHECK_PATH")]
     pub path: Option<String>,
 
-    /// An address outside the mesh (`IP:PORT`): checks egress policy for `--from`.
-    #[arg(long, value_name = "IP:PORT", requires = "from", env = "TRELLIS_CHECK_TO_ADDRESS")]
+    /// `IP:PORT`: offline, an address outside the mesh (egress policy for `--from`); live,
+    /// resolved through the endpoint registry (a mesh workload, or egress if not found).
+    #[arg(long, value_name = "IP:PORT", env = "TRELLIS_CHECK_TO_ADDRESS")]
     pub to_address: Option<SocketAddr>,
 }
 
@@ -112,6 +129,10 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
     let result = match cmd {
         PolicyCommand::Validate(args) => validate(&args),
         PolicyCommand::Check(args) => check(&args),
+        PolicyCommand::Apply(args) => super::policy_remote::apply(&args),
+        PolicyCommand::Get(args) => super::policy_remote::get(&args),
+        PolicyCommand::List(args) => super::policy_remote::list(&args),
+        PolicyCommand::Delete(args) => super::policy_remote::delete(&args),
     };
     result.unwrap_or_else(|code| code)
 }
@@ -139,7 +160,11 @@ fn summary(policies: &[Policy]) -> String {
 }
 
 fn check(args: &CheckArgs) -> Result<ExitCode, ExitCode> {
-    let policies = load(&args.policies)?;
+    let Some(file) = &args.file else {
+        let decision = super::policy_remote::check_live(args)?;
+        return finish(&decision, args.output);
+    };
+    let policies = load(&PolicySourceArgs { file: file.clone() })?;
     let mesh = match args.default {
         DefaultAction::Allow => Action::Allow,
         DefaultAction::Deny => Action::Deny,
@@ -149,6 +174,20 @@ fn check(args: &CheckArgs) -> Result<ExitCode, ExitCode> {
     let decision = decide(&snapshot, &args.flow)?;
     print_decision(&decision, args.output)?;
     Ok(if decision.is_allowed() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_DENY) })
+}
+
+/// Prints a live decision (already JSON from the control plane) and picks the exit code.
+fn finish(decision: &serde_json::Value, output: OutputFormat) -> Result<ExitCode, ExitCode> {
+    match output {
+        OutputFormat::Json => println!("{decision}"),
+        OutputFormat::Text => {
+            println!("{}", decision["reason"]["message"].as_str().unwrap_or("(no reason given)"));
+            if let Some(msg) = decision["audit"]["reason"]["message"].as_str() {
+                println!("audit: {msg}");
+            }
+        }
+    }
+    Ok(if decision["action"] == "allow" { ExitCode::SUCCESS } else { ExitCode::from(EXIT_DENY) })
 }
 
 /// clap has already enforced which flags go together; the `else` branches are defensive.
@@ -192,9 +231,14 @@ fn print_decision(decision: &Decision, output: OutputFormat) -> Result<(), ExitC
 }
 
 /// Reads and validates the policy file, printing every problem on failure.
-fn load(source: &PolicySourceArgs) -> Result<Vec<Policy>, ExitCode> {
+pub(super) fn load(source: &PolicySourceArgs) -> Result<Vec<Policy>, ExitCode> {
+    load_text(source).map(|(_, policies)| policies)
+}
+
+/// [`load`], keeping the text as read (what `apply` sends).
+pub(super) fn load_text(source: &PolicySourceArgs) -> Result<(String, Vec<Policy>), ExitCode> {
     let text = read_input(&source.file).map_err(|e| fail(format_args!("{}: {e}", source.file.display())))?;
-    parse_documents(&text).map_err(|errors| {
+    let policies = parse_documents(&text).map_err(|errors| {
         for e in &errors {
             eprintln!("{e}");
         }
@@ -202,7 +246,8 @@ fn load(source: &PolicySourceArgs) -> Result<Vec<Policy>, ExitCode> {
             eprintln!("... and {} more errors", errors.omitted());
         }
         ExitCode::from(EXIT_ERROR)
-    })
+    })?;
+    Ok((text, policies))
 }
 
 /// Reads at most one byte past the limit, so an endless or huge input is refused early.
@@ -221,7 +266,7 @@ fn read_input(path: &Path) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|_| "not valid UTF-8".to_owned())
 }
 
-fn fail(message: impl std::fmt::Display) -> ExitCode {
+pub(super) fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(EXIT_ERROR)
 }

@@ -1,0 +1,190 @@
+//! The control-plane CLI as an operator uses it: `trellis token create`, `policy
+//! apply|get|list|delete|check --control`, `workloads list`, against a real control plane.
+
+mod support;
+
+use support::*;
+
+const POLICY: &str = "apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: api-from-web
+spec:
+  selector: spiffe://cluster.local/ns/shop/sa/api
+  action: ALLOW
+  rules:
+    - from:
+        - identity: spiffe://cluster.local/ns/shop/sa/web
+      to:
+        - ports: [8080]
+          methods: [GET]
+          paths: [\"/api/*\"]
+";
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn apply_list_get_delete_round_trip() {
+    let control = Control::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "p.yaml", POLICY);
+
+    let (code, out, err) = control.cli(&["policy", "apply", "-f", &file]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "policy/api-from-web created\nversion 1\n");
+    let (_, out, _) = control.cli(&["policy", "apply", "-f", &file]);
+    assert_eq!(out, "policy/api-from-web unchanged\nversion 1\n");
+    let edited = write(dir.path(), "e.yaml", &POLICY.replace("8080", "9090"));
+    let (_, out, _) = control.cli(&["policy", "apply", "-f", &edited]);
+    assert_eq!(out, "policy/api-from-web configured\nversion 2\n");
+
+    let (code, out, _) = control.cli(&["policy", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("api-from-web") && out.contains("AuthorizationPolicy") && out.ends_with("version 2\n"),
+        "{out}"
+    );
+    let (code, out, _) = control.cli(&["policy", "get", "api-from-web"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("name: api-from-web") && out.contains("9090"), "{out}");
+    // What `get` prints is a valid policy file again.
+    let round = write(dir.path(), "round.yaml", &out);
+    let (code, _, err) = control.cli(&["policy", "validate", "-f", &round]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = control.cli(&["policy", "get", "api-from-web", "-o", "json"]);
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["metadata"]["name"], "api-from-web");
+
+    let (code, out, _) = control.cli(&["policy", "delete", "api-from-web"]);
+    assert_eq!((code, out.as_str()), (0, "policy/api-from-web deleted\nversion 3\n"));
+    let (code, _, err) = control.cli(&["policy", "delete", "api-from-web"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not found"), "{err}");
+    let (code, _, err) = control.cli(&["policy", "get", "nope"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[test]
+fn invalid_file_is_refused_locally_and_nothing_changes() {
+    let control = Control::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(dir.path(), "bad.yaml", &POLICY.replace("[8080]", "[0]"));
+    let (code, out, err) = control.cli(&["policy", "apply", "-f", &bad]);
+    assert_eq!(code, 2);
+    assert!(out.is_empty());
+    assert!(err.contains("spec.rules[0].to[0].ports[0]") && err.contains("api-from-web"), "{err}");
+    let (_, out, _) = control.cli(&["policy", "list"]);
+    assert!(out.ends_with("version 0\n"), "{out}");
+    let (code, _, err) = control.cli(&["policy", "apply", "-f", "/nonexistent.yaml"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent.yaml"), "{err}");
+}
+
+#[test]
+fn live_check_uses_the_control_planes_policies() {
+    let control = Control::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    control.cli(&["policy", "apply", "-f", &write(dir.path(), "p.yaml", POLICY)]);
+    let base = ["policy", "check", "--to", "spiffe://cluster.local/ns/shop/sa/api", "--port", "8080"];
+    let allow =
+        [&base[..], &["--from", "spiffe://cluster.local/ns/shop/sa/web", "--method", "GET", "--path", "/api/x"]]
+            .concat();
+    let (code, out, err) = control.cli(&allow);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "allow: policy \"api-from-web\" rule 0\n");
+    let deny =
+        [&base[..], &["--from", "spiffe://cluster.local/ns/shop/sa/web", "--method", "POST", "--path", "/api/x"]]
+            .concat();
+    let (code, out, _) = control.cli(&deny);
+    assert_eq!((code, out.as_str()), (1, "deny: no rule matched (default deny)\n"));
+    let json = [&deny[..], &["--output", "json"]].concat();
+    let (_, out, _) = control.cli(&json);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["action"], "deny");
+    // The same question offline against the same file gives the same answer.
+    let file = write(dir.path(), "p2.yaml", POLICY);
+    let offline = [&deny[..], &["-f", &file]].concat();
+    let (code, out, _) = control.cli(&offline);
+    assert_eq!((code, out.as_str()), (1, "deny: no rule matched (default deny)\n"));
+}
+
+#[test]
+fn wrong_or_missing_credentials_are_clear_errors() {
+    let control = Control::start(&[]);
+    let out = std::process::Command::new(bin())
+        .args(["policy", "list", "--control", &control.url, "--ca-bundle"])
+        .arg(control.bundle_path())
+        .args(["--admin-token", "not-the-token"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid admin token"));
+    let out = std::process::Command::new(bin())
+        .current_dir(tempfile::tempdir().unwrap().path())
+        .args(["token", "create", "--spiffe-id", "spiffe://cluster.local/ns/a/sa/b", "--control", &control.url])
+        .env_remove("TRELLIS_CA_BUNDLE")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no trust bundle"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A control plane that is not there.
+    let out = std::process::Command::new(bin())
+        .args(["workloads", "list", "--control", &format!("https://127.0.0.1:{}", free_port()), "--ca-bundle"])
+        .arg(control.bundle_path())
+        .args(["--admin-token-file"])
+        .arg(control.data().join("admin.token"))
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot connect"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn token_create_prints_only_the_token_and_workloads_list_shows_proxies() {
+    let control = Control::start(&[]);
+    let (code, out, _) =
+        control.cli(&["token", "create", "--spiffe-id", "spiffe://cluster.local/ns/shop/sa/api", "--ttl", "5m"]);
+    assert_eq!(code, 0);
+    let token = out.trim();
+    assert_eq!(token.len(), 64);
+    assert_eq!(out, format!("{token}\n"));
+    let (code, _, err) =
+        control.cli(&["token", "create", "--spiffe-id", "spiffe://cluster.local/ns/x/sa/y", "--ttl", "soon"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("soon"), "{err}");
+    let api = Sidecar::start(
+        &control,
+        "spiffe://cluster.local/ns/shop/sa/api",
+        &["--inbound".into(), format!("127.0.0.1:{}=127.0.0.1:9", free_port())],
+    );
+    let (code, out, _) = control.cli(&["workloads", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("spiffe://cluster.local/ns/shop/sa/api"), "{out}");
+    // The ack travels separately from readiness; give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (_, out, _) = control.cli(&["workloads", "list", "-o", "json"]);
+        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(list[0]["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/api");
+        if list[0]["acked_version"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no ack: {list}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(api);
+}
