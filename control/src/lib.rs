@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod client;
+pub mod hooks;
 pub mod inject;
 pub mod kube;
 pub mod run;

@@ -11,7 +11,6 @@ use trellis_control::{ControlConfig, start};
 use trellis_identity::TrustDomain;
 
 use super::remote::{DEFAULT_DATA_DIR, parse_duration};
-use trellis_control::server::{ApiError, WebhookHook};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ControlCommand {
@@ -74,8 +73,7 @@ fn serve(args: RunArgs) -> Result<()> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
-        let mut hooks = hooks(&args)?;
-        hooks.webhook = webhook_hook(args.inject_image.clone(), args.inject_control.clone(), args.webhook);
+        let hooks = hooks(&args)?;
         let config = ControlConfig {
             data_dir: args.data_dir,
             listen: args.listen,
@@ -104,56 +102,19 @@ fn serve(args: RunArgs) -> Result<()> {
     })
 }
 
-/// Kubernetes attestation, when asked for: a TokenReview client from the in-cluster config.
+/// Kubernetes attestation and the injection webhook, when asked for.
 fn hooks(args: &RunArgs) -> Result<Hooks> {
     let mut hooks = Hooks::default();
     if args.k8s_attestation {
-        let reviewer = std::sync::Arc::new(
-            trellis_control::kube::TokenReviewer::in_cluster()
-                .context("--k8s-attestation needs the in-cluster config")?,
-        );
-        let td = args.trust_domain.clone();
-        hooks.k8s_attest = Some(std::sync::Arc::new(move |token: String| {
-            let (reviewer, td) = (reviewer.clone(), td.clone());
-            Box::pin(async move {
-                let who = reviewer
-                    .review(&token)
-                    .await
-                    .map_err(|e| ApiError::unauthorized(format!("Kubernetes token refused: {e}")))?;
-                trellis_identity::SpiffeId::workload(&td, &who.namespace, &who.service_account)
-                    .map_err(|e| ApiError::forbidden(format!("cannot name this service account as a SPIFFE ID: {e}")))
-            })
-        }));
+        let reviewer = trellis_control::kube::TokenReviewer::in_cluster()
+            .context("--k8s-attestation needs the in-cluster config")?;
+        hooks.k8s_attest = Some(trellis_control::hooks::k8s_attestation(reviewer, args.trust_domain.clone()));
+    }
+    if args.webhook {
+        hooks.webhook = Some(trellis_control::hooks::injection_webhook(
+            args.inject_image.clone(),
+            Some(args.inject_control.clone()),
+        ));
     }
     Ok(hooks)
-}
-
-/// The injection webhook, using the same code as `trellis inject`; its configuration is
-/// rebuilt only when the trust bundle changes.
-fn webhook_hook(image: Option<String>, control: String, enabled: bool) -> Option<WebhookHook> {
-    if !enabled {
-        return None;
-    }
-    type Cached = Option<(String, std::sync::Arc<trellis_control::inject::InjectConfig>)>;
-    let cache: std::sync::Mutex<Cached> = std::sync::Mutex::new(None);
-    Some(std::sync::Arc::new(move |body: &[u8], bundle_pem: &str| {
-        let cfg = {
-            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-            match cache.as_ref() {
-                Some((pem, cfg)) if pem == bundle_pem => cfg.clone(),
-                _ => {
-                    let mut cfg = trellis_control::inject::InjectConfig::new(bundle_pem).map_err(|e| e.to_string())?;
-                    if let Some(image) = &image {
-                        cfg.image = image.clone();
-                    }
-                    cfg.control_url = control.clone();
-                    cfg.validate().map_err(|e| e.to_string())?;
-                    let cfg = std::sync::Arc::new(cfg);
-                    *cache = Some((bundle_pem.to_string(), cfg.clone()));
-                    cfg
-                }
-            }
-        };
-        trellis_control::inject::admission_review(body, &cfg).map_err(|e| e.to_string())
-    }))
 }

@@ -1,6 +1,8 @@
 //! A control plane on 127.0.0.1:0 in a temporary data dir, and clients for it.
 #![allow(dead_code)]
 
+pub mod fake_kube;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 

@@ -1,0 +1,140 @@
+//! The Kubernetes integrations through the control plane's real HTTPS API: bootstrap with a
+//! projected ServiceAccount token (TokenReview against a fake API server), and the injection
+//! webhook called the way the API server calls it (by DNS name, verifying the serving
+//! certificate against the bundle).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::fake_kube::start_fake_api;
+use common::*;
+use http::StatusCode;
+use trellis_control::ClientError;
+use trellis_control::api::BootstrapRequest;
+use trellis_control::hooks::{injection_webhook, k8s_attestation};
+use trellis_control::server::Hooks;
+use trellis_identity::WorkloadKey;
+
+async fn plane_with(hooks: Hooks, dns: Vec<String>) -> Plane {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.webhook_dns_names = dns;
+    let running = trellis_control::start(cfg, hooks).await.unwrap();
+    Plane { running, dir }
+}
+
+fn k8s_bootstrap(token: &str) -> (WorkloadKey, BootstrapRequest) {
+    let key = WorkloadKey::generate().unwrap();
+    let csr_pem = trellis_identity::pem::csr_to_pem(&key.anonymous_csr().unwrap());
+    (key, BootstrapRequest { token: None, k8s_token: Some(token.into()), csr_pem, addresses: vec!["10.4.0.7".into()] })
+}
+
+#[tokio::test]
+async fn a_service_account_token_bootstraps_its_spiffe_id() {
+    let api = start_fake_api().await;
+    let hooks = Hooks { k8s_attest: Some(k8s_attestation(api.reviewer(), td())), webhook: None };
+    let plane = plane_with(hooks, vec![]).await;
+    let (key, req) = k8s_bootstrap("pod-token");
+    let resp = plane.anonymous().bootstrap(&req).await.unwrap();
+    assert_eq!(resp.spiffe_id, id("spiffe://cluster.local/ns/shop/sa/checkout"));
+    let chain = trellis_identity::pem::certs_from_pem("chain", resp.chain_pem.as_bytes()).unwrap();
+    assert_eq!(key.into_svid(chain).unwrap().id().as_str(), "spiffe://cluster.local/ns/shop/sa/checkout");
+    // The same token works again (projected tokens are not single use) — a restarted pod.
+    plane.anonymous().bootstrap(&k8s_bootstrap("pod-token").1).await.unwrap();
+
+    for (token, status) in [
+        ("revoked-token", StatusCode::UNAUTHORIZED),
+        ("api-audience-token", StatusCode::UNAUTHORIZED),
+        ("user-token", StatusCode::UNAUTHORIZED),
+        ("overloaded", StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        match plane.anonymous().bootstrap(&k8s_bootstrap(token).1).await {
+            Err(ClientError::Api { status: s, body }) => {
+                assert_eq!(s, status, "{token}: {}", body.error);
+                assert!(body.error.contains("Kubernetes"), "{token}: {}", body.error);
+            }
+            other => panic!("{token}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn kubernetes_tokens_are_refused_when_attestation_is_off() {
+    let plane = Plane::start().await;
+    match plane.anonymous().bootstrap(&k8s_bootstrap("pod-token").1).await {
+        Err(ClientError::Api { status, body }) => {
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert!(body.error.contains("--k8s-attestation"), "{}", body.error);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A plain WebPKI client, like the API server: trusts the bundle, checks the DNS name.
+fn webpki_client(plane: &Plane) -> Arc<trellis_identity::rustls::ClientConfig> {
+    let mut roots = trellis_identity::rustls::RootCertStore::empty();
+    for root in plane.bundle().roots() {
+        roots.add(root.clone()).unwrap();
+    }
+    let cfg = trellis_identity::rustls::ClientConfig::builder_with_provider(trellis_identity::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(cfg)
+}
+
+async fn post_review(plane: &Plane, name: &str, body: Vec<u8>) -> Result<(StatusCode, serde_json::Value), String> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(plane.running.local_addr).await.unwrap();
+    let server_name = trellis_identity::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(webpki_client(plane))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/inject")
+        .header("host", name)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)))
+}
+
+#[tokio::test]
+async fn the_webhook_answers_the_api_server_over_dns_verified_tls() {
+    let dns = "trellis-control.trellis-system.svc".to_string();
+    let hooks = Hooks { k8s_attest: None, webhook: Some(injection_webhook(None, None)) };
+    let plane = plane_with(hooks, vec![dns.clone()]).await;
+    let review = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/admission/pod-create.json"),
+    )
+    .unwrap();
+    let (status, answer) = post_review(&plane, &dns, review.clone()).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["kind"], "AdmissionReview");
+    assert_eq!(answer["response"]["allowed"], true);
+    assert_eq!(answer["response"]["patchType"], "JSONPatch");
+    let (status, err) = post_review(&plane, &dns, b"{not json".to_vec()).await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(err["error"].as_str().unwrap().contains("AdmissionReview"), "{err}");
+    // Asked for any other name, the control plane shows its SVID, which has no DNS name:
+    // a WebPKI client refuses it, while SPIFFE-verifying clients keep working.
+    let err = post_review(&plane, "evil.example.com", review).await.unwrap_err();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    plane.admin().list_policies().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_webhook_is_off_unless_enabled() {
+    let plane = Plane::start().await;
+    match plane.anonymous().call(http::Method::POST, "/inject", Some("{}".into()), "application/json").await {
+        Err(ClientError::Api { status, .. }) => assert_eq!(status, StatusCode::NOT_FOUND),
+        other => panic!("{other:?}"),
+    }
+}
