@@ -227,18 +227,7 @@ impl Store {
     /// token is spent.
     pub fn peek_token(&self, hash: &[u8; 32], now: u64) -> Result<TokenRecord, StoreError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(TOKENS)?;
-        let record: TokenRecord = match table.get(hash.as_slice())? {
-            Some(v) => serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            None => return Err(StoreError::TokenUnknown),
-        };
-        if record.used.is_some() {
-            return Err(StoreError::TokenUsed);
-        }
-        if record.expires <= now {
-            return Err(StoreError::TokenExpired);
-        }
-        Ok(record)
+        usable_token(&txn.open_table(TOKENS)?, hash, now)
     }
 
     /// Marks a token used and returns it, in one transaction, so two concurrent bootstraps
@@ -247,16 +236,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         let record = {
             let mut table = txn.open_table(TOKENS)?;
-            let mut record: TokenRecord = match table.get(hash.as_slice())? {
-                Some(v) => serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                None => return Err(StoreError::TokenUnknown),
-            };
-            if record.used.is_some() {
-                return Err(StoreError::TokenUsed);
-            }
-            if record.expires <= now {
-                return Err(StoreError::TokenExpired);
-            }
+            let mut record = usable_token(&table, hash, now)?;
             record.used = Some(now);
             let json = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             table.insert(hash.as_slice(), json.as_slice())?;
@@ -332,6 +312,25 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// The token stored under `hash`, if it exists, is unused and has not expired.
+fn usable_token(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    hash: &[u8; 32],
+    now: u64,
+) -> Result<TokenRecord, StoreError> {
+    let record: TokenRecord = match table.get(hash.as_slice())? {
+        Some(v) => serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        None => return Err(StoreError::TokenUnknown),
+    };
+    if record.used.is_some() {
+        return Err(StoreError::TokenUsed);
+    }
+    if record.expires <= now {
+        return Err(StoreError::TokenExpired);
+    }
+    Ok(record)
 }
 
 fn bump(txn: &redb::WriteTransaction, key: &str) -> Result<u64, StoreError> {

@@ -71,9 +71,7 @@ pub fn server_config_with_resolver(
     let provider = crypto_provider();
     let verifier = client_verifier(bundle, trust_domains, client_auth == ClientAuth::Required)?;
     let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = match client_auth {
-        ClientAuth::Deferred => {
-            Arc::new(DeferredClientVerifier::new(verifier, provider.signature_verification_algorithms))
-        }
+        ClientAuth::Deferred => Arc::new(DeferredClientVerifier::new(verifier)),
         ClientAuth::Required | ClientAuth::Optional => Arc::new(verifier),
     };
     let config = ServerConfig::builder_with_provider(provider)

@@ -261,12 +261,11 @@ impl SpiffeClientVerifier {
 #[derive(Debug)]
 pub struct DeferredClientVerifier {
     pub checker: SpiffeClientVerifier,
-    algs: WebPkiSupportedAlgorithms,
 }
 
 impl DeferredClientVerifier {
-    pub fn new(checker: SpiffeClientVerifier, algs: WebPkiSupportedAlgorithms) -> Self {
-        DeferredClientVerifier { checker, algs }
+    pub fn new(checker: SpiffeClientVerifier) -> Self {
+        DeferredClientVerifier { checker }
     }
 }
 
@@ -293,13 +292,14 @@ impl ClientCertVerifier for DeferredClientVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
+    // Proof of key possession is still checked here, by the same code as always.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, &self.algs)
+        self.checker.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -308,11 +308,11 @@ impl ClientCertVerifier for DeferredClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, &self.algs)
+        self.checker.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        self.checker.supported_verify_schemes()
     }
 }
 
