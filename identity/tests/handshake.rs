@@ -309,3 +309,36 @@ async fn rotation_keeps_open_connections_and_new_handshakes_see_new_cert() {
     echo(&mut before, b"old connection still works").await;
     let _ = Duration::ZERO;
 }
+
+#[tokio::test]
+async fn deferred_client_auth_completes_the_handshake_and_leaves_the_verdict_to_the_app() {
+    use trellis_identity::pki_types::UnixTime;
+    let ca = TestCa::new("cluster.local");
+    let server =
+        Arc::new(server_config(ca.store(API), &ca.bundle, &[td("cluster.local")], ClientAuth::Deferred).unwrap());
+    let checker = trellis_identity::client_verifier(&ca.bundle, &[td("cluster.local")], false).unwrap();
+    let foreign = TestCa::new("cluster.local");
+    let cases = [
+        (svid_parts(&ca.svid_at(WEB, HOUR, SystemTime::now() - HOUR * 2)), Err(VerifyError::Expired)),
+        (svid_parts(&foreign.svid(WEB)), Err(VerifyError::UnknownIssuer)),
+        (svid_parts(&ca.svid(WEB)), Ok(id(WEB))),
+    ];
+    for (creds, verdict) in cases {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.clone());
+        let srv = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = acceptor.accept(tcp).await.expect("the handshake itself succeeds");
+            tls.get_ref().1.peer_certificates().unwrap().iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>()
+        });
+        let client = raw_client(Some(creds), &ca.bundle, API);
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _tls = tokio_rustls::TlsConnector::from(client)
+            .connect(trellis_identity::pki_types::ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .unwrap();
+        let chain = srv.await.unwrap();
+        assert_eq!(checker.verify_chain(&chain, UnixTime::now()), verdict);
+    }
+}
