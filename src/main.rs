@@ -45,6 +45,8 @@ enum Command {
     Proxy(cmd::proxy::ProxyCommand),
     /// Add the Trellis sidecar to Kubernetes manifests (prints them to stdout).
     Inject(cmd::inject::InjectArgs),
+    /// A whole mesh on loopback, narrated: control plane, three sidecars, scripted flows.
+    Demo(cmd::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,5 +60,6 @@ fn main() -> ExitCode {
         Command::Workloads(c) => cmd::workloads::run(c),
         Command::Proxy(c) => cmd::proxy::run(c),
         Command::Inject(args) => cmd::inject::run(args),
+        Command::Demo(args) => cmd::demo::run(args),
     }
 }

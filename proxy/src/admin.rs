@@ -95,6 +95,24 @@ fn config(state: &ProxyState) -> serde_json::Value {
         "detect_timeout_ms": cfg.detect_timeout.as_millis() as u64,
         "drain_timeout_ms": cfg.drain_timeout.as_millis() as u64,
         "tracked_connections": state.conns.len(),
+        "telemetry": telemetry(&cfg.telemetry),
+    })
+}
+
+/// Where spans and flow-log lines go.
+fn telemetry(t: &crate::telemetry::TelemetryConfig) -> serde_json::Value {
+    use crate::telemetry::{FlowLogTarget, OtlpProtocol};
+    json!({
+        "otlp_endpoint": t.otlp_endpoint,
+        "otlp_protocol": match t.otlp_protocol { OtlpProtocol::Grpc => "grpc", OtlpProtocol::Http => "http" },
+        "trace_file": t.trace_file,
+        "sample_ratio": t.sample_ratio,
+        "flow_log": match &t.flow_log {
+            Some(FlowLogTarget::Stdout) => Some("-".to_string()),
+            Some(FlowLogTarget::File(p)) => Some(p.display().to_string()),
+            None => None,
+        },
+        "queue_size": t.queue_size,
     })
 }
 

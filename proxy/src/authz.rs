@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use trellis_policy::{Decision, EgressFlow, Flow};
 
 use crate::state::PolicyView;
+use crate::telemetry::Verdict;
 
 /// Proof that a flow was allowed, carrying the decision for telemetry.
 #[derive(Debug)]
@@ -25,6 +26,11 @@ impl Permit {
     /// The policy version that allowed the flow.
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// The decision, for telemetry.
+    pub fn verdict(&self) -> Verdict {
+        Verdict::Local { decision: self.decision.clone(), version: self.version }
     }
 }
 
@@ -50,6 +56,14 @@ impl Denial {
         match self {
             Denial::Policy { decision, .. } => Some(decision),
             Denial::NoPolicyYet => None,
+        }
+    }
+
+    /// The denial, for telemetry.
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            Denial::Policy { decision, version } => Verdict::Local { decision: decision.clone(), version: *version },
+            Denial::NoPolicyYet => Verdict::NoPolicy,
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Time a client has to send a request's headers (slowloris guard).
     pub header_timeout: Duration,
+    /// Spans, export and flow log.
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 impl ProxyConfig {
@@ -80,6 +82,42 @@ pub enum SpecError {
     RouteIdentity { spec: String, reason: String },
     #[error("{0:?} is not a port list like 5432,6379 or 9000-9010")]
     Ports(String),
+    #[error("{spec:?}: {reason}")]
+    OtlpEndpoint { spec: String, reason: &'static str },
+    #[error("{0:?} is not a sample ratio: expected a number from 0 to 1, like 0.1")]
+    SampleRatio(String),
+}
+
+/// `http://HOST:PORT[/PATH]`, the OTLP collector's base URL. Plaintext only: Trellis builds
+/// no TLS stack for the collector (one rustls provider, for the mesh), so a collector
+/// behind TLS is reached through a local agent.
+pub fn parse_otlp_endpoint(s: &str) -> Result<String, SpecError> {
+    let err = |reason| SpecError::OtlpEndpoint { spec: s.to_string(), reason };
+    let uri: http::Uri = s.trim().parse().map_err(|_| err("not a URL like http://127.0.0.1:4317"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(err(
+                "TLS to the collector is not supported; use http:// (a collector or agent on this host or node)",
+            ));
+        }
+        _ => return Err(err("expected an http:// URL like http://127.0.0.1:4317")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(err("the URL has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(err("the URL must not have a query"));
+    }
+    Ok(s.trim().trim_end_matches('/').to_string())
+}
+
+/// A ratio in `0..=1`.
+pub fn parse_sample_ratio(s: &str) -> Result<f64, SpecError> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(SpecError::SampleRatio(s.to_string())),
+    }
 }
 
 pub fn parse_inbound(s: &str) -> Result<InboundSpec, SpecError> {
@@ -151,6 +189,20 @@ mod tests {
             parse_route("127.0.0.1:9001=10.0.0.12:15006,spiffe://x/a/"),
             Err(SpecError::RouteIdentity { .. })
         ));
+    }
+
+    #[test]
+    fn otlp_endpoints_and_ratios() {
+        assert_eq!(parse_otlp_endpoint("http://127.0.0.1:4317/").unwrap(), "http://127.0.0.1:4317");
+        assert_eq!(parse_otlp_endpoint("http://otel:4318/base").unwrap(), "http://otel:4318/base");
+        for bad in ["https://otel:4317", "otel:4317", "ftp://x", "http://", "not a url", "http://x:1/?a=b"] {
+            assert!(matches!(parse_otlp_endpoint(bad), Err(SpecError::OtlpEndpoint { .. })), "{bad}");
+        }
+        assert_eq!(parse_sample_ratio("0.25").unwrap(), 0.25);
+        assert_eq!(parse_sample_ratio("1").unwrap(), 1.0);
+        for bad in ["1.5", "-0.1", "NaN", "half", ""] {
+            assert!(parse_sample_ratio(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

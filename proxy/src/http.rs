@@ -14,6 +14,10 @@ use hyper_util::server::conn::auto;
 
 /// Responses are either relayed (`Incoming`) or generated here (`Full`).
 pub type RespBody = Either<Incoming, Full<Bytes>>;
+/// Request bodies, counted for the request's span as they stream through.
+pub type ReqBody = crate::telemetry::body::Counted<Incoming>;
+/// What the HTTP stacks answer: the response body that finishes the request's span.
+pub type TracedBody = crate::telemetry::body::Traced<RespBody>;
 
 /// The verified SPIFFE ID of the caller, set by the inbound sidecar for the app.
 pub const PEER_ID: HeaderName = HeaderName::from_static("x-trellis-peer-id");
@@ -21,6 +25,10 @@ pub const PEER_ID: HeaderName = HeaderName::from_static("x-trellis-peer-id");
 pub const DENIED: HeaderName = HeaderName::from_static("x-trellis-denied");
 /// Why the proxy could not forward (on 502/503/504s it generates).
 pub const ERROR: HeaderName = HeaderName::from_static("x-trellis-error");
+/// On an allowed response from an inbound sidecar: the audit-mode policy that would deny
+/// the request (same format as `x-trellis-denied`). The outbound sidecar reads it for its
+/// span and metrics and removes it; the app never sees it.
+pub const AUDIT: HeaderName = HeaderName::from_static("x-trellis-audit");
 /// Marks a request the outbound sidecar carried over HTTP/2 although the app spoke
 /// HTTP/1.x, so the inbound sidecar speaks HTTP/1.1 to its app again.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-trellis-orig-proto");
@@ -53,6 +61,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !te_trailers {
         headers.remove(header::TE);
     }
+}
+
+/// Removes the headers only Trellis may set from an app's response, so an app cannot make
+/// its answer look like a sidecar's denial, audit finding or failure.
+pub fn strip_trellis_headers(headers: &mut HeaderMap) {
+    headers.remove(DENIED);
+    headers.remove(AUDIT);
+    headers.remove(ERROR);
 }
 
 /// Is this an HTTP/1.1 upgrade request (WebSocket and friends)?

@@ -7,8 +7,10 @@
 //!   tower stack built by [`http_stage`]; denied requests get 403 + `x-trellis-denied`.
 //!
 //! Allowed connections are registered with the connection tracker, so a later policy
-//! that revokes them closes them.
+//! that revokes them closes them. Telemetry records a span for each opaque connection
+//! (allowed or denied), each refused handshake, and (in the tower stack) each request.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +18,6 @@ use std::time::Duration;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::Either;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -31,12 +32,16 @@ use trellis_policy::{Flow, HttpRequest, normalize_path};
 use crate::authz::{Denial, Permit, authorize};
 use crate::config::InboundSpec;
 use crate::conns::{Tracked, TrackedFlow};
-use crate::http::{ORIG_PROTO, PEER_ID, RespBody, is_upgrade, proxy_error, server_builder, strip_hop_by_hop};
-use crate::io::{Prefixed, tunnel};
-use crate::layers::{MetricsLayer, PermitSlot, PolicyLayer};
+use crate::http::{
+    ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, server_builder, strip_hop_by_hop,
+    strip_trellis_headers,
+};
+use crate::io::{Prefixed, Transferred, tunnel};
+use crate::layers::{MetricsLayer, PermitSlot, PolicyLayer, TraceLayer};
 use crate::metrics::OpenGuard;
 use crate::sniff::{Protocol, detect};
 use crate::state::{ALPN_H2, ALPN_HTTP11, ALPN_OPAQUE, ProxyState};
+use crate::telemetry::{ConnFacts, ConnOutcome, Direction, Started, Verdict};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,8 +52,8 @@ type PeerIo = Prefixed<TlsStream<TcpStream>>;
 /// it, such as gRPC servers) HTTP/2 with prior knowledge.
 #[derive(Clone, Debug)]
 pub struct AppClients {
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<HttpConnector, ReqBody>,
+    h2: Client<HttpConnector, ReqBody>,
 }
 
 impl Default for AppClients {
@@ -80,11 +85,12 @@ pub async fn serve(state: Arc<ProxyState>, spec: InboundSpec, listener: TcpListe
             () = state.shutdown.cancelled() => return,
         };
         let _ = tcp.set_nodelay(true);
+        let started = Started::now();
         let state = state.clone();
         let spec = spec.clone();
         tokio::spawn(async move {
             let _open = OpenGuard::new(&state.metrics, "inbound");
-            let Some(accepted) = accept(&state, &spec, tcp, remote) else { return };
+            let Some(accepted) = accept(&state, &spec, tcp, remote, started) else { return };
             let span = tracing::info_span!(
                 "inbound",
                 peer.addr = %remote,
@@ -102,6 +108,7 @@ pub struct Accepted {
     tcp: TcpStream,
     remote: SocketAddr,
     app: SocketAddr,
+    started: Started,
 }
 
 /// The peer has proved its SPIFFE ID over mTLS.
@@ -111,10 +118,17 @@ pub struct Authenticated {
     app: SocketAddr,
     peer: SpiffeId,
     me: SpiffeId,
+    started: Started,
 }
 
 /// Works out the app target: fixed (`LISTEN=APP`) or the original destination.
-fn accept(state: &ProxyState, spec: &InboundSpec, tcp: TcpStream, remote: SocketAddr) -> Option<Accepted> {
+fn accept(
+    state: &ProxyState,
+    spec: &InboundSpec,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    started: Started,
+) -> Option<Accepted> {
     let app = match spec.app {
         Some(app) => app,
         None => {
@@ -129,7 +143,7 @@ fn accept(state: &ProxyState, spec: &InboundSpec, tcp: TcpStream, remote: Socket
             dst
         }
     };
-    Some(Accepted { tcp, remote, app })
+    Some(Accepted { tcp, remote, app, started })
 }
 
 async fn handle(state: Arc<ProxyState>, accepted: Accepted) {
@@ -163,45 +177,87 @@ async fn handle(state: Arc<ProxyState>, accepted: Accepted) {
 
 async fn dispatch(state: Arc<ProxyState>, auth: Authenticated, protocol: Protocol, prefix: bytes::Bytes) {
     tracing::Span::current().record("protocol", protocol.label());
-    let Authenticated { io, remote, app, peer, me } = auth;
+    let Authenticated { io, remote, app, peer, me, started } = auth;
     let io = Prefixed::new(prefix, io);
-    let ctx =
-        Arc::new(ConnCtx { state, peer, me, remote, app, cancel: CancellationToken::new(), tracked: Mutex::new(None) });
+    let facts = state.telemetry.is_on().then(|| inbound_facts(remote, app, Some(peer.clone()), Some(me.clone())));
+    let ctx = Arc::new(ConnCtx {
+        state,
+        peer,
+        me,
+        remote,
+        app,
+        started,
+        facts,
+        cancel: CancellationToken::new(),
+        tracked: Mutex::new(None),
+    });
     match protocol {
         Protocol::Opaque => tcp_stage(ctx, io).await,
         Protocol::Http1 | Protocol::Http2 => http_stage(ctx, io, protocol).await,
     }
 }
 
-/// TLS with mutual authentication; failures are counted by reason and the connection dropped.
+/// TLS with mutual authentication; failures are counted by reason, recorded as a span,
+/// and the connection dropped.
 async fn handshake(state: &ProxyState, accepted: Accepted) -> Option<Authenticated> {
-    let Accepted { tcp, remote, app } = accepted;
+    let Accepted { tcp, remote, app, started } = accepted;
     let tls = state.tls.load_full()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let refused = |label: &'static str, message: String| refusal(state, remote, app, started, label, message);
     let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(io)) => io,
         Ok(Err(e)) => {
             let reason = VerifyError::from_io(&e).unwrap_or(VerifyError::Other(e.to_string()));
-            state.metrics.handshake_failure(reason.label());
             tracing::info!(%reason, "inbound TLS handshake refused");
+            refused(reason.label(), reason.to_string());
             return None;
         }
         Err(_) => {
-            state.metrics.handshake_failure("timeout");
             tracing::info!("inbound TLS handshake timed out");
+            refused("timeout", "the handshake timed out".into());
             return None;
         }
     };
     let peer = match peer_identity(io.get_ref().1) {
         Ok(id) => id,
         Err(reason) => {
-            state.metrics.handshake_failure(reason.label());
             tracing::info!(%reason, "inbound peer identity refused");
+            refused(reason.label(), reason.to_string());
             return None;
         }
     };
     let me = state.id()?;
-    Some(Authenticated { io, remote, app, peer, me })
+    Some(Authenticated { io, remote, app, peer, me, started })
+}
+
+/// Counts a refused handshake and records its span.
+fn refusal(
+    state: &ProxyState,
+    remote: SocketAddr,
+    app: SocketAddr,
+    started: Started,
+    label: &'static str,
+    message: String,
+) {
+    state.metrics.handshake_failure(label);
+    let facts = || inbound_facts(remote, app, None, state.id());
+    state.telemetry.connection(facts, started, ConnOutcome::empty(Verdict::Handshake { label, message }, None));
+}
+
+fn inbound_facts(
+    remote: SocketAddr,
+    app: SocketAddr,
+    source: Option<SpiffeId>,
+    destination: Option<SpiffeId>,
+) -> Arc<ConnFacts> {
+    Arc::new(ConnFacts {
+        direction: Direction::Inbound,
+        peer: remote,
+        client: None,
+        server_port: app.port(),
+        source,
+        destination,
+    })
 }
 
 /// The peer's SPIFFE ID, refusing certificates that expired since the session that a
@@ -222,12 +278,26 @@ pub struct ConnCtx {
     pub me: SpiffeId,
     pub remote: SocketAddr,
     pub app: SocketAddr,
+    pub started: Started,
+    /// What the connection's spans share (`None` when telemetry is off).
+    pub facts: Option<Arc<ConnFacts>>,
     /// Fired when a policy change revokes this connection.
     pub cancel: CancellationToken,
     tracked: Mutex<Option<Tracked>>,
 }
 
 impl ConnCtx {
+    fn conn_facts(&self) -> Arc<ConnFacts> {
+        self.facts
+            .clone()
+            .unwrap_or_else(|| inbound_facts(self.remote, self.app, Some(self.peer.clone()), Some(self.me.clone())))
+    }
+
+    /// Records this connection's L4 span.
+    fn record(&self, outcome: ConnOutcome) {
+        self.state.telemetry.connection(|| self.conn_facts(), self.started, outcome);
+    }
+
     fn flow<'a>(&'a self, http: Option<HttpRequest<'a>>) -> Flow<'a> {
         Flow {
             source: Some(&self.peer),
@@ -262,26 +332,31 @@ impl ConnCtx {
     }
 }
 
-/// One L4 decision, then a byte tunnel to the app.
+/// One L4 decision, then a byte tunnel to the app; the connection's span records both.
 async fn tcp_stage(ctx: Arc<ConnCtx>, mut io: PeerIo) {
     let view = ctx.state.policy.load();
     let permit = match authorize(&view, &ctx.flow(None)) {
         Ok(p) => p,
         Err(denial) => {
+            drop(view);
             ctx.state.metrics.flow("inbound", "deny", "tcp");
             tracing::info!(reason = %denial, "connection denied");
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+            let verdict = denial.verdict();
+            ctx.record(ConnOutcome::empty(verdict, None));
             return;
         }
     };
     drop(view);
     ctx.state.metrics.flow("inbound", permit.decision().label(), "tcp");
-    forward_tcp(&ctx, permit, io).await;
+    let verdict = permit.verdict();
+    let (t, error) = forward_tcp(&ctx, permit, io).await;
+    ctx.record(ConnOutcome { verdict, sent: t.sent, received: t.received, error });
 }
 
 /// Tunnels an authorized connection to the app until either side closes or the policy
-/// revokes it.
-async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) {
+/// revokes it; returns what it carried and why it could not, if it could not.
+async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) -> (Transferred, Option<Cow<'static, str>>) {
     let flow = TrackedFlow::Mesh {
         source: Some(ctx.peer.clone()),
         source_ip: ctx.remote.ip(),
@@ -294,18 +369,24 @@ async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::warn!(app = %ctx.app, error = %e, "app unreachable");
-            return;
+            return (Transferred::default(), Some(format!("app_unreachable: {e}").into()));
         }
         Err(_) => {
             tracing::warn!(app = %ctx.app, "app connect timed out");
-            return;
+            return (Transferred::default(), Some("app_unreachable: connect timed out".into()));
         }
     };
     let _ = app.set_nodelay(true);
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "connection allowed");
     match tunnel(&mut io, &mut app, &tracked.cancel).await {
-        Ok(t) => tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, "connection closed"),
-        Err(e) => tracing::debug!(error = %e, "connection ended with error"),
+        Ok(t) => {
+            tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, "connection closed");
+            (t, None)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "connection ended with error");
+            (Transferred::default(), None)
+        }
     }
 }
 
@@ -314,6 +395,7 @@ async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) {
 async fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) {
     let state = ctx.state.clone();
     let svc = ServiceBuilder::new()
+        .layer(TraceLayer::new(&state, || ctx.conn_facts()))
         .layer(MetricsLayer { state: state.clone(), direction: "inbound" })
         .layer(PolicyLayer { ctx: ctx.clone() })
         .service(ForwardToApp { ctx: ctx.clone() });
@@ -347,7 +429,7 @@ pub struct ForwardToApp {
     ctx: Arc<ConnCtx>,
 }
 
-impl tower::Service<Request<Incoming>> for ForwardToApp {
+impl tower::Service<Request<ReqBody>> for ForwardToApp {
     type Response = Response<RespBody>;
     type Error = std::convert::Infallible;
     type Future = crate::layers::BoxFuture<Result<Response<RespBody>, std::convert::Infallible>>;
@@ -356,7 +438,7 @@ impl tower::Service<Request<Incoming>> for ForwardToApp {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let ctx = self.ctx.clone();
         Box::pin(async move {
             let Some(permit) = PermitSlot::take(&req) else {
@@ -374,7 +456,7 @@ impl tower::Service<Request<Incoming>> for ForwardToApp {
 
 /// Rewrites a permitted request for the app (verified peer ID, normalized path, hop-by-hop
 /// headers removed) and relays the app's answer.
-async fn forward_http(ctx: &ConnCtx, permit: Permit, mut req: Request<Incoming>) -> Response<RespBody> {
+async fn forward_http(ctx: &ConnCtx, permit: Permit, mut req: Request<ReqBody>) -> Response<RespBody> {
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
     if is_upgrade(&req) {
         set_peer_header(ctx, req.headers_mut());
@@ -388,6 +470,7 @@ async fn forward_http(ctx: &ConnCtx, permit: Permit, mut req: Request<Incoming>)
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            strip_trellis_headers(&mut parts.headers);
             Response::from_parts(parts, Either::Left(body))
         }
         Err(e) => {

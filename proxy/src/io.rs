@@ -85,15 +85,54 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    // Counted here too so a revoked tunnel still reports what it carried (for its span).
+    let (mut a, mut b) = (Counting::new(a), Counting::new(b));
     tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(a, b, 16 * 1024, 16 * 1024) => {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 16 * 1024, 16 * 1024) => {
             let (sent, received) = r?;
             Ok(Transferred { sent, received, cancelled: false })
         }
         () = cancel.cancelled() => {
             let _ = a.shutdown().await;
             let _ = b.shutdown().await;
-            Ok(Transferred { cancelled: true, ..Transferred::default() })
+            Ok(Transferred { sent: a.read, received: b.read, cancelled: true })
         }
+    }
+}
+
+pin_project! {
+    /// Counts the bytes read from a stream.
+    struct Counting<T> {
+        #[pin]
+        inner: T,
+        read: u64,
+    }
+}
+
+impl<T> Counting<T> {
+    fn new(inner: T) -> Self {
+        Counting { inner, read: 0 }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Counting<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        *this.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Counting<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }

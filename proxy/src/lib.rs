@@ -10,8 +10,9 @@
 //!
 //! Around the data path: [`svid`] keeps the identity (bootstrap, renewal), [`link`] follows
 //! the control plane's watch stream into the hot [`state`], [`conns`] closes connections a
-//! new policy revokes, [`admin`] serves `/live`, `/ready`, `/metrics`, `/config`, and
-//! [`init`] writes the transparent-capture rules for `trellis proxy init`.
+//! new policy revokes, [`admin`] serves `/live`, `/ready`, `/metrics`, `/config`,
+//! [`telemetry`] records a span (and a flow-log line) for every flow and exports them off
+//! the data path, and [`init`] writes the transparent-capture rules for `trellis proxy init`.
 
 pub mod admin;
 pub mod authz;
@@ -30,6 +31,7 @@ pub mod pool;
 pub mod sniff;
 pub mod state;
 pub mod svid;
+pub mod telemetry;
 pub mod upgrade;
 
 use std::future::Future;
@@ -62,7 +64,12 @@ pub enum ProxyError {
     Bootstrap(String),
     #[error("TLS: {0}")]
     Tls(#[from] trellis_identity::TlsError),
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] telemetry::TelemetryError),
 }
+
+/// How long spans still queued at exit get to reach the exporter.
+const TELEMETRY_FLUSH: Duration = Duration::from_secs(3);
 
 /// The listeners, bound before anything else so a bad address fails at once.
 struct Listeners {
@@ -99,6 +106,8 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
     let listeners = bind_all(&config).await?;
     let anon = ControlClient::new(&config.control_url, &bundle, None, None, None)?;
     let creds = CredentialStore::new();
+    let metrics = metrics::Metrics::new();
+    let telemetry = telemetry::Telemetry::start(&config.telemetry, &metrics)?;
     let authed = ControlClient::new(&config.control_url, &bundle, None, Some(creds.clone()), None)?;
     let state = Arc::new(ProxyState {
         config,
@@ -107,7 +116,8 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
         registry: ArcSwap::from_pointee(Registry::default()),
         tls: ArcSwapOption::empty(),
         control: Mutex::default(),
-        metrics: metrics::Metrics::new(),
+        metrics,
+        telemetry,
         conns: Arc::default(),
         shutdown: CancellationToken::new(),
         pools: pool::PeerPools::default(),
@@ -123,7 +133,9 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
             return Ok(());
         }
     }
-    let td = state.id().map(|id| id.trust_domain()).ok_or_else(|| ProxyError::Bootstrap("no SVID".into()))?;
+    let id = state.id().ok_or_else(|| ProxyError::Bootstrap("no SVID".into()))?;
+    let td = id.trust_domain();
+    state.telemetry.set_identity(id);
     state.tls.store(Some(Arc::new(TlsState::new(bundle, td, state.creds.clone())?)));
     tokio::spawn(svid::renew_loop(state.clone(), authed.clone(), anon));
     tokio::spawn(link::watch_loop(state.clone(), authed));
@@ -142,6 +154,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
     tracing::info!(identity = ?state.id(), "proxy running");
     shutdown.await;
     drain(&state).await;
+    state.telemetry.shutdown(TELEMETRY_FLUSH).await;
     Ok(())
 }
 

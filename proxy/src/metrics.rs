@@ -3,6 +3,10 @@
 //! Label sets are bounded (direction, decision, protocol, reason): no per-identity or
 //! per-path labels, so cardinality cannot grow with the mesh. Every stage of the data path
 //! bumps its counter here; spans (telemetry) carry the per-flow detail.
+//!
+//! `decision` is `allow`, `deny`, `audit-deny` (allowed, but an audit-mode policy would deny
+//! it) or `error` (never reached a decision: peer unreachable); outbound HTTP takes the
+//! peer's decision from its response headers.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -35,7 +39,11 @@ pub struct Metrics {
     pub handshake_failures: Family<ReasonLabels, Counter>,
     pub svid_expiry: Gauge,
     pub policy_version: Gauge,
-    pub spans_dropped: Counter,
+    /// Spans that never reached the exporter (`queue_full`) or that it failed to send
+    /// (`export_failed`).
+    pub spans_dropped: Family<ReasonLabels, Counter>,
+    pub spans_exported: Counter,
+    pub flow_log_dropped: Counter,
     pub detect_timeouts: Counter,
     pub open_connections: Family<DirectionLabels, Gauge>,
 }
@@ -80,8 +88,24 @@ impl Metrics {
         );
         let policy_version = Gauge::default();
         registry.register("policy_version", "Version of the policy snapshot being enforced", policy_version.clone());
-        let spans_dropped = Counter::default();
-        registry.register("spans_dropped", "Spans dropped because the export queue was full", spans_dropped.clone());
+        let spans_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "spans_dropped",
+            "Spans dropped: the export queue was full (queue_full) or the export failed (export_failed)",
+            spans_dropped.clone(),
+        );
+        // Both reasons show from the start, at 0, so alerts and dashboards see the series.
+        for reason in ["queue_full", "export_failed"] {
+            let _ = spans_dropped.get_or_create(&ReasonLabels { reason });
+        }
+        let spans_exported = Counter::default();
+        registry.register("spans_exported", "Spans the exporter accepted", spans_exported.clone());
+        let flow_log_dropped = Counter::default();
+        registry.register(
+            "flow_log_dropped",
+            "Flow-log lines dropped because the flow-log queue was full",
+            flow_log_dropped.clone(),
+        );
         let detect_timeouts = Counter::default();
         registry.register(
             "protocol_detect_timeouts",
@@ -90,6 +114,9 @@ impl Metrics {
         );
         let open_connections = Family::<DirectionLabels, Gauge>::default();
         registry.register("open_connections", "Connections currently open", open_connections.clone());
+        for direction in ["inbound", "outbound"] {
+            let _ = open_connections.get_or_create(&DirectionLabels { direction });
+        }
         Metrics {
             registry,
             flows,
@@ -98,6 +125,8 @@ impl Metrics {
             svid_expiry,
             policy_version,
             spans_dropped,
+            spans_exported,
+            flow_log_dropped,
             detect_timeouts,
             open_connections,
         }
@@ -109,6 +138,14 @@ impl Metrics {
 
     pub fn handshake_failure(&self, reason: &'static str) {
         self.handshake_failures.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn spans_dropped_queue_full(&self) -> Counter {
+        self.spans_dropped.get_or_create(&ReasonLabels { reason: "queue_full" }).clone()
+    }
+
+    pub fn spans_dropped_export_failed(&self) -> Counter {
+        self.spans_dropped.get_or_create(&ReasonLabels { reason: "export_failed" }).clone()
     }
 
     /// The Prometheus text exposition.

@@ -6,7 +6,12 @@
 //!   peer (which must prove the expected SPIFFE ID), anything else gets its own mTLS
 //!   tunnel. The peer's inbound sidecar authorizes; its 403s reach the app as they are.
 //! - outside the mesh: egress policy decides; a [`Permit`] opens a plain TCP tunnel.
+//!
+//! Telemetry: a span per opaque connection and per HTTP request (CLIENT kind). The peer's
+//! inbound decides mesh flows; for HTTP its answer says how (`x-trellis-denied`,
+//! `x-trellis-audit`), which this side turns into [`Decided`] for its span and metrics.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +19,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::Either;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -26,12 +30,15 @@ use trellis_policy::EgressFlow;
 use crate::authz::{Permit, authorize_egress};
 use crate::config::RouteSpec;
 use crate::conns::TrackedFlow;
-use crate::http::{ORIG_PROTO, PEER_ID, RespBody, is_upgrade, proxy_error, server_builder, strip_hop_by_hop};
-use crate::io::{Prefixed, tunnel};
-use crate::layers::{BoxFuture, MetricsLayer};
+use crate::http::{
+    AUDIT, DENIED, ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, server_builder, strip_hop_by_hop,
+};
+use crate::io::{Prefixed, Transferred, tunnel};
+use crate::layers::{BoxFuture, Decided, MetricsLayer, TraceLayer};
 use crate::metrics::OpenGuard;
 use crate::sniff::{Protocol, detect};
 use crate::state::{PeerProtocol, ProxyState};
+use crate::telemetry::{ConnFacts, ConnOutcome, Direction, Started, Verdict};
 use crate::upgrade::{UpgradeTarget, forward_upgrade};
 
 const EGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +49,7 @@ pub struct Accepted {
     remote: SocketAddr,
     /// The listener's port: with the destination's port, what `--opaque-ports` is matched on.
     port: u16,
+    started: Started,
 }
 
 /// Where the app's bytes go.
@@ -109,12 +117,13 @@ where
             () = state.shutdown.cancelled() => return,
         };
         let _ = tcp.set_nodelay(true);
+        let started = Started::now();
         let Some(target) = target(&tcp, remote) else { continue };
         let state = state.clone();
         tokio::spawn(async move {
             let _open = OpenGuard::new(&state.metrics, "outbound");
             let span = tracing::info_span!("outbound", app.addr = %remote, dst = field::Empty, dst.id = field::Empty);
-            handle(state, Accepted { tcp, remote, port }, target).instrument(span).await
+            handle(state, Accepted { tcp, remote, port, started }, target).instrument(span).await
         });
     }
 }
@@ -134,8 +143,20 @@ async fn handle(state: Arc<ProxyState>, accepted: Accepted, target: Target) {
     }
 }
 
+/// What this side's spans of a connection to `addr` share.
+fn outbound_facts(state: &ProxyState, remote: SocketAddr, addr: SocketAddr, id: Option<SpiffeId>) -> Arc<ConnFacts> {
+    Arc::new(ConnFacts {
+        direction: Direction::Outbound,
+        peer: addr,
+        client: Some(remote),
+        server_port: addr.port(),
+        source: state.id(),
+        destination: id,
+    })
+}
+
 async fn mesh(state: Arc<ProxyState>, accepted: Accepted, addr: SocketAddr, id: SpiffeId) {
-    let Accepted { mut tcp, port, remote } = accepted;
+    let Accepted { mut tcp, port, remote, started } = accepted;
     tracing::debug!(app = %remote, peer = %addr, "outbound connection");
     let opaque = state.config.is_opaque(port) || state.config.is_opaque(addr.port());
     let (protocol, prefix) = if opaque {
@@ -156,37 +177,51 @@ async fn mesh(state: Arc<ProxyState>, accepted: Accepted, addr: SocketAddr, id: 
     };
     let io = Prefixed::new(prefix, tcp);
     match protocol {
-        Protocol::Opaque => mesh_tcp(state, io, addr, id).await,
-        Protocol::Http1 | Protocol::Http2 => mesh_http(state, io, addr, id, protocol).await,
+        Protocol::Opaque => {
+            let outcome = mesh_tcp(&state, io, addr, &id).await;
+            state.telemetry.connection(|| outbound_facts(&state, remote, addr, Some(id)), started, outcome);
+        }
+        Protocol::Http1 | Protocol::Http2 => mesh_http(state, io, remote, addr, id, protocol).await,
     }
 }
 
-/// Opaque bytes to a mesh peer: a dedicated mTLS tunnel.
-async fn mesh_tcp(state: Arc<ProxyState>, mut io: Prefixed<TcpStream>, addr: SocketAddr, id: SpiffeId) {
-    let mut peer = match crate::pool::connect_tls(&state, addr, &id, PeerProtocol::Opaque).await {
+/// Opaque bytes to a mesh peer: a dedicated mTLS tunnel. The peer's inbound makes the L4
+/// decision, and a denial looks like a close from here, so this side's span says only
+/// that it passed the connection on.
+async fn mesh_tcp(state: &ProxyState, mut io: Prefixed<TcpStream>, addr: SocketAddr, id: &SpiffeId) -> ConnOutcome {
+    let mut peer = match crate::pool::connect_tls(state, addr, id, PeerProtocol::Opaque).await {
         Ok(p) => p,
         Err(e) => {
             state.metrics.flow("outbound", "error", "tcp");
             tracing::warn!(error = %e, "cannot reach peer");
-            return;
+            return ConnOutcome::empty(Verdict::Failed, Some(format!("{}: {e}", e.label()).into()));
         }
     };
     state.metrics.flow("outbound", "allow", "tcp");
-    match tunnel(&mut io, &mut peer, &CancellationToken::new()).await {
-        Ok(t) => tracing::debug!(sent = t.sent, received = t.received, "tunnel closed"),
-        Err(e) => tracing::debug!(error = %e, "tunnel ended with error"),
-    }
+    let t = match tunnel(&mut io, &mut peer, &CancellationToken::new()).await {
+        Ok(t) => {
+            tracing::debug!(sent = t.sent, received = t.received, "tunnel closed");
+            t
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "tunnel ended with error");
+            Transferred::default()
+        }
+    };
+    ConnOutcome { verdict: Verdict::Forwarded, sent: t.sent, received: t.received, error: None }
 }
 
 /// HTTP to a mesh peer: each request over the pooled HTTP/2 connection.
 async fn mesh_http(
     state: Arc<ProxyState>,
     io: Prefixed<TcpStream>,
+    remote: SocketAddr,
     addr: SocketAddr,
     id: SpiffeId,
     protocol: Protocol,
 ) {
     let svc = ServiceBuilder::new()
+        .layer(TraceLayer::new(&state, || outbound_facts(&state, remote, addr, Some(id.clone()))))
         .layer(MetricsLayer { state: state.clone(), direction: "outbound" })
         .service(ForwardToPeer { state: state.clone(), addr, id });
     let svc = hyper_util::service::TowerToHyperService::new(svc);
@@ -217,7 +252,7 @@ struct ForwardToPeer {
     id: SpiffeId,
 }
 
-impl tower::Service<Request<Incoming>> for ForwardToPeer {
+impl tower::Service<Request<ReqBody>> for ForwardToPeer {
     type Response = Response<RespBody>;
     type Error = std::convert::Infallible;
     type Future = BoxFuture<Result<Response<RespBody>, std::convert::Infallible>>;
@@ -226,20 +261,37 @@ impl tower::Service<Request<Incoming>> for ForwardToPeer {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { Ok(this.forward(req).await) })
     }
 }
 
+/// How the peer decided, from its answer: a 403 with `x-trellis-denied` is its denial,
+/// `x-trellis-audit` its audit finding (removed here: it is for sidecars, not the app).
+fn peer_verdict(resp: &mut Response<RespBody>) -> Decided {
+    let audit = resp.headers_mut().remove(AUDIT);
+    let denied = (resp.status() == StatusCode::FORBIDDEN).then(|| resp.headers().get(DENIED).cloned()).flatten();
+    Decided(Verdict::Peer { denied, audit })
+}
+
+/// A response this proxy generated because it could not reach a decision-maker.
+fn failed(mut resp: Response<RespBody>) -> Response<RespBody> {
+    resp.extensions_mut().insert(Decided(Verdict::Failed));
+    resp
+}
+
 impl ForwardToPeer {
-    async fn forward(&self, mut req: Request<Incoming>) -> Response<RespBody> {
+    async fn forward(&self, mut req: Request<ReqBody>) -> Response<RespBody> {
         // Nothing the app sends may impersonate what sidecars tell each other.
         req.headers_mut().remove(PEER_ID);
         req.headers_mut().remove(ORIG_PROTO);
         if is_upgrade(&req) {
             let target = UpgradeTarget::Peer { state: self.state.clone(), addr: self.addr, id: self.id.clone() };
-            return forward_upgrade(req, target, CancellationToken::new()).await;
+            let mut resp = forward_upgrade(req, target, CancellationToken::new()).await;
+            let decided = peer_verdict(&mut resp);
+            resp.extensions_mut().insert(decided);
+            return resp;
         }
         let was_h1 = req.version() != http::Version::HTTP_2;
         let authority = req
@@ -258,25 +310,32 @@ impl ForwardToPeer {
         req.headers_mut().remove(header::HOST);
         match Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(path).build() {
             Ok(uri) => *req.uri_mut() = uri,
-            Err(e) => return proxy_error(StatusCode::BAD_REQUEST, "bad_request", &format!("bad request target: {e}")),
+            Err(e) => {
+                let resp = proxy_error(StatusCode::BAD_REQUEST, "bad_request", &format!("bad request target: {e}"));
+                return failed(resp);
+            }
         }
         *req.version_mut() = http::Version::HTTP_2;
         let mut send = match self.state.pools.sender(&self.state, self.addr, &self.id).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach peer");
-                return proxy_error(StatusCode::BAD_GATEWAY, e.label(), &e.to_string());
+                return failed(proxy_error(StatusCode::BAD_GATEWAY, e.label(), &e.to_string()));
             }
         };
         match send.send_request(req).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Left(body))
+                let mut resp = Response::from_parts(parts, Either::Left(body));
+                let decided = peer_verdict(&mut resp);
+                resp.extensions_mut().insert(decided);
+                resp
             }
             Err(e) => {
                 tracing::warn!(error = %e, "request to peer failed");
-                proxy_error(StatusCode::BAD_GATEWAY, "peer_http", &format!("request to peer {} failed: {e}", self.addr))
+                let detail = format!("request to peer {} failed: {e}", self.addr);
+                failed(proxy_error(StatusCode::BAD_GATEWAY, "peer_http", &detail))
             }
         }
     }
@@ -285,33 +344,53 @@ impl ForwardToPeer {
 /// A connection out of the mesh: egress policy, then a plain TCP tunnel.
 async fn egress(state: Arc<ProxyState>, accepted: Accepted, addr: SocketAddr) {
     let Some(me) = state.id() else { return };
+    let (remote, started) = (accepted.remote, accepted.started);
     let flow = EgressFlow { source: &me, destination_ip: addr.ip(), port: addr.port() };
     let view = state.policy.load();
-    let permit = match authorize_egress(&view, &flow) {
-        Ok(p) => p,
+    let outcome = match authorize_egress(&view, &flow) {
+        Ok(permit) => {
+            drop(view);
+            state.metrics.flow("outbound", permit.decision().label(), "tcp");
+            forward_egress(&state, permit, accepted, me, addr).await
+        }
         Err(denial) => {
+            drop(view);
             state.metrics.flow("outbound", "deny", "tcp");
             tracing::info!(reason = %denial, "egress denied");
-            return;
+            ConnOutcome::empty(denial.verdict(), None)
         }
     };
-    drop(view);
-    state.metrics.flow("outbound", permit.decision().label(), "tcp");
-    forward_egress(&state, permit, accepted, me, addr).await
+    state.telemetry.connection(|| outbound_facts(&state, remote, addr, None), started, outcome);
 }
 
-async fn forward_egress(state: &Arc<ProxyState>, permit: Permit, accepted: Accepted, me: SpiffeId, addr: SocketAddr) {
+async fn forward_egress(
+    state: &Arc<ProxyState>,
+    permit: Permit,
+    accepted: Accepted,
+    me: SpiffeId,
+    addr: SocketAddr,
+) -> ConnOutcome {
     let Accepted { mut tcp, .. } = accepted;
+    let verdict = permit.verdict();
     let flow = TrackedFlow::Egress { source: me, destination_ip: addr.ip(), port: addr.port() };
     let tracked = state.conns.track(flow, CancellationToken::new());
+    let unreachable = |e: Cow<'static, str>| ConnOutcome::empty(verdict.clone(), Some(e));
     let mut upstream = match tokio::time::timeout(EGRESS_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return tracing::info!(error = %e, "egress destination unreachable"),
-        Err(_) => return tracing::info!("egress connect timed out"),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "egress destination unreachable");
+            return unreachable(format!("egress_unreachable: {e}").into());
+        }
+        Err(_) => {
+            tracing::info!("egress connect timed out");
+            return unreachable("egress_unreachable: connect timed out".into());
+        }
     };
     let _ = upstream.set_nodelay(true);
     tracing::debug!(reason = %permit.decision(), "egress allowed");
-    if let Err(e) = tunnel(&mut tcp, &mut upstream, &tracked.cancel).await {
+    let t = tunnel(&mut tcp, &mut upstream, &tracked.cancel).await.unwrap_or_else(|e| {
         tracing::debug!(error = %e, "egress tunnel ended with error");
-    }
+        Transferred::default()
+    });
+    ConnOutcome { verdict, sent: t.sent, received: t.received, error: None }
 }

@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -20,6 +19,7 @@ use tokio_rustls::client::TlsStream;
 use trellis_identity::pki_types::ServerName;
 use trellis_identity::{SpiffeId, VerifyError};
 
+use crate::http::ReqBody;
 use crate::state::{PeerProtocol, ProxyState};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -84,7 +84,7 @@ pub async fn connect_tls(
 }
 
 struct Pooled {
-    send: SendRequest<Incoming>,
+    send: SendRequest<ReqBody>,
     born: Instant,
 }
 
@@ -109,7 +109,7 @@ impl PeerPools {
         state: &ProxyState,
         addr: SocketAddr,
         expected: &SpiffeId,
-    ) -> Result<SendRequest<Incoming>, PeerError> {
+    ) -> Result<SendRequest<ReqBody>, PeerError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots.entry((addr, expected.clone())).or_default().clone()
@@ -132,11 +132,7 @@ impl PeerPools {
     }
 }
 
-async fn open_h2(
-    state: &ProxyState,
-    addr: SocketAddr,
-    expected: &SpiffeId,
-) -> Result<SendRequest<Incoming>, PeerError> {
+async fn open_h2(state: &ProxyState, addr: SocketAddr, expected: &SpiffeId) -> Result<SendRequest<ReqBody>, PeerError> {
     let tls = connect_tls(state, addr, expected, PeerProtocol::H2).await?;
     if tls.get_ref().1.alpn_protocol() != Some(crate::state::ALPN_H2) {
         return Err(PeerError::Alpn { addr, wanted: "h2" });

@@ -181,6 +181,7 @@ pub struct ProxyState {
     pub tls: ArcSwapOption<TlsState>,
     pub control: Mutex<ControlStatus>,
     pub metrics: Metrics,
+    pub telemetry: crate::telemetry::Telemetry,
     pub conns: Arc<ConnTracker>,
     /// Cancelled on SIGTERM: listeners stop accepting and connections start draining.
     pub shutdown: CancellationToken,

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use trellis_identity::SpiffeId;
 
-use crate::http::{RespBody, proxy_error};
+use crate::http::{ReqBody, RespBody, proxy_error};
 use crate::state::{PeerProtocol, ProxyState};
 
 /// Where an upgrade request goes.
@@ -28,7 +28,7 @@ pub enum UpgradeTarget {
 
 /// Sends `req` on a new HTTP/1.1 connection and splices the upgraded streams on 101.
 pub async fn forward_upgrade(
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
     target: UpgradeTarget,
     cancel: CancellationToken,
 ) -> Response<RespBody> {
@@ -78,7 +78,7 @@ pub async fn forward_upgrade(
     Response::from_parts(parts, Either::Left(body))
 }
 
-async fn send<T>(io: TokioIo<T>, req: Request<Incoming>) -> Result<Response<Incoming>, String>
+async fn send<T>(io: TokioIo<T>, req: Request<ReqBody>) -> Result<Response<Incoming>, String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

@@ -14,7 +14,7 @@ use trellis_control::inject::{self, InjectConfig, Outcome, SkipReason};
 #[derive(Debug, clap::Args)]
 pub struct InjectArgs {
     /// Manifests to inject (YAML with `---` documents, a `kind: List`, or JSON); `-` reads stdin.
-    #[arg(short = 'f', long = "filename", value_name = "FILE|-")]
+    #[arg(short = 'f', long = "filename", value_name = "FILE|-", env = "TRELLIS_INJECT_FILE")]
     pub file: PathBuf,
     /// The trust bundle (PEM) the injected proxies verify the control plane with; it is
     /// embedded in each pod spec. `trellis control run` writes it as `<data-dir>/bundle.pem`.

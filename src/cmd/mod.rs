@@ -1,6 +1,7 @@
 //! Subcommands of the `trellis` binary, one module each.
 
 pub mod control;
+pub mod demo;
 pub mod inject;
 pub mod policy;
 pub mod policy_remote;

@@ -50,7 +50,7 @@ pub struct ValidateArgs {
 #[derive(Debug, Args)]
 pub struct PolicySourceArgs {
     /// Policy file, YAML or JSON, several documents allowed; `-` reads standard input.
-    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    #[arg(short = 'f', long = "file", value_name = "FILE", env = "TRELLIS_POLICY_FILE")]
     pub file: PathBuf,
 }
 
@@ -58,7 +58,7 @@ pub struct PolicySourceArgs {
 pub struct CheckArgs {
     /// Policy file to check against offline; without it, the live control plane answers
     /// (`--control`, `--ca-bundle`, admin token).
-    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    #[arg(short = 'f', long = "file", value_name = "FILE", env = "TRELLIS_POLICY_FILE")]
     pub file: Option<PathBuf>,
 
     #[command(flatten)]

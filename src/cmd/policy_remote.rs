@@ -17,7 +17,7 @@ use super::remote::{AdminArgs, block_on};
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
     /// Policy file, YAML or JSON, several documents allowed; `-` reads standard input.
-    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    #[arg(short = 'f', long = "file", value_name = "FILE", env = "TRELLIS_POLICY_FILE")]
     pub file: PathBuf,
     #[command(flatten)]
     pub admin: AdminArgs,

@@ -9,8 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use trellis_policy::Action;
 use trellis_proxy::config::{
-    Attestation, InboundSpec, ProxyConfig, RouteSpec, parse_inbound, parse_ports, parse_route,
+    Attestation, InboundSpec, ProxyConfig, RouteSpec, parse_inbound, parse_otlp_endpoint, parse_ports, parse_route,
+    parse_sample_ratio,
 };
+use trellis_proxy::telemetry::{FlowLogTarget, OtlpProtocol, TelemetryConfig};
 
 use super::remote::{DEFAULT_CONTROL, parse_duration};
 
@@ -79,6 +81,42 @@ pub struct RunArgs {
     /// How long a client may take to send a request's headers (slowloris guard).
     #[arg(long, env = "TRELLIS_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     header_timeout: Duration,
+    /// OTLP collector to send spans to (plaintext), e.g. http://127.0.0.1:4317 for gRPC or
+    /// http://127.0.0.1:4318 for HTTP (spans are posted to <URL>/v1/traces).
+    #[arg(long, env = "TRELLIS_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
+    otlp_endpoint: Option<String>,
+    /// OTLP transport: grpc, or http (protobuf over HTTP).
+    #[arg(long, env = "TRELLIS_OTLP_PROTOCOL", default_value = "grpc", value_parser = ["grpc", "http"])]
+    otlp_protocol: String,
+    /// Share of allowed flows whose spans are exported, 0 to 1. Denied, audit-deny and
+    /// failed flows are always exported.
+    #[arg(long, env = "TRELLIS_TRACE_SAMPLE_RATIO", default_value = "1.0", value_parser = parse_sample_ratio)]
+    trace_sample_ratio: f64,
+    /// Without an OTLP endpoint: append spans to this file as JSON lines.
+    #[arg(long, env = "TRELLIS_TRACE_FILE", conflicts_with = "otlp_endpoint")]
+    trace_file: Option<PathBuf>,
+    /// Structured flow log, one JSON line per flow (for SIEMs): `-` for stdout, or a file.
+    #[arg(long, env = "TRELLIS_FLOW_LOG")]
+    flow_log: Option<PathBuf>,
+    /// Spans (and flow-log lines) waiting to be exported before new ones are dropped and
+    /// counted in trellis_spans_dropped_total.
+    #[arg(long, env = "TRELLIS_TRACE_QUEUE_SIZE", default_value_t = 16384,
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    trace_queue_size: u32,
+}
+
+fn telemetry(args: &RunArgs) -> TelemetryConfig {
+    TelemetryConfig {
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        otlp_protocol: if args.otlp_protocol == "http" { OtlpProtocol::Http } else { OtlpProtocol::Grpc },
+        trace_file: args.trace_file.clone(),
+        sample_ratio: args.trace_sample_ratio,
+        flow_log: args
+            .flow_log
+            .as_ref()
+            .map(|p| if p.as_os_str() == "-" { FlowLogTarget::Stdout } else { FlowLogTarget::File(p.clone()) }),
+        queue_size: args.trace_queue_size as usize,
+    }
 }
 
 pub fn run(cmd: ProxyCommand) -> ExitCode {
@@ -95,6 +133,7 @@ pub fn run(cmd: ProxyCommand) -> ExitCode {
 }
 
 fn config(args: RunArgs) -> Result<(ProxyConfig, usize)> {
+    let telemetry = telemetry(&args);
     let bundle_pem = match (&args.ca_bundle, args.ca_bundle_pem) {
         (Some(path), _) => {
             std::fs::read_to_string(path).with_context(|| format!("reading --ca-bundle {}", path.display()))?
@@ -138,6 +177,7 @@ fn config(args: RunArgs) -> Result<(ProxyConfig, usize)> {
         detect_timeout: args.detect_timeout,
         drain_timeout: args.drain_timeout,
         header_timeout: args.header_timeout,
+        telemetry,
     };
     Ok((config, args.workers))
 }

@@ -14,6 +14,8 @@ use trellis_control::ControlClient;
 use trellis_identity::TrustBundle;
 
 pub mod backends;
+pub mod otlp;
+pub mod prom;
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_trellis")

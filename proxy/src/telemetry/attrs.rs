@@ -1,0 +1,276 @@
+//! A finished flow's span attributes, status and explanation, produced on the telemetry
+//! thread by visiting a [`FlowRecord`]: values are borrowed from the record or formatted into
+//! a reused [`Scratch`], so encoding a span (OTLP protobuf or JSON) allocates nothing.
+//!
+//! The attribute list is documented in `docs/telemetry.md`.
+
+use std::fmt::Write;
+
+use http::HeaderValue;
+use trellis_policy::{Action, Decision, Reason};
+
+use super::record::{Direction, FlowRecord, Verdict};
+
+/// An attribute value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Attr<'a> {
+    Str(&'a str),
+    Int(i64),
+}
+
+/// Buffers reused from span to span for the values that must be formatted.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    reason: String,
+    audit: String,
+    peer: String,
+    client: String,
+}
+
+/// OTLP status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusCode {
+    Unset = 0,
+    Error = 2,
+}
+
+/// The decision in words: which policy and rule, why, and what audit mode says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Explained<'a> {
+    pub policy: Option<&'a str>,
+    pub rule: Option<i64>,
+    pub reason: Option<&'a str>,
+    pub audit: Option<&'a str>,
+    pub version: Option<u64>,
+}
+
+impl FlowRecord {
+    /// Explains the verdict, formatting texts into `reason` and `audit`.
+    pub fn explain<'a>(&'a self, reason: &'a mut String, audit: &'a mut String) -> Explained<'a> {
+        reason.clear();
+        audit.clear();
+        match &self.verdict {
+            Verdict::Local { decision, version } => local(decision, *version, reason, audit),
+            Verdict::NoPolicy => Explained {
+                reason: Some("deny: no policy received from the control plane yet (fail closed)"),
+                ..Explained::default()
+            },
+            Verdict::Peer { denied, audit: finding } => peer(denied.as_ref(), finding.as_ref(), reason, audit),
+            Verdict::Handshake { message, .. } => {
+                let _ = write!(reason, "TLS handshake refused: {message}");
+                let reason: &'a String = reason;
+                Explained { reason: Some(reason), ..Explained::default() }
+            }
+            Verdict::Forwarded | Verdict::Failed => Explained::default(),
+        }
+    }
+
+    /// [`FlowRecord::status`], explaining into `s`.
+    pub fn status_in<'a>(&'a self, s: &'a mut Scratch) -> (StatusCode, Option<&'a str>) {
+        let e = self.explain(&mut s.reason, &mut s.audit);
+        self.status(&e)
+    }
+
+    /// Error for a denial (with its reason) or a failure (with what failed).
+    pub fn status<'a>(&'a self, e: &Explained<'a>) -> (StatusCode, Option<&'a str>) {
+        if self.verdict.is_denied() {
+            return (StatusCode::Error, Some(e.reason.unwrap_or("denied")));
+        }
+        match &self.error {
+            Some(err) => (StatusCode::Error, Some(err)),
+            None => (StatusCode::Unset, None),
+        }
+    }
+
+    /// The semconv `error.type`: a bounded class of what went wrong.
+    pub fn error_type(&self) -> Option<&str> {
+        match (&self.verdict, &self.error) {
+            (Verdict::Handshake { label, .. }, _) => Some(label),
+            (v, _) if v.is_denied() => Some("policy_denied"),
+            (_, Some(e)) => Some(e.split(':').next().unwrap_or("error").trim()),
+            _ => None,
+        }
+    }
+
+    /// Calls `f` with every attribute of this flow's span.
+    pub fn visit(&self, s: &mut Scratch, mut f: impl FnMut(&'static str, Attr<'_>)) {
+        let Scratch { reason, audit, peer, client } = s;
+        let facts = &self.facts;
+        f("trellis.direction", Attr::Str(facts.direction.label()));
+        f("trellis.decision", Attr::Str(self.verdict.label()));
+        f("trellis.protocol", Attr::Str(self.protocol));
+        f("network.transport", Attr::Str("tcp"));
+        peer.clear();
+        let _ = write!(peer, "{}", facts.peer.ip());
+        f("network.peer.address", Attr::Str(peer));
+        f("network.peer.port", Attr::Int(i64::from(facts.peer.port())));
+        f("server.port", Attr::Int(i64::from(facts.server_port)));
+        if let Some(c) = facts.client {
+            client.clear();
+            let _ = write!(client, "{}", c.ip());
+            f("client.address", Attr::Str(client));
+            f("client.port", Attr::Int(i64::from(c.port())));
+        }
+        if let Some(id) = &facts.source {
+            f("trellis.source.spiffe_id", Attr::Str(id.as_str()));
+        }
+        if let Some(id) = &facts.destination {
+            f("trellis.destination.spiffe_id", Attr::Str(id.as_str()));
+        }
+        self.visit_explained(self.explain(reason, audit), &mut f);
+        if self.http.is_some() {
+            self.visit_http(&mut f);
+        } else {
+            // No semantic convention names a connection's bytes; HTTP uses the body sizes.
+            f("trellis.bytes.sent", Attr::Int(self.bytes_sent as i64));
+            f("trellis.bytes.received", Attr::Int(self.bytes_received as i64));
+        }
+        if let Some(t) = self.error_type() {
+            f("error.type", Attr::Str(t));
+        }
+    }
+
+    fn visit_explained(&self, e: Explained<'_>, f: &mut impl FnMut(&'static str, Attr<'_>)) {
+        let optional = [("trellis.policy", e.policy), ("trellis.reason", e.reason), ("trellis.audit", e.audit)];
+        for (key, value) in optional {
+            if let Some(v) = value {
+                f(key, Attr::Str(v));
+            }
+        }
+        if let Some(r) = e.rule {
+            f("trellis.rule", Attr::Int(r));
+        }
+        if let Some(v) = e.version {
+            f("trellis.policy.version", Attr::Int(v as i64));
+        }
+    }
+
+    fn visit_http(&self, f: &mut impl FnMut(&'static str, Attr<'_>)) {
+        let Some(h) = &self.http else { return };
+        f("network.protocol.name", Attr::Str("http"));
+        f("network.protocol.version", Attr::Str(h.version));
+        f("http.request.method", Attr::Str(h.method.as_str()));
+        f("url.path", Attr::Str(h.path.as_str()));
+        f("http.response.status_code", Attr::Int(i64::from(h.status)));
+        f("http.request.body.size", Attr::Int(self.bytes_sent as i64));
+        f("http.response.body.size", Attr::Int(self.bytes_received as i64));
+    }
+
+    /// OTLP span kind: SERVER inbound, CLIENT outbound.
+    pub fn kind(&self) -> i32 {
+        match self.facts.direction {
+            Direction::Inbound => 2,
+            Direction::Outbound => 3,
+        }
+    }
+}
+
+/// This proxy's decision. The reason is spelled out only when it is not a plain allow
+/// (policy and rule already say which rule allowed).
+fn local<'a>(d: &'a Decision, version: u64, reason: &'a mut String, audit: &'a mut String) -> Explained<'a> {
+    let (policy, rule) = match &d.reason {
+        Reason::Policy { name, rule, .. } => (Some(&**name), Some(*rule as i64)),
+        _ => (None, None),
+    };
+    let audit_deny = d.audit.as_ref().filter(|a| a.action == Action::Deny);
+    if let Some(a) = audit_deny {
+        let _ = write!(audit, "{}", a.reason);
+    }
+    if !d.is_allowed() || audit_deny.is_some() || policy.is_none() {
+        let _ = write!(reason, "{}", d.reason);
+    }
+    let (reason, audit): (&'a String, &'a String) = (reason, audit);
+    Explained {
+        policy,
+        rule,
+        reason: (!reason.is_empty()).then_some(reason.as_str()),
+        audit: audit_deny.map(|_| audit.as_str()),
+        version: Some(version),
+    }
+}
+
+/// The peer's decision, from its `policy=NAME; rule=N` / `default-deny` header values.
+fn peer<'a>(
+    denied: Option<&'a HeaderValue>,
+    finding: Option<&'a HeaderValue>,
+    reason: &'a mut String,
+    audit: &'a mut String,
+) -> Explained<'a> {
+    let denied = denied.and_then(|v| v.to_str().ok());
+    let (policy, rule) = denied.map(parse_policy_rule).unwrap_or_default();
+    if let Some(d) = denied {
+        let _ = write!(reason, "deny: {d}");
+    }
+    if let Some(a) = finding.and_then(|v| v.to_str().ok()) {
+        let _ = write!(audit, "deny: {a}");
+    }
+    let (reason, audit): (&'a String, &'a String) = (reason, audit);
+    Explained {
+        policy,
+        rule,
+        reason: denied.map(|_| reason.as_str()),
+        audit: (!audit.is_empty()).then_some(audit.as_str()),
+        version: None,
+    }
+}
+
+/// `policy=NAME; rule=N` → (NAME, N).
+fn parse_policy_rule(s: &str) -> (Option<&str>, Option<i64>) {
+    let mut policy = None;
+    let mut rule = None;
+    for part in s.split(';').map(str::trim) {
+        if let Some(p) = part.strip_prefix("policy=") {
+            policy = Some(p);
+        } else if let Some(r) = part.strip_prefix("rule=") {
+            rule = r.parse().ok();
+        }
+    }
+    (policy, rule)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::tests::sample_record;
+    use std::collections::BTreeMap;
+
+    fn attrs(r: &FlowRecord) -> BTreeMap<&'static str, String> {
+        let mut out = BTreeMap::new();
+        r.visit(&mut Scratch::default(), |k, v| {
+            let v = match v {
+                Attr::Str(s) => s.to_string(),
+                Attr::Int(i) => i.to_string(),
+            };
+            out.insert(k, v);
+        });
+        out
+    }
+
+    #[test]
+    fn peer_denial_names_policy_and_rule() {
+        let mut r = sample_record();
+        r.verdict = Verdict::Peer { denied: Some(HeaderValue::from_static("policy=no; rule=2")), audit: None };
+        let a = attrs(&r);
+        assert_eq!(a["trellis.policy"], "no");
+        assert_eq!(a["trellis.rule"], "2");
+        assert_eq!(a["trellis.decision"], "deny");
+        assert_eq!(a["error.type"], "policy_denied");
+        let (mut reason, mut audit) = (String::new(), String::new());
+        let e = r.explain(&mut reason, &mut audit);
+        assert_eq!(r.status(&e), (StatusCode::Error, Some("deny: policy=no; rule=2")));
+    }
+
+    #[test]
+    fn allowed_and_audit_findings() {
+        let mut r = sample_record();
+        r.verdict = Verdict::Peer { denied: None, audit: Some(HeaderValue::from_static("default-deny")) };
+        let a = attrs(&r);
+        assert_eq!((a["trellis.decision"].as_str(), a["trellis.audit"].as_str()), ("audit-deny", "deny: default-deny"));
+        assert!(!a.contains_key("trellis.reason") && !a.contains_key("error.type"));
+        r.verdict = Verdict::Forwarded;
+        let (mut reason, mut audit) = (String::new(), String::new());
+        let e = r.explain(&mut reason, &mut audit);
+        assert_eq!(r.status(&e), (StatusCode::Unset, None));
+        assert_eq!(parse_policy_rule("default-deny"), (None, None));
+    }
+}

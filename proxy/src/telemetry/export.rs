@@ -1,0 +1,243 @@
+//! The telemetry thread: every [`TICK`] it takes what the data path queued ([`Queue`]),
+//! sends spans to the exporter in batches and writes flow-log lines. Exports run here,
+//! never on the data path.
+//!
+//! Why not the SDK's `BatchSpanProcessor`: it counts the spans it drops only in an internal
+//! log line, and `trellis_spans_dropped_total` must count them; it samples when a span
+//! starts, while Trellis decides at the end (a denial is known only then, and denials are
+//! always exported); and it wakes its thread per span. Why not its exporters: see
+//! [`super::otlp`].
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use tokio_util::sync::CancellationToken;
+use trellis_identity::SpiffeId;
+
+use super::jsonl::{SpanWriter, write_flow_line};
+use super::otlp::{Encoder, Transport};
+use super::queue::{Item, Queue};
+use super::{OtlpProtocol, TelemetryError};
+
+/// Spans sent in one export call at most.
+const MAX_BATCH: usize = 512;
+/// How often the queues are emptied: spans reach the exporter within about this long.
+pub const TICK: Duration = Duration::from_millis(100);
+/// How long one export may take before its spans count as dropped.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed export, batches are dropped unencoded for this long before the next
+/// try, so an unreachable collector costs almost nothing.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Where spans go.
+pub enum SinkSpec {
+    Otlp { endpoint: String, protocol: OtlpProtocol },
+    File(Box<dyn std::io::Write + Send>),
+}
+
+enum Sink {
+    Otlp { encoder: Box<Encoder>, transport: Transport, buf: Vec<u8> },
+    File(SpanWriter),
+}
+
+impl Sink {
+    /// Builds the exporter; must run inside the telemetry thread's runtime (tonic's lazy
+    /// channel spawns its worker there).
+    fn build(spec: SinkSpec) -> Result<Sink, TelemetryError> {
+        match spec {
+            SinkSpec::File(out) => Ok(Sink::File(SpanWriter::new(out))),
+            SinkSpec::Otlp { endpoint, protocol } => Ok(Sink::Otlp {
+                encoder: Box::default(),
+                transport: Transport::new(&endpoint, protocol, EXPORT_TIMEOUT)?,
+                buf: Vec::new(),
+            }),
+        }
+    }
+
+    async fn export(&mut self, batch: &[Item]) -> Result<(), String> {
+        match self {
+            Sink::Otlp { encoder, transport, buf } => {
+                encoder.encode(batch, buf);
+                let body = Bytes::copy_from_slice(buf);
+                match tokio::time::timeout(EXPORT_TIMEOUT + Duration::from_secs(1), transport.send(body)).await {
+                    Ok(r) => r,
+                    Err(_) => Err("export timed out".into()),
+                }
+            }
+            Sink::File(w) => w.write(batch).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn set_resource(&mut self, attrs: &[(&'static str, String)]) {
+        match self {
+            Sink::Otlp { encoder, .. } => encoder.set_resource(attrs),
+            Sink::File(w) => w.set_resource(attrs),
+        }
+    }
+}
+
+/// Counters the telemetry thread moves.
+#[derive(Clone, Debug)]
+pub struct ExportCounters {
+    pub exported: Counter,
+    pub export_failed: Counter,
+}
+
+/// What the telemetry thread is given to run.
+pub struct Plan {
+    pub spans: Option<(SinkSpec, Arc<Queue>)>,
+    pub flows: Option<(Box<dyn std::io::Write + Send>, Arc<Queue>)>,
+    pub identity: Arc<OnceLock<SpiffeId>>,
+    pub counters: ExportCounters,
+}
+
+/// The running telemetry thread.
+#[derive(Debug)]
+pub struct Worker {
+    stop: CancellationToken,
+    done: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+impl Worker {
+    /// Starts the thread and waits until the exporter is built (so a bad endpoint fails
+    /// the proxy's start, not its first export).
+    pub fn spawn(plan: Plan) -> Result<Worker, TelemetryError> {
+        let stop = CancellationToken::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let token = stop.clone();
+        std::thread::Builder::new()
+            .name("trellis-telemetry".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => return drop(ready_tx.send(Err(TelemetryError::Thread(e.to_string())))),
+                };
+                rt.block_on(run(plan, token, ready_tx));
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| TelemetryError::Thread(e.to_string()))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Worker { stop, done: std::sync::Mutex::new(Some(done_rx)) }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(TelemetryError::Thread("telemetry thread exited while starting".into())),
+        }
+    }
+
+    /// Sends what is queued, waiting at most `timeout`.
+    pub async fn shutdown(&self, timeout: Duration) {
+        self.stop.cancel();
+        let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(done) = done {
+            let _ = tokio::time::timeout(timeout, done).await;
+        }
+    }
+}
+
+async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender<Result<(), TelemetryError>>) {
+    let Plan { spans, flows, identity, counters } = plan;
+    let mut spans = match spans {
+        Some((spec, queue)) => match Sink::build(spec) {
+            Ok(sink) => Some((SpanLoop::new(sink, identity, counters), queue)),
+            Err(e) => return drop(ready.send(Err(e))),
+        },
+        None => None,
+    };
+    let _ = ready.send(Ok(()));
+    let mut flows = flows;
+    let mut buf: Vec<Item> = Vec::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            () = stop.cancelled() => true,
+        };
+        if let Some((out, queue)) = flows.as_mut() {
+            queue.take(&mut buf);
+            if let Err(e) = write_flow_lines(out, &mut buf) {
+                tracing::warn!(error = %e, "cannot write the flow log");
+            }
+            buf.clear();
+        }
+        if let Some((span_loop, queue)) = spans.as_mut() {
+            queue.take(&mut buf);
+            span_loop.send(&mut buf).await;
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+struct SpanLoop {
+    sink: Sink,
+    identity: Arc<OnceLock<SpiffeId>>,
+    counters: ExportCounters,
+    resource_set: bool,
+    /// Set after a failed export: until then, batches are dropped without an attempt.
+    hold_until: Option<Instant>,
+}
+
+impl SpanLoop {
+    fn new(sink: Sink, identity: Arc<OnceLock<SpiffeId>>, counters: ExportCounters) -> Self {
+        SpanLoop { sink, identity, counters, resource_set: false, hold_until: None }
+    }
+
+    /// Exports everything in `buf`, batch by batch, and empties it.
+    async fn send(&mut self, buf: &mut Vec<Item>) {
+        for batch in buf.chunks(MAX_BATCH) {
+            if self.hold_until.is_some_and(|t| Instant::now() < t) {
+                self.counters.export_failed.inc_by(batch.len() as u64);
+                continue;
+            }
+            self.export(batch).await;
+        }
+        buf.clear();
+    }
+
+    async fn export(&mut self, batch: &[Item]) {
+        if !self.resource_set
+            && let Some(id) = self.identity.get()
+        {
+            self.sink.set_resource(&resource(id));
+            self.resource_set = true;
+        }
+        let n = batch.len() as u64;
+        match self.sink.export(batch).await {
+            Ok(()) => {
+                self.counters.exported.inc_by(n);
+                if self.hold_until.take().is_some() {
+                    tracing::info!("span export recovered");
+                }
+            }
+            Err(e) => {
+                self.counters.export_failed.inc_by(n);
+                if self.hold_until.replace(Instant::now() + FAILURE_BACKOFF).is_none() {
+                    tracing::warn!(error = %e, "span export failed; dropping spans until it recovers");
+                }
+            }
+        }
+    }
+}
+
+/// `service.name = trellis-proxy`, its version, and the workload's SPIFFE ID.
+pub fn resource(id: &SpiffeId) -> [(&'static str, String); 3] {
+    [
+        ("service.name", "trellis-proxy".to_string()),
+        ("service.version", env!("CARGO_PKG_VERSION").to_string()),
+        ("trellis.workload.spiffe_id", id.as_str().to_string()),
+    ]
+}
+
+fn write_flow_lines(out: &mut Box<dyn std::io::Write + Send>, buf: &mut Vec<Item>) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    for r in buf.drain(..) {
+        write_flow_line(out, &r)?;
+    }
+    out.flush()
+}

@@ -1,0 +1,41 @@
+//! `trellis demo --once` as a newcomer runs it (issue #8): exit 0, every scripted flow got
+//! the decision examples/demo/policies.yaml says it should, traces were written and a
+//! denied span shown, and nothing is left behind.
+
+use std::process::Command;
+
+#[test]
+fn demo_once_runs_every_flow_as_the_policy_says_and_cleans_up() {
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis")).args(["demo", "--once"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+
+    let expected = [
+        ("web → api  GET /api/items", "allow", "policy api-from-web rule 0"),
+        ("web → api  GET /admin", "deny", "x-trellis-denied: default-deny"),
+        ("web → api  POST /api/items", "deny", "x-trellis-denied: default-deny"),
+        ("web → api  GET /api/reports", "audit-deny", "audit: policy retire-reports rule 0"),
+        ("api → db  connect", "allow", "policy db-from-api rule 0"),
+        ("web → db  connect", "deny", "default deny"),
+        ("rogue (no SVID) → api sidecar", "refused", "mTLS required"),
+    ];
+    for (flow, decision, reason) in expected {
+        let line = stdout.lines().find(|l| l.contains(flow)).unwrap_or_else(|| panic!("no row for {flow}:\n{stdout}"));
+        assert!(line.starts_with('✓'), "{line}");
+        assert!(line.split_whitespace().any(|w| w == decision), "{flow}: expected {decision}: {line}");
+        assert!(line.contains(reason), "{flow}: expected reason {reason}: {line}");
+    }
+    assert!(!stdout.contains('✗'), "{stdout}");
+
+    // Where the traces went, and a denied span's attributes.
+    let traces = stdout.lines().find(|l| l.starts_with("Traces:")).expect("a traces line");
+    assert!(traces.contains("of denied flows"), "{traces}");
+    assert!(stdout.contains("trellis.decision") && stdout.contains("deny"), "{stdout}");
+
+    // Nothing left behind: the temporary dir is gone and no demo process survives.
+    let dir = traces.rsplit(" in ").next().and_then(|p| std::path::Path::new(p.trim()).parent()).expect("trace path");
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+    let survivors = Command::new("pgrep").args(["-f", &dir.display().to_string()]).output().unwrap();
+    assert!(survivors.stdout.is_empty(), "demo processes survived: {}", String::from_utf8_lossy(&survivors.stdout));
+}
