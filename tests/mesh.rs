@@ -94,6 +94,7 @@ async fn allowed_get_reaches_backend_with_verified_peer_id() {
     let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(seen["path"], "/api/items");
     assert_eq!(seen["query"], "x=1");
+    assert_eq!(seen["headers"]["host"], m.http.to_string(), "the app sees the Host its client used");
     assert_eq!(seen["headers"]["x-trellis-peer-id"], WEB);
     // The app spoke HTTP/1.1 to its sidecar, so its backend hears HTTP/1.1 again.
     assert_eq!(seen["version"], "HTTP/1.1");
@@ -382,4 +383,25 @@ async fn direct_clients_to_the_inbound_port_are_refused() {
     }
     let out = s_client.wait_with_output().unwrap();
     assert!(!String::from_utf8_lossy(&out.stdout).contains("hello"), "the intruder's bytes were echoed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_clients_are_carried_end_to_end() {
+    let m = default_mesh().await;
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::client::legacy::connect::HttpConnector::new());
+    for path in ["/api/h2", "/api/h2/again"] {
+        let (status, _, body) = get(&client, &format!("http://{}{path}", m.http), "GET", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(seen["version"], "HTTP/2.0", "an HTTP/2 client's backend hears HTTP/2");
+        assert_eq!(seen["path"], path);
+        assert_eq!(seen["headers"]["x-trellis-peer-id"], WEB);
+        // The authority the client used reaches the app as :authority, with no Host to
+        // contradict it (an HTTP/2 server may refuse that).
+        assert_eq!(seen["authority"], m.http.to_string());
+        assert!(seen["headers"].get("host").is_none(), "{seen}");
+    }
 }

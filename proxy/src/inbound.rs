@@ -18,9 +18,7 @@ use std::time::Duration;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::Either;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -47,28 +45,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 type PeerIo = Prefixed<TlsStream<TcpStream>>;
-
-/// Clients from the inbound sidecar to its app: pooled HTTP/1.1 and (for apps that speak
-/// it, such as gRPC servers) HTTP/2 with prior knowledge.
-#[derive(Clone, Debug)]
-pub struct AppClients {
-    h1: Client<HttpConnector, ReqBody>,
-    h2: Client<HttpConnector, ReqBody>,
-}
-
-impl Default for AppClients {
-    fn default() -> Self {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(conn.clone());
-        let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(conn);
-        AppClients { h1, h2 }
-    }
-}
 
 /// Serves one inbound listener until shutdown.
 pub async fn serve(state: Arc<ProxyState>, spec: InboundSpec, listener: TcpListener) {
@@ -463,9 +439,10 @@ async fn forward_http(ctx: &ConnCtx, permit: Permit, mut req: Request<ReqBody>) 
         return crate::upgrade::forward_upgrade(req, UpgradeTarget::App(ctx.app), ctx.cancel.clone()).await;
     }
     let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some() || req.version() != http::Version::HTTP_2;
-    prepare_for_app(ctx, &mut req);
+    prepare_for_app(ctx, &mut req, !downgrade);
     *req.version_mut() = if downgrade { http::Version::HTTP_11 } else { http::Version::HTTP_2 };
-    let client = if downgrade { &ctx.state.app.h1 } else { &ctx.state.app.h2 };
+    let app = ctx.state.app.get(ctx.app);
+    let client = if downgrade { &app.h1 } else { &app.h2 };
     match client.request(req).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
@@ -487,18 +464,27 @@ async fn forward_http(ctx: &ConnCtx, permit: Permit, mut req: Request<ReqBody>) 
 pub use crate::upgrade::UpgradeTarget;
 
 /// Sets the headers and absolute URI the app client needs.
-fn prepare_for_app<B>(ctx: &ConnCtx, req: &mut Request<B>) {
-    let authority = req.uri().authority().map(|a| a.as_str().to_string());
+/// The URI carries the authority the caller used (the app client dials the app whatever it
+/// says); HTTP/2 to the app carries it as `:authority` only.
+fn prepare_for_app<B>(ctx: &ConnCtx, req: &mut Request<B>, h2: bool) {
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
+        .unwrap_or_else(|| ctx.app.to_string());
     let path = forwarded_path(req.uri());
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     set_peer_header(ctx, headers);
-    if !headers.contains_key(header::HOST)
-        && let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
-    {
-        headers.insert(header::HOST, a);
+    if h2 {
+        headers.remove(header::HOST);
     }
-    if let Ok(uri) = Uri::builder().scheme("http").authority(ctx.app.to_string()).path_and_query(path).build() {
+    let uri = Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(path.clone()).build();
+    let uri =
+        uri.or_else(|_| Uri::builder().scheme("http").authority(ctx.app.to_string()).path_and_query(path).build());
+    if let Ok(uri) = uri {
         *req.uri_mut() = uri;
     }
 }

@@ -15,6 +15,7 @@
 //! the data path, and [`init`] writes the transparent-capture rules for `trellis proxy init`.
 
 pub mod admin;
+pub mod app;
 pub mod authz;
 pub mod config;
 pub mod conns;
@@ -121,7 +122,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
         conns: Arc::default(),
         shutdown: CancellationToken::new(),
         pools: pool::PeerPools::default(),
-        app: inbound::AppClients::default(),
+        app: app::AppClients::default(),
     });
     tokio::spawn(admin::serve(state.clone(), listeners.admin));
     tokio::pin!(shutdown);

@@ -186,7 +186,7 @@ pub struct ProxyState {
     /// Cancelled on SIGTERM: listeners stop accepting and connections start draining.
     pub shutdown: CancellationToken,
     pub pools: crate::pool::PeerPools,
-    pub app: crate::inbound::AppClients,
+    pub app: crate::app::AppClients,
 }
 
 impl std::fmt::Debug for ProxyState {

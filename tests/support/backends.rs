@@ -61,10 +61,12 @@ async fn answer(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
     let headers: BTreeMap<String, String> =
         req.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
     let query = req.uri().query().map(str::to_string);
+    let authority = req.uri().authority().map(|a| a.to_string());
     let body = serde_json::json!({
         "method": req.method().as_str(),
         "path": path,
         "query": query,
+        "authority": authority,
         "version": format!("{:?}", req.version()),
         "headers": headers,
     });

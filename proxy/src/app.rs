@@ -1,0 +1,83 @@
+//! Clients from the inbound sidecar to its local app: pooled HTTP/1.1, and HTTP/2 with prior
+//! knowledge for apps whose clients speak it (gRPC servers).
+//!
+//! A client dials one fixed app address whatever the request's URI says, so the URI can
+//! carry the authority the caller used (`Host` for HTTP/1.1, `:authority` for HTTP/2) all
+//! the way to the app — an HTTP/2 server must not see a `Host` that disagrees with
+//! `:authority` (RFC 9113 §8.3.1).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use crate::http::ReqBody;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Dials `target` for every URI.
+#[derive(Clone, Debug)]
+pub struct FixedConnector {
+    target: Uri,
+    inner: HttpConnector,
+}
+
+impl tower::Service<Uri> for FixedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = <HttpConnector as tower::Service<Uri>>::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, _dst: Uri) -> Self::Future {
+        Box::pin(self.inner.call(self.target.clone()))
+    }
+}
+
+/// The pair of clients for one app address.
+#[derive(Clone, Debug)]
+pub struct AppClient {
+    pub h1: Client<FixedConnector, ReqBody>,
+    pub h2: Client<FixedConnector, ReqBody>,
+}
+
+impl AppClient {
+    fn new(app: SocketAddr) -> Self {
+        let mut inner = HttpConnector::new();
+        inner.set_nodelay(true);
+        inner.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let target = Uri::try_from(format!("http://{app}")).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1"));
+        let conn = FixedConnector { target, inner };
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(conn.clone());
+        let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(conn);
+        AppClient { h1, h2 }
+    }
+}
+
+/// One [`AppClient`] per app address (one per `--inbound LISTEN=APP`, or per original
+/// destination when capturing transparently).
+#[derive(Debug, Default)]
+pub struct AppClients {
+    by_app: Mutex<HashMap<SocketAddr, AppClient>>,
+}
+
+impl AppClients {
+    pub fn get(&self, app: SocketAddr) -> AppClient {
+        let mut map = self.by_app.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(app).or_insert_with(|| AppClient::new(app)).clone()
+    }
+}
