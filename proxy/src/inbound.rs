@@ -34,12 +34,13 @@ use crate::http::{
     ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, server_builder, strip_hop_by_hop,
     strip_trellis_headers,
 };
-use crate::io::{Prefixed, Transferred, tunnel};
+use crate::io::Prefixed;
 use crate::layers::{MetricsLayer, PermitSlot, PolicyLayer, TraceLayer};
 use crate::metrics::OpenGuard;
 use crate::sniff::{Protocol, detect};
 use crate::state::{ALPN_H2, ALPN_HTTP11, ALPN_OPAQUE, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, Started, Verdict};
+use crate::tunnel::{Transferred, tunnel};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -32,6 +32,7 @@ pub mod pool;
 pub mod sniff;
 pub mod state;
 pub mod svid;
+pub mod tunnel;
 pub mod telemetry;
 pub mod upgrade;
 

@@ -33,12 +33,13 @@ use crate::conns::TrackedFlow;
 use crate::http::{
     AUDIT, DENIED, ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, server_builder, strip_hop_by_hop,
 };
-use crate::io::{Prefixed, Transferred, tunnel};
+use crate::io::Prefixed;
 use crate::layers::{BoxFuture, Decided, MetricsLayer, TraceLayer};
 use crate::metrics::OpenGuard;
 use crate::sniff::{Protocol, detect};
 use crate::state::{PeerProtocol, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, Started, Verdict};
+use crate::tunnel::{Transferred, tunnel};
 use crate::upgrade::{UpgradeTarget, forward_upgrade};
 
 const EGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

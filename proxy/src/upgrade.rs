@@ -60,7 +60,7 @@ pub async fn forward_upgrade(
             match tokio::try_join!(client_side, far_side) {
                 Ok((a, b)) => {
                     let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                    if let Err(e) = crate::io::tunnel(&mut a, &mut b, &cancel).await {
+                    if let Err(e) = crate::tunnel::tunnel(&mut a, &mut b, &cancel).await {
                         tracing::debug!(error = %e, "upgraded connection ended with error");
                     }
                 }

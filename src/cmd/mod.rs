@@ -13,15 +13,17 @@ pub mod workloads;
 
 /// Logs go to stderr so that stdout stays parseable (`token create` prints only the token).
 pub fn init_logging(filter: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // `Targets` (`info,trellis_proxy=debug`) rather than `EnvFilter`: the same directives
+    // for what we log, without a regex engine mapped into every sidecar.
+    let filter = filter.parse::<tracing_subscriber::filter::Targets>().unwrap_or_else(|e| {
+        eprintln!("warning: --log {filter:?} is not a log filter ({e}); using info");
+        tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+    });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(ansi)
-        .try_init();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
+    let _ = tracing_subscriber::registry().with(fmt).with(filter).try_init();
 }
 
 /// A proxy or control plane holds one descriptor per connection; the default soft limit
