@@ -32,8 +32,8 @@ pub mod pool;
 pub mod sniff;
 pub mod state;
 pub mod svid;
-pub mod tunnel;
 pub mod telemetry;
+pub mod tunnel;
 pub mod upgrade;
 
 use std::future::Future;
