@@ -47,6 +47,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers: the fixed set, whatever `Connection` names, and `TE`
 /// except `TE: trailers` (which gRPC needs end to end over HTTP/2).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the names instead of a hashed
+    // removal per hop-by-hop header, on every request and response, both directions.
+    if !headers.keys().any(|n| *n == header::TE || HOP_BY_HOP.contains(n)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -66,9 +71,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Removes the headers only Trellis may set from an app's response, so an app cannot make
 /// its answer look like a sidecar's denial, audit finding or failure.
 pub fn strip_trellis_headers(headers: &mut HeaderMap) {
-    headers.remove(DENIED);
-    headers.remove(AUDIT);
-    headers.remove(ERROR);
+    if headers.keys().any(|n| n.as_str().starts_with("x-trellis-")) {
+        headers.remove(DENIED);
+        headers.remove(AUDIT);
+        headers.remove(ERROR);
+    }
 }
 
 /// Is this an HTTP/1.1 upgrade request (WebSocket and friends)?
