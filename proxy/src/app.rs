@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -72,12 +72,14 @@ impl AppClient {
 /// destination when capturing transparently).
 #[derive(Debug, Default)]
 pub struct AppClients {
-    by_app: Mutex<HashMap<SocketAddr, AppClient>>,
+    by_app: Mutex<HashMap<SocketAddr, Arc<AppClient>>>,
 }
 
 impl AppClients {
-    pub fn get(&self, app: SocketAddr) -> AppClient {
+    /// Shared, not cloned: a request's future holds this across its await, and a pair of
+    /// `Client`s by value would make every request's future hundreds of bytes larger.
+    pub fn get(&self, app: SocketAddr) -> Arc<AppClient> {
         let mut map = self.by_app.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(app).or_insert_with(|| AppClient::new(app)).clone()
+        map.entry(app).or_insert_with(|| Arc::new(AppClient::new(app))).clone()
     }
 }

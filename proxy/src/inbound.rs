@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::Either;
 use hyper_util::rt::TokioIo;
@@ -157,6 +157,7 @@ async fn dispatch(state: Arc<ProxyState>, auth: Authenticated, protocol: Protoco
     let Authenticated { io, remote, app, peer, me, started } = auth;
     let io = Prefixed::new(prefix, io);
     let facts = state.telemetry.is_on().then(|| inbound_facts(remote, app, Some(peer.clone()), Some(me.clone())));
+    let peer_header = HeaderValue::from_str(peer.as_str()).ok();
     let ctx = Arc::new(ConnCtx {
         state,
         peer,
@@ -166,6 +167,7 @@ async fn dispatch(state: Arc<ProxyState>, auth: Authenticated, protocol: Protoco
         started,
         facts,
         cancel: CancellationToken::new(),
+        peer_header,
         tracked: Mutex::new(None),
     });
     match protocol {
@@ -260,6 +262,8 @@ pub struct ConnCtx {
     pub facts: Option<Arc<ConnFacts>>,
     /// Fired when a policy change revokes this connection.
     pub cancel: CancellationToken,
+    /// `x-trellis-peer-id` for every request on this connection, built once.
+    peer_header: Option<HeaderValue>,
     tracked: Mutex<Option<Tracked>>,
 }
 
@@ -437,7 +441,8 @@ async fn forward_http(ctx: &ConnCtx, permit: Permit, mut req: Request<ReqBody>) 
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
     if is_upgrade(&req) {
         set_peer_header(ctx, req.headers_mut());
-        return crate::upgrade::forward_upgrade(req, UpgradeTarget::App(ctx.app), ctx.cancel.clone()).await;
+        // Boxed so the rare upgrade does not size (and slow) every request's future.
+        return Box::pin(crate::upgrade::forward_upgrade(req, UpgradeTarget::App(ctx.app), ctx.cancel.clone())).await;
     }
     let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some() || req.version() != http::Version::HTTP_2;
     prepare_for_app(ctx, &mut req, !downgrade);
@@ -468,43 +473,73 @@ pub use crate::upgrade::UpgradeTarget;
 /// The URI carries the authority the caller used (the app client dials the app whatever it
 /// says); HTTP/2 to the app carries it as `:authority` only.
 fn prepare_for_app<B>(ctx: &ConnCtx, req: &mut Request<B>, h2: bool) {
-    let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
-        .unwrap_or_else(|| ctx.app.to_string());
-    let path = forwarded_path(req.uri());
+    let uri = app_uri(std::mem::take(req.uri_mut()), req.headers().get(header::HOST), ctx.app);
+    *req.uri_mut() = uri;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     set_peer_header(ctx, headers);
     if h2 {
         headers.remove(header::HOST);
     }
-    let uri = Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(path.clone()).build();
-    let uri =
-        uri.or_else(|_| Uri::builder().scheme("http").authority(ctx.app.to_string()).path_and_query(path).build());
-    if let Ok(uri) = uri {
-        *req.uri_mut() = uri;
-    }
 }
 
 /// Replaces any `x-trellis-peer-id` the client sent with the verified one.
 fn set_peer_header(ctx: &ConnCtx, headers: &mut http::HeaderMap) {
     headers.remove(PEER_ID);
-    if let Ok(v) = HeaderValue::from_str(ctx.peer.as_str()) {
-        headers.insert(PEER_ID, v);
+    if let Some(v) = &ctx.peer_header {
+        headers.insert(PEER_ID, v.clone());
     }
 }
 
-/// The path the policy judged (normalized), with the original query.
-fn forwarded_path(uri: &Uri) -> PathAndQuery {
-    let raw = uri.path();
-    let normalized = normalize_path(raw).map(|p| p.into_owned()).unwrap_or_else(|_| raw.to_string());
-    let full = match uri.query() {
-        Some(q) => format!("{normalized}?{q}"),
-        None => normalized,
+/// The absolute URI for the app: the caller's authority (`Host`, else the request
+/// target's, else the app's address) and the path the policy judged (normalized) with the
+/// original query. The parts are reused, and re-parsed only when normalizing changed the
+/// path: this runs for every request.
+fn app_uri(uri: Uri, host: Option<&HeaderValue>, app: SocketAddr) -> Uri {
+    let normalized = match normalize_path(uri.path()) {
+        Ok(Cow::Owned(path)) => Some(match uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        }),
+        _ => None,
     };
-    full.parse().unwrap_or_else(|_| PathAndQuery::from_static("/"))
+    let mut parts = uri.into_parts();
+    if let Some(full) = normalized {
+        parts.path_and_query = Some(full.parse().unwrap_or_else(|_| PathAndQuery::from_static("/")));
+    }
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    let from_host = host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
+    let authority = from_host.or(parts.authority.take()).or_else(|| Authority::try_from(app.to_string()).ok());
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = authority;
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> SocketAddr {
+        "127.0.0.1:8080".parse().unwrap()
+    }
+
+    #[test]
+    fn app_uri_forwards_the_normalized_path_with_the_original_query() {
+        let host = HeaderValue::from_static("api.shop");
+        let uri = app_uri("/api/./v1/../items?x=%2e%2e".parse().unwrap(), Some(&host), app());
+        assert_eq!(uri.to_string(), "http://api.shop/api/items?x=%2e%2e");
+        let unchanged = app_uri("/api/items?id=1".parse().unwrap(), Some(&host), app());
+        assert_eq!(unchanged.to_string(), "http://api.shop/api/items?id=1");
+    }
+
+    #[test]
+    fn app_uri_falls_back_to_the_targets_authority_then_the_app_address() {
+        let absolute = app_uri("http://api.shop:81/x".parse().unwrap(), None, app());
+        assert_eq!(absolute.to_string(), "http://api.shop:81/x");
+        let bad_host = HeaderValue::from_static("not a host");
+        let fallback = app_uri("/x".parse().unwrap(), Some(&bad_host), app());
+        assert_eq!(fallback.to_string(), "http://127.0.0.1:8080/x");
+    }
 }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::Either;
 use hyper_util::rt::TokioIo;
@@ -289,33 +290,27 @@ impl ForwardToPeer {
         req.headers_mut().remove(ORIG_PROTO);
         if is_upgrade(&req) {
             let target = UpgradeTarget::Peer { state: self.state.clone(), addr: self.addr, id: self.id.clone() };
-            let mut resp = forward_upgrade(req, target, CancellationToken::new()).await;
+            // Boxed so the rare upgrade does not size (and slow) every request's future.
+            let mut resp = Box::pin(forward_upgrade(req, target, CancellationToken::new())).await;
             let decided = peer_verdict(&mut resp);
             resp.extensions_mut().insert(decided);
             return resp;
         }
         let was_h1 = req.version() != http::Version::HTTP_2;
-        let authority = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_else(|| self.addr.to_string());
-        let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let uri = match peer_uri(std::mem::take(req.uri_mut()), req.headers().get(header::HOST), self.addr) {
+            Ok(uri) => uri,
+            Err(e) => {
+                let resp = proxy_error(StatusCode::BAD_REQUEST, "bad_request", &format!("bad request target: {e}"));
+                return failed(resp);
+            }
+        };
+        *req.uri_mut() = uri;
         strip_hop_by_hop(req.headers_mut());
         if was_h1 {
             req.headers_mut().insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
         }
         // HTTP/2 carries the authority as :authority; a Host header would duplicate it.
         req.headers_mut().remove(header::HOST);
-        match Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(path).build() {
-            Ok(uri) => *req.uri_mut() = uri,
-            Err(e) => {
-                let resp = proxy_error(StatusCode::BAD_REQUEST, "bad_request", &format!("bad request target: {e}"));
-                return failed(resp);
-            }
-        }
         *req.version_mut() = http::Version::HTTP_2;
         let mut send = match self.state.pools.sender(&self.state, self.addr, &self.id).await {
             Ok(s) => s,
@@ -340,6 +335,24 @@ impl ForwardToPeer {
             }
         }
     }
+}
+
+/// The absolute URI a request carries to the peer: the authority the app used (`Host`,
+/// else the request target's, else the peer's address) and the app's path and query,
+/// reused rather than re-parsed (this runs for every request).
+fn peer_uri(uri: Uri, host: Option<&HeaderValue>, addr: SocketAddr) -> Result<Uri, http::Error> {
+    let mut parts = uri.into_parts();
+    let authority = match (host, parts.authority.take()) {
+        (Some(host), _) => Authority::try_from(host.as_bytes())?,
+        (None, Some(authority)) => authority,
+        (None, None) => Authority::try_from(addr.to_string())?,
+    };
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    Ok(Uri::from_parts(parts)?)
 }
 
 /// A connection out of the mesh: egress policy, then a plain TCP tunnel.
@@ -394,4 +407,36 @@ async fn forward_egress(
         Transferred::default()
     });
     ConnOutcome { verdict, sent: t.sent, received: t.received, error: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr() -> SocketAddr {
+        "10.0.0.7:8080".parse().unwrap()
+    }
+
+    #[test]
+    fn peer_uri_takes_the_host_header_and_keeps_path_and_query() {
+        let host = HeaderValue::from_static("api.shop:9000");
+        let uri = peer_uri("/v1/items?id=3".parse().unwrap(), Some(&host), addr()).unwrap();
+        assert_eq!(uri.to_string(), "http://api.shop:9000/v1/items?id=3");
+    }
+
+    #[test]
+    fn peer_uri_without_host_uses_the_targets_authority_then_the_peer_address() {
+        let absolute = peer_uri("http://db.internal/x".parse().unwrap(), None, addr()).unwrap();
+        assert_eq!(absolute.to_string(), "http://db.internal/x");
+        let origin = peer_uri("/only/path".parse().unwrap(), None, addr()).unwrap();
+        assert_eq!(origin.to_string(), "http://10.0.0.7:8080/only/path");
+        let empty = peer_uri(Uri::default(), None, addr()).unwrap();
+        assert_eq!(empty.path(), "/");
+    }
+
+    #[test]
+    fn peer_uri_refuses_a_host_that_is_no_authority() {
+        let host = HeaderValue::from_static("bad host/with space");
+        assert!(peer_uri("/".parse().unwrap(), Some(&host), addr()).is_err());
+    }
 }

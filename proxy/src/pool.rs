@@ -93,7 +93,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
 
 #[derive(Default)]
 pub struct PeerPools {
-    slots: Mutex<HashMap<(SocketAddr, SpiffeId), Slot>>,
+    /// Per peer address, a slot per identity expected there (almost always one).
+    slots: Mutex<HashMap<SocketAddr, Vec<(SpiffeId, Slot)>>>,
 }
 
 impl std::fmt::Debug for PeerPools {
@@ -112,14 +113,36 @@ impl PeerPools {
     ) -> Result<SendRequest<ReqBody>, PeerError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.entry((addr, expected.clone())).or_default().clone()
+            // Found without allocating: this runs for every request.
+            let by_id = slots.entry(addr).or_default();
+            match by_id.iter().find(|(id, _)| id == expected) {
+                Some((_, slot)) => slot.clone(),
+                None => {
+                    let slot = Slot::default();
+                    by_id.push((expected.clone(), slot.clone()));
+                    slot
+                }
+            }
         };
-        let mut guard = slot.lock().await;
-        if let Some(p) = guard.as_ref()
-            && !p.send.is_closed()
-            && p.born.elapsed() < MAX_AGE
+        if let Ok(guard) = slot.try_lock()
+            && let Some(send) = live(&guard)
         {
-            return Ok(p.send.clone());
+            return Ok(send);
+        }
+        // Boxed: the connect and handshake future is kilobytes, and every request's future
+        // would carry (and move) it even though only the first request to a peer waits here.
+        Box::pin(Self::connect_slot(slot, state, addr, expected)).await
+    }
+
+    async fn connect_slot(
+        slot: Slot,
+        state: &ProxyState,
+        addr: SocketAddr,
+        expected: &SpiffeId,
+    ) -> Result<SendRequest<ReqBody>, PeerError> {
+        let mut guard = slot.lock().await;
+        if let Some(send) = live(&guard) {
+            return Ok(send);
         }
         let send = open_h2(state, addr, expected).await?;
         *guard = Some(Pooled { send: send.clone(), born: Instant::now() });
@@ -130,6 +153,11 @@ impl PeerPools {
     pub fn clear(&self) {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
+}
+
+/// A sender on the slot's connection, if it is still usable.
+fn live(slot: &Option<Pooled>) -> Option<SendRequest<ReqBody>> {
+    slot.as_ref().filter(|p| !p.send.is_closed() && p.born.elapsed() < MAX_AGE).map(|p| p.send.clone())
 }
 
 async fn open_h2(state: &ProxyState, addr: SocketAddr, expected: &SpiffeId) -> Result<SendRequest<ReqBody>, PeerError> {
