@@ -18,9 +18,10 @@ mod cmd;
         every connection and HTTP request is checked against policy; every flow becomes a span."
 )]
 struct Cli {
-    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `trellis_proxy=debug`.
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`) and optional
+    /// per-crate levels, e.g. `info` or `warn,trellis_proxy=debug`.
     #[arg(long, global = true, env = "TRELLIS_LOG", default_value = "info")]
-    log: String,
+    log: tracing_subscriber::filter::Targets,
 
     #[command(subcommand)]
     command: Command,
@@ -51,7 +52,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cmd::init_logging(&cli.log);
+    cmd::init_logging(cli.log);
     cmd::raise_fd_limit();
     match cli.command {
         Command::Control(c) => cmd::control::run(c),

@@ -12,13 +12,10 @@ pub mod token;
 pub mod workloads;
 
 /// Logs go to stderr so that stdout stays parseable (`token create` prints only the token).
-pub fn init_logging(filter: &str) {
+pub fn init_logging(filter: tracing_subscriber::filter::Targets) {
     // `Targets` (`info,trellis_proxy=debug`) rather than `EnvFilter`: the same directives
-    // for what we log, without a regex engine mapped into every sidecar.
-    let filter = filter.parse::<tracing_subscriber::filter::Targets>().unwrap_or_else(|e| {
-        eprintln!("warning: --log {filter:?} is not a log filter ({e}); using info");
-        tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
-    });
+    // for what we log, without a regex engine mapped into every sidecar. Clap has already
+    // refused a filter that does not parse, naming it.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
