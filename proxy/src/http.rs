@@ -1,16 +1,13 @@
 //! HTTP pieces both directions share: the response body type, the Trellis headers,
-//! hop-by-hop header handling (RFC 9110 §7.6.1), generated error responses, and the
-//! hyper server settings (header timeout against slowloris, HTTP/2 limits).
+//! hop-by-hop header handling (RFC 9110 §7.6.1) and generated error responses (the
+//! hyper server settings are in [`crate::serve`]).
 
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 
 /// Responses are either relayed (`Incoming`) or generated here (`Full`).
 pub type RespBody = Either<Incoming, Full<Bytes>>;
@@ -110,21 +107,6 @@ pub fn forbidden(reason_header: &str, reason_text: &str) -> Response<RespBody> {
 /// A 502/503/504 the proxy answers when it cannot forward.
 pub fn proxy_error(status: StatusCode, label: &str, detail: &str) -> Response<RespBody> {
     generated(status, (ERROR, label), format!("trellis: {detail}\n"))
-}
-
-/// The server side of every HTTP connection the proxy accepts.
-pub fn server_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true).max_buf_size(256 * 1024);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(1024)
-        .initial_stream_window_size(1024 * 1024)
-        .initial_connection_window_size(4 * 1024 * 1024)
-        .max_header_list_size(64 * 1024)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    b
 }
 
 #[cfg(test)]

@@ -18,7 +18,6 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::Either;
-use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -31,12 +30,12 @@ use crate::authz::{Denial, Permit, authorize};
 use crate::config::InboundSpec;
 use crate::conns::{Tracked, TrackedFlow};
 use crate::http::{
-    ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, server_builder, strip_hop_by_hop,
-    strip_trellis_headers,
+    ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, strip_hop_by_hop, strip_trellis_headers,
 };
 use crate::io::Prefixed;
 use crate::layers::{MetricsLayer, PermitSlot, PolicyLayer, TraceLayer};
 use crate::metrics::OpenGuard;
+use crate::serve::serve_http;
 use crate::sniff::{Protocol, detect};
 use crate::state::{ALPN_H2, ALPN_HTTP11, ALPN_OPAQUE, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, Started, Verdict};
@@ -124,32 +123,40 @@ fn accept(
 }
 
 async fn handle(state: Arc<ProxyState>, accepted: Accepted) {
-    let Some(auth) = handshake(&state, accepted).await else { return };
+    // Each stage is boxed and dropped before the next: the task lives as long as the
+    // connection, and unboxed it would stay sized for its largest stage — kilobytes per
+    // idle connection, times tens of thousands of connections.
+    let Some(auth) = Box::pin(handshake(&state, accepted)).await else { return };
     tracing::Span::current().record("peer.id", field::display(&auth.peer));
-    let alpn = auth.io.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-    let port = auth.app.port();
-    let (protocol, prefix) = match alpn.as_deref() {
-        Some(ALPN_H2) => (Protocol::Http2, Default::default()),
-        Some(ALPN_HTTP11) => (Protocol::Http1, Default::default()),
-        Some(ALPN_OPAQUE) => (Protocol::Opaque, Default::default()),
-        _ if state.config.is_opaque(port) => (Protocol::Opaque, Default::default()),
-        _ => {
-            let mut io = auth.io;
-            let detected = match detect(&mut io, state.config.detect_timeout).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::debug!(error = %e, "connection failed while detecting its protocol");
-                    return;
-                }
-            };
-            if detected.timed_out {
-                state.metrics.detect_timeouts.inc();
-            }
-            let auth = Authenticated { io, ..auth };
-            return dispatch(state, auth, detected.protocol, detected.prefix).await;
+    let Some((auth, protocol, prefix)) = Box::pin(protocol_of(&state, auth)).await else { return };
+    Box::pin(dispatch(state, auth, protocol, prefix)).await
+}
+
+/// The protocol inside the tunnel: from ALPN (sidecars always say), the opaque ports, or
+/// else sniffed from the first bytes.
+async fn protocol_of(state: &ProxyState, mut auth: Authenticated) -> Option<(Authenticated, Protocol, bytes::Bytes)> {
+    let alpn = auth.io.get_ref().1.alpn_protocol();
+    let protocol = match alpn {
+        Some(ALPN_H2) => Some(Protocol::Http2),
+        Some(ALPN_HTTP11) => Some(Protocol::Http1),
+        Some(ALPN_OPAQUE) => Some(Protocol::Opaque),
+        _ if state.config.is_opaque(auth.app.port()) => Some(Protocol::Opaque),
+        _ => None,
+    };
+    if let Some(protocol) = protocol {
+        return Some((auth, protocol, bytes::Bytes::new()));
+    }
+    let detected = match detect(&mut auth.io, state.config.detect_timeout).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(error = %e, "connection failed while detecting its protocol");
+            return None;
         }
     };
-    dispatch(state, auth, protocol, prefix).await
+    if detected.timed_out {
+        state.metrics.detect_timeouts.inc();
+    }
+    Some((auth, detected.protocol, detected.prefix))
 }
 
 async fn dispatch(state: Arc<ProxyState>, auth: Authenticated, protocol: Protocol, prefix: bytes::Bytes) {
@@ -381,27 +388,14 @@ async fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) {
         .layer(PolicyLayer { ctx: ctx.clone() })
         .service(ForwardToApp { ctx: ctx.clone() });
     let svc = hyper_util::service::TowerToHyperService::new(svc);
-    let mut builder = server_builder(state.config.header_timeout);
-    builder = match protocol {
-        Protocol::Http2 => builder.http2_only(),
-        _ => builder.http1_only(),
-    };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let drain = tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "HTTP connection ended with error");
-            }
-            return;
+    // A revoked connection gets a short grace; a proxy shutting down, its drain timeout.
+    let stop = async {
+        tokio::select! {
+            () = ctx.cancel.cancelled() => Duration::from_millis(500),
+            () = state.shutdown.cancelled() => state.config.drain_timeout,
         }
-        () = ctx.cancel.cancelled() => Duration::from_millis(500),
-        () = state.shutdown.cancelled() => state.config.drain_timeout,
     };
-    conn.as_mut().graceful_shutdown();
-    if tokio::time::timeout(drain, conn).await.is_err() {
-        tracing::debug!("HTTP connection closed after the drain deadline");
-    }
+    serve_http(io, svc, protocol == Protocol::Http2, state.config.header_timeout, stop).await;
 }
 
 /// The innermost service: sends a permitted request to the app.

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
 pub mod pool;
+pub mod serve;
 pub mod sniff;
 pub mod state;
 pub mod svid;

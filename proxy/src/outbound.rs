@@ -20,7 +20,6 @@ use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::Either;
-use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
@@ -31,12 +30,11 @@ use trellis_policy::EgressFlow;
 use crate::authz::{Permit, authorize_egress};
 use crate::config::RouteSpec;
 use crate::conns::TrackedFlow;
-use crate::http::{
-    AUDIT, DENIED, ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, server_builder, strip_hop_by_hop,
-};
+use crate::http::{AUDIT, DENIED, ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, strip_hop_by_hop};
 use crate::io::Prefixed;
 use crate::layers::{BoxFuture, Decided, MetricsLayer, TraceLayer};
 use crate::metrics::OpenGuard;
+use crate::serve::serve_http;
 use crate::sniff::{Protocol, detect};
 use crate::state::{PeerProtocol, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, Started, Verdict};
@@ -135,7 +133,7 @@ async fn handle(state: Arc<ProxyState>, accepted: Accepted, target: Target) {
     match target {
         Target::Egress { addr } => {
             span.record("dst", field::display(addr));
-            egress(state, accepted, addr).await
+            Box::pin(egress(state, accepted, addr)).await
         }
         Target::Mesh { addr, id } => {
             span.record("dst", field::display(addr));
@@ -178,12 +176,14 @@ async fn mesh(state: Arc<ProxyState>, accepted: Accepted, addr: SocketAddr, id: 
         }
     };
     let io = Prefixed::new(prefix, tcp);
+    // Each stage's future is boxed when the stage begins: a connection still being sniffed
+    // (or idle) then holds a task sized for sniffing, not for TLS plus a hyper server.
     match protocol {
         Protocol::Opaque => {
-            let outcome = mesh_tcp(&state, io, addr, &id).await;
+            let outcome = Box::pin(mesh_tcp(&state, io, addr, &id)).await;
             state.telemetry.connection(|| outbound_facts(&state, remote, addr, Some(id)), started, outcome);
         }
-        Protocol::Http1 | Protocol::Http2 => mesh_http(state, io, remote, addr, id, protocol).await,
+        Protocol::Http1 | Protocol::Http2 => Box::pin(mesh_http(state, io, remote, addr, id, protocol)).await,
     }
 }
 
@@ -227,24 +227,11 @@ async fn mesh_http(
         .layer(MetricsLayer { state: state.clone(), direction: "outbound" })
         .service(ForwardToPeer { state: state.clone(), addr, id });
     let svc = hyper_util::service::TowerToHyperService::new(svc);
-    let mut builder = server_builder(state.config.header_timeout);
-    builder = match protocol {
-        Protocol::Http2 => builder.http2_only(),
-        _ => builder.http1_only(),
+    let stop = async {
+        state.shutdown.cancelled().await;
+        state.config.drain_timeout
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "app HTTP connection ended with error");
-            }
-            return;
-        }
-        () = state.shutdown.cancelled() => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(state.config.drain_timeout, conn).await;
+    serve_http(io, svc, protocol == Protocol::Http2, state.config.header_timeout, stop).await;
 }
 
 #[derive(Clone)]

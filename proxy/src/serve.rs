@@ -1,0 +1,105 @@
+//! Serving one app- or peer-facing HTTP connection once its protocol is known (ALPN or
+//! sniffed): hyper's own HTTP/1.1 or HTTP/2 server, driven until the connection ends or
+//! the proxy asks it to stop, then drained.
+//!
+//! Not hyper-util's auto-detecting server: the protocol is already decided, and the auto
+//! connection's future holds both protocols' state — kilobytes more for every open
+//! connection, which is most of what an idle connection costs.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::HttpService;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::http::TracedBody;
+
+/// The HTTP/2 limits Trellis serves with (both directions).
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 64 * 1024;
+const MAX_H1_BUF: usize = 256 * 1024;
+
+/// A hyper server connection that can be asked to finish what is in flight and close.
+trait Drain: Future<Output = Result<(), hyper::Error>> {
+    fn drain(self: Pin<&mut Self>);
+}
+
+impl<I, S> Drain for http1::UpgradeableConnection<I, S>
+where
+    S: HttpService<Incoming, ResBody = TracedBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+impl<I, S> Drain for http2::Connection<I, S, TokioExecutor>
+where
+    S: HttpService<Incoming, ResBody = TracedBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+/// Serves `io` as HTTP/2 (`h2`) or HTTP/1.1 with upgrades until the peer closes it or
+/// `stop` completes; then in-flight requests get the duration `stop` returned to finish.
+pub async fn serve_http<I, S>(io: I, svc: S, h2: bool, header_timeout: Duration, stop: impl Future<Output = Duration>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = TracedBody> + Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+{
+    let io = TokioIo::new(io);
+    if h2 {
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .serve_connection(io, svc);
+        drive(Box::pin(conn), stop).await
+    } else {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .keep_alive(true)
+            .max_buf_size(MAX_H1_BUF)
+            .serve_connection(io, svc)
+            .with_upgrades();
+        drive(Box::pin(conn), stop).await
+    }
+}
+
+/// `conn` comes boxed at exactly its protocol's size: held inline, the caller's future
+/// would be as large as the larger of the two connection types for every connection.
+async fn drive<C: Drain>(mut conn: Pin<Box<C>>, stop: impl Future<Output = Duration>) {
+    let drain = tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "HTTP connection ended with error");
+            }
+            return;
+        }
+        d = stop => d,
+    };
+    conn.as_mut().drain();
+    if tokio::time::timeout(drain, conn).await.is_err() {
+        tracing::debug!("HTTP connection closed after the drain deadline");
+    }
+}
