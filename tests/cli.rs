@@ -30,6 +30,10 @@ fn a_bad_log_filter_is_a_usage_error_naming_it() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--log") && stderr.contains("trellis_proxy=loud"), "{stderr}");
-    let out = trellis().args(["policy", "validate", "-f", "-"]).env("TRELLIS_LOG", "warn,trellis_proxy=chatty").output().unwrap();
+    let out = trellis()
+        .args(["policy", "validate", "-f", "-"])
+        .env("TRELLIS_LOG", "warn,trellis_proxy=chatty")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -2,7 +2,6 @@
 //! hop-by-hop header handling (RFC 9110 §7.6.1) and generated error responses (the
 //! hyper server settings are in [`crate::serve`]).
 
-
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
