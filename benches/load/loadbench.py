@@ -338,7 +338,7 @@ def parse_wrk(out):
 
 
 def parse_h2load(out):
-    fin = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
+    fin = re.search(r"finished in ([\d.]+)(us|ms|s), ([\d.]+) req/s", out)
     req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
                     r"(\d+) errored, (\d+) timeout", out)
     codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
