@@ -405,3 +405,31 @@ async fn http2_prior_knowledge_clients_are_carried_end_to_end() {
         assert!(seen["headers"].get("host").is_none(), "{seen}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_app_refusing_a_stream_gets_idempotent_requests_again() {
+    let app = backends::h2_refusing_first_try().await;
+    let control = Control::start(&[]);
+    let to = format!("      to:\n        - ports: [{}]\n          methods: [GET, POST]\n", app.port());
+    control.apply(&allow("app-from-web", API, WEB, &to)).await;
+    let inbound = addr(free_port());
+    let _api = Sidecar::start(&control, API, &["--inbound".into(), format!("{inbound}={app}")]);
+    let route = addr(free_port());
+    let _web = Sidecar::start(&control, WEB, &["--route".into(), format!("{route}={inbound},{API}")]);
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::client::legacy::connect::HttpConnector::new());
+
+    // A GET the app refused is sent once more, and the client never sees the refusal.
+    let (status, _, body) = get(&client, &format!("http://{route}/items"), "GET", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "attempt 2"));
+
+    // A POST is not idempotent: the refusal reaches the client as the sidecar's 502...
+    let (status, headers, body) = get(&client, &format!("http://{route}/orders"), "POST", &[]).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(headers.get("x-trellis-error").unwrap(), "app_unreachable");
+    // ...and the app did take the next one, so the 502 was the sidecar declining to retry.
+    let (status, _, body) = get(&client, &format!("http://{route}/orders"), "POST", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "attempt 2"));
+}

@@ -5,6 +5,10 @@
 //! carry the authority the caller used (`Host` for HTTP/1.1, `:authority` for HTTP/2) all
 //! the way to the app — an HTTP/2 server must not see a `Host` that disagrees with
 //! `:authority` (RFC 9113 §8.3.1).
+//!
+//! An HTTP/2 app may refuse a stream it will not process (`REFUSED_STREAM`, or a GOAWAY
+//! racing requests on the pooled connection); [`AppClient::send_h2`] sends idempotent,
+//! bodiless requests once more rather than answering the caller 502.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,7 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::Body;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -45,11 +54,14 @@ impl tower::Service<Uri> for FixedConnector {
     }
 }
 
+/// A request to an HTTP/2 app: the caller's body, or none when a refused request goes again.
+pub type H2Body = Either<ReqBody, Empty<Bytes>>;
+
 /// The pair of clients for one app address.
 #[derive(Clone, Debug)]
 pub struct AppClient {
     pub h1: Client<FixedConnector, ReqBody>,
-    pub h2: Client<FixedConnector, ReqBody>,
+    h2: Client<FixedConnector, H2Body>,
 }
 
 impl AppClient {
@@ -66,6 +78,30 @@ impl AppClient {
         let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(conn);
         AppClient { h1, h2 }
     }
+
+    /// Sends a request to an HTTP/2 app over the pooled connection. An idempotent request
+    /// without a body that the app did not take — its stream refused, or cut off by a GOAWAY
+    /// racing it (nginx sends one every `keepalive_requests`) — is sent once more, as RFC
+    /// 9110 §9.2.2 allows a proxy to; anything else fails as it is.
+    pub async fn send_h2(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, legacy::Error> {
+        let replay = (req.method().is_idempotent() && req.body().is_end_stream()).then(|| bodiless_copy(&req));
+        match (self.h2.request(req.map(Either::Left)).await, replay) {
+            (Err(e), Some(replay)) if !e.is_connect() => {
+                tracing::debug!(error = %e, "HTTP/2 app did not take the request; sending it again");
+                self.h2.request(replay).await
+            }
+            (result, _) => result,
+        }
+    }
+}
+
+fn bodiless_copy<B>(req: &Request<B>) -> Request<H2Body> {
+    let mut copy = Request::new(Either::Right(Empty::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 /// One [`AppClient`] per app address (one per `--inbound LISTEN=APP`, or per original

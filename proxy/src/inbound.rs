@@ -442,8 +442,8 @@ async fn forward_http(ctx: &ConnCtx, permit: Permit, mut req: Request<ReqBody>) 
     prepare_for_app(ctx, &mut req, !downgrade);
     *req.version_mut() = if downgrade { http::Version::HTTP_11 } else { http::Version::HTTP_2 };
     let app = ctx.state.app.get(ctx.app);
-    let client = if downgrade { &app.h1 } else { &app.h2 };
-    match client.request(req).await {
+    let sent = if downgrade { app.h1.request(req).await } else { app.send_h2(req).await };
+    match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);

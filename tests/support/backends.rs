@@ -106,3 +106,36 @@ async fn tcp_server(banner: Option<&'static [u8]>) -> SocketAddr {
     });
     addr
 }
+
+/// An HTTP/2 (prior knowledge) app that refuses the first request for each path with
+/// `REFUSED_STREAM` — as a server does to streams it will not process, e.g. those racing its
+/// GOAWAY — and answers later ones with 200 and `attempt N`.
+pub async fn h2_refusing_first_try() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<String, u32>::new()));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let attempt = {
+                        let mut seen = seen.lock().unwrap();
+                        let n = seen.entry(req.uri().path().to_string()).or_default();
+                        *n += 1;
+                        *n
+                    };
+                    if attempt == 1 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    if let Ok(mut body) = respond.send_response(Response::new(()), false) {
+                        let _ = body.send_data(Bytes::from(format!("attempt {attempt}")), true);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
