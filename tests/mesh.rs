@@ -12,24 +12,7 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
-
-/// A control plane, api's sidecar in front of an HTTP backend (and optionally a TCP one),
-/// and web's sidecar with a route to api.
-struct Mesh {
-    control: Control,
-    api: Sidecar,
-    web: Sidecar,
-    /// web's route listener for api's HTTP port.
-    http: SocketAddr,
-    /// web's route listener for api's TCP port.
-    tcp: SocketAddr,
-    api_http_inbound: SocketAddr,
-    api_tcp_inbound: SocketAddr,
-    backend: SocketAddr,
-    tcp_backend: SocketAddr,
-}
+use support::mesh::{API, Mesh, MeshOptions, WEB, start_mesh};
 
 fn http_rule(backend: SocketAddr) -> String {
     format!(
@@ -39,38 +22,15 @@ fn http_rule(backend: SocketAddr) -> String {
 }
 
 async fn mesh(control_args: &[&str], api_args: &[&str], tcp_backend: SocketAddr) -> Mesh {
-    let backend = backends::http_echo().await;
-    let control = Control::start(control_args);
-    let policy = allow("api-from-web", API, WEB, &http_rule(backend))
-        + &allow("api-tcp-from-web", API, WEB, &format!("      to:\n        - ports: [{}]\n", tcp_backend.port()));
-    control.apply(&policy).await;
-    let api_http_inbound = addr(free_port());
-    let api_tcp_inbound = addr(free_port());
-    let mut args = vec![
-        "--inbound".to_string(),
-        format!("{api_http_inbound}={backend}"),
-        "--inbound".to_string(),
-        format!("{api_tcp_inbound}={tcp_backend}"),
-        "--opaque-ports".to_string(),
-        tcp_backend.port().to_string(),
-    ];
-    args.extend(api_args.iter().map(|s| s.to_string()));
-    let api = Sidecar::start(&control, API, &args);
-    let http = addr(free_port());
-    let tcp = addr(free_port());
-    let web = Sidecar::start(
-        &control,
-        WEB,
-        &[
-            "--route".into(),
-            format!("{http}={api_http_inbound},{API}"),
-            "--route".into(),
-            format!("{tcp}={api_tcp_inbound},{API}"),
-            "--opaque-ports".into(),
-            tcp.port().to_string(),
-        ],
-    );
-    Mesh { control, api, web, http, tcp, api_http_inbound, api_tcp_inbound, backend, tcp_backend }
+    let policy = |backend: SocketAddr, tcp: SocketAddr| {
+        allow("api-from-web", API, WEB, &http_rule(backend))
+            + &allow("api-tcp-from-web", API, WEB, &format!("      to:\n        - ports: [{}]\n", tcp.port()))
+    };
+    let extra = |name: &str| match name {
+        "api" => api_args.iter().map(|s| s.to_string()).collect(),
+        _ => Vec::new(),
+    };
+    start_mesh(MeshOptions { control_args, policy: &policy, tcp_backend, extra: &extra }).await
 }
 
 async fn default_mesh() -> Mesh {

@@ -12,32 +12,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::mesh::{API, Mesh, MeshOptions, WEB, start_mesh};
 use support::otlp::{Receiver, Span};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
 const BILLING: &str = "spiffe://cluster.local/ns/shop/sa/billing";
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 const ERROR: i32 = 2;
 const WAIT: Duration = Duration::from_secs(10);
-
-struct Mesh {
-    control: Control,
-    api: Sidecar,
-    web: Sidecar,
-    /// web's route to api's HTTP port.
-    http: SocketAddr,
-    /// web's route to api's opaque TCP port.
-    tcp: SocketAddr,
-    api_http_inbound: SocketAddr,
-    api_tcp_inbound: SocketAddr,
-    backend: SocketAddr,
-    tcp_backend: SocketAddr,
-}
 
 /// HTTP: web may GET /api/*; /api/secret* is denied by name; /api/legacy* is what an
 /// audit-mode DENY would block. TCP: only billing may connect, so web is denied at L4.
@@ -61,36 +46,15 @@ fn policies(backend: SocketAddr, tcp_backend: SocketAddr) -> String {
 
 /// Starts the mesh; `extra(name)` adds flags to the sidecar named `api` or `web`.
 async fn mesh(extra: impl Fn(&str) -> Vec<String>) -> Mesh {
-    let backend = backends::http_echo().await;
     let tcp_backend = backends::tcp_echo().await;
-    let control = Control::start(&[]);
-    control.apply(&policies(backend, tcp_backend)).await;
-    let api_http_inbound = addr(free_port());
-    let api_tcp_inbound = addr(free_port());
-    let mut args = vec![
-        "--inbound".to_string(),
-        format!("{api_http_inbound}={backend}"),
-        "--inbound".to_string(),
-        format!("{api_tcp_inbound}={tcp_backend}"),
-        "--opaque-ports".to_string(),
-        tcp_backend.port().to_string(),
-    ];
-    args.extend(extra("api"));
-    let api = Sidecar::start(&control, API, &args);
-    let (http, tcp) = (addr(free_port()), addr(free_port()));
-    let mut args = vec![
-        "--route".into(),
-        format!("{http}={api_http_inbound},{API}"),
-        "--route".into(),
-        format!("{tcp}={api_tcp_inbound},{API}"),
-        "--opaque-ports".into(),
-        tcp.port().to_string(),
-        "--detect-timeout".into(),
-        "200ms".into(),
-    ];
-    args.extend(extra("web"));
-    let web = Sidecar::start(&control, WEB, &args);
-    Mesh { control, api, web, http, tcp, api_http_inbound, api_tcp_inbound, backend, tcp_backend }
+    let extra = |name: &str| {
+        let mut args = extra(name);
+        if name == "web" {
+            args.extend(["--detect-timeout".to_string(), "200ms".to_string()]);
+        }
+        args
+    };
+    start_mesh(MeshOptions { control_args: &[], policy: &policies, tcp_backend, extra: &extra }).await
 }
 
 fn otlp_args(r: &Receiver, protocol: &str) -> impl Fn(&str) -> Vec<String> {

@@ -14,6 +14,7 @@ use trellis_control::ControlClient;
 use trellis_identity::TrustBundle;
 
 pub mod backends;
+pub mod mesh;
 pub mod otlp;
 pub mod prom;
 
