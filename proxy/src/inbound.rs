@@ -11,7 +11,9 @@
 //! (allowed or denied), each refused handshake, and (in the tower stack) each request.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -129,7 +131,7 @@ async fn handle(state: Arc<ProxyState>, accepted: Accepted) {
     let Some(auth) = Box::pin(handshake(&state, accepted)).await else { return };
     tracing::Span::current().record("peer.id", field::display(&auth.peer));
     let Some((auth, protocol, prefix)) = Box::pin(protocol_of(&state, auth)).await else { return };
-    Box::pin(dispatch(state, auth, protocol, prefix)).await
+    dispatch(state, auth, protocol, prefix).await
 }
 
 /// The protocol inside the tunnel: from ALPN (sidecars always say), the opaque ports, or
@@ -159,7 +161,15 @@ async fn protocol_of(state: &ProxyState, mut auth: Authenticated) -> Option<(Aut
     Some((auth, detected.protocol, detected.prefix))
 }
 
-async fn dispatch(state: Arc<ProxyState>, auth: Authenticated, protocol: Protocol, prefix: bytes::Bytes) {
+/// Hands the connection to its protocol's stage. Not `async`: the stream moves into the
+/// stage's boxed future here, and an async fn would keep a dead copy of it (and of every
+/// stage's state) in the task for the connection's whole life.
+fn dispatch(
+    state: Arc<ProxyState>,
+    auth: Authenticated,
+    protocol: Protocol,
+    prefix: bytes::Bytes,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     tracing::Span::current().record("protocol", protocol.label());
     let Authenticated { io, remote, app, peer, me, started } = auth;
     let io = Prefixed::new(prefix, io);
@@ -178,8 +188,8 @@ async fn dispatch(state: Arc<ProxyState>, auth: Authenticated, protocol: Protoco
         tracked: Mutex::new(None),
     });
     match protocol {
-        Protocol::Opaque => tcp_stage(ctx, io).await,
-        Protocol::Http1 | Protocol::Http2 => http_stage(ctx, io, protocol).await,
+        Protocol::Opaque => Box::pin(tcp_stage(ctx, io)),
+        Protocol::Http1 | Protocol::Http2 => Box::pin(http_stage(ctx, io, protocol)),
     }
 }
 
@@ -380,7 +390,7 @@ async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) -> (Transfer
 
 /// Serves HTTP on the connection through the tower stack, until the peer closes, the
 /// policy revokes the connection, or the proxy drains.
-async fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) {
+fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) -> impl Future<Output = ()> + Send {
     let state = ctx.state.clone();
     let svc = ServiceBuilder::new()
         .layer(TraceLayer::new(&state, || ctx.conn_facts()))
@@ -389,13 +399,14 @@ async fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) {
         .service(ForwardToApp { ctx: ctx.clone() });
     let svc = hyper_util::service::TowerToHyperService::new(svc);
     // A revoked connection gets a short grace; a proxy shutting down, its drain timeout.
-    let stop = async {
+    let header_timeout = state.config.header_timeout;
+    let stop = async move {
         tokio::select! {
             () = ctx.cancel.cancelled() => Duration::from_millis(500),
             () = state.shutdown.cancelled() => state.config.drain_timeout,
         }
     };
-    serve_http(io, svc, protocol == Protocol::Http2, state.config.header_timeout, stop).await;
+    serve_http(io, svc, protocol == Protocol::Http2, header_timeout, stop)
 }
 
 /// The innermost service: sends a permitted request to the app.

@@ -213,25 +213,27 @@ async fn mesh_tcp(state: &ProxyState, mut io: Prefixed<TcpStream>, addr: SocketA
     ConnOutcome { verdict: Verdict::Forwarded, sent: t.sent, received: t.received, error: None }
 }
 
-/// HTTP to a mesh peer: each request over the pooled HTTP/2 connection.
-async fn mesh_http(
+/// HTTP to a mesh peer: each request over the pooled HTTP/2 connection. A plain function
+/// returning the connection's future, so that future holds no dead copy of `io`.
+fn mesh_http(
     state: Arc<ProxyState>,
     io: Prefixed<TcpStream>,
     remote: SocketAddr,
     addr: SocketAddr,
     id: SpiffeId,
     protocol: Protocol,
-) {
+) -> impl Future<Output = ()> + Send {
     let svc = ServiceBuilder::new()
         .layer(TraceLayer::new(&state, || outbound_facts(&state, remote, addr, Some(id.clone()))))
         .layer(MetricsLayer { state: state.clone(), direction: "outbound" })
         .service(ForwardToPeer { state: state.clone(), addr, id });
     let svc = hyper_util::service::TowerToHyperService::new(svc);
-    let stop = async {
+    let header_timeout = state.config.header_timeout;
+    let stop = async move {
         state.shutdown.cancelled().await;
         state.config.drain_timeout
     };
-    serve_http(io, svc, protocol == Protocol::Http2, state.config.header_timeout, stop).await;
+    serve_http(io, svc, protocol == Protocol::Http2, header_timeout, stop)
 }
 
 #[derive(Clone)]

@@ -55,40 +55,58 @@ where
 
 /// Serves `io` as HTTP/2 (`h2`) or HTTP/1.1 with upgrades until the peer closes it or
 /// `stop` completes; then in-flight requests get the duration `stop` returned to finish.
-pub async fn serve_http<I, S>(io: I, svc: S, h2: bool, header_timeout: Duration, stop: impl Future<Output = Duration>)
+///
+/// A plain function, not `async`: `io` moves into the boxed connection right here. An async
+/// fn keeps its arguments in its future for its whole life, so every caller up the chain
+/// that took the stream by value would hold another dead copy of it (over a kilobyte with
+/// TLS) for as long as the connection is open.
+pub fn serve_http<I, S, F>(
+    io: I,
+    svc: S,
+    h2: bool,
+    header_timeout: Duration,
+    stop: F,
+) -> impl Future<Output = ()> + Send
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = TracedBody> + Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + 'static,
+    F: Future<Output = Duration> + Send,
 {
     let io = TokioIo::new(io);
-    if h2 {
-        let conn = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_header_list_size(MAX_HEADER_LIST)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .serve_connection(io, svc);
-        drive(Box::pin(conn), stop).await
+    let conn: Conn = if h2 {
+        Box::pin(
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_header_list_size(MAX_HEADER_LIST)
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .serve_connection(io, svc),
+        )
     } else {
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .keep_alive(true)
-            .max_buf_size(MAX_H1_BUF)
-            .serve_connection(io, svc)
-            .with_upgrades();
-        drive(Box::pin(conn), stop).await
-    }
+        Box::pin(
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .keep_alive(true)
+                .max_buf_size(MAX_H1_BUF)
+                .serve_connection(io, svc)
+                .with_upgrades(),
+        )
+    };
+    drive(conn, stop)
 }
+
+/// A hyper server connection of either protocol, boxed at exactly its own size.
+type Conn = Pin<Box<dyn Drain + Send>>;
 
 /// `conn` comes boxed at exactly its protocol's size: held inline, the caller's future
 /// would be as large as the larger of the two connection types for every connection.
-async fn drive<C: Drain>(mut conn: Pin<Box<C>>, stop: impl Future<Output = Duration>) {
+async fn drive(mut conn: Conn, stop: impl Future<Output = Duration>) {
     let drain = tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
