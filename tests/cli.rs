@@ -37,3 +37,40 @@ fn a_bad_log_filter_is_a_usage_error_naming_it() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `trellis inject` as an operator runs it: the proxy resources annotations land in the
+/// proxy container, and a bad one is refused naming it, with nothing printed to apply.
+#[test]
+fn inject_sizes_the_proxy_from_annotations_and_refuses_bad_ones() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("control/tests/fixtures/inject");
+    let bundle = fixtures.join("bundle.pem");
+    let manifest = std::fs::read_to_string(fixtures.join("gateway-resources.yaml")).unwrap();
+    let inject = |yaml: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("in.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        trellis().arg("inject").arg("-f").arg(&file).arg("--ca-bundle").arg(&bundle).output().unwrap()
+    };
+
+    let out = inject(&manifest);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in ["cpu: 500m", "memory: 128Mi", "cpu: \"2\"", "memory: 1Gi"] {
+        assert!(stdout.contains(line), "{line} missing from:\n{stdout}");
+    }
+
+    for (from, to, reason) in [
+        ("\"1Gi\"", "\"1GB\"", "not a Kubernetes quantity"),
+        ("\"128Mi\"", "\"2Gi\"", "above the limit 1Gi"),
+        ("\"500m\"", "\"-500m\"", "negative"),
+    ] {
+        let out = inject(&manifest.replacen(from, to, 1));
+        assert_eq!(out.status.code(), Some(2), "{to}");
+        assert!(out.stdout.is_empty(), "{to}: printed a manifest anyway");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("gateway") && stderr.contains("trellis.dev/proxy-") && stderr.contains(reason),
+            "{stderr}"
+        );
+    }
+}

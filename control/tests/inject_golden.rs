@@ -269,6 +269,16 @@ fn errors_name_the_document_and_nothing_is_returned() {
         other => panic!("{other:?}"),
     }
 
+    let too_much =
+        pod.replace("name: debug", "name: debug\n  annotations:\n    trellis.dev/proxy-memory-request: \"512Mi\"");
+    match inject::inject_manifests(&too_much, &cfg) {
+        Err(e @ inject::InjectError::Pod { document: 1, .. }) => {
+            let message = e.to_string();
+            assert!(message.contains("proxy-memory-request") && message.contains("256Mi"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+
     let typo = pod.replace("name: debug", "name: debug\n  annotations:\n    trellis.dev/inject: disable");
     assert!(matches!(inject::inject_manifests(&typo, &cfg), Err(inject::InjectError::Pod { .. })));
 

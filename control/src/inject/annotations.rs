@@ -8,18 +8,42 @@
 use ipnetwork::IpNetwork;
 use serde_json::{Map, Value};
 
+use super::quantity::Quantity;
 use super::{
     ANNOTATION_EXCLUDE_INBOUND_PORTS, ANNOTATION_EXCLUDE_OUTBOUND_CIDRS, ANNOTATION_EXCLUDE_OUTBOUND_PORTS,
-    ANNOTATION_INJECT, ANNOTATION_OPAQUE_PORTS, PodError,
+    ANNOTATION_INJECT, ANNOTATION_OPAQUE_PORTS, ANNOTATION_PROXY_CPU_LIMIT, ANNOTATION_PROXY_CPU_REQUEST,
+    ANNOTATION_PROXY_MEMORY_LIMIT, ANNOTATION_PROXY_MEMORY_REQUEST, DEFAULT_PROXY_CPU_REQUEST,
+    DEFAULT_PROXY_MEMORY_LIMIT, DEFAULT_PROXY_MEMORY_REQUEST, PodError,
 };
 
-/// The capture and sniffing exceptions one pod asked for.
+/// The capture and sniffing exceptions and the proxy resources one pod asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct PodOptions {
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
     pub exclude_outbound_cidrs: Vec<String>,
     pub opaque_ports: Vec<u16>,
+    pub resources: ProxyResources,
+}
+
+/// The proxy container's `resources`, as quantity strings checked by [`Quantity::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProxyResources {
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub cpu_limit: Option<String>,
+    pub memory_limit: Option<String>,
+}
+
+impl Default for ProxyResources {
+    fn default() -> Self {
+        ProxyResources {
+            cpu_request: DEFAULT_PROXY_CPU_REQUEST.into(),
+            memory_request: DEFAULT_PROXY_MEMORY_REQUEST.into(),
+            cpu_limit: None,
+            memory_limit: Some(DEFAULT_PROXY_MEMORY_LIMIT.into()),
+        }
+    }
 }
 
 /// `metadata.annotations` of an object, if it is a map.
@@ -72,7 +96,61 @@ impl PodOptions {
             exclude_outbound_ports: ports(ANNOTATION_EXCLUDE_OUTBOUND_PORTS)?,
             exclude_outbound_cidrs: cidrs,
             opaque_ports: ports(ANNOTATION_OPAQUE_PORTS)?,
+            resources: ProxyResources::from_annotations(a)?,
         })
+    }
+}
+
+impl ProxyResources {
+    /// The defaults, with whatever the `trellis.dev/proxy-*` annotations set. A request above
+    /// its limit is refused here, naming both, because the API server would refuse the pod.
+    fn from_annotations(a: Option<&Map<String, Value>>) -> Result<Self, PodError> {
+        let quantity = |key: &str, default: Option<&str>| -> Result<Option<Quantity>, PodError> {
+            match string_annotation(a, key)? {
+                Some(v) => Quantity::parse(v).map(Some).map_err(|r| bad(key, v, r)),
+                None => Ok(default.map(|d| Quantity::parse(d).expect("the default quantities parse"))),
+            }
+        };
+        let cpu_request = quantity(ANNOTATION_PROXY_CPU_REQUEST, Some(DEFAULT_PROXY_CPU_REQUEST))?;
+        let memory_request = quantity(ANNOTATION_PROXY_MEMORY_REQUEST, Some(DEFAULT_PROXY_MEMORY_REQUEST))?;
+        let cpu_limit = quantity(ANNOTATION_PROXY_CPU_LIMIT, None)?;
+        let memory_limit = quantity(ANNOTATION_PROXY_MEMORY_LIMIT, Some(DEFAULT_PROXY_MEMORY_LIMIT))?;
+        for (limit_key, limit) in
+            [(ANNOTATION_PROXY_CPU_LIMIT, &cpu_limit), (ANNOTATION_PROXY_MEMORY_LIMIT, &memory_limit)]
+        {
+            if let Some(l) = limit.as_ref().filter(|l| l.value == 0.0) {
+                return Err(bad(limit_key, &l.text, "a limit of zero would keep the proxy from starting".into()));
+            }
+        }
+        check_request_within_limit(
+            (ANNOTATION_PROXY_CPU_REQUEST, &cpu_request),
+            (ANNOTATION_PROXY_CPU_LIMIT, &cpu_limit),
+        )?;
+        check_request_within_limit(
+            (ANNOTATION_PROXY_MEMORY_REQUEST, &memory_request),
+            (ANNOTATION_PROXY_MEMORY_LIMIT, &memory_limit),
+        )?;
+        let text = |q: Option<Quantity>| q.map(|q| q.text);
+        Ok(ProxyResources {
+            cpu_request: text(cpu_request).unwrap_or_default(),
+            memory_request: text(memory_request).unwrap_or_default(),
+            cpu_limit: text(cpu_limit),
+            memory_limit: text(memory_limit),
+        })
+    }
+}
+
+fn check_request_within_limit(
+    (request_key, request): (&str, &Option<Quantity>),
+    (limit_key, limit): (&str, &Option<Quantity>),
+) -> Result<(), PodError> {
+    match (request, limit) {
+        (Some(r), Some(l)) if r.value > l.value => Err(bad(
+            request_key,
+            &r.text,
+            format!("the request is above the limit {} ({limit_key}, or the default): raise the limit too", l.text),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -130,6 +208,70 @@ mod tests {
         assert!(parse_ports("0").is_err());
         assert!(parse_ports("65536").is_err());
         assert!(parse_ports("http").is_err());
+    }
+
+    fn resources(annotations: Value) -> Result<ProxyResources, PodError> {
+        PodOptions::from_template(&serde_json::json!({ "metadata": { "annotations": annotations } }))
+            .map(|o| o.resources)
+    }
+
+    #[test]
+    fn proxy_resources_default_and_follow_the_annotations() {
+        assert_eq!(resources(serde_json::json!({})).unwrap(), ProxyResources::default());
+        let r = resources(serde_json::json!({
+            "trellis.dev/proxy-cpu-request": "250m",
+            "trellis.dev/proxy-cpu-limit": " 1 ",
+            "trellis.dev/proxy-memory-request": "64Mi",
+            "trellis.dev/proxy-memory-limit": "1Gi",
+        }))
+        .unwrap();
+        assert_eq!(
+            r,
+            ProxyResources {
+                cpu_request: "250m".into(),
+                memory_request: "64Mi".into(),
+                cpu_limit: Some("1".into()),
+                memory_limit: Some("1Gi".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_proxy_resources_are_refused_naming_the_annotation() {
+        let refused = |annotations: Value, key: &str, reason: &str| match resources(annotations) {
+            Err(PodError::BadAnnotation { annotation, reason: r, .. }) => {
+                assert_eq!(annotation, key);
+                assert!(r.contains(reason), "{r}");
+            }
+            other => panic!("expected a refusal of {key}, got {other:?}"),
+        };
+        refused(
+            serde_json::json!({"trellis.dev/proxy-memory-limit": "256MB"}),
+            "trellis.dev/proxy-memory-limit",
+            "not a Kubernetes quantity",
+        );
+        refused(
+            serde_json::json!({"trellis.dev/proxy-cpu-request": "-1"}),
+            "trellis.dev/proxy-cpu-request",
+            "negative",
+        );
+        refused(serde_json::json!({"trellis.dev/proxy-cpu-limit": "0"}), "trellis.dev/proxy-cpu-limit", "zero");
+        refused(
+            serde_json::json!({"trellis.dev/proxy-memory-limit": 512}),
+            "trellis.dev/proxy-memory-limit",
+            "strings",
+        );
+        // Above the explicit limit, and above the default one.
+        refused(
+            serde_json::json!({"trellis.dev/proxy-cpu-request": "2", "trellis.dev/proxy-cpu-limit": "500m"}),
+            "trellis.dev/proxy-cpu-request",
+            "above the limit 500m",
+        );
+        refused(
+            serde_json::json!({"trellis.dev/proxy-memory-request": "1Gi"}),
+            "trellis.dev/proxy-memory-request",
+            "above the limit 256Mi",
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 
-use super::annotations::{PodOptions, join};
+use super::annotations::{PodOptions, ProxyResources, join};
 use super::{
     ADMIN_PORT, INBOUND_PORT, INIT_CONTAINER_NAME, InjectConfig, OUTBOUND_PORT, PROXY_CONTAINER_NAME, PROXY_UID,
     TOKEN_VOLUME_NAME,
@@ -83,10 +83,7 @@ pub(crate) fn proxy_container(cfg: &InjectConfig, opts: &PodOptions, native: boo
         "startupProbe": probe("/ready", 1, 600),
         "readinessProbe": probe("/ready", 5, 3),
         "livenessProbe": probe("/live", 10, 3),
-        "resources": {
-            "requests": { "cpu": "50m", "memory": "32Mi" },
-            "limits": { "memory": "256Mi" },
-        },
+        "resources": resources(&opts.resources),
         "securityContext": {
             "runAsUser": PROXY_UID,
             "runAsGroup": PROXY_UID,
@@ -104,6 +101,22 @@ pub(crate) fn proxy_container(cfg: &InjectConfig, opts: &PodOptions, native: boo
         c.extend(rest);
     }
     container
+}
+
+/// The proxy's `resources`; a limit left unset is left out.
+fn resources(r: &ProxyResources) -> Value {
+    let mut limits = serde_json::Map::new();
+    if let Some(cpu) = &r.cpu_limit {
+        limits.insert("cpu".into(), json!(cpu));
+    }
+    if let Some(memory) = &r.memory_limit {
+        limits.insert("memory".into(), json!(memory));
+    }
+    let mut resources = json!({ "requests": { "cpu": r.cpu_request, "memory": r.memory_request } });
+    if !limits.is_empty() {
+        resources["limits"] = Value::Object(limits);
+    }
+    resources
 }
 
 fn proxy_env(cfg: &InjectConfig, opts: &PodOptions) -> Vec<Value> {

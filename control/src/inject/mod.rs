@@ -23,6 +23,7 @@ mod annotations;
 mod containers;
 pub mod manifest;
 mod pod;
+mod quantity;
 pub mod webhook;
 
 pub use manifest::{Injected, inject_document, inject_manifests, parse_manifests, to_yaml};
@@ -48,6 +49,18 @@ pub const ANNOTATION_EXCLUDE_OUTBOUND_PORTS: &str = "trellis.dev/exclude-outboun
 pub const ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: &str = "trellis.dev/exclude-outbound-cidrs";
 /// Comma list of ports the proxy must never sniff (server-speaks-first protocols).
 pub const ANNOTATION_OPAQUE_PORTS: &str = "trellis.dev/opaque-ports";
+/// The proxy container's resources (Kubernetes quantities); unset ones keep the defaults
+/// below. Linkerd spells these `config.linkerd.io/proxy-*`.
+pub const ANNOTATION_PROXY_CPU_REQUEST: &str = "trellis.dev/proxy-cpu-request";
+pub const ANNOTATION_PROXY_CPU_LIMIT: &str = "trellis.dev/proxy-cpu-limit";
+pub const ANNOTATION_PROXY_MEMORY_REQUEST: &str = "trellis.dev/proxy-memory-request";
+pub const ANNOTATION_PROXY_MEMORY_LIMIT: &str = "trellis.dev/proxy-memory-limit";
+/// The proxy's default resources: a request near its idle footprint, no CPU limit (a
+/// throttled proxy adds latency to every request of its pod), and a memory limit sized in
+/// docs/kubernetes.md.
+pub const DEFAULT_PROXY_CPU_REQUEST: &str = "50m";
+pub const DEFAULT_PROXY_MEMORY_REQUEST: &str = "32Mi";
+pub const DEFAULT_PROXY_MEMORY_LIMIT: &str = "256Mi";
 
 /// Names of the objects Trellis owns in a pod spec.
 pub const INIT_CONTAINER_NAME: &str = "trellis-init";
