@@ -12,7 +12,8 @@
 //! the control plane's watch stream into the hot [`state`], [`conns`] closes connections a
 //! new policy revokes, [`admin`] serves `/live`, `/ready`, `/metrics`, `/config`,
 //! [`telemetry`] records a span (and a flow-log line) for every flow and exports them off
-//! the data path, and [`init`] writes the transparent-capture rules for `trellis proxy init`.
+//! the data path, [`trim`] gives memory back to the system after a connection spike, and
+//! [`init`] writes the transparent-capture rules for `trellis proxy init`.
 
 pub mod admin;
 pub mod app;
@@ -34,6 +35,7 @@ pub mod sniff;
 pub mod state;
 pub mod svid;
 pub mod telemetry;
+pub mod trim;
 pub mod tunnel;
 pub mod upgrade;
 
@@ -127,6 +129,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
         app: app::AppClients::default(),
     });
     tokio::spawn(admin::serve(state.clone(), listeners.admin));
+    tokio::spawn(trim::trim_loop(state.clone()));
     tokio::pin!(shutdown);
 
     tokio::select! {

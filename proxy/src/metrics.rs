@@ -148,6 +148,14 @@ impl Metrics {
         self.spans_dropped.get_or_create(&ReasonLabels { reason: "export_failed" }).clone()
     }
 
+    /// Connections open now, both directions.
+    pub fn open_connections_total(&self) -> i64 {
+        ["inbound", "outbound"]
+            .into_iter()
+            .map(|direction| self.open_connections.get_or_create(&DirectionLabels { direction }).get())
+            .sum()
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
