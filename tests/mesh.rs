@@ -345,6 +345,27 @@ async fn direct_clients_to_the_inbound_port_are_refused() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("hello"), "the intruder's bytes were echoed");
 }
 
+/// Header blocks beyond HTTP/2's customary 16 KiB (big cookies, JWTs) cross the sidecars'
+/// HTTP/2 hop both ways, for HTTP/1.1 and HTTP/2 clients alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_request_and_response_headers_cross_the_mesh() {
+    let m = default_mesh().await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .http2_max_header_list_size(256 * 1024)
+        .build::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::client::legacy::connect::HttpConnector::new());
+    let big = "c".repeat(40_000);
+    for (client, version) in [(http_client(), "HTTP/1.1"), (h2, "HTTP/2.0")] {
+        let headers = [("x-big-cookie", big.as_str()), ("x-echo-filler", "40000")];
+        let (status, resp_headers, body) = get(&client, &format!("http://{}/api/big", m.http), "GET", &headers).await;
+        assert_eq!(status, 200, "{version}: {body} {resp_headers:?}");
+        let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(seen["version"], version);
+        assert_eq!(seen["headers"]["x-big-cookie"].as_str().map(str::len), Some(40_000), "{version}");
+        assert_eq!(resp_headers.get("x-filler").map(|v| v.len()), Some(40_000), "{version}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_prior_knowledge_clients_are_carried_end_to_end() {
     let m = default_mesh().await;

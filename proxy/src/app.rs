@@ -75,7 +75,10 @@ impl AppClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(conn.clone());
-        let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(conn);
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .http2_max_header_list_size(crate::serve::MAX_HEADER_LIST)
+            .build(conn);
         AppClient { h1, h2 }
     }
 

@@ -172,6 +172,8 @@ async fn open_h2(state: &ProxyState, addr: SocketAddr, expected: &SpiffeId) -> R
         .initial_stream_window_size(1024 * 1024)
         .initial_connection_window_size(4 * 1024 * 1024)
         .max_concurrent_reset_streams(1024)
+        // h2's default (16 KiB) would turn an app's larger response headers into a 502.
+        .max_header_list_size(crate::serve::MAX_HEADER_LIST)
         .handshake(TokioIo::new(tls))
         .await
         .map_err(|e| PeerError::Http { addr, reason: e.to_string() })?;

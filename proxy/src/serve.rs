@@ -22,7 +22,9 @@ use crate::http::TracedBody;
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
-const MAX_HEADER_LIST: u32 = 64 * 1024;
+/// The largest header block accepted, in either direction: the servers' limit on requests and
+/// the pooled clients' on responses, so a header that passes one hop passes the next.
+pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 const MAX_H1_BUF: usize = 256 * 1024;
 
 /// A hyper server connection that can be asked to finish what is in flight and close.

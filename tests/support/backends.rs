@@ -15,7 +15,8 @@ use tokio::net::TcpListener;
 
 /// An HTTP server that answers every request with a JSON description of it:
 /// `{"method", "path", "headers": {...}}`. `/slow/<ms>` waits first; an `Upgrade` request
-/// gets `101` and then an echo of the upgraded bytes.
+/// gets `101` and then an echo of the upgraded bytes; `x-echo-filler: N` asks for a response
+/// header `x-filler` of N bytes.
 pub async fn http_echo() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -24,9 +25,10 @@ pub async fn http_echo() -> SocketAddr {
             let Ok((tcp, _)) = listener.accept().await else { continue };
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(answer(req).await) });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-                    .await;
+                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // Above HTTP/2's customary 16 KiB, for the large-header test.
+                builder.http2().max_header_list_size(256 * 1024);
+                let _ = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).await;
             });
         }
     });
@@ -70,7 +72,12 @@ async fn answer(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         "version": format!("{:?}", req.version()),
         "headers": headers,
     });
-    Response::new(Full::new(Bytes::from(body.to_string())))
+    let filler = req.headers().get("x-echo-filler").and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    if let Some(n) = filler {
+        resp.headers_mut().insert("x-filler", http::HeaderValue::from_str(&"f".repeat(n)).unwrap());
+    }
+    resp
 }
 
 /// A TCP echo server.
