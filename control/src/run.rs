@@ -79,6 +79,7 @@ pub struct Running {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
     renewer: tokio::task::JoinHandle<()>,
+    expirer: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
@@ -88,6 +89,7 @@ impl Running {
             let _ = stop.send(());
         }
         self.renewer.abort();
+        self.expirer.abort();
         let _ = (&mut self.task).await;
     }
 
@@ -139,6 +141,7 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
         hooks,
     });
     let renewer = tokio::spawn(renew_own_svid(ctx.clone(), control_id, creds, svid_not_after));
+    let expirer = tokio::spawn(expire_endpoints(shared.clone(), config.svid_ttl));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server::serve(listener, Arc::new(tls), ctx, async {
         let _ = stopped.await;
@@ -154,6 +157,7 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
         stop: Some(stop),
         task,
         renewer,
+        expirer,
     })
 }
 
@@ -219,6 +223,49 @@ fn mint_own_svid(ca: &CertificateAuthority, id: &SpiffeId, creds: &CredentialSto
     let svid = key.into_svid(issued.chain).map_err(|e| StartError::Svid(e.to_string()))?;
     creds.set(svid).map_err(|e| StartError::Svid(e.to_string()))?;
     Ok(issued.not_after)
+}
+
+/// An endpoint whose owner has not registered (bootstrap or renewal, every half SVID
+/// lifetime) for this many SVID lifetimes is dropped from the registry: its SVID has expired
+/// and it can no longer be what answers at that address, while a workload without Trellis
+/// that gets the address next must be reached as egress, not over mTLS it cannot speak.
+pub const ENDPOINT_STALE_AFTER_TTLS: u32 = 2;
+
+/// Drops stale endpoints and pushes the smaller registry to the watchers. Nothing is dropped
+/// during the control plane's first SVID lifetime, so that after an outage every proxy gets
+/// to renew (and re-register) before anything it registered can look stale.
+async fn expire_endpoints(shared: Arc<Shared>, ttl: Duration) {
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval((ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if started.elapsed() < ttl {
+            continue;
+        }
+        let cutoff = crate::store::now_unix().saturating_sub((ttl * ENDPOINT_STALE_AFTER_TTLS).as_secs());
+        let store = shared.store.clone();
+        let removed = match tokio::task::spawn_blocking(move || store.expire_endpoints(cutoff)).await {
+            Ok(Ok((_, removed))) => removed,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not expire stale endpoints");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "endpoint expiry task failed");
+                continue;
+            }
+        };
+        if removed.is_empty() {
+            continue;
+        }
+        for e in &removed {
+            tracing::info!(address = %e.address, spiffe_id = %e.spiffe_id, "endpoint expired: its owner stopped renewing");
+        }
+        if let Err(e) = shared.reload_registry() {
+            tracing::warn!(error = %e, "could not reload the registry after expiring endpoints");
+        }
+    }
 }
 
 async fn renew_own_svid(ctx: Arc<Ctx>, id: SpiffeId, creds: Arc<CredentialStore>, mut not_after: SystemTime) {

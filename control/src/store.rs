@@ -248,32 +248,66 @@ impl Store {
         Ok(record)
     }
 
-    /// Records that `addresses` are served by `id`; returns the registry version (bumped
-    /// only when something actually changed).
+    /// Records that `addresses` are served by `id` as of now; returns the registry version
+    /// (bumped only when an address changed hands or is new). Every call refreshes `updated`,
+    /// which [`Store::expire_endpoints`] reads: proxies register at bootstrap and at each
+    /// renewal. A refresh that changes no owner is committed without an fsync — losing it in
+    /// a crash only makes the entry look one renewal older.
     pub fn register_endpoints(&self, id: &SpiffeId, addresses: &[String]) -> Result<u64, StoreError> {
-        let txn = self.db.begin_write()?;
-        let version = {
+        let mut txn = self.db.begin_write()?;
+        let now = now_unix();
+        let (version, changed) = {
             let mut table = txn.open_table(ENDPOINTS)?;
             let mut changed = false;
             for address in addresses {
                 let current =
                     table.get(address.as_str())?.and_then(|v| serde_json::from_slice::<Endpoint>(v.value()).ok());
-                if current.is_some_and(|e| &e.spiffe_id == id) {
-                    continue;
-                }
-                let entry = Endpoint { address: address.clone(), spiffe_id: id.clone(), updated: now_unix() };
+                changed |= current.is_none_or(|e| &e.spiffe_id != id);
+                let entry = Endpoint { address: address.clone(), spiffe_id: id.clone(), updated: now };
                 let json = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 table.insert(address.as_str(), json.as_slice())?;
-                changed = true;
             }
-            if changed {
+            let version = if changed {
                 bump(&txn, K_ENDPOINTS_VERSION)?
             } else {
                 txn.open_table(META)?.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0)
-            }
+            };
+            (version, changed)
         };
+        if !changed {
+            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
+        }
         txn.commit()?;
         Ok(version)
+    }
+
+    /// Removes the endpoints nobody registered since `cutoff` (unix seconds) and returns the
+    /// registry version (bumped if anything went) with what was removed.
+    pub fn expire_endpoints(&self, cutoff: u64) -> Result<(u64, Vec<Endpoint>), StoreError> {
+        let txn = self.db.begin_write()?;
+        let result = {
+            let mut table = txn.open_table(ENDPOINTS)?;
+            let mut stale = Vec::new();
+            for row in table.iter()? {
+                let (_, json) = row?;
+                let entry: Endpoint =
+                    serde_json::from_slice(json.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                if entry.updated < cutoff {
+                    stale.push(entry);
+                }
+            }
+            for entry in &stale {
+                table.remove(entry.address.as_str())?;
+            }
+            let version = if stale.is_empty() {
+                txn.open_table(META)?.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0)
+            } else {
+                bump(&txn, K_ENDPOINTS_VERSION)?
+            };
+            (version, stale)
+        };
+        txn.commit()?;
+        Ok(result)
     }
 
     /// The registry and its version, read consistently.
@@ -360,4 +394,70 @@ fn append_audit(
     let json = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     table.insert(seq, json.as_slice())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(name: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://cluster.local/ns/t/sa/{name}")).unwrap()
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join(STORE_FILE)).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn registering_again_refreshes_without_a_new_version_and_a_new_owner_bumps_it() {
+        let (_dir, store) = open();
+        let v1 = store.register_endpoints(&id("a"), &["10.0.0.1".into()]).unwrap();
+        // Backdate the entry, as if registered long ago; a renewal must bring it to now.
+        store.db_set_updated("10.0.0.1", 5);
+        assert_eq!(store.endpoints().unwrap().1[0].updated, 5);
+        assert_eq!(store.register_endpoints(&id("a"), &["10.0.0.1".into()]).unwrap(), v1);
+        assert!(store.endpoints().unwrap().1[0].updated >= now_unix() - 60);
+        // The address reused by another workload is a change proxies must hear about.
+        let v2 = store.register_endpoints(&id("b"), &["10.0.0.1".into()]).unwrap();
+        assert_eq!(v2, v1 + 1);
+        assert_eq!(store.endpoints().unwrap().1[0].spiffe_id, id("b"));
+    }
+
+    #[test]
+    fn expiring_removes_only_entries_nobody_renewed_and_bumps_the_version_once() {
+        let (_dir, store) = open();
+        store.register_endpoints(&id("gone"), &["10.0.0.1".into(), "10.0.0.2:8080".into()]).unwrap();
+        let v = store.register_endpoints(&id("live"), &["10.0.0.3".into()]).unwrap();
+        store.db_set_updated("10.0.0.1", 100);
+        store.db_set_updated("10.0.0.2:8080", 100);
+        store.db_set_updated("10.0.0.3", 300);
+
+        let (version, removed) = store.expire_endpoints(200).unwrap();
+        assert_eq!(version, v + 1);
+        let mut gone: Vec<_> = removed.iter().map(|e| e.address.as_str()).collect();
+        gone.sort_unstable();
+        assert_eq!(gone, ["10.0.0.1", "10.0.0.2:8080"]);
+        let (read_version, left) = store.endpoints().unwrap();
+        assert_eq!(read_version, version);
+        assert_eq!(left.iter().map(|e| e.address.as_str()).collect::<Vec<_>>(), ["10.0.0.3"]);
+
+        // Nothing stale: no new version, nothing pushed to proxies.
+        assert_eq!(store.expire_endpoints(200).unwrap(), (version, vec![]));
+    }
+
+    impl Store {
+        /// Test hook: backdates one endpoint's `updated`.
+        fn db_set_updated(&self, address: &str, updated: u64) {
+            let txn = self.db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(ENDPOINTS).unwrap();
+                let mut entry: Endpoint = serde_json::from_slice(table.get(address).unwrap().unwrap().value()).unwrap();
+                entry.updated = updated;
+                table.insert(address, serde_json::to_vec(&entry).unwrap().as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+    }
 }

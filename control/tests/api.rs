@@ -313,3 +313,31 @@ async fn oversized_bodies_are_refused() {
     );
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 }
+
+/// An endpoint whose owner stopped registering (bootstrap, renewals) for two SVID lifetimes
+/// leaves the registry, so its address is egress again; one that keeps renewing stays.
+#[tokio::test]
+async fn endpoints_nobody_renews_expire_from_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.svid_ttl = Duration::from_secs(1);
+    let running = trellis_control::start(cfg, trellis_control::server::Hooks::default()).await.unwrap();
+    let shared = running.shared.clone();
+    shared.store.register_endpoints(&id(API), &["10.0.0.9".into()]).unwrap();
+    shared.store.register_endpoints(&id(WEB), &["10.0.0.7".into()]).unwrap();
+    shared.reload_registry().unwrap();
+    let registered = shared.registry.load().version;
+    assert_eq!(shared.registry.load().resolve("10.0.0.9", 80), Some(&id(API)));
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while shared.registry.load().resolve("10.0.0.9", 80).is_some() {
+        assert!(std::time::Instant::now() < deadline, "the stale endpoint never expired");
+        // WEB keeps renewing, as a live proxy does.
+        shared.store.register_endpoints(&id(WEB), &["10.0.0.7".into()]).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let registry = shared.registry.load();
+    assert!(registry.version > registered, "watchers see a new registry version");
+    assert_eq!(registry.resolve("10.0.0.7", 80), Some(&id(WEB)));
+    running.shutdown().await;
+}
