@@ -94,6 +94,30 @@ mod tests {
         assert_eq!(Quantity::parse(" 64Ki ").unwrap().text, "64Ki");
     }
 
+    proptest::proptest! {
+        /// Annotation values come from users' manifests: any string gets an answer, no panic.
+        #[test]
+        fn any_text_is_parsed_or_refused(text in "\\PC{0,12}") {
+            let _ = Quantity::parse(&text);
+        }
+
+        /// Every well-formed quantity parses to the number times its suffix.
+        #[test]
+        fn well_formed_quantities_parse(whole in 0u32..100_000, frac in proptest::option::of(0u32..1000), suffix in proptest::sample::select(vec!["", "m", "k", "M", "G", "Ki", "Mi", "Gi", "e2", "E-3"])) {
+            let number = match frac {
+                Some(f) => format!("{whole}.{f}"),
+                None => whole.to_string(),
+            };
+            let q = Quantity::parse(&format!("{number}{suffix}")).unwrap();
+            let multiplier = match suffix {
+                "" => 1.0, "m" => 1e-3, "k" => 1e3, "M" => 1e6, "G" => 1e9,
+                "Ki" => 1024.0, "Mi" => 1048576.0, "Gi" => 1073741824.0, "e2" => 100.0, _ => 1e-3,
+            };
+            let expected = number.parse::<f64>().unwrap() * multiplier;
+            proptest::prop_assert!((q.value - expected).abs() <= expected.abs() * 1e-12);
+        }
+    }
+
     #[test]
     fn anything_else_is_refused_with_the_value_named() {
         for bad in ["", "Mi", "256 Mi", "256mb", "256MB", "1.2.3", "abc", "1x", "1e", "1e+", "1ee3", "0x10", "1e999"] {
