@@ -364,6 +364,13 @@ async fn large_request_and_response_headers_cross_the_mesh() {
         assert_eq!(seen["headers"]["x-big-cookie"].as_str().map(str::len), Some(40_000), "{version}");
         assert_eq!(resp_headers.get("x-filler").map(|v| v.len()), Some(40_000), "{version}");
     }
+    // Past the 64 KiB limit: the request is refused with 431, the response replaced by a 502.
+    let huge = "c".repeat(70_000);
+    let url = format!("http://{}/api/big", m.http);
+    let (status, _, _) = get(&http_client(), &url, "GET", &[("x-big-cookie", huge.as_str())]).await;
+    assert_eq!(status, 431);
+    let (status, _, body) = get(&http_client(), &url, "GET", &[("x-echo-filler", "70000")]).await;
+    assert_eq!(status, 502, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
