@@ -28,6 +28,7 @@ use tracing::{Instrument, field};
 use trellis_identity::{SpiffeId, VerifyError};
 use trellis_policy::{Flow, HttpRequest, normalize_path};
 
+use crate::app::AppClient;
 use crate::authz::{Denial, Permit, authorize};
 use crate::config::InboundSpec;
 use crate::conns::{Tracked, TrackedFlow};
@@ -35,7 +36,7 @@ use crate::http::{
     ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, strip_hop_by_hop, strip_trellis_headers,
 };
 use crate::io::Prefixed;
-use crate::layers::{MetricsLayer, PermitSlot, PolicyLayer, TraceLayer};
+use crate::layers::{MetricsLayer, Permitted, PolicyLayer, TraceLayer};
 use crate::metrics::OpenGuard;
 use crate::serve::serve_http;
 use crate::sniff::{Protocol, detect};
@@ -396,7 +397,7 @@ fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) -> impl Future<
         .layer(TraceLayer::new(&state, || ctx.conn_facts()))
         .layer(MetricsLayer { state: state.clone(), direction: "inbound" })
         .layer(PolicyLayer { ctx: ctx.clone() })
-        .service(ForwardToApp { ctx: ctx.clone() });
+        .service(ForwardToApp { app: ctx.state.app.get(ctx.app), ctx: ctx.clone() });
     let svc = hyper_util::service::TowerToHyperService::new(svc);
     // A revoked connection gets a short grace; a proxy shutting down, its drain timeout.
     let header_timeout = state.config.header_timeout;
@@ -413,9 +414,11 @@ fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) -> impl Future<
 #[derive(Clone)]
 pub struct ForwardToApp {
     ctx: Arc<ConnCtx>,
+    /// Looked up once per connection, not per request.
+    app: Arc<AppClient>,
 }
 
-impl tower::Service<Request<ReqBody>> for ForwardToApp {
+impl tower::Service<Permitted> for ForwardToApp {
     type Response = Response<RespBody>;
     type Error = std::convert::Infallible;
     type Future = crate::layers::BoxFuture<Result<Response<RespBody>, std::convert::Infallible>>;
@@ -424,25 +427,15 @@ impl tower::Service<Request<ReqBody>> for ForwardToApp {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let ctx = self.ctx.clone();
-        Box::pin(async move {
-            let Some(permit) = PermitSlot::take(&req) else {
-                // Unreachable by construction: the policy layer always runs first.
-                return Ok(proxy_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "unauthorized",
-                    "request was not authorized",
-                ));
-            };
-            Ok(forward_http(&ctx, permit, req).await)
-        })
+    fn call(&mut self, Permitted { permit, request }: Permitted) -> Self::Future {
+        let (ctx, app) = (self.ctx.clone(), self.app.clone());
+        Box::pin(async move { Ok(forward_http(&ctx, &app, permit, request).await) })
     }
 }
 
 /// Rewrites a permitted request for the app (verified peer ID, normalized path, hop-by-hop
 /// headers removed) and relays the app's answer.
-async fn forward_http(ctx: &ConnCtx, permit: Permit, mut req: Request<ReqBody>) -> Response<RespBody> {
+async fn forward_http(ctx: &ConnCtx, app: &AppClient, permit: Permit, mut req: Request<ReqBody>) -> Response<RespBody> {
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
     if is_upgrade(&req) {
         set_peer_header(ctx, req.headers_mut());
@@ -452,8 +445,7 @@ async fn forward_http(ctx: &ConnCtx, permit: Permit, mut req: Request<ReqBody>) 
     let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some() || req.version() != http::Version::HTTP_2;
     prepare_for_app(ctx, &mut req, !downgrade);
     *req.version_mut() = if downgrade { http::Version::HTTP_11 } else { http::Version::HTTP_2 };
-    let app = ctx.state.app.get(ctx.app);
-    let sent = if downgrade { app.h1.request(req).await } else { app.send_h2(req).await };
+    let sent = if downgrade { app.h1.send(req).await } else { app.send_h2(req).await };
     match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();

@@ -3,8 +3,8 @@
 //! - inbound:  `Trace → Metrics → Policy → forward to app`
 //! - outbound: `Trace → Metrics → forward to peer`
 //!
-//! [`PolicyLayer`] decides every request and either answers 403 itself or attaches the
-//! [`Permit`] the forwarding service requires; [`MetricsLayer`] times every request and
+//! [`PolicyLayer`] decides every request and either answers 403 itself or hands the
+//! forwarding service the request with its [`Permit`] ([`Permitted`]); [`MetricsLayer`] times every request and
 //! counts it by decision; [`TraceLayer`] continues or starts the request's trace, passes its
 //! `traceparent` on, and records the request's span when the response body ends.
 //!
@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::authz::{Denial, Permit};
@@ -76,7 +77,7 @@ where
 {
     type Response = Response<TracedBody>;
     type Error = std::convert::Infallible;
-    type Future = BoxFuture<Result<Response<TracedBody>, std::convert::Infallible>>;
+    type Future = TraceFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -84,8 +85,7 @@ where
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let (Some(tel), Some(facts)) = (self.state.telemetry.active(), &self.facts) else {
-            let fut = self.inner.call(req.map(Counted::plain));
-            return Box::pin(async move { Ok(fut.await?.map(Traced::plain)) });
+            return TraceFuture { inner: self.inner.call(req.map(Counted::plain)), span: None };
         };
         let ids = tel.new_span(TraceParent::from_headers(req.headers()));
         ids.inject(req.headers_mut());
@@ -106,16 +106,42 @@ where
             verdict: Verdict::Forwarded,
             error: None,
         };
-        let fut = self.inner.call(req.map(|b| match request_bytes {
+        let inner = self.inner.call(req.map(|b| match request_bytes {
             Some(counter) => Counted::with_counter(b, counter),
             None => Counted::plain(b),
         }));
-        Box::pin(async move { Ok(span.attach(fut.await?)) })
+        TraceFuture { inner, span: Some(Box::new(span)) }
+    }
+}
+
+pin_project! {
+    /// The inner service's response, with the request's span (if telemetry is on) attached
+    /// to its body. A named future, not a boxed one: one allocation fewer per request.
+    pub struct TraceFuture<F> {
+        #[pin]
+        inner: F,
+        span: Option<Box<RequestSpan>>,
+    }
+}
+
+impl<F> Future for TraceFuture<F>
+where
+    F: Future<Output = Result<Response<RespBody>, std::convert::Infallible>>,
+{
+    type Output = Result<Response<TracedBody>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        Poll::Ready(Ok(match this.span.take() {
+            Some(span) => span.attach(resp),
+            None => resp.map(Traced::plain),
+        }))
     }
 }
 
 /// A request's span between its start and the end of its response body.
-struct RequestSpan {
+pub struct RequestSpan {
     tel: Arc<Active>,
     facts: Arc<ConnFacts>,
     ids: SpanIds,
@@ -128,13 +154,13 @@ struct RequestSpan {
 
 impl RequestSpan {
     /// Reads the outcome off the response head and rides along with its body.
-    fn attach(mut self, resp: Response<RespBody>) -> Response<TracedBody> {
+    fn attach(mut self: Box<Self>, resp: Response<RespBody>) -> Response<TracedBody> {
         self.http.status = resp.status().as_u16();
         if let Some(d) = resp.extensions().get::<Decided>() {
             self.verdict = d.0.clone();
         }
         self.error = resp.headers().get(ERROR).map(|v| Cow::Owned(String::from_utf8_lossy(v.as_bytes()).into_owned()));
-        resp.map(|b| Traced::with_span(b, Box::new(self)))
+        resp.map(|b| Traced::with_span(b, self))
     }
 }
 
@@ -185,7 +211,7 @@ where
 {
     type Response = Response<RespBody>;
     type Error = std::convert::Infallible;
-    type Future = BoxFuture<Result<Response<RespBody>, std::convert::Infallible>>;
+    type Future = MetricsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -194,19 +220,43 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let start = Instant::now();
         let protocol = if req.version() == http::Version::HTTP_2 { "http2" } else { "http1" };
-        let fut = self.inner.call(req);
-        let (state, direction) = (self.state.clone(), self.direction);
-        Box::pin(async move {
-            let resp = fut.await?;
-            let decision = resp.extensions().get::<Decided>().map(|d| d.0.label()).unwrap_or("allow");
-            state.metrics.flow(direction, decision, protocol);
-            state
-                .metrics
-                .request_duration
-                .get_or_create(&DirectionLabels { direction })
-                .observe(start.elapsed().as_secs_f64());
-            Ok(resp)
-        })
+        MetricsFuture {
+            inner: self.inner.call(req),
+            state: self.state.clone(),
+            direction: self.direction,
+            protocol,
+            start,
+        }
+    }
+}
+
+pin_project! {
+    /// Counts and times the request when the inner service answers.
+    pub struct MetricsFuture<F> {
+        #[pin]
+        inner: F,
+        state: Arc<ProxyState>,
+        direction: &'static str,
+        protocol: &'static str,
+        start: Instant,
+    }
+}
+
+impl<F> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<Response<RespBody>, std::convert::Infallible>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let decision = resp.extensions().get::<Decided>().map(|d| d.0.label()).unwrap_or("allow");
+        let metrics = &this.state.metrics;
+        metrics.flow(this.direction, decision, this.protocol);
+        let labels = DirectionLabels { direction: this.direction };
+        metrics.request_duration.get_or_create(&labels).observe(this.start.elapsed().as_secs_f64());
+        Poll::Ready(Ok(resp))
     }
 }
 
@@ -229,40 +279,73 @@ pub struct PolicyService<S> {
     ctx: Arc<ConnCtx>,
 }
 
+/// A request the policy allowed, with its permit: what the forwarding service takes, so
+/// nothing unauthorized can reach it.
+pub struct Permitted {
+    pub permit: Permit,
+    pub request: Request<ReqBody>,
+}
+
 impl<S> Service<Request<ReqBody>> for PolicyService<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = std::convert::Infallible> + Send + 'static,
+    S: Service<Permitted, Response = Response<RespBody>, Error = std::convert::Infallible> + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<RespBody>;
     type Error = std::convert::Infallible;
-    type Future = BoxFuture<Result<Response<RespBody>, std::convert::Infallible>>;
+    type Future = PolicyFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        match self.ctx.authorize(&req) {
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        match self.ctx.authorize(&request) {
             Ok(permit) => {
-                let decided = Decided(permit.verdict());
+                let decided = Some(Decided(permit.verdict()));
                 let audit = audit_header(&permit);
-                req.extensions_mut().insert(Arc::new(PermitSlot::new(permit)));
-                let fut = self.inner.call(req);
-                Box::pin(async move {
-                    let mut resp = fut.await?;
-                    resp.extensions_mut().insert(decided);
-                    if let Some(a) = audit {
-                        resp.headers_mut().insert(AUDIT, a);
-                    }
-                    Ok(resp)
-                })
+                PolicyFuture::Allowed { inner: self.inner.call(Permitted { permit, request }), decided, audit }
             }
             Err(denial) => {
                 let mut resp = deny_response(&denial);
                 resp.extensions_mut().insert(Decided(denial.verdict()));
-                Box::pin(async move { Ok(resp) })
+                PolicyFuture::Denied { resp: Some(resp) }
             }
+        }
+    }
+}
+
+pin_project! {
+    /// The forwarded request's response marked with the decision, or the denial.
+    #[project = PolicyProj]
+    pub enum PolicyFuture<F> {
+        Allowed { #[pin] inner: F, decided: Option<Decided>, audit: Option<HeaderValue> },
+        Denied { resp: Option<Response<RespBody>> },
+    }
+}
+
+impl<F> Future for PolicyFuture<F>
+where
+    F: Future<Output = Result<Response<RespBody>, std::convert::Infallible>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            PolicyProj::Allowed { inner, decided, audit } => {
+                let mut resp = std::task::ready!(inner.poll(cx))?;
+                if let Some(d) = decided.take() {
+                    resp.extensions_mut().insert(d);
+                }
+                if let Some(a) = audit.take() {
+                    resp.headers_mut().insert(AUDIT, a);
+                }
+                Poll::Ready(Ok(resp))
+            }
+            PolicyProj::Denied { resp } => match resp.take() {
+                Some(resp) => Poll::Ready(Ok(resp)),
+                None => Poll::Pending,
+            },
         }
     }
 }
@@ -277,20 +360,4 @@ fn audit_header(p: &Permit) -> Option<HeaderValue> {
 fn deny_response(denial: &Denial) -> Response<RespBody> {
     tracing::info!(reason = %denial, "request denied");
     forbidden(&denial.header_value(), &denial.to_string())
-}
-
-/// Carries the permit from the policy layer to the forwarding service through the
-/// request's extensions (which must be `Clone`), to be taken exactly once.
-#[derive(Debug)]
-pub struct PermitSlot(std::sync::Mutex<Option<Permit>>);
-
-impl PermitSlot {
-    fn new(p: Permit) -> Self {
-        PermitSlot(std::sync::Mutex::new(Some(p)))
-    }
-
-    /// Takes the permit out of a request; `None` means the request was never authorized.
-    pub fn take<B>(req: &Request<B>) -> Option<Permit> {
-        req.extensions().get::<Arc<PermitSlot>>().and_then(|s| s.0.lock().ok()?.take())
-    }
 }
