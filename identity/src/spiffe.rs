@@ -103,10 +103,11 @@ impl FromStr for TrustDomain {
 
 /// A SPIFFE ID: `spiffe://<trust-domain>[/<segment>...]`.
 ///
-/// Stored as its canonical URI string so comparing, hashing and printing are free.
+/// Stored as its canonical URI string so comparing, hashing and printing are free, and shared
+/// (`Arc`) so cloning one, which the proxy does per connection and per request, is free too.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    uri: Box<str>,
+    uri: std::sync::Arc<str>,
     /// Byte offset where the trust domain ends and the path starts.
     td_end: usize,
 }
