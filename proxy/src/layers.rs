@@ -4,9 +4,10 @@
 //! - outbound: `Trace → Metrics → forward to peer`
 //!
 //! [`PolicyLayer`] decides every request and either answers 403 itself or hands the
-//! forwarding service the request with its [`Permit`] ([`Permitted`]); [`MetricsLayer`] times every request and
-//! counts it by decision; [`TraceLayer`] continues or starts the request's trace, passes its
-//! `traceparent` on, and records the request's span when the response body ends.
+//! forwarding service the request with its [`Permit`] ([`Permitted`]); [`MetricsLayer`] times
+//! every request and counts it by decision; [`TraceLayer`] continues or starts the request's
+//! trace, passes its `traceparent` on, and records the request's span when the response body
+//! ends. Each layer's future is a named type rather than a box: these run for every request.
 //!
 //! How a request was decided travels back up in the response's extensions ([`Decided`]):
 //! set by the policy layer inbound, and by the forwarding service outbound from the
@@ -342,6 +343,7 @@ where
                 }
                 Poll::Ready(Ok(resp))
             }
+            // Polled again after it completed (a caller's bug): never ready again, no panic.
             PolicyProj::Denied { resp } => match resp.take() {
                 Some(resp) => Poll::Ready(Ok(resp)),
                 None => Poll::Pending,
