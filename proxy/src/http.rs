@@ -8,8 +8,21 @@ use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-/// Responses are either relayed (`Incoming`) or generated here (`Full`).
-pub type RespBody = Either<Incoming, Full<Bytes>>;
+use crate::peer_h2::PeerBody;
+
+/// Responses are either relayed (from an app: `Incoming`; from a peer sidecar over the
+/// pooled connection: [`PeerBody`]) or generated here (`Full`).
+pub type RespBody = Either<Either<Incoming, PeerBody>, Full<Bytes>>;
+
+/// An app's response body, relayed.
+pub fn from_app(body: Incoming) -> RespBody {
+    Either::Left(Either::Left(body))
+}
+
+/// A peer sidecar's response body, relayed.
+pub fn from_peer(body: PeerBody) -> RespBody {
+    Either::Left(Either::Right(body))
+}
 /// Request bodies, counted for the request's span as they stream through.
 pub type ReqBody = crate::telemetry::body::Counted<Incoming>;
 /// What the HTTP stacks answer: the response body that finishes the request's span.

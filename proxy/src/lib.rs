@@ -29,6 +29,7 @@ pub mod link;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
+pub mod peer_h2;
 pub mod pool;
 pub mod serve;
 pub mod sniff;

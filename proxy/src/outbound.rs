@@ -19,7 +19,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
-use http_body_util::Either;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
@@ -30,10 +29,13 @@ use trellis_policy::EgressFlow;
 use crate::authz::{Permit, authorize_egress};
 use crate::config::RouteSpec;
 use crate::conns::TrackedFlow;
-use crate::http::{AUDIT, DENIED, ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, strip_hop_by_hop};
+use crate::http::{
+    AUDIT, DENIED, ORIG_PROTO, PEER_ID, ReqBody, RespBody, from_peer, is_upgrade, proxy_error, strip_hop_by_hop,
+};
 use crate::io::Prefixed;
 use crate::layers::{BoxFuture, Decided, MetricsLayer, TraceLayer};
 use crate::metrics::OpenGuard;
+use crate::peer_h2::SendError;
 use crate::serve::serve_http;
 use crate::sniff::{Protocol, detect};
 use crate::state::{PeerProtocol, ProxyState};
@@ -301,28 +303,40 @@ impl ForwardToPeer {
         // HTTP/2 carries the authority as :authority; a Host header would duplicate it.
         req.headers_mut().remove(header::HOST);
         *req.version_mut() = http::Version::HTTP_2;
-        let mut send = match self.state.pools.sender(&self.state, self.addr, &self.id).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot reach peer");
-                return failed(proxy_error(StatusCode::BAD_GATEWAY, e.label(), &e.to_string()));
-            }
-        };
-        match send.send_request(req).await {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                let mut resp = Response::from_parts(parts, Either::Left(body));
-                let decided = peer_verdict(&mut resp);
-                resp.extensions_mut().insert(decided);
-                resp
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "request to peer failed");
-                let detail = format!("request to peer {} failed: {e}", self.addr);
-                failed(proxy_error(StatusCode::BAD_GATEWAY, "peer_http", &detail))
+        // Once more on a new connection if the pooled one turns out closed (or told us
+        // GOAWAY) before the request left: the peer never saw it, whatever its method.
+        let mut req = Some(req);
+        for _ in 0..2 {
+            let conn = match self.state.pools.sender(&self.state, self.addr, &self.id).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach peer");
+                    return failed(proxy_error(StatusCode::BAD_GATEWAY, e.label(), &e.to_string()));
+                }
+            };
+            let Some(this) = req.take() else { break };
+            match conn.send(this).await {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    let mut resp = Response::from_parts(parts, from_peer(body));
+                    let decided = peer_verdict(&mut resp);
+                    resp.extensions_mut().insert(decided);
+                    return resp;
+                }
+                Err(SendError::Unsent(e, back)) => {
+                    tracing::debug!(error = %e, "pooled connection closed before the request left; retrying");
+                    req = Some(*back);
+                }
+                Err(SendError::Failed(e)) => {
+                    tracing::warn!(error = %e, "request to peer failed");
+                    let detail = format!("request to peer {} failed: {e}", self.addr);
+                    return failed(proxy_error(StatusCode::BAD_GATEWAY, "peer_http", &detail));
+                }
             }
         }
+        let detail = format!("request to peer {} failed: connections kept closing before it was sent", self.addr);
+        failed(proxy_error(StatusCode::BAD_GATEWAY, "peer_http", &detail))
     }
 }
 

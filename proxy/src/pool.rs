@@ -12,14 +12,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use trellis_identity::pki_types::ServerName;
 use trellis_identity::{SpiffeId, VerifyError};
 
-use crate::http::ReqBody;
+use crate::peer_h2::{PeerConn, Settings};
 use crate::state::{PeerProtocol, ProxyState};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -84,7 +82,7 @@ pub async fn connect_tls(
 }
 
 struct Pooled {
-    send: SendRequest<ReqBody>,
+    conn: PeerConn,
     born: Instant,
 }
 
@@ -110,7 +108,7 @@ impl PeerPools {
         state: &ProxyState,
         addr: SocketAddr,
         expected: &SpiffeId,
-    ) -> Result<SendRequest<ReqBody>, PeerError> {
+    ) -> Result<PeerConn, PeerError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             // Found without allocating: this runs for every request.
@@ -125,9 +123,9 @@ impl PeerPools {
             }
         };
         if let Ok(guard) = slot.try_lock()
-            && let Some(send) = live(&guard)
+            && let Some(conn) = live(&guard)
         {
-            return Ok(send);
+            return Ok(conn);
         }
         // Boxed: the connect and handshake future is kilobytes, and every request's future
         // would carry (and move) it even though only the first request to a peer waits here.
@@ -139,14 +137,14 @@ impl PeerPools {
         state: &ProxyState,
         addr: SocketAddr,
         expected: &SpiffeId,
-    ) -> Result<SendRequest<ReqBody>, PeerError> {
+    ) -> Result<PeerConn, PeerError> {
         let mut guard = slot.lock().await;
-        if let Some(send) = live(&guard) {
-            return Ok(send);
+        if let Some(conn) = live(&guard) {
+            return Ok(conn);
         }
-        let send = open_h2(state, addr, expected).await?;
-        *guard = Some(Pooled { send: send.clone(), born: Instant::now() });
-        Ok(send)
+        let conn = open_h2(state, addr, expected).await?;
+        *guard = Some(Pooled { conn: conn.clone(), born: Instant::now() });
+        Ok(conn)
     }
 
     /// Forgets every pooled connection (after a trust bundle change).
@@ -156,32 +154,24 @@ impl PeerPools {
 }
 
 /// A sender on the slot's connection, if it is still usable.
-fn live(slot: &Option<Pooled>) -> Option<SendRequest<ReqBody>> {
-    slot.as_ref().filter(|p| !p.send.is_closed() && p.born.elapsed() < MAX_AGE).map(|p| p.send.clone())
+fn live(slot: &Option<Pooled>) -> Option<PeerConn> {
+    slot.as_ref().filter(|p| !p.conn.is_closed() && p.born.elapsed() < MAX_AGE).map(|p| p.conn.clone())
 }
 
-async fn open_h2(state: &ProxyState, addr: SocketAddr, expected: &SpiffeId) -> Result<SendRequest<ReqBody>, PeerError> {
+async fn open_h2(state: &ProxyState, addr: SocketAddr, expected: &SpiffeId) -> Result<PeerConn, PeerError> {
     let tls = connect_tls(state, addr, expected, PeerProtocol::H2).await?;
     if tls.get_ref().1.alpn_protocol() != Some(crate::state::ALPN_H2) {
         return Err(PeerError::Alpn { addr, wanted: "h2" });
     }
-    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .initial_stream_window_size(1024 * 1024)
-        .initial_connection_window_size(4 * 1024 * 1024)
-        .max_concurrent_reset_streams(1024)
+    let settings = Settings {
+        stream_window: 1024 * 1024,
+        connection_window: 4 * 1024 * 1024,
         // h2's default (16 KiB) would turn an app's larger response headers into a 502.
-        .max_header_list_size(crate::serve::MAX_HEADER_LIST)
-        .handshake(TokioIo::new(tls))
+        max_header_list: crate::serve::MAX_HEADER_LIST,
+    };
+    let pooled = crate::peer_h2::handshake(tls, addr, settings)
         .await
         .map_err(|e| PeerError::Http { addr, reason: e.to_string() })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%addr, error = %e, "pooled peer connection ended");
-        }
-    });
     tracing::debug!(%addr, peer = %expected, "opened pooled HTTP/2 connection to peer");
-    Ok(send)
+    Ok(pooled)
 }

@@ -10,14 +10,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode, header};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use trellis_identity::SpiffeId;
 
-use crate::http::{ReqBody, RespBody, proxy_error};
+use crate::http::{ReqBody, RespBody, from_app, proxy_error};
 use crate::state::{PeerProtocol, ProxyState};
 
 /// Where an upgrade request goes.
@@ -75,7 +74,7 @@ pub async fn forward_upgrade(
     } else {
         parts.headers.remove(header::TRANSFER_ENCODING);
     }
-    Response::from_parts(parts, Either::Left(body))
+    Response::from_parts(parts, from_app(body))
 }
 
 async fn send<T>(io: TokioIo<T>, req: Request<ReqBody>) -> Result<Response<Incoming>, String>

@@ -80,6 +80,41 @@ async fn answer(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
     resp
 }
 
+/// An HTTP/1.1 and HTTP/2 server for bodies: `/bytes/N` answers N bytes (`i % 251` for
+/// byte i), anything else echoes the request body. Either way the response carries the
+/// trailers `x-request-bytes` (the request body's length) and, when the request had a
+/// trailer `x-sum`, `x-request-sum` with its value.
+pub async fn body_echo() -> SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let path = req.uri().path().to_string();
+                    let got = req.into_body().collect().await?;
+                    let mut trailers = http::HeaderMap::new();
+                    if let Some(sum) = got.trailers().and_then(|t| t.get("x-sum")) {
+                        trailers.insert("x-request-sum", sum.clone());
+                    }
+                    let got = got.to_bytes();
+                    trailers.insert("x-request-bytes", got.len().into());
+                    let body = match path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+                        Some(n) => Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
+                        None => got,
+                    };
+                    let body = Full::new(body).with_trailers(async move { Some(Ok(trailers)) });
+                    Ok::<_, hyper::Error>(Response::new(body))
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+            });
+        }
+    });
+    addr
+}
+
 /// A TCP echo server.
 pub async fn tcp_echo() -> SocketAddr {
     tcp_server(None).await

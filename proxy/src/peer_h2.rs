@@ -1,0 +1,462 @@
+//! The outbound's HTTP/2 client on a pooled connection to a peer sidecar, on `h2` directly.
+//!
+//! Sits between [`crate::pool`] (which opens and keeps the connection) and the outbound's
+//! forwarding service: [`handshake`] starts the connection and spawns its [`drive`]r,
+//! [`PeerConn::send`] sends one request and awaits the head of the answer, whose body is a
+//! [`PeerBody`].
+//!
+//! Why not hyper's HTTP/2 client: it puts a channel between the caller and the connection
+//! and spawns a task per request to wait for the response (plus two one-shot channels).
+//! Here the request is handed to `h2` in the app connection's own task, which also awaits
+//! the response; only a request body that is still streaming gets a task ([`pipe`]). The
+//! flow control, trailers and keep-alive PINGs hyper did are done here, as hyper does them.
+
+use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::{Connection, SendRequest};
+use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
+use http::{HeaderMap, Request, Response, header};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+
+/// A PING goes to the peer this long after the last answered one...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and a peer that does not answer within this is taken for gone.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings of the pooled connection, as this side announces them.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_header_list: u32,
+}
+
+/// A handle on a live pooled connection; clones share it.
+#[derive(Clone, Debug)]
+pub struct PeerConn {
+    send: SendRequest<Bytes>,
+    /// Set when the connection's driver has finished or it refused a new stream: the pool
+    /// then opens a new one.
+    closed: Arc<AtomicBool>,
+}
+
+/// Why a request to the peer got no response.
+pub enum SendError<B> {
+    /// The connection could take no new stream (closed, or the peer said GOAWAY): the
+    /// request never left and is handed back, to go again on a new connection whatever
+    /// its method.
+    Unsent(h2::Error, Box<Request<B>>),
+    /// The request (or part of it) was sent; the error says what happened to it.
+    Failed(h2::Error),
+}
+
+/// HTTP/2 handshake over an established (mTLS) stream; the connection is then driven by
+/// its own task until it ends: closed by the peer, or by h2 once the last [`PeerConn`]
+/// (the pool's included) and the last request on it are gone.
+pub async fn handshake<T>(io: T, addr: SocketAddr, settings: Settings) -> Result<PeerConn, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_header_list_size(settings.max_header_list)
+        .max_concurrent_reset_streams(1024)
+        .max_send_buffer_size(1024 * 1024)
+        .enable_push(false)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let done = closed.clone();
+    tokio::spawn(async move {
+        match drive(conn).await {
+            Ok(()) => tracing::debug!(%addr, "pooled peer connection closed"),
+            Err(e) => tracing::debug!(%addr, error = %e, "pooled peer connection ended"),
+        }
+        done.store(true, Ordering::Release);
+    });
+    Ok(PeerConn { send, closed })
+}
+
+/// Why a connection's driver stopped other than by a clean close.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error("{0}")]
+    H2(#[from] h2::Error),
+    #[error("no answer to a keep-alive PING within {0:?}")]
+    PingTimeout(Duration),
+}
+
+/// Polls the connection (which reads and writes every stream's frames) and sends a
+/// keep-alive PING every [`KEEPALIVE_INTERVAL`], so a peer that vanished without a FIN is
+/// noticed. A hand-written poll rather than `select!`: this runs on every frame, and the
+/// timer is reset only when a PING goes out or comes back.
+async fn drive<T>(mut conn: Connection<T, Bytes>) -> Result<(), Ended>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut ping = conn.ping_pong();
+    let mut timer = Box::pin(tokio::time::sleep(KEEPALIVE_INTERVAL));
+    let mut awaiting_pong = false;
+    poll_fn(|cx| {
+        if let Poll::Ready(r) = Pin::new(&mut conn).poll(cx) {
+            return Poll::Ready(r.map_err(Ended::from));
+        }
+        match ping.as_mut() {
+            Some(ping) => keepalive(ping, &mut timer, &mut awaiting_pong, cx),
+            None => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// One step of the PING cycle; `Ready` only when the peer stopped answering.
+fn keepalive(
+    ping: &mut PingPong,
+    timer: &mut Pin<Box<Sleep>>,
+    awaiting_pong: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), Ended>> {
+    if timer.as_mut().poll(cx).is_ready() {
+        if *awaiting_pong {
+            return Poll::Ready(Err(Ended::PingTimeout(KEEPALIVE_TIMEOUT)));
+        }
+        ping.send_ping(Ping::opaque())?;
+        *awaiting_pong = true;
+        timer.as_mut().reset(Instant::now() + KEEPALIVE_TIMEOUT);
+        let _ = timer.as_mut().poll(cx);
+    }
+    if *awaiting_pong && let Poll::Ready(pong) = ping.poll_pong(cx) {
+        pong?;
+        *awaiting_pong = false;
+        timer.as_mut().reset(Instant::now() + KEEPALIVE_INTERVAL);
+        let _ = timer.as_mut().poll(cx);
+    }
+    Poll::Pending
+}
+
+impl PeerConn {
+    /// Is the connection gone (the pool must not hand it out)?
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Sends `req` (an absolute URI, no connection-specific headers) and awaits the
+    /// response head. A request body still streaming is piped by its own task.
+    pub async fn send<B>(&self, req: Request<B>) -> Result<Response<PeerBody>, SendError<B>>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: std::fmt::Display + Send,
+    {
+        let mut send = match self.send.clone().ready().await {
+            Ok(send) => send,
+            Err(e) => {
+                // Closed or told GOAWAY: no new stream will ever open here.
+                self.closed.store(true, Ordering::Release);
+                return Err(SendError::Unsent(e, Box::new(req)));
+            }
+        };
+        let (head, body) = req.into_parts();
+        let eos = body.is_end_stream();
+        let (response, stream) = send.send_request(Request::from_parts(head, ()), eos).map_err(SendError::Failed)?;
+        if !eos {
+            let mut pipe = Box::pin(pipe(body, stream));
+            // A small body is often all there already: then no task is needed.
+            if poll_fn(|cx| Poll::Ready(pipe.as_mut().poll(cx).is_pending())).await {
+                tokio::spawn(pipe);
+            }
+        }
+        let response = response.await.map_err(SendError::Failed)?;
+        let len = content_length(response.headers());
+        Ok(response.map(|recv| PeerBody { recv, data_done: false, len }))
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Streams the app's request body into the HTTP/2 stream, within the peer's flow-control
+/// window. Stops when the peer resets the stream (it may answer before reading it all);
+/// an error reading the app's body resets the stream, so the peer does not take a
+/// truncated body for a whole one.
+async fn pipe<B>(body: B, mut tx: SendStream<Bytes>)
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let mut body = std::pin::pin!(body);
+    loop {
+        let next = poll_fn(|cx| {
+            if let Poll::Ready(reset) = tx.poll_reset(cx) {
+                return Poll::Ready(Err(reset));
+            }
+            body.as_mut().poll_frame(cx).map(Ok)
+        })
+        .await;
+        let frame = match next {
+            Err(_) => return,
+            Ok(None) => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return;
+            }
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "app's request body failed; resetting the stream");
+                tx.send_reset(Reason::CANCEL);
+                return;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                let eos = body.is_end_stream();
+                if send_data(&mut tx, data, eos).await.is_err() || eos {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = tx.send_trailers(trailers);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends `data` as the window allows, ending the stream with it when `eos`.
+async fn send_data(tx: &mut SendStream<Bytes>, mut data: Bytes, eos: bool) -> Result<(), h2::Error> {
+    if data.is_empty() {
+        return if eos { tx.send_data(data, true) } else { Ok(()) };
+    }
+    while !data.is_empty() {
+        tx.reserve_capacity(data.len());
+        let granted = match poll_fn(|cx| tx.poll_capacity(cx)).await {
+            Some(granted) => granted?,
+            // The stream can take no more data (reset, or the connection went).
+            None => return Err(h2::Error::from(Reason::CANCEL)),
+        };
+        // Zero means the window moved without opening: wait again, as hyper does.
+        if granted > 0 {
+            let chunk = data.split_to(granted.min(data.len()));
+            tx.send_data(chunk, eos && data.is_empty())?;
+        }
+    }
+    Ok(())
+}
+
+/// A response body arriving from the peer: data as the app reads it (each read gives the
+/// peer that much window back), then trailers (gRPC's status travels in them).
+#[derive(Debug)]
+pub struct PeerBody {
+    recv: RecvStream,
+    data_done: bool,
+    /// What `content-length` says is still to come.
+    len: Option<u64>,
+}
+
+impl Body for PeerBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.len = self.len.map(|left| left.saturating_sub(data.len() as u64));
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(ended_early(e)),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(ended_early(e)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.len {
+            Some(len) if !self.data_done => SizeHint::with_exact(len),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// A peer that resets the stream with NO_ERROR or CANCEL after sending its response has
+/// ended the body, not failed it (RFC 9113 §8.1: a server may stop reading the request).
+fn ended_early(e: h2::Error) -> Option<Result<Frame<Bytes>, h2::Error>> {
+    match e.reason() {
+        Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => None,
+        _ => Some(Err(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use http::{HeaderValue, Method};
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::DuplexStream;
+
+    use super::*;
+
+    const ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
+    const SETTINGS: Settings =
+        Settings { stream_window: 1 << 20, connection_window: 4 << 20, max_header_list: 64 << 10 };
+
+    /// A request body of fixed frames, handed out one per poll.
+    struct Frames(VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    fn trailers(name: &'static str, value: &str) -> HeaderMap {
+        let mut t = HeaderMap::new();
+        t.insert(name, HeaderValue::from_str(value).unwrap());
+        t
+    }
+
+    /// A client `PeerConn` and the server end of its connection, over an in-memory pipe.
+    async fn connected() -> (PeerConn, h2::server::Connection<DuplexStream, Bytes>) {
+        let (client, server) = tokio::io::duplex(64 << 10);
+        let server = tokio::spawn(h2::server::handshake(server));
+        let conn = handshake(client, ADDR, SETTINGS).await.unwrap();
+        (conn, server.await.unwrap().unwrap())
+    }
+
+    fn request<B>(body: B) -> Request<B> {
+        Request::builder().method(Method::POST).uri("http://api.test/upload").body(body).unwrap()
+    }
+
+    /// Reads a whole body with its trailers, giving the window back as it goes.
+    async fn read_all(mut body: RecvStream) -> (Vec<u8>, Option<HeaderMap>) {
+        let mut data = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+            data.extend_from_slice(&chunk);
+        }
+        (data, body.trailers().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn bodies_larger_than_the_windows_and_trailers_cross_both_ways() {
+        let (conn, mut server) = connected().await;
+        tokio::spawn(async move {
+            while let Some(Ok((req, mut respond))) = server.accept().await {
+                tokio::spawn(async move {
+                    let (got, got_trailers) = read_all(req.into_body()).await;
+                    let tag = got_trailers.and_then(|t| t.get("x-sum").cloned()).unwrap();
+                    let mut tx = respond.send_response(Response::new(()), false).unwrap();
+                    // Three times the stream window the client announced: only flows if the
+                    // client's body gives the window back as it is read.
+                    let big = Bytes::from(vec![7u8; 3 << 20]);
+                    tx.send_data(big, false).unwrap();
+                    tx.send_trailers(trailers("grpc-status", &format!("{}-{}", got.len(), tag.to_str().unwrap())))
+                        .unwrap();
+                });
+            }
+        });
+        // Larger than h2's default 64 KiB window the server announces: the pipe must wait
+        // for window updates, on its own task.
+        let sent: VecDeque<_> = (0..5u8)
+            .map(|i| Frame::data(Bytes::from(vec![i; 100_000])))
+            .chain([Frame::trailers(trailers("x-sum", "five"))])
+            .collect();
+        let exchange = async {
+            let Ok(resp) = conn.send(request(Frames(sent))).await else { panic!("request failed") };
+            resp.into_body().collect().await.unwrap()
+        };
+        // A stuck window shows as a hang: bounded here.
+        let collected = tokio::time::timeout(Duration::from_secs(10), exchange).await.expect("the exchange finished");
+        let trailers = collected.trailers().cloned().unwrap();
+        assert_eq!(collected.to_bytes().len(), 3 << 20);
+        assert_eq!(trailers.get("grpc-status").unwrap(), "500000-five");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_said_goaway_hands_the_request_back_unsent() {
+        let (conn, mut server) = connected().await;
+        server.abrupt_shutdown(Reason::NO_ERROR);
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        // The GOAWAY arrives whenever the driver reads it; until then a request may still go.
+        for _ in 0..100 {
+            match conn.send(request(Empty::<Bytes>::new())).await {
+                Err(SendError::Unsent(_, back)) => {
+                    assert_eq!(back.uri().path(), "/upload", "the request itself comes back");
+                    assert!(conn.is_closed(), "the pool must not hand this connection out again");
+                    return;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        panic!("the GOAWAY never took effect");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_answering_pings_is_dropped_and_an_answering_one_kept() {
+        // Handshaken, then never polled again: it will not answer a PING.
+        let (silent, _mute) = connected().await;
+        let (alive, mut server) = connected().await;
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        tokio::time::sleep(KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT - Duration::from_secs(1)).await;
+        assert!(!silent.is_closed(), "the PING's deadline has not passed yet");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(silent.is_closed(), "no PONG within the timeout closes the connection");
+        tokio::time::sleep(KEEPALIVE_INTERVAL * 4).await;
+        assert!(!alive.is_closed(), "a peer answering its PINGs keeps the connection");
+    }
+
+    #[tokio::test]
+    async fn the_connection_closes_when_its_last_handle_goes() {
+        // hyper keeps a channel to work around h2 not noticing this; h2 0.4 wakes its
+        // connection when the last handle drops, which the pool's retiring relies on.
+        let (conn, mut server) = connected().await;
+        let served = tokio::spawn(async move {
+            while let Some(Ok((_, mut respond))) = server.accept().await {
+                respond.send_response(Response::new(()), true).unwrap();
+            }
+        });
+        assert!(conn.send(Request::get("http://api.test/").body(Empty::<Bytes>::new()).unwrap()).await.is_ok());
+        // Let the connection go idle first: h2 alone would not notice the last handle go.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(conn);
+        tokio::time::timeout(Duration::from_secs(5), served).await.expect("the server saw the connection end").unwrap();
+    }
+
+    #[test]
+    fn a_reset_after_the_response_ends_the_body_and_other_resets_fail_it() {
+        assert!(ended_early(h2::Error::from(Reason::NO_ERROR)).is_none());
+        assert!(ended_early(h2::Error::from(Reason::CANCEL)).is_none());
+        assert!(matches!(ended_early(h2::Error::from(Reason::INTERNAL_ERROR)), Some(Err(_))));
+    }
+}
