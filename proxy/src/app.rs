@@ -1,5 +1,5 @@
-//! Clients from the inbound sidecar to its local app: pooled HTTP/1.1, and HTTP/2 with prior
-//! knowledge for apps whose clients speak it (gRPC servers).
+//! Clients from the inbound sidecar to its local app: pooled HTTP/1.1 ([`H1Pool`]), and
+//! HTTP/2 with prior knowledge for apps whose clients speak it (gRPC servers).
 //!
 //! A client dials one fixed app address whatever the request's URI says, so the URI can
 //! carry the authority the caller used (`Host` for HTTP/1.1, `:authority` for HTTP/2) all
@@ -16,13 +16,16 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -60,7 +63,7 @@ pub type H2Body = Either<ReqBody, Empty<Bytes>>;
 /// The pair of clients for one app address.
 #[derive(Clone, Debug)]
 pub struct AppClient {
-    pub h1: Client<FixedConnector, ReqBody>,
+    pub h1: Arc<H1Pool<ReqBody>>,
     h2: Client<FixedConnector, H2Body>,
 }
 
@@ -71,10 +74,7 @@ impl AppClient {
         inner.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let target = Uri::try_from(format!("http://{app}")).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1"));
         let conn = FixedConnector { target, inner };
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(conn.clone());
+        let h1 = Arc::new(H1Pool::new(app));
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .http2_max_header_list_size(crate::serve::MAX_HEADER_LIST)
@@ -86,7 +86,7 @@ impl AppClient {
     /// without a body that the app did not take — its stream refused, or cut off by a GOAWAY
     /// racing it (nginx sends one every `keepalive_requests`) — is sent once more, as RFC
     /// 9110 §9.2.2 allows a proxy to; anything else fails as it is.
-    pub async fn send_h2(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, legacy::Error> {
+    pub async fn send_h2(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, AppError> {
         let replay = (req.method().is_idempotent() && req.body().is_end_stream()).then(|| bodiless_copy(&req));
         match (self.h2.request(req.map(Either::Left)).await, replay) {
             (Err(e), Some(replay)) if !e.is_connect() => {
@@ -95,6 +95,7 @@ impl AppClient {
             }
             (result, _) => result,
         }
+        .map_err(AppError::H2)
     }
 }
 
@@ -105,6 +106,174 @@ fn bodiless_copy<B>(req: &Request<B>) -> Request<H2Body> {
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
     copy
+}
+
+/// How long an HTTP/1.1 connection to the app may sit unused before it is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// At most this many HTTP/1.1 connections to one app are kept for reuse.
+const MAX_POOLED: usize = 256;
+
+/// Why a request did not reach the app or its answer did not come back.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connecting timed out after {}s", CONNECT_TIMEOUT.as_secs())]
+    ConnectTimeout,
+    #[error("HTTP/1.1 handshake failed: {0}")]
+    Handshake(hyper::Error),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error(transparent)]
+    H2(#[from] legacy::Error),
+}
+
+/// HTTP/1.1 connections to one app, each carrying one request at a time.
+///
+/// Each connection's hyper task reads and writes; the pool only keeps the handles. A handle
+/// goes back into the pool as soon as its request is handed over, and is taken again once
+/// hyper says the connection is ready, i.e. the previous response has been read to its end.
+/// No task is spawned per request to wait for that (hyper-util's pooled client does, and
+/// hashes and formats a pool key per request: together a few microseconds per request at
+/// the inbound's peak). Closed and long-unused connections are dropped at checkout and by a
+/// sweep every half [`IDLE_TIMEOUT`].
+#[derive(Debug)]
+pub struct H1Pool<B> {
+    app: SocketAddr,
+    /// Oldest first; checkout takes the newest ready one, so a quiet app keeps few warm.
+    conns: Mutex<Vec<Pooled<B>>>,
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug)]
+struct Pooled<B> {
+    send: http1::SendRequest<B>,
+    /// When its last request was handed over.
+    used: Instant,
+}
+
+impl<B> H1Pool<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn new(app: SocketAddr) -> Self {
+        H1Pool { app, conns: Mutex::new(Vec::new()), sweeping: false.into() }
+    }
+
+    /// Sends a request in origin form with a `Host` header. A pooled connection the app
+    /// closed while it was idle fails before the request is written; that request goes
+    /// again on a new connection.
+    pub async fn send(self: &Arc<Self>, mut req: Request<B>) -> Result<Response<Incoming>, AppError> {
+        to_origin_form(&mut req);
+        if let Some(mut send) = self.checkout() {
+            let sent = send.try_send_request(req);
+            self.checkin(send);
+            match sent.await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        let mut send = self.connect().await?;
+        let sent = send.send_request(req);
+        self.checkin(send);
+        Ok(sent.await?)
+    }
+
+    /// The newest connection ready for a request; closed ones are dropped on the way.
+    fn checkout(&self) -> Option<http1::SendRequest<B>> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut i = conns.len();
+        while i > 0 {
+            i -= 1;
+            if conns[i].send.is_closed() {
+                conns.remove(i);
+            } else if conns[i].send.is_ready() {
+                return Some(conns.remove(i).send);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose request was just handed over, unless the pool is full (it
+    /// then closes once that request is done).
+    fn checkin(&self, send: http1::SendRequest<B>) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.len() < MAX_POOLED {
+            conns.push(Pooled { send, used: Instant::now() });
+        }
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<http1::SendRequest<B>, AppError> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.app))
+            .await
+            .map_err(|_| AppError::ConnectTimeout)?
+            .map_err(AppError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(AppError::Handshake)?;
+        let app = self.app;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%app, error = %e, "app connection ended");
+            }
+        });
+        if !self.sweeping.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        }
+        Ok(send)
+    }
+
+    /// Drops connections that are closed, or ready and unused for [`IDLE_TIMEOUT`].
+    fn drop_idle(&self, now: Instant) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let expired = |c: &Pooled<B>| c.send.is_ready() && now.duration_since(c.used) >= IDLE_TIMEOUT;
+        conns.retain(|c| !(c.send.is_closed() || expired(c)));
+    }
+
+    #[cfg(test)]
+    fn pooled(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Runs while the pool exists.
+async fn sweep<B>(pool: std::sync::Weak<H1Pool<B>>)
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let period = IDLE_TIMEOUT / 2;
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.drop_idle(Instant::now());
+    }
+}
+
+/// HTTP/1.1 to an origin server takes the path and query as the request target, and the
+/// authority in `Host` (added from the URI when the caller sent none). CONNECT keeps its
+/// authority-form target.
+fn to_origin_form<B>(req: &mut Request<B>) {
+    if req.method() == http::Method::CONNECT {
+        return;
+    }
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            req.headers_mut().insert(header::HOST, host);
+        }
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
 }
 
 /// One [`AppClient`] per app address (one per `--inbound LISTEN=APP`, or per original
@@ -120,5 +289,161 @@ impl AppClients {
     pub fn get(&self, app: SocketAddr) -> Arc<AppClient> {
         let mut map = self.by_app.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(app).or_insert_with(|| Arc::new(AppClient::new(app))).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::{Notify, mpsc};
+
+    /// What the test app saw.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Conn,
+        Head(String),
+        Closed,
+    }
+
+    /// How the test app answers.
+    #[derive(Clone, Copy)]
+    enum Mode {
+        /// `ok` to every request, keeping the connection.
+        KeepAlive,
+        /// `ok`, then closes the connection without saying so (an app's idle timeout).
+        CloseAfterOne,
+        /// The first connection's body waits for the gate.
+        GateFirst,
+    }
+
+    async fn app(mode: Mode) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>, Arc<Notify>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let gate = Arc::new(Notify::new());
+        let open = gate.clone();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let Ok((mut conn, _)) = listener.accept().await else { return };
+                let (tx, open) = (tx.clone(), open.clone());
+                let _ = tx.send(Seen::Conn);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 1024];
+                        let read = conn.read(&mut chunk).await.unwrap_or(0);
+                        if read == 0 {
+                            let _ = tx.send(Seen::Closed);
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..read]);
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        let _ = tx.send(Seen::Head(String::from_utf8_lossy(&head).into_owned()));
+                        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n").await.unwrap();
+                        if matches!(mode, Mode::GateFirst) && n == 0 {
+                            open.notified().await;
+                        }
+                        conn.write_all(b"ok").await.unwrap();
+                        if matches!(mode, Mode::CloseAfterOne) {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, rx, gate)
+    }
+
+    fn get(uri: &str) -> Request<Empty<Bytes>> {
+        Request::get(uri).body(Empty::new()).unwrap()
+    }
+
+    async fn body(resp: Response<Incoming>) -> Bytes {
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    fn drain(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Vec<Seen> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[tokio::test]
+    async fn one_connection_carries_sequential_requests_in_origin_form_with_host() {
+        let (addr, mut seen, _) = app(Mode::KeepAlive).await;
+        let pool = Arc::new(H1Pool::new(addr));
+        for _ in 0..3 {
+            let resp = pool.send(get("http://api.shop/items?id=1")).await.unwrap();
+            assert_eq!(body(resp).await, "ok");
+        }
+        let seen = drain(&mut seen);
+        assert_eq!(seen.iter().filter(|s| **s == Seen::Conn).count(), 1, "{seen:?}");
+        let heads: Vec<&String> =
+            seen.iter().filter_map(|s| if let Seen::Head(h) = s { Some(h) } else { None }).collect();
+        assert_eq!(heads.len(), 3);
+        for head in heads {
+            assert!(head.starts_with("GET /items?id=1 HTTP/1.1\r\n"), "{head}");
+            assert!(head.to_ascii_lowercase().contains("\r\nhost: api.shop\r\n"), "{head}");
+        }
+        assert_eq!(pool.pooled(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_app_closed_is_replaced() {
+        let (addr, mut seen, _) = app(Mode::CloseAfterOne).await;
+        let pool = Arc::new(H1Pool::new(addr));
+        assert_eq!(body(pool.send(get("http://app/a")).await.unwrap()).await, "ok");
+        // Wait for hyper to see the close, as an idle connection would before its next use.
+        while pool.conns.lock().unwrap().iter().any(|c| !c.send.is_closed()) {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(body(pool.send(get("http://app/b")).await.unwrap()).await, "ok");
+        let conns = drain(&mut seen).into_iter().filter(|s| *s == Seen::Conn).count();
+        assert_eq!(conns, 2);
+        assert_eq!(pool.pooled(), 1, "the closed connection left the pool");
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_answering_is_not_given_a_second_request() {
+        let (addr, mut seen, gate) = app(Mode::GateFirst).await;
+        let pool = Arc::new(H1Pool::new(addr));
+        let slow = pool.send(get("http://app/slow")).await.unwrap();
+        // The first response's body has not arrived: the second request needs its own connection.
+        assert_eq!(body(pool.send(get("http://app/fast")).await.unwrap()).await, "ok");
+        gate.notify_one();
+        assert_eq!(body(slow).await, "ok");
+        let conns = drain(&mut seen).into_iter().filter(|s| *s == Seen::Conn).count();
+        assert_eq!(conns, 2);
+        assert_eq!(pool.pooled(), 2);
+    }
+
+    #[tokio::test]
+    async fn connections_unused_for_the_idle_timeout_are_closed() {
+        let (addr, mut seen, _) = app(Mode::KeepAlive).await;
+        let pool = Arc::new(H1Pool::new(addr));
+        assert_eq!(body(pool.send(get("http://app/")).await.unwrap()).await, "ok");
+        pool.drop_idle(Instant::now() + IDLE_TIMEOUT / 2);
+        assert_eq!(pool.pooled(), 1, "not idle long enough yet");
+        pool.drop_idle(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(pool.pooled(), 0);
+        loop {
+            match seen.recv().await {
+                Some(Seen::Closed) => break,
+                Some(_) => {}
+                None => panic!("the app never saw the connection close"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_app_that_is_not_listening_is_a_connect_error() {
+        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let pool = Arc::new(H1Pool::<Empty<Bytes>>::new(addr));
+        let err = pool.send(get("http://app/")).await.unwrap_err();
+        assert!(matches!(err, AppError::Connect(_)), "{err:?}");
+        assert!(err.to_string().starts_with("cannot connect: "), "{err}");
+        assert_eq!(pool.pooled(), 0);
     }
 }

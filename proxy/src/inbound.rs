@@ -444,7 +444,7 @@ async fn forward_http(ctx: &ConnCtx, app: &AppClient, permit: Permit, mut req: R
     let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some() || req.version() != http::Version::HTTP_2;
     prepare_for_app(ctx, &mut req, !downgrade);
     *req.version_mut() = if downgrade { http::Version::HTTP_11 } else { http::Version::HTTP_2 };
-    let sent = if downgrade { app.h1.request(req).await } else { app.send_h2(req).await };
+    let sent = if downgrade { app.h1.send(req).await } else { app.send_h2(req).await };
     match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
