@@ -12,7 +12,7 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::mesh::{API, Mesh, MeshOptions, WEB, start_mesh};
+use support::mesh::{API, AppPair, Mesh, MeshOptions, WEB, start_mesh};
 
 fn http_rule(backend: SocketAddr) -> String {
     format!(
@@ -396,14 +396,8 @@ async fn http2_prior_knowledge_clients_are_carried_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_app_refusing_a_stream_gets_idempotent_requests_again() {
-    let app = backends::h2_refusing_first_try().await;
-    let control = Control::start(&[]);
-    let to = format!("      to:\n        - ports: [{}]\n          methods: [GET, POST]\n", app.port());
-    control.apply(&allow("app-from-web", API, WEB, &to)).await;
-    let inbound = addr(free_port());
-    let _api = Sidecar::start(&control, API, &["--inbound".into(), format!("{inbound}={app}")]);
-    let route = addr(free_port());
-    let _web = Sidecar::start(&control, WEB, &["--route".into(), format!("{route}={inbound},{API}")]);
+    let pair = AppPair::start(backends::h2_refusing_first_try().await).await;
+    let route = pair.route;
     let client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .http2_only(true)

@@ -8,7 +8,6 @@
 mod support;
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,31 +15,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
-use support::mesh::{API, WEB};
+use support::mesh::AppPair;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// web's route to api's inbound, which forwards to a [`backends::body_echo`].
-struct Bodies {
-    route: SocketAddr,
-    inbound: SocketAddr,
-    backend: SocketAddr,
-    control: Control,
-    api: Sidecar,
-    _web: Sidecar,
-}
-
-async fn bodies_mesh() -> Bodies {
-    let backend = backends::body_echo().await;
-    let control = Control::start(&[]);
-    let to = format!("      to:\n        - ports: [{}]\n          methods: [GET, POST]\n", backend.port());
-    control.apply(&allow("echo-from-web", API, WEB, &to)).await;
-    let inbound = addr(free_port());
-    let api = Sidecar::start(&control, API, &["--inbound".into(), format!("{inbound}={backend}")]);
-    let route = addr(free_port());
-    let web = Sidecar::start(&control, WEB, &["--route".into(), format!("{route}={inbound},{API}")]);
-    Bodies { route, inbound, backend, control, api, _web: web }
+async fn bodies_mesh() -> AppPair {
+    AppPair::start(backends::body_echo().await).await
 }
 
 /// The bytes `/bytes/N` answers.
@@ -162,7 +144,7 @@ async fn a_restarted_peer_sidecar_gets_the_next_request_on_a_new_connection() {
     // The pooled connection's other end goes away without a GOAWAY...
     m.api.proc.signal(nix::sys::signal::Signal::SIGKILL);
     m.api.proc.wait_exit(Duration::from_secs(5));
-    m.api = Sidecar::start(&m.control, API, &["--inbound".into(), format!("{}={}", m.inbound, m.backend)]);
+    m.api = AppPair::start_api(&m.control, m.inbound, m.app);
     // ...and the outbound noticed: the first request after the restart succeeds.
     let (status, body) = send(&client, "GET", &url, Vec::new()).await;
     assert_eq!((status, body.len()), (200, 10), "{}", String::from_utf8_lossy(&body));

@@ -66,3 +66,34 @@ pub async fn start_mesh(o: MeshOptions<'_>) -> Mesh {
     let web = Sidecar::start(&control, WEB, &args);
     Mesh { control, api, web, http, tcp, api_http_inbound, api_tcp_inbound, backend, tcp_backend }
 }
+
+/// A control plane and the two sidecars in front of one `app`, which web may call with GET
+/// and POST: web's route → api's inbound → `app`.
+pub struct AppPair {
+    pub control: Control,
+    pub api: Sidecar,
+    pub web: Sidecar,
+    /// web's route listener.
+    pub route: SocketAddr,
+    /// api's inbound listener.
+    pub inbound: SocketAddr,
+    pub app: SocketAddr,
+}
+
+impl AppPair {
+    pub async fn start(app: SocketAddr) -> AppPair {
+        let control = Control::start(&[]);
+        let to = format!("      to:\n        - ports: [{}]\n          methods: [GET, POST]\n", app.port());
+        control.apply(&super::allow("app-from-web", API, WEB, &to)).await;
+        let inbound = addr(free_port());
+        let api = Self::start_api(&control, inbound, app);
+        let route = addr(free_port());
+        let web = Sidecar::start(&control, WEB, &["--route".into(), format!("{route}={inbound},{API}")]);
+        AppPair { control, api, web, route, inbound, app }
+    }
+
+    /// Starts api's sidecar (again, after a restart) on the same inbound address.
+    pub fn start_api(control: &Control, inbound: SocketAddr, app: SocketAddr) -> Sidecar {
+        Sidecar::start(control, API, &["--inbound".into(), format!("{inbound}={app}")])
+    }
+}
