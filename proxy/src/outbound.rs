@@ -35,7 +35,7 @@ use crate::http::{
 use crate::io::Prefixed;
 use crate::layers::{BoxFuture, Decided, MetricsLayer, TraceLayer};
 use crate::metrics::OpenGuard;
-use crate::peer_h2::SendError;
+use crate::peer_h2::{PeerBody, SendError};
 use crate::serve::serve_http;
 use crate::sniff::{Protocol, detect};
 use crate::state::{PeerProtocol, ProxyState};
@@ -303,40 +303,42 @@ impl ForwardToPeer {
         // HTTP/2 carries the authority as :authority; a Host header would duplicate it.
         req.headers_mut().remove(header::HOST);
         *req.version_mut() = http::Version::HTTP_2;
-        // Once more on a new connection if the pooled one turns out closed (or told us
-        // GOAWAY) before the request left: the peer never saw it, whatever its method.
-        let mut req = Some(req);
-        for _ in 0..2 {
-            let conn = match self.state.pools.sender(&self.state, self.addr, &self.id).await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot reach peer");
-                    return failed(proxy_error(StatusCode::BAD_GATEWAY, e.label(), &e.to_string()));
-                }
-            };
-            let Some(this) = req.take() else { break };
-            match conn.send(this).await {
-                Ok(resp) => {
-                    let (mut parts, body) = resp.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    let mut resp = Response::from_parts(parts, from_peer(body));
-                    let decided = peer_verdict(&mut resp);
-                    resp.extensions_mut().insert(decided);
-                    return resp;
-                }
-                Err(SendError::Unsent(e, back)) => {
+        let resp = match self.send(req).await {
+            Ok(resp) => resp,
+            Err(generated) => return generated,
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let mut resp = Response::from_parts(parts, from_peer(body));
+        let decided = peer_verdict(&mut resp);
+        resp.extensions_mut().insert(decided);
+        resp
+    }
+
+    /// Sends `req` over the pooled connection to the peer; once more on a new connection if
+    /// the pooled one turns out closed (or told us GOAWAY) before the request left, since the
+    /// peer never saw it, whatever its method. `Err` is the response to give the app.
+    async fn send(&self, mut req: Request<ReqBody>) -> Result<Response<PeerBody>, Response<RespBody>> {
+        let mut retried = false;
+        loop {
+            let conn = self.state.pools.sender(&self.state, self.addr, &self.id).await.map_err(|e| {
+                tracing::warn!(error = %e, "cannot reach peer");
+                failed(proxy_error(StatusCode::BAD_GATEWAY, e.label(), &e.to_string()))
+            })?;
+            match conn.send(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(SendError::Unsent(e, back)) if !retried => {
                     tracing::debug!(error = %e, "pooled connection closed before the request left; retrying");
-                    req = Some(*back);
+                    retried = true;
+                    req = *back;
                 }
-                Err(SendError::Failed(e)) => {
+                Err(SendError::Unsent(e, _) | SendError::Failed(e)) => {
                     tracing::warn!(error = %e, "request to peer failed");
                     let detail = format!("request to peer {} failed: {e}", self.addr);
-                    return failed(proxy_error(StatusCode::BAD_GATEWAY, "peer_http", &detail));
+                    return Err(failed(proxy_error(StatusCode::BAD_GATEWAY, "peer_http", &detail)));
                 }
             }
         }
-        let detail = format!("request to peer {} failed: connections kept closing before it was sent", self.addr);
-        failed(proxy_error(StatusCode::BAD_GATEWAY, "peer_http", &detail))
     }
 }
 
