@@ -14,15 +14,17 @@ use crate::peer_h2::PeerBody;
 /// pooled connection: [`PeerBody`]) or generated here (`Full`).
 pub type RespBody = Either<Either<Incoming, PeerBody>, Full<Bytes>>;
 
-/// An app's response body, relayed.
-pub fn from_app(body: Incoming) -> RespBody {
+/// A body relayed as hyper received it: an app's response, or the answer to an upgrade
+/// (from an app or a peer, each on its own connection).
+pub fn relayed(body: Incoming) -> RespBody {
     Either::Left(Either::Left(body))
 }
 
-/// A peer sidecar's response body, relayed.
+/// A peer sidecar's response body from the pooled connection, relayed.
 pub fn from_peer(body: PeerBody) -> RespBody {
     Either::Left(Either::Right(body))
 }
+
 /// Request bodies, counted for the request's span as they stream through.
 pub type ReqBody = crate::telemetry::body::Counted<Incoming>;
 /// What the HTTP stacks answer: the response body that finishes the request's span.

@@ -32,7 +32,7 @@ use crate::authz::{Denial, Permit, authorize};
 use crate::config::InboundSpec;
 use crate::conns::{Tracked, TrackedFlow};
 use crate::http::{
-    ORIG_PROTO, PEER_ID, ReqBody, RespBody, from_app, is_upgrade, proxy_error, strip_hop_by_hop, strip_trellis_headers,
+    ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, relayed, strip_hop_by_hop, strip_trellis_headers,
 };
 use crate::io::Prefixed;
 use crate::layers::{MetricsLayer, Permitted, PolicyLayer, TraceLayer};
@@ -450,7 +450,7 @@ async fn forward_http(ctx: &ConnCtx, app: &AppClient, permit: Permit, mut req: R
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             strip_trellis_headers(&mut parts.headers);
-            Response::from_parts(parts, from_app(body))
+            Response::from_parts(parts, relayed(body))
         }
         Err(e) => {
             tracing::warn!(app = %ctx.app, error = %e, "app request failed");

@@ -276,14 +276,14 @@ impl Body for PeerBody {
                     self.len = self.len.map(|left| left.saturating_sub(data.len() as u64));
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Some(Err(e)) => return Poll::Ready(ended_early(e)),
+                Some(Err(e)) => return Poll::Ready(ended_early(e, self.len)),
                 None => self.data_done = true,
             }
         }
         match ready!(self.recv.poll_trailers(cx)) {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(ended_early(e)),
+            Err(e) => Poll::Ready(ended_early(e, self.len)),
         }
     }
 
@@ -300,10 +300,12 @@ impl Body for PeerBody {
 }
 
 /// A peer that resets the stream with NO_ERROR or CANCEL after sending its response has
-/// ended the body, not failed it (RFC 9113 §8.1: a server may stop reading the request).
-fn ended_early(e: h2::Error) -> Option<Result<Frame<Bytes>, h2::Error>> {
+/// ended the body, not failed it (RFC 9113 §8.1: a server may stop reading the request),
+/// as hyper treats it — unless `content-length` says bytes are missing (`left`): then the
+/// reset cut the response short, and the app must not take it for whole.
+fn ended_early(e: h2::Error, left: Option<u64>) -> Option<Result<Frame<Bytes>, h2::Error>> {
     match e.reason() {
-        Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => None,
+        Some(Reason::NO_ERROR | Reason::CANCEL) if left.unwrap_or(0) == 0 => None,
         _ => Some(Err(e)),
     }
 }
@@ -455,8 +457,32 @@ mod tests {
 
     #[test]
     fn a_reset_after_the_response_ends_the_body_and_other_resets_fail_it() {
-        assert!(ended_early(h2::Error::from(Reason::NO_ERROR)).is_none());
-        assert!(ended_early(h2::Error::from(Reason::CANCEL)).is_none());
-        assert!(matches!(ended_early(h2::Error::from(Reason::INTERNAL_ERROR)), Some(Err(_))));
+        assert!(ended_early(h2::Error::from(Reason::NO_ERROR), None).is_none());
+        assert!(ended_early(h2::Error::from(Reason::CANCEL), Some(0)).is_none());
+        assert!(matches!(ended_early(h2::Error::from(Reason::INTERNAL_ERROR), None), Some(Err(_))));
+        // Bytes the response promised are missing: a cut, whatever the reason code.
+        assert!(matches!(ended_early(h2::Error::from(Reason::CANCEL), Some(6)), Some(Err(_))));
+    }
+
+    #[tokio::test]
+    async fn a_response_cut_short_by_a_reset_is_an_error_not_a_shorter_body() {
+        let (conn, mut server) = connected().await;
+        tokio::spawn(async move {
+            while let Some(Ok((_, mut respond))) = server.accept().await {
+                // Its own task: the accept loop must keep polling the connection meanwhile.
+                tokio::spawn(async move {
+                    let head = Response::builder().header("content-length", "10").body(()).unwrap();
+                    let mut tx = respond.send_response(head, false).unwrap();
+                    tx.send_data(Bytes::from_static(b"half"), false).unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tx.send_reset(Reason::CANCEL);
+                });
+            }
+        });
+        let Ok(resp) = conn.send(Request::get("http://api.test/").body(Empty::<Bytes>::new()).unwrap()).await else {
+            panic!("the response head should arrive");
+        };
+        let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await.unwrap();
+        assert!(body.is_err(), "4 of 10 promised bytes, then a reset, must not pass for a whole body");
     }
 }

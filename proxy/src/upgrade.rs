@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use trellis_identity::SpiffeId;
 
-use crate::http::{ReqBody, RespBody, from_app, proxy_error};
+use crate::http::{ReqBody, RespBody, proxy_error, relayed};
 use crate::state::{PeerProtocol, ProxyState};
 
 /// Where an upgrade request goes.
@@ -74,7 +74,7 @@ pub async fn forward_upgrade(
     } else {
         parts.headers.remove(header::TRANSFER_ENCODING);
     }
-    Response::from_parts(parts, from_app(body))
+    Response::from_parts(parts, relayed(body))
 }
 
 async fn send<T>(io: TokioIo<T>, req: Request<ReqBody>) -> Result<Response<Incoming>, String>
