@@ -87,6 +87,40 @@ fn invalid_file_is_refused_locally_and_nothing_changes() {
 }
 
 #[test]
+fn apply_a_directory_applies_all_its_files_or_nothing() {
+    let control = Control::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", POLICY);
+    write(
+        dir.path(),
+        "b.json",
+        &serde_json::to_string(&serde_json::json!({
+            "apiVersion": "trellis.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "db-from-api"},
+            "spec": {"selector": "spiffe://cluster.local/ns/shop/sa/db", "rules": [{"to": [{"ports": [5432]}]}]}
+        }))
+        .unwrap(),
+    );
+    let path = dir.path().display().to_string();
+    let (code, out, err) = control.cli(&["policy", "apply", "-f", &path]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "policy/api-from-web created\npolicy/db-from-api created\nversion 1\n");
+    let (code, out, _) = control.cli(&["policy", "get", "db-from-api"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("5432"), "{out}");
+
+    // One bad file: nothing of the directory is applied.
+    write(dir.path(), "a.yaml", &POLICY.replace("8080", "9090"));
+    write(dir.path(), "c.yaml", &POLICY.replace("api-from-web", "other").replace("[8080]", "[0]"));
+    let (code, out, err) = control.cli(&["policy", "apply", "-f", &path]);
+    assert_eq!(code, 2);
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("c.yaml: document \"other\""), "{err}");
+    let (_, out, _) = control.cli(&["policy", "get", "api-from-web"]);
+    assert!(out.contains("8080") && !out.contains("9090"), "{out}");
+}
+
+#[test]
 fn live_check_uses_the_control_planes_policies() {
     let control = Control::start(&[]);
     let dir = tempfile::tempdir().unwrap();

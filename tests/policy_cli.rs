@@ -92,7 +92,10 @@ fn assert_exit(o: &Output, code: i32) {
 }
 
 fn check(policies: &tempfile::NamedTempFile, extra: &[&str]) -> Output {
-    let path = policies.path().to_str().unwrap();
+    check_path(policies.path().to_str().unwrap(), extra)
+}
+
+fn check_path(path: &str, extra: &[&str]) -> Output {
     let mut args = vec!["policy", "check", "-f", path];
     args.extend_from_slice(extra);
     run(&args)
@@ -120,6 +123,74 @@ fn validate_reports_every_error_and_exits_2() {
     );
     assert!(err.contains("document \"block-admin\": spec.action: invalid action \"deny\""), "{err}");
     assert_eq!(err.lines().count(), 2, "{err}");
+}
+
+#[test]
+fn validate_reads_a_directory_and_names_the_file_of_each_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = POLICIES.split_at(POLICIES.find("---").unwrap());
+    std::fs::write(dir.path().join("a.yaml"), first).unwrap();
+    std::fs::write(dir.path().join("b.yml"), second).unwrap();
+    std::fs::write(dir.path().join("README.md"), "not a policy").unwrap();
+    let path = dir.path().to_str().unwrap();
+    let o = run(&["policy", "validate", "-f", path]);
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o), "ok: 4 policies (api-from-web, block-admin, lb-only, web-to-psp)\n");
+    let o = check_path(path, &["--from", WEB, "--to", API, "--port", "8080", "--method", "GET", "--path", "/api/x"]);
+    assert_exit(&o, 0);
+
+    // A name used in two files, and a bad document: both reported, each with its file.
+    std::fs::write(
+        dir.path().join("c.json"),
+        r#"{"apiVersion": "trellis.dev/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "lb-only"}, "spec": {"selector": "*", "rules": [{"to": [{"ports": [0]}]}]}}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("d.yaml"), POLICIES.split("---").nth(1).unwrap()).unwrap();
+    let o = run(&["policy", "validate", "-f", path]);
+    assert_exit(&o, 2);
+    let err = stderr(&o);
+    assert!(err.contains("c.json: document \"lb-only\": spec.rules[0].to[0].ports[0]: port 0"), "{err}");
+    assert!(err.contains("d.yaml: policy \"block-admin\": the name is already used in"), "{err}");
+    assert_eq!(stdout(&o), "");
+
+    let empty = tempfile::tempdir().unwrap();
+    let o = run(&["policy", "validate", "-f", empty.path().to_str().unwrap()]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("no policy files (*.yaml, *.yml, *.json)"), "{}", stderr(&o));
+}
+
+#[test]
+fn validate_refuses_a_file_without_policies_as_apply_does() {
+    for text in ["", "# only a comment\n", "---\n", "[]"] {
+        let f = file(text);
+        let o = run(&["policy", "validate", "-f", f.path().to_str().unwrap()]);
+        assert_exit(&o, 2);
+        assert!(stderr(&o).contains("no policy documents"), "{text:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn output_that_cannot_be_written_is_an_error_not_a_panic() {
+    let f = file(POLICIES);
+    let path = f.path().to_str().unwrap();
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let o = trellis().args(["policy", "validate", "-f", path]).stdout(full).output().unwrap();
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("cannot write to standard output"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    // A reader that went away: exit 2, quietly (as `| head` would leave it).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o =
+        trellis().args(["policy", "check", "-f", path, "--to", API, "--port", "8080"]).stdout(writer).output().unwrap();
+    assert_exit(&o, 2);
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    // stderr that cannot be written changes nothing: the errors' exit code stays 2.
+    let bad = file(&POLICIES.replace("[8080]", "[0]"));
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let o = trellis().args(["policy", "validate", "-f", bad.path().to_str().unwrap()]).stderr(full).output().unwrap();
+    assert_exit(&o, 2);
 }
 
 #[test]

@@ -38,13 +38,13 @@ pub fn run(args: InjectArgs) -> ExitCode {
         Ok(output) => {
             let mut stdout = std::io::stdout().lock();
             if let Err(e) = stdout.write_all(output.as_bytes()).and_then(|()| stdout.flush()) {
-                eprintln!("trellis inject: cannot write to stdout: {e}");
+                errln!("trellis inject: cannot write to stdout: {e}");
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("trellis inject: {e:#}");
+            errln!("trellis inject: {e:#}");
             ExitCode::from(2)
         }
     }

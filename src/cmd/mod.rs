@@ -1,5 +1,8 @@
 //! Subcommands of the `trellis` binary, one module each.
 
+#[macro_use]
+pub mod out;
+
 pub mod control;
 pub mod demo;
 pub mod inject;

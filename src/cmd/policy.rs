@@ -14,7 +14,8 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use trellis_policy::limits::MAX_INPUT_BYTES;
 use trellis_policy::{
-    Action, Decision, Defaults, EgressFlow, Flow, HttpRequest, Policy, PolicySnapshot, SpiffeId, parse_documents,
+    Action, Decision, Defaults, EgressFlow, Flow, HttpRequest, Policy, PolicySnapshot, SpiffeId, ValidationErrors,
+    parse_documents,
 };
 
 const EXIT_DENY: u8 = 1;
@@ -49,7 +50,8 @@ pub struct ValidateArgs {
 /// A policy file.
 #[derive(Debug, Args)]
 pub struct PolicySourceArgs {
-    /// Policy file, YAML or JSON, several documents allowed; `-` reads standard input.
+    /// Policy file, YAML or JSON, several documents allowed; `-` reads standard input; a
+    /// directory reads its *.yaml, *.yml and *.json files.
     #[arg(short = 'f', long = "file", value_name = "FILE", env = "TRELLIS_POLICY_FILE")]
     pub file: PathBuf,
 }
@@ -139,7 +141,12 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
 
 fn validate(args: &ValidateArgs) -> Result<ExitCode, ExitCode> {
     let policies = load(&args.policies)?;
-    println!("{}", summary(&policies));
+    // What `apply` would refuse is not valid either: an empty file is more often a mistake
+    // (a wrong path in CI, a template that rendered nothing) than a wish to apply nothing.
+    if policies.is_empty() {
+        return Err(no_documents(&args.policies.file));
+    }
+    outln!("{}", summary(&policies));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -152,11 +159,7 @@ fn summary(policies: &[Policy]) -> String {
     if policies.len() > MAX_LISTED_NAMES {
         names.push(&more);
     }
-    if names.is_empty() {
-        format!("ok: 0 {noun}")
-    } else {
-        format!("ok: {} {noun} ({})", policies.len(), names.join(", "))
-    }
+    format!("ok: {} {noun} ({})", policies.len(), names.join(", "))
 }
 
 fn check(args: &CheckArgs) -> Result<ExitCode, ExitCode> {
@@ -179,11 +182,11 @@ fn check(args: &CheckArgs) -> Result<ExitCode, ExitCode> {
 /// Prints a live decision (already JSON from the control plane) and picks the exit code.
 fn finish(decision: &serde_json::Value, output: OutputFormat) -> Result<ExitCode, ExitCode> {
     match output {
-        OutputFormat::Json => println!("{decision}"),
+        OutputFormat::Json => outln!("{decision}"),
         OutputFormat::Text => {
-            println!("{}", decision["reason"]["message"].as_str().unwrap_or("(no reason given)"));
+            outln!("{}", decision["reason"]["message"].as_str().unwrap_or("(no reason given)"));
             if let Some(msg) = decision["audit"]["reason"]["message"].as_str() {
-                println!("audit: {msg}");
+                outln!("audit: {msg}");
             }
         }
     }
@@ -217,14 +220,14 @@ fn decide(snapshot: &PolicySnapshot, f: &FlowArgs) -> Result<Decision, ExitCode>
 fn print_decision(decision: &Decision, output: OutputFormat) -> Result<(), ExitCode> {
     match output {
         OutputFormat::Text => {
-            println!("{decision}");
+            outln!("{decision}");
             if let Some(audit) = &decision.audit {
-                println!("audit: {audit}");
+                outln!("audit: {audit}");
             }
         }
         OutputFormat::Json => {
             let json = serde_json::to_string(decision).map_err(|e| fail(format_args!("{e}")))?;
-            println!("{json}");
+            outln!("{json}");
         }
     }
     Ok(())
@@ -235,19 +238,88 @@ pub(super) fn load(source: &PolicySourceArgs) -> Result<Vec<Policy>, ExitCode> {
     load_text(source).map(|(_, policies)| policies)
 }
 
-/// [`load`], keeping the text as read (what `apply` sends).
+/// [`load`], with the text `apply` sends: the file as read, or for a directory the validated
+/// policies of all its files as one JSON list (the control plane takes one text per apply,
+/// and all of a directory goes in together or not at all).
 pub(super) fn load_text(source: &PolicySourceArgs) -> Result<(String, Vec<Policy>), ExitCode> {
-    let text = read_input(&source.file).map_err(|e| fail(format_args!("{}: {e}", source.file.display())))?;
-    let policies = parse_documents(&text).map_err(|errors| {
-        for e in &errors {
-            eprintln!("{e}");
-        }
-        if errors.omitted() > 0 {
-            eprintln!("... and {} more errors", errors.omitted());
-        }
-        ExitCode::from(EXIT_ERROR)
-    })?;
+    let path = &source.file;
+    if path != Path::new("-") && path.is_dir() {
+        let policies = load_dir(path)?;
+        let text = serde_json::to_string(&policies).map_err(|e| fail(format_args!("{}: {e}", path.display())))?;
+        return Ok((text, policies));
+    }
+    let text = read_input(path).map_err(|e| fail(format_args!("{}: {e}", path.display())))?;
+    let policies = parse_documents(&text).map_err(|errors| report(None, &errors))?;
     Ok((text, policies))
+}
+
+/// Every `*.yaml`, `*.yml` and `*.json` file directly in `dir` (as `kubectl apply -f DIR`),
+/// in name order. Every file's problems are printed, each prefixed with its path; a policy
+/// name used in two files is an error like one used twice in a file.
+fn load_dir(dir: &Path) -> Result<Vec<Policy>, ExitCode> {
+    let files = policy_files(dir).map_err(|e| fail(format_args!("{}: {e}", dir.display())))?;
+    if files.is_empty() {
+        return Err(fail(format_args!("{}: no policy files (*.yaml, *.yml, *.json) in this directory", dir.display())));
+    }
+    let mut policies = Vec::new();
+    let mut failed = false;
+    let mut seen: std::collections::HashMap<String, PathBuf> = std::collections::HashMap::new();
+    for file in &files {
+        let text = match read_input(file) {
+            Ok(text) => text,
+            Err(e) => {
+                errln!("error: {}: {e}", file.display());
+                failed = true;
+                continue;
+            }
+        };
+        match parse_documents(&text) {
+            Err(errors) => {
+                report(Some(file), &errors);
+                failed = true;
+            }
+            Ok(found) => {
+                for p in found {
+                    if let Some(first) = seen.insert(p.name().to_owned(), file.clone()) {
+                        errln!(
+                            "{}: policy \"{}\": the name is already used in {}; names must be unique",
+                            file.display(),
+                            p.name(),
+                            first.display()
+                        );
+                        failed = true;
+                    }
+                    policies.push(p);
+                }
+            }
+        }
+    }
+    if failed { Err(ExitCode::from(EXIT_ERROR)) } else { Ok(policies) }
+}
+
+fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        if matches!(ext, "yaml" | "yml" | "json") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Prints every problem (prefixed with the file's path when reading a directory).
+fn report(file: Option<&Path>, errors: &ValidationErrors) -> ExitCode {
+    let prefix = file.map(|f| format!("{}: ", f.display())).unwrap_or_default();
+    for e in errors {
+        errln!("{prefix}{e}");
+    }
+    if errors.omitted() > 0 {
+        errln!("{prefix}... and {} more errors", errors.omitted());
+    }
+    ExitCode::from(EXIT_ERROR)
 }
 
 /// Reads at most one byte past the limit, so an endless or huge input is refused early.
@@ -266,7 +338,11 @@ fn read_input(path: &Path) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|_| "not valid UTF-8".to_owned())
 }
 
+pub(super) fn no_documents(file: &Path) -> ExitCode {
+    fail(format_args!("{}: no policy documents", file.display()))
+}
+
 pub(super) fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {message}");
+    errln!("error: {message}");
     ExitCode::from(EXIT_ERROR)
 }

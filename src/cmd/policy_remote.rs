@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 use trellis_control::api::CheckRequest;
 
-use super::policy::{CheckArgs, DefaultAction, PolicySourceArgs, fail, load_text};
+use super::policy::{CheckArgs, DefaultAction, PolicySourceArgs, fail, load_text, no_documents};
 use super::remote::{AdminArgs, block_on};
 
 #[derive(Debug, Args)]
@@ -76,7 +76,7 @@ fn call<T>(f: impl std::future::Future<Output = Result<T, trellis_control::Clien
 pub fn apply(args: &ApplyArgs) -> Result<ExitCode, ExitCode> {
     let (text, policies) = load_text(&PolicySourceArgs { file: args.file.clone() })?;
     if policies.is_empty() {
-        return Err(fail(format_args!("{}: no policy documents", args.file.display())));
+        return Err(no_documents(&args.file));
     }
     let client = client(&args.admin)?;
     let outcome = call(client.apply_policies(text))?;
@@ -84,10 +84,10 @@ pub fn apply(args: &ApplyArgs) -> Result<ExitCode, ExitCode> {
         [(&outcome.created, "created"), (&outcome.configured, "configured"), (&outcome.unchanged, "unchanged")]
     {
         for name in names {
-            println!("policy/{name} {verb}");
+            outln!("policy/{name} {verb}");
         }
     }
-    println!("version {}", outcome.version);
+    outln!("version {}", outcome.version);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -96,10 +96,10 @@ pub fn get(args: &GetArgs) -> Result<ExitCode, ExitCode> {
     let policy = call(client.get_policy(&args.name))?;
     match args.output {
         DocFormat::Json => {
-            println!("{}", serde_json::to_string_pretty(&policy).map_err(|e| fail(format_args!("{e}")))?);
+            outln!("{}", serde_json::to_string_pretty(&policy).map_err(|e| fail(format_args!("{e}")))?);
         }
         DocFormat::Yaml => {
-            print!("{}", serde_saphyr::to_string(&policy).map_err(|e| fail(format_args!("{e}")))?);
+            out!("{}", serde_saphyr::to_string(&policy).map_err(|e| fail(format_args!("{e}")))?);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -109,22 +109,22 @@ pub fn list(args: &ListArgs) -> Result<ExitCode, ExitCode> {
     let client = client(&args.admin)?;
     let list = call(client.list_policies())?;
     if let ListFormat::Json = args.output {
-        println!("{}", serde_json::to_string_pretty(&list).map_err(|e| fail(format_args!("{e}")))?);
+        outln!("{}", serde_json::to_string_pretty(&list).map_err(|e| fail(format_args!("{e}")))?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<32} {:<20} {:<6} {:<8} {:>5}  SELECTOR", "NAME", "KIND", "ACTION", "MODE", "RULES");
+    outln!("{:<32} {:<20} {:<6} {:<8} {:>5}  SELECTOR", "NAME", "KIND", "ACTION", "MODE", "RULES");
     for p in &list.policies {
-        println!("{:<32} {:<20} {:<6} {:<8} {:>5}  {}", p.name, p.kind, p.action, p.mode, p.rules, p.selector);
+        outln!("{:<32} {:<20} {:<6} {:<8} {:>5}  {}", p.name, p.kind, p.action, p.mode, p.rules, p.selector);
     }
-    println!("version {}", list.version);
+    outln!("version {}", list.version);
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn delete(args: &DeleteArgs) -> Result<ExitCode, ExitCode> {
     let client = client(&args.admin)?;
     let out = call(client.delete_policy(&args.name))?;
-    println!("policy/{} deleted", args.name);
-    println!("version {}", out["version"]);
+    outln!("policy/{} deleted", args.name);
+    outln!("version {}", out["version"]);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -147,11 +147,7 @@ pub fn check_live(args: &CheckArgs) -> Result<serde_json::Value, ExitCode> {
     let client = client(&args.control)?;
     let resp = call(client.check(&req))?;
     if let Some(id) = &resp.resolved {
-        eprintln!(
-            "{} is {id} (endpoint registry); policy version {}",
-            req.to_address.unwrap_or_default(),
-            resp.version
-        );
+        errln!("{} is {id} (endpoint registry); policy version {}", req.to_address.unwrap_or_default(), resp.version);
     }
     Ok(resp.decision)
 }

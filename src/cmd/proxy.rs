@@ -125,7 +125,7 @@ pub fn run(cmd: ProxyCommand) -> ExitCode {
         ProxyCommand::Run(args) => match run_proxy(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                errln!("error: {e:#}");
                 ExitCode::FAILURE
             }
         },

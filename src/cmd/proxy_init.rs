@@ -35,12 +35,12 @@ pub fn run(args: InitArgs) -> ExitCode {
     let (cfg, rules) = match capture_config(&args).and_then(|cfg| Ok((init::ruleset(&cfg)?, cfg))) {
         Ok((rules, cfg)) => (cfg, rules),
         Err(e) => {
-            eprintln!("trellis proxy init: {e}");
+            errln!("trellis proxy init: {e}");
             return ExitCode::from(2);
         }
     };
     if args.dry_run {
-        print!("{rules}");
+        out!("{rules}");
         return ExitCode::SUCCESS;
     }
     match init::Nft::system().apply(&rules) {
@@ -55,7 +55,7 @@ pub fn run(args: InitArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("trellis proxy init: {e}");
+            errln!("trellis proxy init: {e}");
             ExitCode::FAILURE
         }
     }

@@ -35,11 +35,11 @@ pub fn run(cmd: TokenCommand) -> ExitCode {
     })();
     match result {
         Ok(resp) => {
-            println!("{}", resp.token);
+            outln!("{}", resp.token);
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -29,20 +29,20 @@ pub fn run(cmd: WorkloadsCommand) -> ExitCode {
     let list = match result {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             return ExitCode::FAILURE;
         }
     };
     if args.output == "json" {
-        println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
-    println!("{:<52} {:<16} {:>7} {:<22} {:>9}", "IDENTITY", "ADDRESS", "ACKED", "SVID EXPIRES", "LAST SEEN");
+    outln!("{:<52} {:<16} {:>7} {:<22} {:>9}", "IDENTITY", "ADDRESS", "ACKED", "SVID EXPIRES", "LAST SEEN");
     let now = trellis_control::store::now_unix();
     for w in list {
         let acked = w.acked_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         let expires = w.svid_expires_at.map(rfc3339).unwrap_or_else(|| "-".into());
-        println!(
+        outln!(
             "{:<52} {:<16} {:>7} {:<22} {:>8}s",
             w.spiffe_id,
             w.address,

@@ -35,7 +35,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            errln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -43,7 +43,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
         match demo(args).await {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                errln!("error: {e:#}");
                 ExitCode::FAILURE
             }
         }

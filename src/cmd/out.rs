@@ -1,0 +1,42 @@
+//! The CLI's output. `println!` and `eprintln!` panic when their stream fails — a closed
+//! pipe (`trellis policy list | head -1`), a full disk (`> /dev/full`) — and DESIGN.md §8
+//! allows no panic: here a failed write to stdout ends the command with exit 2 and a message,
+//! and a failed write to stderr is ignored (a diagnostic nobody can read must not change the
+//! outcome). Every line is flushed at once so that a failure is seen where it happens.
+
+use std::io::Write;
+
+/// `println!` that ends the command with exit 2 if stdout cannot be written.
+macro_rules! outln {
+    () => { $crate::cmd::out::stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cmd::out::stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` that ends the command with exit 2 if stdout cannot be written.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cmd::out::stdout(format_args!($($arg)*)) };
+}
+
+/// `eprintln!` that never panics.
+macro_rules! errln {
+    ($($arg:tt)*) => { $crate::cmd::out::stderr(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Exit code for output that could not be written, as for any other error of the CLI.
+const EXIT_OUTPUT: i32 = 2;
+
+pub fn stdout(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        drop(out);
+        // A reader that went away (`| head`) is the usual case and needs no message.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            stderr(format_args!("error: cannot write to standard output: {e}\n"));
+        }
+        std::process::exit(EXIT_OUTPUT);
+    }
+}
+
+pub fn stderr(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
