@@ -74,3 +74,33 @@ fn inject_sizes_the_proxy_from_annotations_and_refuses_bad_ones() {
         );
     }
 }
+
+#[test]
+fn boolean_flags_read_their_variables_as_operators_write_them() {
+    // Any value but a false one is true: a dry run prints the rules instead of installing them.
+    for v in ["1", "yes", "true", "on", "TRUE"] {
+        let out = trellis().args(["proxy", "init"]).env("TRELLIS_DRY_RUN", v).output().unwrap();
+        assert!(out.status.success(), "{v}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("# Trellis transparent capture"), "{v}");
+    }
+    // False ones, and an empty value (as env files leave it), are false: a native sidecar.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("control/tests/fixtures/inject");
+    let manifest = fixtures.join("gateway-resources.yaml");
+    let inject = |v: &str| {
+        let out = trellis()
+            .arg("inject")
+            .arg("-f")
+            .arg(&manifest)
+            .arg("--ca-bundle")
+            .arg(fixtures.join("bundle.pem"))
+            .env("TRELLIS_CLASSIC_SIDECAR", v)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{v}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).contains("restartPolicy: Always")
+    };
+    for v in ["", "0", "false", "no", "off"] {
+        assert!(inject(v), "TRELLIS_CLASSIC_SIDECAR={v:?} gave a classic sidecar");
+    }
+    assert!(!inject("1"), "TRELLIS_CLASSIC_SIDECAR=1 gave a native sidecar");
+}

@@ -40,10 +40,10 @@ pub struct RunArgs {
     pub ca_key: Option<PathBuf>,
     /// Accept Kubernetes projected ServiceAccount tokens, verified with the TokenReview API
     /// (in-cluster config), and issue spiffe://<td>/ns/<namespace>/sa/<serviceaccount>.
-    #[arg(long, env = "TRELLIS_K8S_ATTESTATION")]
+    #[arg(long, env = "TRELLIS_K8S_ATTESTATION", value_parser = clap::builder::FalseyValueParser::new())]
     pub k8s_attestation: bool,
     /// Serve the sidecar-injection admission webhook at POST /inject.
-    #[arg(long, env = "TRELLIS_WEBHOOK")]
+    #[arg(long, env = "TRELLIS_WEBHOOK", value_parser = clap::builder::FalseyValueParser::new())]
     pub webhook: bool,
     /// DNS name the API server calls the webhook by (its serving certificate carries it).
     #[arg(long, env = "TRELLIS_WEBHOOK_DNS_NAME", default_value = "trellis-control.trellis-system.svc")]

@@ -29,7 +29,7 @@ pub struct InjectArgs {
     pub image: String,
     /// Run the proxy as a regular container instead of a native sidecar (Kubernetes < 1.29).
     /// Jobs then never complete on their own: the proxy keeps running after the app exits.
-    #[arg(long, env = "TRELLIS_CLASSIC_SIDECAR")]
+    #[arg(long, env = "TRELLIS_CLASSIC_SIDECAR", value_parser = clap::builder::FalseyValueParser::new())]
     pub classic_sidecar: bool,
 }
 

@@ -27,7 +27,7 @@ pub struct InitArgs {
     #[arg(long, env = "TRELLIS_EXCLUDE_OUTBOUND_CIDRS", value_name = "CIDR,...")]
     pub exclude_outbound_cidrs: Vec<String>,
     /// Print the nftables ruleset and change nothing (needs no privileges).
-    #[arg(long, env = "TRELLIS_DRY_RUN")]
+    #[arg(long, env = "TRELLIS_DRY_RUN", value_parser = clap::builder::FalseyValueParser::new())]
     pub dry_run: bool,
 }
 

@@ -24,7 +24,7 @@ pub const POLICIES: &str = include_str!("../../../examples/demo/policies.yaml");
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Run the scripted flows, print the report and exit (exit 1 if any flow surprised us).
-    #[arg(long, env = "TRELLIS_DEMO_ONCE")]
+    #[arg(long, env = "TRELLIS_DEMO_ONCE", value_parser = clap::builder::FalseyValueParser::new())]
     pub once: bool,
     /// Send spans to this OTLP/gRPC collector instead of a JSON-lines file.
     #[arg(long, env = "TRELLIS_OTLP_ENDPOINT")]
