@@ -5,6 +5,8 @@
 //!   routes (tokens, policies, checks, workloads, audit log) and the injection webhook;
 //! - [`store`] is the durable, versioned redb store; [`state`] the in-memory snapshots and
 //!   the change hub that wakes watchers; [`tokens`] join/admin token handling;
+//! - [`workload_id`] says which SPIFFE IDs may be issued to workloads (never the control
+//!   plane's own `/trellis/...`, never a trust domain without a path);
 //! - [`api`] holds the wire types and [`client`] the client proxies and the CLI use;
 //! - [`inject`] and [`kube`] are the Kubernetes pieces (sidecar injection, TokenReview).
 //!
@@ -20,6 +22,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod tokens;
+pub mod workload_id;
 
 pub use client::{ClientError, ControlClient, WatchStream};
 pub use run::{ControlConfig, Running, StartError, start};

@@ -2,6 +2,13 @@
 //! store), mint the control plane's own SVID, and serve the API.
 //!
 //! Used by `trellis control run`, by `trellis demo`, and in-process by tests.
+//!
+//! Order matters: the configuration is checked and the listener bound before the data dir
+//! is touched, so a start that fails (port in use, `--svid-ttl` out of range) leaves no
+//! half-made data dir behind; an existing data dir for another trust domain is refused
+//! before anything in it changes. The data dir is mode 0700 and every file written there
+//! 0600 (DESIGN.md §8), tightened on every start in case the umask or an operator
+//! loosened them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +33,11 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const CA_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
 /// The control plane's own SVID lives this long and is renewed at half-life.
 const CONTROL_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The longest `--svid-ttl` accepted: 30 days. SVIDs are meant to be short-lived and
+/// renewed at half-life (the default is 1 h; Istio's workload certificates default to
+/// 24 h), and 30 days is also the longest a join token lives. Anything longer is almost
+/// certainly a typo (`1000y`) and, near `u64::MAX` seconds, overflowed the clock.
+pub const MAX_SVID_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -40,30 +52,65 @@ pub struct ControlConfig {
     pub webhook_dns_names: Vec<String>,
 }
 
+/// Why the control plane did not start.
+///
+/// Each message carries its cause in its own text and none is exposed as a
+/// `source()`: callers print errors with `{:#}` (the whole chain), so a cause in both
+/// places was printed twice ("Address already in use: Address already in use").
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("data dir {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("--svid-ttl {}s is longer than the maximum of {} days ({}s); SVIDs are short-lived and renewed at half-life (the default is 1h)", ttl.as_secs(), MAX_SVID_TTL.as_secs() / 86_400, MAX_SVID_TTL.as_secs())]
+    SvidTtlTooLong { ttl: Duration },
+    #[error("data dir {path}: {error}")]
+    DataDir { path: PathBuf, error: std::io::Error },
+    #[error(
+        "data dir {data_dir} holds a {what} for trust domain {found}, but --trust-domain is {configured}: start with --trust-domain {found}, or give trust domain {configured} its own --data-dir"
+    )]
+    TrustDomainMismatch { data_dir: PathBuf, what: &'static str, found: String, configured: TrustDomain },
     #[error("CA: {0}")]
-    Ca(#[from] trellis_identity::CaError),
+    Ca(trellis_identity::CaError),
     #[error("trust bundle: {0}")]
-    Bundle(#[from] trellis_identity::BundleError),
-    #[error("store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Bundle(trellis_identity::BundleError),
+    /// `StoreError` names the store itself.
+    #[error("{0}")]
+    Store(crate::store::StoreError),
     #[error("control plane SVID: {0}")]
     Svid(String),
     #[error("TLS: {0}")]
-    Tls(#[from] trellis_identity::TlsError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    Tls(trellis_identity::TlsError),
+    #[error("cannot listen on {addr}: {error}")]
+    Listen { addr: SocketAddr, error: std::io::Error },
+}
+
+// By hand rather than `#[from]`, which would also make the inner error the `source()`.
+impl From<trellis_identity::CaError> for StartError {
+    fn from(e: trellis_identity::CaError) -> Self {
+        StartError::Ca(e)
+    }
+}
+impl From<trellis_identity::BundleError> for StartError {
+    fn from(e: trellis_identity::BundleError) -> Self {
+        StartError::Bundle(e)
+    }
+}
+impl From<crate::store::StoreError> for StartError {
+    fn from(e: crate::store::StoreError) -> Self {
+        StartError::Store(e)
+    }
+}
+impl From<trellis_identity::TlsError> for StartError {
+    fn from(e: trellis_identity::TlsError) -> Self {
+        StartError::Tls(e)
+    }
+}
+
+/// Refuses an SVID lifetime above [`MAX_SVID_TTL`]. [`start`] calls it before anything
+/// else; it is public so a caller can check its flags earlier.
+pub fn check_svid_ttl(ttl: Duration) -> Result<(), StartError> {
+    if ttl > MAX_SVID_TTL {
+        return Err(StartError::SvidTtlTooLong { ttl });
+    }
+    Ok(())
 }
 
 /// A running control plane.
@@ -101,13 +148,27 @@ impl Running {
 
 /// Prepares the data dir and starts serving; returns once the listener is bound.
 pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, StartError> {
+    check_svid_ttl(config.svid_ttl)?;
+    // Bound before the data dir is touched: a port in use must not leave a new CA behind.
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|error| StartError::Listen { addr: config.listen, error })?;
+    let local_addr = listener.local_addr().map_err(|error| StartError::Listen { addr: config.listen, error })?;
+
     let dir = &config.data_dir;
     create_private_dir(dir)?;
+    let store = Store::open(&dir.join(STORE_FILE))?;
+    let recorded_td = store.trust_domain()?;
+    if let Some(found) = recorded_td.as_deref().filter(|td| *td != config.trust_domain.as_str()) {
+        return Err(mismatch(&config, "store", found.to_string()));
+    }
     let ca = load_or_create_ca(&config)?;
+    if recorded_td.is_none() {
+        store.set_trust_domain(config.trust_domain.as_str())?;
+    }
     let bundle = write_bundle(dir, &ca)?;
     let admin_token = load_or_create_admin_token(dir)?;
-    let store = Arc::new(Store::open(&dir.join(STORE_FILE))?);
-    let shared = Shared::load(store, bundle.clone())?;
+    make_files_private(&config)?;
+    let shared = Shared::load(Arc::new(store), bundle.clone())?;
 
     let control_id = SpiffeId::from_segments(&config.trust_domain, &["trellis", "control"])
         .map_err(|e| StartError::Svid(e.to_string()))?;
@@ -127,9 +188,6 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     tls.send_tls13_tickets = 0;
     let checker = client_verifier(&bundle, std::slice::from_ref(&config.trust_domain), false)?;
 
-    let listener =
-        TcpListener::bind(config.listen).await.map_err(|source| StartError::Listen { addr: config.listen, source })?;
-    let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
     let ca_fingerprint = fingerprint_sha256(ca.root());
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
@@ -161,16 +219,66 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     })
 }
 
+fn mismatch(config: &ControlConfig, what: &'static str, found: String) -> StartError {
+    StartError::TrustDomainMismatch {
+        data_dir: config.data_dir.clone(),
+        what,
+        found,
+        configured: config.trust_domain.clone(),
+    }
+}
+
+/// Creates the data dir mode 0700, or tightens an existing one to 0700.
 fn create_private_dir(dir: &Path) -> Result<(), StartError> {
     use std::os::unix::fs::DirBuilderExt;
-    let err = |source| StartError::DataDir { path: dir.to_path_buf(), source };
+    let err = |error| StartError::DataDir { path: dir.to_path_buf(), error };
     if !dir.exists() {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
     }
     if !dir.is_dir() {
         return Err(err(std::io::Error::other("not a directory")));
     }
+    make_private(dir, 0o700)
+}
+
+/// Every file the control plane writes in the data dir, mode 0600, also when it already
+/// existed with looser permissions (an older version, a umask, a copy).
+fn make_files_private(config: &ControlConfig) -> Result<(), StartError> {
+    let mut files = vec![BUNDLE_FILE, ADMIN_TOKEN_FILE, STORE_FILE];
+    if config.ca_files.is_none() {
+        files.extend([ca::CA_CERT_FILE, ca::CA_KEY_FILE]);
+    }
+    for file in files {
+        let path = config.data_dir.join(file);
+        if path.exists() {
+            make_private(&path, 0o600)?;
+        }
+    }
     Ok(())
+}
+
+/// Sets `path`'s permission bits to `mode` if they differ. A path we may not chmod (not
+/// ours, e.g. a Kubernetes volume's mount point owned by root with an fsGroup) is left as
+/// it is with a warning: the files inside are still 0600, and refusing to start would break
+/// such deployments.
+fn make_private(path: &Path, mode: u32) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |error| StartError::DataDir { path: path.to_path_buf(), error };
+    let current = std::fs::metadata(path).map_err(err)?.permissions().mode() & 0o7777;
+    if current == mode {
+        return Ok(());
+    }
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), from = format!("{current:o}"), to = format!("{mode:o}"), "tightened permissions");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(path = %path.display(), mode = format!("{current:o}"), error = %e, "cannot make private (not ours); leaving as is");
+            Ok(())
+        }
+        Err(e) => Err(err(e)),
+    }
 }
 
 fn load_or_create_ca(config: &ControlConfig) -> Result<CertificateAuthority, StartError> {
@@ -181,12 +289,27 @@ fn load_or_create_ca(config: &ControlConfig) -> Result<CertificateAuthority, Sta
     let cert = config.data_dir.join(ca::CA_CERT_FILE);
     let key = config.data_dir.join(ca::CA_KEY_FILE);
     if cert.exists() || key.exists() {
-        return Ok(CertificateAuthority::load(td, &cert, &key)?);
+        let ca = CertificateAuthority::load(td, &cert, &key)?;
+        // A CA this control plane created names its trust domain in its URI SAN.
+        if let Some(found) = ca_trust_domain(&ca).filter(|found| found != td.as_str()) {
+            return Err(mismatch(config, "CA", found));
+        }
+        return Ok(ca);
     }
     let ca = CertificateAuthority::create_root(td, CA_LIFETIME)?;
     ca.save(&config.data_dir)?;
     tracing::info!(fingerprint = %fingerprint_sha256(ca.root()), "created a new CA");
     Ok(ca)
+}
+
+/// The trust domain a CA certificate names in a path-less SPIFFE URI SAN, if it names one.
+fn ca_trust_domain(ca: &CertificateAuthority) -> Option<String> {
+    let info = trellis_identity::CertInfo::parse(ca.certificate()).ok()?;
+    info.uri_sans
+        .iter()
+        .filter_map(|uri| SpiffeId::parse(uri).ok())
+        .find(|id| id.path().is_empty())
+        .map(|id| id.trust_domain_str().to_string())
 }
 
 /// Keeps any roots already in `bundle.pem` (rotation overlap) and adds the current one.
@@ -196,14 +319,14 @@ fn write_bundle(dir: &Path, ca: &CertificateAuthority) -> Result<TrustBundle, St
         Ok(existing) => existing.with_root(ca.root().clone())?,
         Err(_) => TrustBundle::new(vec![ca.root().clone()])?,
     };
-    write_private(&path, bundle.to_pem().as_bytes(), 0o644)
-        .map_err(|source| StartError::DataDir { path: path.clone(), source })?;
+    write_private(&path, bundle.to_pem().as_bytes(), 0o600)
+        .map_err(|error| StartError::DataDir { path: path.clone(), error })?;
     Ok(bundle)
 }
 
 fn load_or_create_admin_token(dir: &Path) -> Result<String, StartError> {
     let path = dir.join(ADMIN_TOKEN_FILE);
-    let err = |source| StartError::DataDir { path: path.clone(), source };
+    let err = |error| StartError::DataDir { path: path.clone(), error };
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
         Ok(_) => Err(err(std::io::Error::other("admin token file is empty"))),

@@ -88,6 +88,18 @@ impl Registry {
     }
 }
 
+/// Why an ack was not recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("no such watch session for this identity")]
+    NoSession,
+    /// A proxy can only enforce a version it was sent, and the snapshot is swapped before
+    /// watchers are woken, so a higher one is a bug or a lie; recording it would make
+    /// `workloads list` show a version that does not exist.
+    #[error("version {version} is ahead of the current policy version {current}; ack the version you were sent")]
+    Ahead { version: u64, current: u64 },
+}
+
 /// Everything request handlers share.
 #[derive(Debug)]
 pub struct Shared {
@@ -170,16 +182,21 @@ impl Shared {
         SessionGuard { shared: self.clone(), session }
     }
 
-    /// Records an ack; false if the session is unknown or belongs to someone else.
-    pub fn ack(&self, session: u64, id: &SpiffeId, version: u64) -> bool {
+    /// Records an ack. Refused if the session is unknown or belongs to someone else, or if
+    /// `version` is above the current policy version.
+    pub fn ack(&self, session: u64, id: &SpiffeId, version: u64) -> Result<(), AckError> {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         match s.live.get_mut(&session) {
             Some(w) if &w.spiffe_id == id => {
+                let current = self.policy.load().version();
+                if version > current {
+                    return Err(AckError::Ahead { version, current });
+                }
                 w.acked_version = Some(version);
                 w.last_seen = now_unix();
-                true
+                Ok(())
             }
-            _ => false,
+            _ => Err(AckError::NoSession),
         }
     }
 

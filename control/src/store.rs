@@ -6,10 +6,13 @@
 //! leaves the old or the new state — never a mix — and every acknowledged change is on disk.
 //! Each change appends its audit entry in the same transaction as the change itself.
 //!
+//! The store also records the trust domain it was created for, so a restart with another
+//! `--trust-domain` is refused instead of serving a mesh whose IDs no longer match.
+//!
 //! Calls block on disk I/O; the API calls them from `spawn_blocking`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -22,9 +25,11 @@ const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
 
 const K_VERSION: &str = "policy_version";
 const K_ENDPOINTS_VERSION: &str = "endpoints_version";
+const K_TRUST_DOMAIN: &str = "trust_domain";
 
 /// Store file name inside the data dir.
 pub const STORE_FILE: &str = "trellis.redb";
@@ -33,6 +38,11 @@ pub const STORE_FILE: &str = "trellis.redb";
 pub enum StoreError {
     #[error("store: {0}")]
     Db(String),
+    /// redb holds an exclusive lock on the file while a database is open.
+    #[error("store {0} is locked: another control plane is probably using this data dir")]
+    Locked(PathBuf),
+    #[error("store {path}: {error}")]
+    File { path: PathBuf, error: std::io::Error },
     #[error("store record is corrupt: {0}")]
     Corrupt(String),
     #[error("policy {0:?} not found")]
@@ -113,11 +123,19 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path`, creating missing tables.
+    /// Opens (or creates) the store at `path`, creating missing tables. A new file is
+    /// created mode 0600 whatever the umask: it holds the policies, token hashes and the
+    /// audit log, and redb would otherwise create it world-readable (or, under umask 000,
+    /// world-writable).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
+        create_private_file(path).map_err(|error| StoreError::File { path: path.to_path_buf(), error })?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(path.to_path_buf()),
+            other => other.into(),
+        })?;
         let txn = db.begin_write()?;
         {
+            txn.open_table(SETTINGS)?;
             txn.open_table(META)?;
             txn.open_table(POLICIES)?;
             txn.open_table(TOKENS)?;
@@ -126,6 +144,21 @@ impl Store {
         }
         txn.commit()?;
         Ok(Store { db })
+    }
+
+    /// The trust domain this store was created for; `None` for a store from before it was
+    /// recorded (the caller records it with [`Store::set_trust_domain`]).
+    pub fn trust_domain(&self) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(SETTINGS)?.get(K_TRUST_DOMAIN)?.map(|v| v.value().to_string()))
+    }
+
+    /// Records the trust domain this store serves.
+    pub fn set_trust_domain(&self, trust_domain: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(SETTINGS)?.insert(K_TRUST_DOMAIN, trust_domain)?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// The current version and every stored policy, read in one consistent transaction.
@@ -348,6 +381,17 @@ impl Store {
     }
 }
 
+/// Creates `path` empty with mode 0600 if it does not exist (redb initializes an empty
+/// file); an existing file is left as it is (the data dir's startup tightens its mode).
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The token stored under `hash`, if it exists, is unused and has not expired.
 fn usable_token(
     table: &impl ReadableTable<&'static [u8], &'static [u8]>,
@@ -445,6 +489,35 @@ mod tests {
 
         // Nothing stale: no new version, nothing pushed to proxies.
         assert_eq!(store.expire_endpoints(200).unwrap(), (version, vec![]));
+    }
+
+    #[test]
+    fn a_new_store_file_is_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, store) = open();
+        drop(store);
+        let mode = std::fs::metadata(dir.path().join(STORE_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_store_open_elsewhere_is_reported_as_locked_once() {
+        let (dir, _store) = open();
+        let err = Store::open(&dir.path().join(STORE_FILE)).unwrap_err();
+        assert!(matches!(err, StoreError::Locked(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("another control plane is probably using this data dir"), "{msg}");
+        assert_eq!(msg.matches(STORE_FILE).count(), 1, "{msg}");
+    }
+
+    #[test]
+    fn the_trust_domain_is_recorded_and_kept() {
+        let (dir, store) = open();
+        assert_eq!(store.trust_domain().unwrap(), None);
+        store.set_trust_domain("cluster.local").unwrap();
+        drop(store);
+        let store = Store::open(&dir.path().join(STORE_FILE)).unwrap();
+        assert_eq!(store.trust_domain().unwrap().as_deref(), Some("cluster.local"));
     }
 
     impl Store {

@@ -51,6 +51,10 @@ pub enum CsrError {
     RequestsCa,
     #[error("requested TTL {0:?} is too short (at least 1s)")]
     BadTtl(Duration),
+    /// So large that "now + TTL" is not a time a certificate can carry (past year 9999, or
+    /// beyond what the clock can even add): refused, never a panic.
+    #[error("requested TTL {0:?} is too long: it ends beyond any date a certificate can carry")]
+    TtlTooLong(Duration),
     #[error("the CA certificate has expired; it cannot sign")]
     CaExpired,
     #[error("signing failed: {0}")]
@@ -82,6 +86,9 @@ pub enum CaError {
     BadKey(String),
     #[error("CA generation failed: {0}")]
     Generation(String),
+    /// "now + lifetime" is not a time a certificate can carry.
+    #[error("certificate lifetime {0:?} is too long: it ends beyond any date a certificate can carry")]
+    LifetimeTooLong(Duration),
 }
 
 /// A signed X.509-SVID: the leaf followed by any intermediates, ready to present.
@@ -127,7 +134,8 @@ impl CertificateAuthority {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
         let name = format!("Trellis intermediate CA {} {}", self.trust_domain, short_key_id(&key));
         let mut params = ca_params(&self.trust_domain, &name, lifetime, BasicConstraints::Constrained(0))?;
-        params.not_after = params.not_after.min(to_offset(self.not_after));
+        let ca_end = to_offset(self.not_after).ok_or(CaError::LifetimeTooLong(lifetime))?;
+        params.not_after = params.not_after.min(ca_end);
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain.iter().cloned());
@@ -150,13 +158,14 @@ impl CertificateAuthority {
         Self::from_pem(trust_domain, &cert, &key)
     }
 
-    /// Writes `ca.pem` (mode 0644) and `ca-key.pem` (mode 0600) into `dir`.
+    /// Writes `ca.pem` and `ca-key.pem` into `dir`, both mode 0600: the data dir is private
+    /// (DESIGN.md §8), and the public root is handed out as `bundle.pem` and `/v1/bundle`.
     pub fn save(&self, dir: &Path) -> Result<(), CaError> {
         let io = |path: PathBuf| move |source| CaError::Io { path, source };
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         pem::write_private(&key_path, self.key_pem.as_bytes(), 0o600).map_err(io(key_path.clone()))?;
-        pem::write_private(&cert_path, pem::certs_to_pem(&self.chain).as_bytes(), 0o644)
+        pem::write_private(&cert_path, pem::certs_to_pem(&self.chain).as_bytes(), 0o600)
             .map_err(io(cert_path.clone()))?;
         Ok(())
     }
@@ -240,9 +249,14 @@ impl CertificateAuthority {
             return Err(CsrError::CaExpired);
         }
         let not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now).max(self.not_before);
+        // Checked: the TTL comes from configuration, and `SystemTime + Duration` panics on
+        // overflow (a `--svid-ttl` of u64::MAX seconds once took the control plane down).
+        let end = now.checked_add(ttl).ok_or(CsrError::TtlTooLong(ttl))?;
         // A leaf never outlives its CA: near the CA's end, SVIDs get shorter, not refused.
-        let not_after = (now + ttl).min(self.not_after);
-        let params = svid_params(entitled, not_before, not_after)?;
+        let not_after = end.min(self.not_after);
+        let too_long = || CsrError::TtlTooLong(ttl);
+        let validity = (to_offset(not_before).ok_or_else(too_long)?, to_offset(not_after).ok_or_else(too_long)?);
+        let params = svid_params(entitled, validity)?;
         let cert = params.signed_by(&spki, &self.issuer).map_err(|e| CsrError::Signing(e.to_string()))?;
         let mut chain = Vec::with_capacity(self.chain.len());
         chain.push(cert.der().clone());
@@ -275,8 +289,10 @@ impl CertificateAuthority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let now = SystemTime::now();
-        params.not_before = to_offset(now.checked_sub(CLOCK_SKEW).unwrap_or(now));
-        params.not_after = to_offset((now + ttl).min(self.not_after));
+        let too_long = || CaError::LifetimeTooLong(ttl);
+        let end = now.checked_add(ttl).ok_or_else(too_long)?.min(self.not_after);
+        params.not_before = to_offset(now.checked_sub(CLOCK_SKEW).unwrap_or(now)).ok_or_else(too_long)?;
+        params.not_after = to_offset(end).ok_or_else(too_long)?;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
@@ -367,14 +383,16 @@ fn ca_params(
     let uri = rcgen::string::Ia5String::try_from(trust_domain.id().as_str())
         .map_err(|e| CaError::Generation(e.to_string()))?;
     params.subject_alt_names = vec![SanType::URI(uri)];
-    params.not_before = to_offset(now.checked_sub(CLOCK_SKEW).unwrap_or(now));
-    params.not_after = to_offset(now + lifetime);
+    let too_long = || CaError::LifetimeTooLong(lifetime);
+    params.not_before = to_offset(now.checked_sub(CLOCK_SKEW).unwrap_or(now)).ok_or_else(too_long)?;
+    params.not_after = to_offset(now.checked_add(lifetime).ok_or_else(too_long)?).ok_or_else(too_long)?;
     params.serial_number = Some(random_serial());
     params.use_authority_key_identifier_extension = true;
     Ok(params)
 }
 
-fn svid_params(id: &SpiffeId, not_before: SystemTime, not_after: SystemTime) -> Result<CertificateParams, CsrError> {
+/// `validity` is `(notBefore, notAfter)`.
+fn svid_params(id: &SpiffeId, validity: (OffsetDateTime, OffsetDateTime)) -> Result<CertificateParams, CsrError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "trellis");
@@ -384,8 +402,7 @@ fn svid_params(id: &SpiffeId, not_before: SystemTime, not_after: SystemTime) -> 
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     let uri = rcgen::string::Ia5String::try_from(id.as_str()).map_err(|e| CsrError::Signing(e.to_string()))?;
     params.subject_alt_names = vec![SanType::URI(uri)];
-    params.not_before = to_offset(not_before);
-    params.not_after = to_offset(not_after);
+    (params.not_before, params.not_after) = validity;
     params.serial_number = Some(random_serial());
     params.use_authority_key_identifier_extension = true;
     Ok(params)
@@ -407,10 +424,86 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-pub(crate) fn to_offset(t: SystemTime) -> OffsetDateTime {
-    OffsetDateTime::from(t)
+/// `t` as a certificate time, or `None` when it is outside what `time` (and X.509) can
+/// represent; `OffsetDateTime::from(SystemTime)` would panic there.
+pub(crate) fn to_offset(t: SystemTime) -> Option<OffsetDateTime> {
+    let (since, after_epoch) = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => (d, true),
+        Err(e) => (e.duration(), false),
+    };
+    let since = time::Duration::try_from(since).ok()?;
+    if after_epoch {
+        OffsetDateTime::UNIX_EPOCH.checked_add(since)
+    } else {
+        OffsetDateTime::UNIX_EPOCH.checked_sub(since)
+    }
 }
 
 fn gen_err(e: rcgen::Error) -> CaError {
     CaError::Generation(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::WorkloadKey;
+
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("cluster.local").unwrap()
+    }
+
+    fn csr_for(id: &SpiffeId) -> CertificateSigningRequestDer<'static> {
+        WorkloadKey::generate().unwrap().csr(id).unwrap()
+    }
+
+    /// `--svid-ttl 18446744073709551615s` used to panic here ("overflow when adding duration
+    /// to instant") on the first bootstrap.
+    #[test]
+    fn ttls_past_the_clock_are_refused_not_a_panic() {
+        let ca = CertificateAuthority::create_root(&td(), YEAR).unwrap();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        for ttl in [Duration::MAX, Duration::from_secs(u64::MAX), Duration::from_secs(9_999_999_999_999_999_999)] {
+            assert_eq!(ca.sign_csr(&csr_for(&id), &id, ttl).unwrap_err(), CsrError::TtlTooLong(ttl), "{ttl:?}");
+        }
+        // A "now" at the far end of the clock cannot overflow either.
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(i64::MAX as u64 / 2);
+        let err = ca.sign_csr_at(&csr_for(&id), &id, Duration::from_secs(u64::MAX), far).unwrap_err();
+        assert!(matches!(err, CsrError::CaExpired | CsrError::TtlTooLong(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_long_ttl_that_fits_the_clock_ends_with_the_ca() {
+        let ca = CertificateAuthority::create_root(&td(), YEAR).unwrap();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        let issued = ca.sign_csr(&csr_for(&id), &id, 1000 * YEAR).unwrap();
+        assert_eq!(issued.not_after, ca.not_after());
+    }
+
+    #[test]
+    fn ca_and_serving_lifetimes_past_any_certificate_date_are_refused() {
+        for lifetime in [Duration::MAX, 10_000 * YEAR] {
+            let err = CertificateAuthority::create_root(&td(), lifetime).unwrap_err();
+            assert!(matches!(err, CaError::LifetimeTooLong(l) if l == lifetime), "{err:?}");
+        }
+        let ca = CertificateAuthority::create_root(&td(), YEAR).unwrap();
+        let err = ca.create_intermediate(Duration::MAX).unwrap_err();
+        assert!(matches!(err, CaError::LifetimeTooLong(_)), "{err:?}");
+        let err = ca.issue_serving_cert(&["svc.example".to_string()], Duration::MAX).unwrap_err();
+        assert!(matches!(err, CaError::LifetimeTooLong(_)), "{err:?}");
+        // Long but representable: capped at the CA's own end, as before.
+        assert!(ca.issue_serving_cert(&["svc.example".to_string()], 1000 * YEAR).is_ok());
+    }
+
+    #[test]
+    fn saved_ca_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        CertificateAuthority::create_root(&td(), YEAR).unwrap().save(dir.path()).unwrap();
+        for file in [CA_CERT_FILE, CA_KEY_FILE] {
+            let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{file}");
+        }
+    }
 }

@@ -29,7 +29,7 @@ pub struct RunArgs {
     /// SPIFFE trust domain of this mesh.
     #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local", value_parser = TrustDomain::parse)]
     pub trust_domain: TrustDomain,
-    /// Lifetime of the SVIDs issued to proxies (renewed at half-life).
+    /// Lifetime of the SVIDs issued to proxies (renewed at half-life); at most 30 days.
     #[arg(long, env = "TRELLIS_SVID_TTL", default_value = "1h", value_parser = parse_duration)]
     pub svid_ttl: Duration,
     /// Use this CA certificate (PEM chain up to the root) instead of creating one.

@@ -20,6 +20,8 @@ use crate::tokens;
 /// Join tokens live 15 minutes unless asked otherwise, and never more than 30 days.
 const DEFAULT_TOKEN_TTL: u64 = 15 * 60;
 const MAX_TOKEN_TTL: u64 = 30 * 24 * 3600;
+/// Most audit entries one `GET /v1/audit` returns (`limit`'s maximum in the OpenAPI).
+const MAX_AUDIT_LIMIT: usize = 10_000;
 
 pub async fn route(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult {
     let actor = require_admin(ctx, conn, &req)?;
@@ -29,13 +31,14 @@ pub async fn route(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult 
     match (method, path.as_str(), name) {
         (Method::POST, paths::TOKENS, _) => create_token(ctx, actor, req).await,
         (Method::GET, paths::POLICIES, _) => list_policies(ctx),
-        (Method::POST | Method::PUT, paths::POLICIES, _) => apply_policies(ctx, actor, req).await,
+        (Method::POST, paths::POLICIES, _) => apply_policies(ctx, actor, req).await,
         (Method::GET, _, Some(name)) => get_policy(ctx, name),
         (Method::DELETE, _, Some(name)) => delete_policy(ctx, actor, name.to_string()).await,
         (Method::POST, paths::CHECK, _) => check(ctx, req).await,
         (Method::GET, paths::WORKLOADS, _) => Ok(json(StatusCode::OK, &ctx.shared.workloads())),
         (Method::GET, paths::AUDIT, _) => audit(ctx, &req).await,
-        (m, p, _) => Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{m} is not allowed on {p}"))),
+        // Only what `docs/api/openapi.yaml` documents: `PUT /v1/policies` used to apply too.
+        (m, p, _) => Err(super::not_routed(&m, p)),
     }
 }
 
@@ -47,6 +50,8 @@ async fn create_token(ctx: &Ctx, actor: crate::store::Actor, req: Request<Incomi
             body.spiffe_id, ctx.trust_domain
         )));
     }
+    crate::workload_id::check_issuable(&body.spiffe_id)
+        .map_err(|e| ApiError::bad_request(format!("no join token is minted for this ID: {e}")))?;
     let ttl = body.ttl_seconds.unwrap_or(DEFAULT_TOKEN_TTL);
     if ttl == 0 || ttl > MAX_TOKEN_TTL {
         return Err(ApiError::bad_request(format!("ttl_seconds must be between 1 and {MAX_TOKEN_TTL}")));
@@ -97,6 +102,7 @@ async fn apply_policies(ctx: &Ctx, actor: crate::store::Actor, req: Request<Inco
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("policy file is not UTF-8"))?;
     let docs = parse_documents(text).map_err(|errs| ApiError {
         status: StatusCode::BAD_REQUEST,
+        headers: Vec::new(),
         body: ErrorBody {
             error: format!("policy file refused: {} problem(s); nothing was applied", errs.len()),
             details: errs
@@ -144,7 +150,13 @@ async fn audit(ctx: &Ctx, req: &Request<Incoming>) -> ApiResult {
         let bad = || ApiError::bad_request(format!("bad query parameter {pair:?}"));
         match k {
             "after" => after = v.parse().map_err(|_| bad())?,
-            "limit" => limit = v.parse::<usize>().map_err(|_| bad())?.min(10_000),
+            // The contract says maximum 10000 and declares a 400: refuse, do not clamp.
+            "limit" => {
+                limit = v.parse::<usize>().map_err(|_| bad())?;
+                if limit > MAX_AUDIT_LIMIT {
+                    return Err(ApiError::bad_request(format!("limit {limit} is above the maximum {MAX_AUDIT_LIMIT}")));
+                }
+            }
             _ => return Err(bad()),
         }
     }

@@ -6,6 +6,10 @@
 //! → route → authenticate (admin token or SVID, per route) → handler → JSON response.
 //! Handlers live in `svid.rs` (bootstrap, renew), `watch.rs` (the push stream) and
 //! `admin.rs` (tokens, policies, check, workloads, audit).
+//!
+//! HTTP conformance (RFC 9110, and `docs/api/openapi.yaml` as the contract): a method a
+//! path does not document gets `405` with `Allow`; an admin `401` carries
+//! `WWW-Authenticate: Bearer`, and the `Bearer` scheme is matched case-insensitively.
 
 mod admin;
 mod svid;
@@ -92,16 +96,45 @@ pub struct Conn {
     pub peer_chain: Option<Vec<CertificateDer<'static>>>,
 }
 
-/// An error answered as `{"error": ...}` with a status code.
+/// An error answered as `{"error": ...}` with a status code (and, for 401 and 405, the
+/// header RFC 9110 requires with it).
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub body: ErrorBody,
+    /// Few and rare, so a `Vec` (a `HeaderMap` would triple the size of every `Result`).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
+
+/// The admin API's challenge (RFC 6750 §3); `realm` tells it apart from other services.
+const ADMIN_CHALLENGE: &str = "Bearer realm=\"trellis-admin\"";
 
 impl ApiError {
     pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
-        ApiError { status, body: ErrorBody { error: msg.into(), details: vec![] } }
+        ApiError { status, body: ErrorBody { error: msg.into(), details: vec![] }, headers: Vec::new() }
+    }
+    /// 405 with `Allow` listing `allowed`.
+    pub fn method_not_allowed(method: &Method, path: &str, allowed: &[Method]) -> Self {
+        let list = allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+        let mut e =
+            Self::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path}; allowed: {list}"));
+        if let Ok(v) = http::HeaderValue::from_str(&list) {
+            e.headers.push((header::ALLOW, v));
+        }
+        e
+    }
+    /// 401 for the admin API, with its `WWW-Authenticate: Bearer` challenge; `error` is
+    /// RFC 6750's code (`invalid_token`) when a token was sent.
+    pub fn admin_unauthorized(msg: impl Into<String>, error: Option<&'static str>) -> Self {
+        let mut e = Self::unauthorized(msg);
+        let challenge = match error {
+            Some(code) => format!("{ADMIN_CHALLENGE}, error=\"{code}\""),
+            None => ADMIN_CHALLENGE.to_string(),
+        };
+        if let Ok(v) = http::HeaderValue::from_str(&challenge) {
+            e.headers.push((header::WWW_AUTHENTICATE, v));
+        }
+        e
     }
     pub fn bad_request(msg: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, msg)
@@ -188,14 +221,40 @@ async fn route(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Respon
         (Method::POST, paths::ACK) => watch::ack(&ctx, &conn, req).await,
         (Method::POST, paths::INJECT) => webhook(&ctx, req).await,
         (_, p) if is_admin_path(p) => admin::route(&ctx, &conn, req).await,
-        (_, paths::HEALTHZ | paths::BUNDLE | paths::BOOTSTRAP | paths::RENEW | paths::WATCH | paths::ACK) => {
-            Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path}")))
-        }
-        _ => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {method} {path}"))),
+        (_, p) => Err(not_routed(&method, p)),
     };
-    let response = result.unwrap_or_else(|e| json(e.status, &e.body));
+    let response = result.unwrap_or_else(|e| {
+        let mut r = json(e.status, &e.body);
+        for (name, value) in e.headers {
+            r.headers_mut().insert(name, value);
+        }
+        r
+    });
     tracing::debug!(%method, %path, status = response.status().as_u16(), remote = %conn.remote, "request");
     response
+}
+
+/// The methods `docs/api/openapi.yaml` documents for `path`, or `None` for an unknown path.
+pub fn allowed_methods(path: &str) -> Option<&'static [Method]> {
+    const GET: &[Method] = &[Method::GET];
+    const POST: &[Method] = &[Method::POST];
+    match path {
+        paths::HEALTHZ | paths::BUNDLE | paths::WATCH | paths::WORKLOADS | paths::AUDIT => Some(GET),
+        paths::BOOTSTRAP | paths::RENEW | paths::ACK | paths::INJECT | paths::TOKENS | paths::CHECK => Some(POST),
+        paths::POLICIES => Some(&[Method::GET, Method::POST]),
+        p if p.strip_prefix(paths::POLICIES).and_then(|r| r.strip_prefix('/')).is_some_and(|n| !n.contains('/')) => {
+            Some(&[Method::GET, Method::DELETE])
+        }
+        _ => None,
+    }
+}
+
+/// The answer for a request no handler took: 405 (with `Allow`) on a known path, else 404.
+pub fn not_routed(method: &Method, path: &str) -> ApiError {
+    match allowed_methods(path) {
+        Some(allowed) => ApiError::method_not_allowed(method, path, allowed),
+        None => ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {method} {path}")),
+    }
 }
 
 fn is_admin_path(p: &str) -> bool {
@@ -239,14 +298,24 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -
 /// Requires `Authorization: Bearer <admin token>`.
 pub fn require_admin<B>(ctx: &Ctx, conn: &Conn, req: &Request<B>) -> Result<Actor, ApiError> {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return Err(ApiError::unauthorized("missing admin token: send `Authorization: Bearer <admin token>`"));
+        return Err(ApiError::admin_unauthorized(
+            "missing admin token: send `Authorization: Bearer <admin token>`",
+            None,
+        ));
     };
-    let presented = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    let presented = value.to_str().ok().and_then(bearer_token).unwrap_or("");
     if presented.is_empty() || !crate::tokens::admin_token_matches(presented, &ctx.admin_token) {
         tracing::warn!(remote = %conn.remote, "admin request with a wrong token refused");
-        return Err(ApiError::unauthorized("invalid admin token"));
+        return Err(ApiError::admin_unauthorized("invalid admin token", Some("invalid_token")));
     }
     Ok(Actor { principal: "admin".into(), remote: conn.remote.to_string() })
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive
+/// and followed by one or more spaces (RFC 9110 §11.4, §11.1), so `bearer x` works too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim_matches(' '))
 }
 
 /// The client's SPIFFE ID, after running the full SVID checks on its certificate chain.

@@ -5,6 +5,11 @@
 //! or the presented SVID — and the CSR must ask for exactly that (the CA refuses anything
 //! else). A join token is spent only once a certificate has been signed for it, so a
 //! malformed CSR does not burn a token, and two racing bootstraps cannot both win.
+//!
+//! Whatever the proof, an ID reserved for Trellis itself (`spiffe://<td>/trellis/...`, the
+//! control plane's own identity) or without a path is never signed: a token minted for one
+//! before that rule, or an SVID for one, gets a 403 rather than a certificate that would
+//! impersonate the control plane.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -68,6 +73,10 @@ pub async fn renew(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult 
 }
 
 fn sign(ctx: &Ctx, csr_pem: &str, id: &SpiffeId) -> Result<SvidResponse, ApiError> {
+    crate::workload_id::check_issuable(id).map_err(|e| {
+        tracing::warn!(spiffe_id = %id, reason = %e, "refused to sign an SVID for a reserved ID");
+        ApiError::forbidden(format!("no SVID is issued for this ID: {e}"))
+    })?;
     let csr =
         pem::csr_from_pem("csr_pem", csr_pem.as_bytes()).map_err(|e: PemError| ApiError::bad_request(e.to_string()))?;
     let issued = ctx.ca.sign_csr(&csr, id, ctx.svid_ttl).map_err(csr_error)?;

@@ -5,7 +5,7 @@
 //! One task per stream waits on the change hub; a burst of changes wakes it once, and it
 //! sends the state current at that moment. A comment line every [`KEEPALIVE`] lets both
 //! ends notice a dead connection. The proxy acknowledges the version it enforces with
-//! `POST /v1/watch/ack`.
+//! `POST /v1/watch/ack` (a version above the current one is refused with 400).
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -22,7 +22,7 @@ use trellis_identity::SpiffeId;
 
 use super::{ApiError, ApiResult, Conn, Ctx, json, read_json, require_svid};
 use crate::api::AckRequest;
-use crate::state::{SessionGuard, Shared};
+use crate::state::{AckError, SessionGuard, Shared};
 
 /// How often an idle stream sends a keepalive comment.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -117,8 +117,12 @@ fn next_event(shared: &Shared, id: &SpiffeId, session: u64, sent: &mut Sent) -> 
 pub async fn ack(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult {
     let (id, _) = require_svid(ctx, conn)?;
     let body: AckRequest = read_json(req).await?;
-    if !ctx.shared.ack(body.session, &id, body.version) {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no watch session {} for {id}", body.session)));
+    match ctx.shared.ack(body.session, &id, body.version) {
+        Ok(()) => {}
+        Err(AckError::NoSession) => {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no watch session {} for {id}", body.session)));
+        }
+        Err(e @ AckError::Ahead { .. }) => return Err(ApiError::bad_request(e.to_string())),
     }
     tracing::debug!(spiffe_id = %id, version = body.version, "proxy acked");
     Ok(json(StatusCode::OK, &serde_json::json!({"acked": body.version})))

@@ -1,0 +1,361 @@
+//! Defects a black-box audit found, each held to its fix: SVID TTL limits, the reserved
+//! `/trellis/` IDs, the data dir's trust domain and permissions, ack versions, HTTP
+//! conformance (405 + `Allow`, 401 + `WWW-Authenticate`, case-insensitive `Bearer`, the
+//! audit `limit` maximum) and start-up errors printed once, before anything is created.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::*;
+use http::{HeaderMap, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use trellis_control::api::{RenewRequest, TokenRequest};
+use trellis_control::run::MAX_SVID_TTL;
+use trellis_control::server::Hooks;
+use trellis_control::store::{Actor, TokenRecord, now_unix};
+use trellis_control::{ClientError, StartError, tokens};
+use trellis_identity::{CredentialStore, SpiffeId, TrustDomain, WorkloadKey};
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const CONTROL: &str = "spiffe://cluster.local/trellis/control";
+
+const POLICY: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: api-from-web
+spec:
+  selector: spiffe://cluster.local/ns/shop/sa/api
+  action: ALLOW
+  rules:
+    - from:
+        - identity: spiffe://cluster.local/ns/shop/sa/web
+"#;
+
+fn api_error(r: Result<impl std::fmt::Debug, ClientError>) -> (StatusCode, String) {
+    match r {
+        Err(ClientError::Api { status, body }) => (status, body.error),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// One request with whatever headers, answering status, headers and body: the typed
+/// client cannot show response headers or send a lowercase `bearer`.
+async fn raw(
+    plane: &Plane,
+    method: Method,
+    path: &str,
+    authorization: Option<&str>,
+    body: &str,
+) -> (StatusCode, HeaderMap, String) {
+    let expected = SpiffeId::parse(CONTROL).unwrap();
+    let mut tls = trellis_identity::client_config(None, &plane.bundle(), expected).unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(plane.running.local_addr).await.unwrap();
+    let name = trellis_identity::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder().method(method).uri(path).header(header::HOST, "localhost");
+    if let Some(a) = authorization {
+        req = req.header(header::AUTHORIZATION, a);
+    }
+    let resp = send.send_request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+// --- 1. --svid-ttl ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_svid_ttl_above_the_maximum_is_refused_before_anything_is_created() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    for ttl in [
+        Duration::from_secs(u64::MAX),
+        Duration::from_secs(9_999_999_999_999_999_999),
+        Duration::from_secs(1000 * 365 * 24 * 3600),
+        MAX_SVID_TTL + Duration::from_secs(1),
+    ] {
+        let mut cfg = config(&dir);
+        cfg.svid_ttl = ttl;
+        let err = trellis_control::start(cfg, Hooks::default()).await.unwrap_err();
+        assert!(matches!(err, StartError::SvidTtlTooLong { .. }), "{ttl:?}: {err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("--svid-ttl") && msg.contains("30 days"), "{msg}");
+        assert!(!dir.exists(), "a refused start created the data dir");
+    }
+}
+
+#[tokio::test]
+async fn the_maximum_svid_ttl_bootstraps() {
+    let parent = tempfile::tempdir().unwrap();
+    let mut cfg = config(parent.path());
+    cfg.svid_ttl = MAX_SVID_TTL;
+    let running = trellis_control::start(cfg, Hooks::default()).await.unwrap();
+    let plane = Plane { running, dir: parent };
+    let token = plane.token(WEB).await;
+    let resp = plane.anonymous().bootstrap(&bootstrap_request(&token, WEB).1).await.unwrap();
+    assert!(resp.expires_at > now_unix() + MAX_SVID_TTL.as_secs() - 60);
+}
+
+// --- 2. reserved and path-less IDs -----------------------------------------------------
+
+#[tokio::test]
+async fn no_join_token_for_the_control_plane_id_or_a_bare_trust_domain() {
+    let plane = Plane::start().await;
+    let admin = plane.admin();
+    let before = plane.running.shared.store.audit(0, 100).unwrap();
+    for (who, reason) in [
+        (CONTROL, "reserved for Trellis"),
+        ("spiffe://cluster.local/trellis", "reserved for Trellis"),
+        ("spiffe://cluster.local/trellis/proxy", "reserved for Trellis"),
+        ("spiffe://cluster.local", "has no path"),
+    ] {
+        let (status, msg) =
+            api_error(admin.create_token(&TokenRequest { spiffe_id: id(who), ttl_seconds: None }).await);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{who}");
+        assert!(msg.contains(reason), "{who}: {msg}");
+    }
+    assert_eq!(plane.running.shared.store.audit(0, 100).unwrap(), before, "no token was stored");
+    // Look-alikes are ordinary workload IDs.
+    admin
+        .create_token(&TokenRequest {
+            spiffe_id: id("spiffe://cluster.local/ns/trellis/sa/control"),
+            ttl_seconds: None,
+        })
+        .await
+        .unwrap();
+}
+
+/// A token stored for a reserved ID (minted before the rule, or written to the store by
+/// other means) still gets no certificate, and is not spent.
+#[tokio::test]
+async fn bootstrap_never_signs_a_reserved_or_pathless_id() {
+    let plane = Plane::start().await;
+    let actor = Actor { principal: "test".into(), remote: "-".into() };
+    for (who, reason) in [(CONTROL, "reserved for Trellis"), ("spiffe://cluster.local", "has no path")] {
+        let secret = tokens::mint();
+        let record = TokenRecord { spiffe_id: id(who), created: now_unix(), expires: now_unix() + 600, used: None };
+        plane.running.shared.store.insert_token(&tokens::hash(&secret), &record, &actor).unwrap();
+        let (status, msg) = api_error(plane.anonymous().bootstrap(&bootstrap_request(&secret, who).1).await);
+        assert_eq!(status, StatusCode::FORBIDDEN, "{who}");
+        assert!(msg.contains(reason), "{who}: {msg}");
+        let stored = plane.running.shared.store.peek_token(&tokens::hash(&secret), now_unix()).unwrap();
+        assert_eq!(stored.used, None, "{who}: the refused token was spent");
+    }
+}
+
+#[tokio::test]
+async fn renewal_never_signs_the_control_plane_id() {
+    let plane = Plane::start().await;
+    // An SVID for the control plane's ID from this CA (as one issued before the fix was).
+    let svid = plane.svid_at(CONTROL, Duration::from_secs(3600), SystemTime::now());
+    let client = plane.client_with(Some(CredentialStore::with(svid).unwrap()), None);
+    let key = WorkloadKey::generate().unwrap();
+    let csr_pem = trellis_identity::pem::csr_to_pem(&key.csr(&id(CONTROL)).unwrap());
+    let (status, msg) = api_error(client.renew(&RenewRequest { csr_pem, addresses: vec![] }).await);
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(msg.contains("reserved for Trellis"), "{msg}");
+}
+
+// --- 3. the data dir's trust domain ----------------------------------------------------
+
+fn config_for(dir: &Path, td: &str) -> trellis_control::ControlConfig {
+    let mut cfg = config(dir);
+    cfg.trust_domain = TrustDomain::parse(td).unwrap();
+    cfg
+}
+
+#[tokio::test]
+async fn a_data_dir_for_another_trust_domain_is_refused_and_left_alone() {
+    let plane = Plane::start().await;
+    let Plane { running, dir } = plane;
+    running.shutdown().await;
+    let bundle_before = std::fs::read(dir.path().join("bundle.pem")).unwrap();
+
+    let err = trellis_control::start(config_for(dir.path(), "other.mesh"), Hooks::default()).await.unwrap_err();
+    assert!(matches!(err, StartError::TrustDomainMismatch { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("trust domain cluster.local") && msg.contains("--trust-domain is other.mesh"), "{msg}");
+    assert_eq!(std::fs::read(dir.path().join("bundle.pem")).unwrap(), bundle_before, "bundle rewritten");
+
+    // The store remembers its trust domain too, e.g. when the CA comes from elsewhere.
+    let other = trellis_identity::CertificateAuthority::create_root(
+        &TrustDomain::parse("other.mesh").unwrap(),
+        Duration::from_secs(86_400),
+    )
+    .unwrap();
+    let ca_dir = tempfile::tempdir().unwrap();
+    other.save(ca_dir.path()).unwrap();
+    let mut cfg = config_for(dir.path(), "other.mesh");
+    cfg.ca_files = Some((ca_dir.path().join("ca.pem"), ca_dir.path().join("ca-key.pem")));
+    let msg = trellis_control::start(cfg, Hooks::default()).await.unwrap_err().to_string();
+    assert!(msg.contains("holds a store for trust domain cluster.local"), "{msg}");
+
+    // The right trust domain still starts.
+    let running = trellis_control::start(config(dir.path()), Hooks::default()).await.unwrap();
+    running.shutdown().await;
+}
+
+// --- 4. permissions ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_data_dir_is_0700_and_its_files_0600_also_when_they_were_looser() {
+    let plane = Plane::start().await;
+    let dir = plane.dir.path().to_path_buf();
+    let files = ["ca.pem", "ca-key.pem", "bundle.pem", "admin.token", "trellis.redb"];
+    assert_eq!(mode(&dir), 0o700);
+    for f in files {
+        assert_eq!(mode(&dir.join(f)), 0o600, "new {f}");
+    }
+    // Loosened by hand (or an older version, or umask 000): tightened on the next start.
+    let Plane { running, dir: tmp } = plane;
+    running.shutdown().await;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for f in files {
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    let running = trellis_control::start(config(tmp.path()), Hooks::default()).await.unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    for f in files {
+        assert_eq!(mode(&dir.join(f)), 0o600, "existing {f}");
+    }
+    running.shutdown().await;
+}
+
+// --- 5. acks ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_ack_ahead_of_the_current_version_is_refused() {
+    let plane = Plane::start().await;
+    plane.admin().apply_policies(POLICY.into()).await.unwrap();
+    let client = plane.workload(WEB);
+    let mut stream = client.watch().await.unwrap();
+    let first = stream.next().await.unwrap();
+    assert_eq!(first.version, 1);
+    let (status, msg) = api_error(client.ack(first.session, 999).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("current policy version 1"), "{msg}");
+    assert_eq!(plane.admin().workloads().await.unwrap()[0].acked_version, None);
+    client.ack(first.session, 1).await.unwrap();
+    assert_eq!(plane.admin().workloads().await.unwrap()[0].acked_version, Some(1));
+}
+
+// --- 6. HTTP conformance ---------------------------------------------------------------
+
+#[tokio::test]
+async fn undocumented_methods_get_405_with_allow_and_change_nothing() {
+    let plane = Plane::start().await;
+    let bearer = format!("Bearer {}", plane.admin_token());
+    let (status, headers, _) = raw(&plane, Method::PUT, "/v1/policies", Some(&bearer), POLICY).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(headers[header::ALLOW], "GET, POST");
+    assert_eq!(plane.running.shared.store.version().unwrap(), 0, "PUT applied policies");
+
+    for (method, path, allow) in [
+        (Method::DELETE, "/v1/svid/bootstrap", "POST"),
+        (Method::POST, "/healthz", "GET"),
+        (Method::GET, "/v1/watch/ack", "POST"),
+    ] {
+        let (status, headers, _) = raw(&plane, method.clone(), path, None, "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_eq!(headers[header::ALLOW], allow, "{method} {path}");
+    }
+    for (method, path, allow) in [
+        (Method::GET, "/v1/tokens", "POST"),
+        (Method::PUT, "/v1/policies/x", "GET, DELETE"),
+        (Method::POST, "/v1/audit", "GET"),
+    ] {
+        let (status, headers, _) = raw(&plane, method.clone(), path, Some(&bearer), "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_eq!(headers[header::ALLOW], allow, "{method} {path}");
+    }
+    let (status, _, _) = raw(&plane, Method::GET, "/v1/tokens/nothing", Some(&bearer), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn audit_limit_above_the_maximum_is_400() {
+    let plane = Plane::start().await;
+    let bearer = format!("Bearer {}", plane.admin_token());
+    let (status, _, body) = raw(&plane, Method::GET, "/v1/audit?limit=10001", Some(&bearer), "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("maximum 10000"), "{body}");
+    for ok in ["/v1/audit?limit=10000", "/v1/audit?limit=0"] {
+        assert_eq!(raw(&plane, Method::GET, ok, Some(&bearer), "").await.0, StatusCode::OK, "{ok}");
+    }
+}
+
+#[tokio::test]
+async fn admin_401s_challenge_with_bearer_and_the_scheme_is_case_insensitive() {
+    let plane = Plane::start().await;
+    let token = plane.admin_token();
+    let (status, headers, _) = raw(&plane, Method::GET, "/v1/policies", None, "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let challenge = headers[header::WWW_AUTHENTICATE].to_str().unwrap();
+    assert!(challenge.starts_with("Bearer "), "{challenge}");
+    let (status, headers, _) = raw(&plane, Method::GET, "/v1/policies", Some("Bearer wrong"), "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(headers[header::WWW_AUTHENTICATE].to_str().unwrap().contains("error=\"invalid_token\""));
+
+    for auth in [format!("bearer {token}"), format!("BEARER {token}"), format!("Bearer  {token}")] {
+        let (status, _, body) = raw(&plane, Method::GET, "/v1/policies", Some(&auth), "").await;
+        assert_eq!(status, StatusCode::OK, "{auth:?}: {body}");
+    }
+    for auth in [format!("Basic {token}"), token.clone(), format!("Bearer{token}")] {
+        assert_eq!(
+            raw(&plane, Method::GET, "/v1/policies", Some(&auth), "").await.0,
+            StatusCode::UNAUTHORIZED,
+            "{auth:?}"
+        );
+    }
+}
+
+// --- 7. start-up errors ----------------------------------------------------------------
+
+#[tokio::test]
+async fn a_port_in_use_is_reported_once_and_creates_nothing() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let mut cfg = config(&dir);
+    cfg.listen = taken.local_addr().unwrap();
+    let err = trellis_control::start(cfg, Hooks::default()).await.unwrap_err();
+    let msg = anyhow_like(&err);
+    assert_eq!(msg.matches("in use").count(), 1, "{msg}");
+    assert!(!dir.exists(), "a start that could not bind created the data dir");
+}
+
+#[tokio::test]
+async fn a_data_dir_in_use_is_reported_once_and_named() {
+    let plane = Plane::start().await;
+    let err = trellis_control::start(config(plane.dir.path()), Hooks::default()).await.unwrap_err();
+    let msg = anyhow_like(&err);
+    assert!(msg.contains("another control plane is probably using this data dir"), "{msg}");
+    assert_eq!(msg.matches("trellis.redb").count(), 1, "{msg}");
+}
+
+/// What `{:#}` on an `anyhow::Error` prints (the binary's `error: ...`): every error in the
+/// `source()` chain, joined by ": ".
+fn anyhow_like(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
