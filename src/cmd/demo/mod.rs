@@ -75,7 +75,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         say!("{}", row.line());
     }
     say!("");
-    report::traces(&mesh, args.otlp_endpoint.as_deref()).await;
+    report::traces(&mesh, args.otlp_endpoint.as_deref(), args.once).await;
 
     if args.once {
         mesh.stop().await;

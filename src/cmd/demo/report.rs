@@ -157,8 +157,9 @@ fn first_words(s: &str, n: usize) -> String {
     s.split_whitespace().take(n).collect::<Vec<_>>().join(" ")
 }
 
-/// Where the spans went, how many, and one denied span's attributes.
-pub async fn traces(mesh: &Mesh, otlp: Option<&str>) {
+/// Where the spans went, how many, and one denied span's attributes. `once`: the demo is about
+/// to stop and remove its temporary files, so the path is not one to go and look at.
+pub async fn traces(mesh: &Mesh, otlp: Option<&str>, once: bool) {
     if let Some(url) = otlp {
         say!("Traces: every flow above, allowed or denied, was exported as OpenTelemetry spans to {url}.");
         return;
@@ -173,7 +174,10 @@ pub async fn traces(mesh: &Mesh, otlp: Option<&str>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let denied = spans.iter().filter(|s| is_denied(s)).count();
-    say!("Traces: {} spans ({denied} of denied flows) in {}", spans.len(), mesh.trace_file.display());
+say!("Traces: {} spans ({denied} of denied flows) in {}", spans.len(), mesh.trace_file.display());
+    if once {
+        say!("  (a temporary file, removed as the demo exits; without --once the mesh and its files stay until Ctrl-C)");
+    }
     if let Some(span) = spans.iter().find(|s| is_denied(s)) {
         say!("One denied span, as your tracing backend would show it:");
         say!("  name: {}   status: {}", span["name"].as_str().unwrap_or("?"), span["status"]);
