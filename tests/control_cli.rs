@@ -200,6 +200,12 @@ fn token_create_prints_only_the_token_and_workloads_list_shows_proxies() {
         control.cli(&["token", "create", "--spiffe-id", "spiffe://cluster.local/ns/x/sa/y", "--ttl", "soon"]);
     assert_eq!(code, 2);
     assert!(err.contains("soon"), "{err}");
+    for ttl in ["0", "0s", "500ms", "1s500ms"] {
+        let (code, out, err) =
+            control.cli(&["token", "create", "--spiffe-id", "spiffe://cluster.local/ns/x/sa/y", "--ttl", ttl]);
+        assert_eq!((code, out.as_str()), (2, ""), "--ttl {ttl}: {err}");
+        assert!(err.contains("whole number of seconds, at least 1s"), "{err}");
+    }
     let api = Sidecar::start(
         &control,
         "spiffe://cluster.local/ns/shop/sa/api",

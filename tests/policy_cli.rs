@@ -313,6 +313,9 @@ fn check_flag_errors_exit_2() {
         &["--from", WEB, "--to-address", "1.2.3.4:0"],
         &["--to", API, "--port", "80", "--default", "maybe"],
         &["--to", API, "--port", "80", "--output", "yaml"],
+        &["--from", WEB, "--to-address", "1.2.3.4:5", "--port", "99"],
+        &["--to", API, "--port", "80", "--method", "G T", "--path", "/"],
+        &["--to", API, "--port", "80", "--method", "", "--path", "/"],
     ];
     for args in cases {
         let o = check(&f, args);

@@ -4,6 +4,7 @@
 //! Validation collects every problem in a file before giving up, so each error says which
 //! document, which field, and what is wrong; the CLI prints them one per line.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::limits;
@@ -24,8 +25,31 @@ pub struct ValidationError {
 impl ValidationError {
     /// A problem with the whole input rather than one document.
     pub(crate) fn input(message: impl Into<String>) -> Self {
-        ValidationError { document: String::new(), path: String::new(), message: message.into() }
+        let message = message.into();
+        let message = escape_unprintable(&message).into_owned();
+        ValidationError { document: String::new(), path: String::new(), message }
     }
+}
+
+/// `s` with every character that `{:?}` would escape for being unprintable (control
+/// characters, line and paragraph separators, bidirectional and other format characters)
+/// replaced by its escape (`\u{1b}`, `\n`); quotes and backslashes are kept. Messages quote
+/// user values with `{:?}` already; this is the last line of defence, so that no text from a
+/// policy file can move the cursor, recolor or fake lines in a terminal or CI log.
+pub(crate) fn escape_unprintable(s: &str) -> Cow<'_, str> {
+    let unprintable = |c: char| !matches!(c, '"' | '\'' | '\\') && c.escape_debug().nth(1).is_some();
+    if !s.chars().any(unprintable) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unprintable(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 impl fmt::Display for ValidationError {

@@ -101,12 +101,14 @@
 //! [`normalize_path`] strips the query, decodes escapes of unreserved characters, merges
 //! repeated slashes and removes dot segments (RFC 3986 §5.2.4), and refuses ambiguous paths
 //! (encoded `/` or `\`, raw `\`, NUL, control characters, non-ASCII bytes, bad escapes, `#`,
-//! space). So `/api/../admin` is matched (and forwarded) as `/admin` and can never slip through
-//! an `/api/*` rule.
+//! space, and `.`/`..` segments with `;` parameters such as `..;`). So `/api/../admin` is
+//! matched (and forwarded) as `/admin` and can never slip through an `/api/*` rule. DENY path
+//! rules also match the path with its `;` parameters removed, as Java servers read it, so
+//! `/admin;x` cannot slip past a DENY on `/admin`.
 //!
 //! # Limits
 //!
-//! See [`limits`]: 32 MiB of input, 10,000 documents, 200,000 rules, 1,000,000 entries,
+//! See [`limits`]: 16 MiB of input, 10,000 documents, 200,000 rules, 1,000,000 entries,
 //! 4,000,000 values, nesting depth 64, 1,000 YAML aliases; over a limit is an error, never a
 //! panic.
 

@@ -8,14 +8,18 @@
 //! limits is refused in under 2.5 s with under about 300 MB; [`MAX_RULES`] rules compile in
 //! well under a second.
 
-/// Largest policy file (or JSON body) read: 32 MiB.
-pub const MAX_INPUT_BYTES: usize = 32 * 1024 * 1024;
+/// Largest policy file (or JSON body) read: 16 MiB, the control plane's limit on a policy
+/// apply body, so a file `trellis policy validate` accepts can also be applied.
+pub const MAX_INPUT_BYTES: usize = 16 * 1024 * 1024;
 
 /// Most values (scalars, lists and maps) in one input. A 100,000-rule file needs 1.2 to 2 million.
 pub const MAX_NODES: usize = 4_000_000;
 
 /// Deepest nesting of lists and maps in YAML (a policy needs 8).
 pub const MAX_DEPTH: usize = 64;
+
+/// Deepest nesting of lists and maps in JSON: serde_json's fixed recursion limit.
+pub const MAX_JSON_DEPTH: usize = 128;
 
 /// Most YAML anchors and aliases in one input: aliases can make a small file expand into a
 /// huge tree ("billion laughs"); policies rarely need any.
@@ -40,4 +44,19 @@ pub const MAX_NAME_LEN: usize = 253;
 pub const MAX_NAMESPACE_LEN: usize = 63;
 
 pub(crate) const NAME_RULE: &str = "names are 1-253 lowercase letters, digits, '-' and '.', \
-     starting and ending with a letter or digit";
+     starting and ending with a letter or digit, with a letter or digit on each side of every '.'";
+
+pub(crate) const NAMESPACE_RULE: &str = "namespaces are 1-63 lowercase letters, digits and '-', \
+     starting and ending with a letter or digit (a DNS-1123 label, as Kubernetes namespaces are)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_limit_is_the_control_planes_apply_body_limit() {
+        // control/src/server/mod.rs: MAX_POLICY_BODY = 16 * 1024 * 1024. A file larger than
+        // that would validate but could never be applied (413).
+        assert_eq!(MAX_INPUT_BYTES, 16_777_216);
+    }
+}

@@ -6,12 +6,13 @@
 //! validates every document (`validate/`), then checks what spans documents: duplicate names
 //! and the rule limit. Any error refuses the whole file.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 
 use serde::de::DeserializeSeed;
 
 use crate::error::{ValidationError, ValidationErrors};
-use crate::limits::{MAX_ALIASES, MAX_DEPTH, MAX_DOCUMENTS, MAX_INPUT_BYTES, MAX_NODES, MAX_RULES};
+use crate::limits::{MAX_ALIASES, MAX_DEPTH, MAX_DOCUMENTS, MAX_INPUT_BYTES, MAX_JSON_DEPTH, MAX_NODES, MAX_RULES};
 use crate::model::Policy;
 use crate::tree::{Value, ValueSeed};
 use crate::validate::{self, Checker, Path};
@@ -26,8 +27,9 @@ use crate::validate::{self, Checker, Path};
 pub fn parse_documents(text: &str) -> Result<Vec<Policy>, ValidationErrors> {
     if text.len() > MAX_INPUT_BYTES {
         return Err(ValidationErrors::one(ValidationError::input(format!(
-            "input is {} bytes; the limit is {MAX_INPUT_BYTES} bytes (32 MiB)",
-            text.len()
+            "input is {} bytes; the limit is {MAX_INPUT_BYTES} bytes ({} MiB)",
+            text.len(),
+            MAX_INPUT_BYTES >> 20
         ))));
     }
     let roots = read_values(text).map_err(|m| ValidationErrors::one(ValidationError::input(m)))?;
@@ -59,14 +61,66 @@ fn read_values(text: &str) -> Result<Vec<Value>, String> {
     // Text that starts like JSON is JSON: YAML would read many broken JSON files (a missing
     // value, a trailing comma) as something else, and hide the mistake.
     if start.starts_with(['{', '[']) {
-        return read_json(text).map(|v| vec![v]).map_err(|e| format!("invalid JSON: {e}"));
+        return read_json(text).map(|v| vec![v]).map_err(|e| format!("invalid JSON: {}", json_message(&e)));
     }
     read_yaml(text).map_err(|e| format!("invalid YAML: {}", yaml_message(&e)))
 }
 
-/// serde-saphyr's message, less its advice to the programmer.
+/// serde-saphyr's message (with its line and column), less its advice to the programmer, and
+/// with its limit errors in plain words naming the limit ([`LimitMessages`]).
 fn yaml_message(e: &serde_saphyr::Error) -> String {
-    e.to_string().replace(", set DuplicateKeyPolicy in Options if acceptable", "")
+    e.render_with_formatter(&LimitMessages).replace(", set DuplicateKeyPolicy in Options if acceptable", "")
+}
+
+/// Each event of a YAML alias replayed, all aliases together (the "billion laughs" cap).
+const MAX_ALIAS_REPLAY_EVENTS: usize = 100_000;
+/// Aliases nested in aliases.
+const MAX_ALIAS_NESTING: usize = 16;
+/// Parser events: each node is at most a start and an end event; documents add two each.
+const MAX_EVENTS: usize = 2 * MAX_NODES + 2 * MAX_DOCUMENTS + 2;
+
+/// serde-saphyr's messages, except that a breached limit is named in plain words with its value
+/// (`nested deeper than 64 levels (the limit)`) instead of the library's debug text
+/// (`budget breached: Depth { depth: 65 }`). The renderer adds the location.
+struct LimitMessages;
+
+impl serde_saphyr::MessageFormatter for LimitMessages {
+    fn format_message<'a>(&self, err: &'a serde_saphyr::Error) -> Cow<'a, str> {
+        use serde_saphyr::Error;
+        use serde_saphyr::budget::BudgetBreach as B;
+        let message = match err {
+            Error::Budget { breach, .. } => match breach {
+                B::Depth { .. } => format!("nested deeper than {MAX_DEPTH} levels (the limit)"),
+                B::Nodes { .. } => format!("more than {MAX_NODES} values (the limit)"),
+                B::Events { .. } => format!("more than {MAX_EVENTS} YAML events (the limit; about two per value)"),
+                B::Documents { .. } => format!("more than {MAX_DOCUMENTS} documents (the limit)"),
+                B::Anchors { .. } => format!("more than {MAX_ALIASES} anchors (the limit)"),
+                B::Aliases { .. } => format!("more than {MAX_ALIASES} aliases (the limit)"),
+                B::ScalarBytes { .. } => format!("more than {MAX_INPUT_BYTES} bytes of scalar text (the limit)"),
+                _ => "the YAML is too large or too complex (a parser limit was reached)".to_owned(),
+            },
+            Error::AliasReplayLimitExceeded { max_total_replayed_events, .. } => {
+                format!("aliases expand to more than {max_total_replayed_events} events (the limit)")
+            }
+            Error::AliasReplayStackDepthExceeded { max_depth, .. } => {
+                format!("aliases nested more than {max_depth} levels deep (the limit)")
+            }
+            Error::AliasExpansionLimitExceeded { max_expansions_per_anchor, .. } => {
+                format!("an anchor is used more than {max_expansions_per_anchor} times (the limit)")
+            }
+            _ => return serde_saphyr::DefaultMessageFormatter.format_message(err),
+        };
+        Cow::Owned(message)
+    }
+}
+
+/// serde_json's message (with its line and column), its nesting limit named in plain words.
+fn json_message(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    match message.strip_prefix("recursion limit exceeded") {
+        Some(rest) => format!("nested deeper than {MAX_JSON_DEPTH} levels (the limit){rest}"),
+        None => message,
+    }
 }
 
 fn read_json(text: &str) -> Result<Value, serde_json::Error> {
@@ -81,8 +135,7 @@ fn read_yaml(text: &str) -> Result<Vec<Value>, serde_saphyr::Error> {
     let options = serde_saphyr::options! {
         budget: serde_saphyr::budget! {
             max_nodes: MAX_NODES,
-            // Each node is at most a start and an end event; documents add two each.
-            max_events: 2 * MAX_NODES + 2 * MAX_DOCUMENTS + 2,
+            max_events: MAX_EVENTS,
             max_depth: MAX_DEPTH,
             max_documents: MAX_DOCUMENTS,
             max_aliases: MAX_ALIASES,
@@ -90,8 +143,8 @@ fn read_yaml(text: &str) -> Result<Vec<Value>, serde_saphyr::Error> {
             max_total_scalar_bytes: MAX_INPUT_BYTES,
         },
         alias_limits: serde_saphyr::alias_limits! {
-            max_total_replayed_events: 100_000,
-            max_replay_stack_depth: 16,
+            max_total_replayed_events: MAX_ALIAS_REPLAY_EVENTS,
+            max_replay_stack_depth: MAX_ALIAS_NESTING,
         },
         with_snippet: false,
     };
@@ -157,5 +210,93 @@ fn check_rule_count(policies: &[Policy], errors: &mut ValidationErrors) {
     let count: usize = policies.iter().map(Policy::rule_count).sum();
     if count > MAX_RULES {
         errors.push(ValidationError::input(format!("{count} rules in all; the limit is {MAX_RULES}")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input_error(text: &str) -> String {
+        match parse_documents(text) {
+            Ok(p) => panic!("accepted: {p:?}"),
+            Err(e) => {
+                assert_eq!(e.len(), 1, "{e}");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn yaml_limits_are_named_in_plain_words() {
+        let nested = format!("a: {}1{}\n", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        let e = input_error(&nested);
+        assert!(e.starts_with("input: invalid YAML: nested deeper than 64 levels (the limit) at line 1"), "{e}");
+
+        let e = input_error(&"a: 1\n---\n".repeat(MAX_DOCUMENTS + 1));
+        assert!(e.starts_with("input: invalid YAML: more than 10000 documents (the limit) at line "), "{e}");
+
+        let anchors: String = (0..=MAX_ALIASES).map(|i| format!("k{i}: &a{i} x\n")).collect();
+        let e = input_error(&anchors);
+        assert!(e.starts_with("input: invalid YAML: more than 1000 anchors (the limit) at line "), "{e}");
+
+        let aliases = format!("k: &a x\nl: [{}]\n", vec!["*a"; MAX_ALIASES + 1].join(", "));
+        let e = input_error(&aliases);
+        assert!(e.starts_with("input: invalid YAML: more than 1000 aliases (the limit) at line "), "{e}");
+
+        // 10 x 10 x ... : a few lines that expand to millions of values.
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..8 {
+            bomb.push_str(&format!("a{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 10].join(", ")));
+        }
+        let e = input_error(&bomb);
+        assert!(
+            e.starts_with("input: invalid YAML: aliases expand to more than 100000 events (the limit) at line "),
+            "{e}"
+        );
+
+        for e in [nested, anchors, aliases, bomb].map(|t| input_error(&t)) {
+            assert!(!e.contains("budget") && !e.contains('{') && !e.contains('_'), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_budget_breach_reads_as_a_limit() {
+        use serde_saphyr::budget::BudgetBreach as B;
+        use serde_saphyr::{Error, Location};
+        let cases = [
+            (B::Depth { depth: 65 }, "nested deeper than 64 levels (the limit)"),
+            (B::Nodes { nodes: MAX_NODES + 1 }, "more than 4000000 values (the limit)"),
+            (B::Events { events: MAX_EVENTS + 1 }, "more than 8020002 YAML events (the limit; about two per value)"),
+            (B::Documents { documents: 10_001 }, "more than 10000 documents (the limit)"),
+            (B::Anchors { anchors: 1_001 }, "more than 1000 anchors (the limit)"),
+            (B::Aliases { aliases: 1_001 }, "more than 1000 aliases (the limit)"),
+            (
+                B::ScalarBytes { total_scalar_bytes: MAX_INPUT_BYTES + 1 },
+                "more than 16777216 bytes of scalar text (the limit)",
+            ),
+            (B::SequenceUnbalanced, "the YAML is too large or too complex (a parser limit was reached)"),
+        ];
+        for (breach, want) in cases {
+            let e = Error::Budget { breach, location: Location::UNKNOWN };
+            assert_eq!(yaml_message(&e), want);
+        }
+        let e = Error::AliasReplayStackDepthExceeded {
+            depth: 17,
+            max_depth: MAX_ALIAS_NESTING,
+            location: Location::UNKNOWN,
+        };
+        assert_eq!(yaml_message(&e), "aliases nested more than 16 levels deep (the limit)");
+    }
+
+    #[test]
+    fn syntax_errors_keep_their_line_and_column() {
+        let e = input_error("a: 1\nb: [1, 2\n");
+        assert!(e.starts_with("input: invalid YAML: "), "{e}");
+        assert!(e.contains("line 3") || e.contains("line 2"), "{e}");
+        let e = input_error("{\"a\": 1,}");
+        assert!(e.starts_with("input: invalid JSON: ") && e.contains("trailing comma at line 1 column 9"), "{e}");
+        let e = input_error(&format!("[{}[]]", "[],".repeat(MAX_NODES)));
+        assert!(e.starts_with("input: invalid JSON: more than 4000000 values (the limit) at line 1"), "{e}");
     }
 }

@@ -15,8 +15,15 @@
 //!    characters, `%2F` (`/`) and `%5C` (`\`) are refused; escapes of unreserved characters
 //!    (`A-Z a-z 0-9 - . _ ~`) are decoded; other escapes are kept with uppercase hex;
 //! 4. repeated slashes are merged (`//` → `/`);
-//! 5. dot segments are removed as in RFC 3986 §5.2.4 (`/a/./b` → `/a/b`, `/a/../b` → `/b`,
+//! 5. a `.` or `..` segment with `;` parameters (`..;`, `..;x=1`, `.;x`, `..%3B`) is refused:
+//!    Java servers drop parameters before resolving dot segments, so `/api/..;/admin` is
+//!    `/admin` to them;
+//! 6. dot segments are removed as in RFC 3986 §5.2.4 (`/a/./b` → `/a/b`, `/a/../b` → `/b`,
 //!    `/..` → `/`, and a trailing `.` or `..` segment leaves a trailing `/`).
+//!
+//! Other `;` parameters are kept (and forwarded: `;jsessionid=` is real), but DENY path rules
+//! are also matched against the path without them ([`without_parameters`]), so `/admin;x`
+//! cannot slip past a DENY on `/admin` to a server that ignores the parameter.
 //!
 //! Decoding happens before dot-segment removal, so `/api/%2e%2e/admin` is `/admin`. Slashes
 //! are merged before dot segments are removed, so `/a//../b` is `/b` (as most servers read it).
@@ -44,6 +51,8 @@ pub enum PathError {
     InvalidEscape,
     #[error("character {0:?} not allowed in path")]
     ForbiddenChar(char),
+    #[error("'.' or '..' segment with a ';' parameter in path")]
+    DotSegmentParameter,
 }
 
 impl PathError {
@@ -59,6 +68,7 @@ impl PathError {
             PathError::NonAscii => "non-ascii",
             PathError::InvalidEscape => "invalid-escape",
             PathError::ForbiddenChar(_) => "forbidden-character",
+            PathError::DotSegmentParameter => "dot-segment-parameter",
         }
     }
 }
@@ -75,26 +85,69 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if !path.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
-    if !check_bytes(path)? {
+    let (rewrite, semicolon) = check_bytes(path)?;
+    if !rewrite {
+        if semicolon {
+            refuse_dot_parameters(path)?;
+        }
         return Ok(Cow::Borrowed(path));
     }
     let decoded = decode(path)?;
+    refuse_dot_parameters(&decoded)?;
     Ok(Cow::Owned(remove_dot_segments(&decoded)))
 }
 
-/// Checks every byte; returns whether the path needs rewriting (escapes, `//`, dot segments).
-fn check_bytes(path: &str) -> Result<bool, PathError> {
+/// Checks every byte; returns whether the path needs rewriting (escapes, `//`, dot segments)
+/// and whether it holds a raw `;`.
+fn check_bytes(path: &str) -> Result<(bool, bool), PathError> {
     let bytes = path.as_bytes();
     let mut rewrite = false;
+    let mut semicolon = false;
     for (i, &b) in bytes.iter().enumerate() {
         check_raw_byte(b)?;
         match b {
             b'%' => rewrite = true,
             b'/' => rewrite |= starts_odd_segment(&bytes[i + 1..]),
+            b';' => semicolon = true,
             _ => {}
         }
     }
-    Ok(rewrite)
+    Ok((rewrite, semicolon))
+}
+
+/// Where a segment's parameters start: its first `;` or `%3B` (escapes are uppercase here).
+fn parameter_start(segment: &str) -> Option<usize> {
+    match (segment.find(';'), segment.find("%3B")) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Refuses `..;`, `..;x=1`, `.;x`, `..%3B` segments: Java servers (Tomcat, Spring, Jetty)
+/// drop `;` parameters before resolving dot segments, so `/api/..;/admin` is `/admin` to
+/// them, while here it would be a plain segment under `/api/`. `path` has its unreserved
+/// escapes decoded and other escapes uppercased.
+fn refuse_dot_parameters(path: &str) -> Result<(), PathError> {
+    for segment in path.split('/') {
+        if let Some(end) = parameter_start(segment) {
+            if matches!(&segment[..end], "." | "..") {
+                return Err(PathError::DotSegmentParameter);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A normalized path with every segment's `;` parameters removed (`/admin;x=1/a;b` →
+/// `/admin/a`; `%3B` counts as `;`), and slashes merged again: the path as a Java server
+/// (Tomcat, Spring) maps it. DENY path rules are matched against this too, so `/admin;` cannot
+/// slip past a DENY on `/admin`. `None` when the path has no parameters (the common case).
+pub(crate) fn without_parameters(path: &str) -> Option<String> {
+    parameter_start(path)?;
+    let stripped: Vec<&str> = path.split('/').map(|seg| &seg[..parameter_start(seg).unwrap_or(seg.len())]).collect();
+    // Dot segments with parameters were refused, so removing parameters creates none; this
+    // only merges the slashes left by emptied segments (`/;x/a` → `/a`).
+    Some(remove_dot_segments(&stripped.join("/")))
 }
 
 /// True if the segment right after a '/' is empty (a `//`), `.` or `..`.
@@ -320,5 +373,70 @@ mod tests {
     fn error_messages_name_the_problem() {
         assert_eq!(PathError::EncodedSlash.to_string(), "encoded '/' in path");
         assert_eq!(PathError::ForbiddenChar('#').to_string(), "character '#' not allowed in path");
+    }
+
+    #[test]
+    fn dot_segments_with_parameters_are_refused() {
+        for raw in [
+            "/x/..;/admin",
+            "/api/..;/admin",
+            "/..;",
+            "/a/..;x=1/b",
+            "/a/.;x/b",
+            "/a/.;/b",
+            "/a/..%3B/b",
+            "/a/..%3bx/b",
+            "/a/%2e%2e;/b",
+            "/a/.%2E;x/b",
+            "/a//..;/b",
+            "/a/..;?x=/b",
+        ] {
+            assert_eq!(normalize_path(raw), Err(PathError::DotSegmentParameter), "{raw}");
+        }
+        assert_eq!(PathError::DotSegmentParameter.code(), "dot-segment-parameter");
+        // Other parameters are kept, and so are segments that only start with dots.
+        for (raw, want) in [
+            ("/admin;", "/admin;"),
+            ("/admin;x=1/", "/admin;x=1/"),
+            ("/a;jsessionid=1/b", "/a;jsessionid=1/b"),
+            ("/a/...;x/b", "/a/...;x/b"),
+            ("/a/..x;/b", "/a/..x;/b"),
+            ("/a/;/b", "/a/;/b"),
+            ("/a/%3B../b", "/a/%3B../b"),
+            ("/a/x;/../b", "/a/b"),
+        ] {
+            assert_eq!(ok(raw), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn parameters_are_removed_for_deny_matching() {
+        assert_eq!(without_parameters("/admin"), None);
+        for (normal, want) in [
+            ("/admin;", "/admin"),
+            ("/admin;x=1/", "/admin/"),
+            ("/admin;x/panel;y", "/admin/panel"),
+            ("/;x/admin", "/admin"),
+            ("/a%3Bb/c", "/a/c"),
+            ("/a;b%3Bc/d", "/a/d"),
+            ("/a/;", "/a/"),
+            ("/;", "/"),
+        ] {
+            assert_eq!(without_parameters(normal).as_deref(), Some(want), "{normal}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Removing parameters from a normalized path gives a normalized path (no dot segment
+        /// can appear, since dot segments with parameters are refused).
+        #[test]
+        fn paths_without_parameters_are_normal(raw in "(/(\\.|\\.\\.|a|;|;x|\\.;|\\.\\.;|%3[bB]|%2[eE])*){1,6}") {
+            if let Ok(normal) = normalize_path(&raw) {
+                if let Some(bare) = without_parameters(&normal) {
+                    proptest::prop_assert_eq!(ok(&bare), bare.clone());
+                    proptest::prop_assert!(!bare.contains(';') && !bare.contains("%3B"), "{}", bare);
+                }
+            }
+        }
     }
 }

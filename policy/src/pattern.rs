@@ -23,7 +23,7 @@ pub enum PatternError {
     WildcardPosition,
     #[error("invalid SPIFFE ID: {0}")]
     Spiffe(#[source] SpiffeIdError),
-    #[error("invalid namespace {0:?}: only letters, digits, '.', '-' and '_' are allowed")]
+    #[error("invalid namespace {0:?}: {msg}", msg = crate::limits::NAMESPACE_RULE)]
     Namespace(String),
     #[error("port 0 is not a valid port (ports are 1-65535)")]
     PortZero,
@@ -55,6 +55,8 @@ pub enum PatternError {
     HostBits(String, String),
     #[error("except {0:?} is not inside ipBlock {1:?}")]
     ExceptOutside(String, String),
+    #[error("ipBlock {0:?} matches no address: its except entries ({1}) cover all of it")]
+    ExceptCoversBlock(String, String),
 }
 
 /// A SPIFFE ID pattern, as used by `selector` and `from[].identity`.
@@ -132,12 +134,26 @@ impl FromStr for SpiffePattern {
     }
 }
 
-/// Checks a `namespace:` value: one SPIFFE path segment.
+/// Checks a namespace (`from[].namespace`, `metadata.namespace`): a DNS-1123 label, as
+/// Kubernetes namespaces are. A name no namespace can have (`Monitoring`, `a_b`, 64
+/// characters) would make a rule that silently never matches. (A DNS-1123 label is always a
+/// valid SPIFFE path segment.)
 pub fn check_namespace(ns: &str) -> Result<(), PatternError> {
     if ns.is_empty() {
         return Err(PatternError::Empty);
     }
-    if trellis_identity::spiffe::is_valid_segment(ns) { Ok(()) } else { Err(PatternError::Namespace(ns.to_owned())) }
+    let ok = ns.len() <= crate::limits::MAX_NAMESPACE_LEN && is_dns_label_text(ns);
+    if ok { Ok(()) } else { Err(PatternError::Namespace(ns.to_owned())) }
+}
+
+/// Non-empty lowercase letters, digits and '-', starting and ending with a letter or digit
+/// (a DNS-1123 label, length aside).
+pub(crate) fn is_dns_label_text(s: &str) -> bool {
+    let edge_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let bytes = s.as_bytes();
+    edge_ok(bytes.first())
+        && edge_ok(bytes.last())
+        && bytes.iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// An inclusive port range; a single port is a range of one.
@@ -351,6 +367,11 @@ impl IpBlock {
                 return Err(PatternError::ExceptOutside(e.to_string(), cidr.to_string()));
             }
         }
+        // A block its excepts cover entirely can match nothing: always a mistake.
+        if covers(&except, &cidr) {
+            let list: Vec<String> = except.iter().map(ToString::to_string).collect();
+            return Err(PatternError::ExceptCoversBlock(cidr.to_string(), list.join(", ")));
+        }
         Ok(IpBlock { cidr, except })
     }
 
@@ -371,14 +392,68 @@ impl IpBlock {
 
 /// Parses one CIDR (`10.0.0.0/8`, `2001:db8::/32`, or a bare address meaning a single host),
 /// refusing host bits so a typo cannot silently widen or narrow the block.
+///
+/// The error says which part is wrong: the address, or the prefix length (with the range
+/// allowed for the address's family: 0-32 for IPv4, 0-128 for IPv6). An IPv4 netmask
+/// (`10.0.0.0/255.0.0.0`) is read as its prefix length, as `ipnetwork` does.
 pub fn parse_cidr(s: &str) -> Result<IpNetwork, PatternError> {
-    let net: IpNetwork =
-        s.parse().map_err(|e: ipnetwork::IpNetworkError| PatternError::BadCidr(s.to_owned(), e.to_string()))?;
+    let bad = |why: String| PatternError::BadCidr(s.to_owned(), why);
+    let (addr, prefix) = match s.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (s, None),
+    };
+    let ip: IpAddr = addr.parse().map_err(|_| bad(format!("{addr:?} is not an IPv4 or IPv6 address")))?;
+    let (family, max) = if ip.is_ipv4() { ("IPv4", 32) } else { ("IPv6", 128) };
+    let range = format!("{family} prefix lengths are 0-{max}");
+    let len = match prefix {
+        None => max,
+        Some("") => return Err(bad(format!("missing prefix length after '/' ({range})"))),
+        Some(mask) if ip.is_ipv4() && mask.contains('.') => match s.parse::<IpNetwork>() {
+            Ok(net) => net.prefix(),
+            Err(_) => {
+                return Err(bad(format!("invalid netmask {mask:?} (a netmask is contiguous ones, like 255.255.0.0)")));
+            }
+        },
+        Some(p) if !p.bytes().all(|b| b.is_ascii_digit()) => {
+            return Err(bad(format!("prefix length {p:?} is not a number ({range})")));
+        }
+        Some(p) => match p.parse::<u8>() {
+            Ok(n) if n <= max => n,
+            _ => return Err(bad(format!("prefix length {p} is out of range ({range})"))),
+        },
+    };
+    let net = IpNetwork::new(ip, len).map_err(|e| bad(e.to_string()))?;
     if net.ip() != net.network() {
         let fixed = format!("{}/{}", net.network(), net.prefix());
         return Err(PatternError::HostBits(s.to_owned(), fixed));
     }
     Ok(canonical_net(net))
+}
+
+/// First and last address of `net` as numbers (IPv4 and IPv6 alike).
+fn net_range(net: &IpNetwork) -> (u128, u128) {
+    match net {
+        IpNetwork::V4(n) => (u32::from(n.network()).into(), u32::from(n.broadcast()).into()),
+        IpNetwork::V6(n) => (u128::from(n.network()), u128::from(n.broadcast())),
+    }
+}
+
+/// Whether `parts` (each inside `whole`) leave no address of `whole` uncovered.
+fn covers(parts: &[IpNetwork], whole: &IpNetwork) -> bool {
+    let (start, end) = net_range(whole);
+    let mut ranges: Vec<(u128, u128)> = parts.iter().map(net_range).collect();
+    ranges.sort_unstable();
+    let mut next = start; // the first address not covered yet
+    for (lo, hi) in ranges {
+        if lo > next {
+            return false;
+        }
+        match hi.checked_add(1) {
+            Some(after) => next = next.max(after),
+            None => return true,
+        }
+    }
+    next > end
 }
 
 fn net_contains_net(outer: &IpNetwork, inner: &IpNetwork) -> bool {
@@ -516,10 +591,106 @@ mod tests {
         assert!(matches!(parse_cidr("10.1.0.0/8"), Err(PatternError::HostBits(_, _))));
         assert!(matches!(parse_cidr("10.0.0.0/33"), Err(PatternError::BadCidr(_, _))));
         assert!(matches!(parse_cidr("nope"), Err(PatternError::BadCidr(_, _))));
+        assert_eq!(parse_cidr("10.0.0.0/255.0.0.0").unwrap(), cidr);
+        assert_eq!(
+            IpBlock::new(cidr, vec![cidr]).unwrap_err().to_string(),
+            "ipBlock \"10.0.0.0/8\" matches no address: its except entries (10.0.0.0/8) cover all of it"
+        );
         assert_eq!(parse_cidr("::ffff:10.0.0.0/104").unwrap(), cidr);
         assert_eq!(parse_cidr("1.2.3.4").unwrap().prefix(), 32);
         let v6 = IpBlock::new(parse_cidr("2001:db8::/32").unwrap(), vec![]).unwrap();
         assert!(v6.contains("2001:db8::1".parse().unwrap()));
         assert_eq!(canonical_ip("::ffff:10.1.2.3".parse().unwrap()), "10.1.2.3".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn cidr_errors_say_whether_the_address_or_the_prefix_is_wrong() {
+        let cases = [
+            (
+                "10.0.0.0/33",
+                "invalid CIDR \"10.0.0.0/33\": prefix length 33 is out of range (IPv4 prefix lengths are 0-32)",
+            ),
+            (
+                "10.0.0.0/256",
+                "invalid CIDR \"10.0.0.0/256\": prefix length 256 is out of range (IPv4 prefix lengths are 0-32)",
+            ),
+            ("::/129", "invalid CIDR \"::/129\": prefix length 129 is out of range (IPv6 prefix lengths are 0-128)"),
+            (
+                "10.0.0.0/abc",
+                "invalid CIDR \"10.0.0.0/abc\": prefix length \"abc\" is not a number (IPv4 prefix lengths are 0-32)",
+            ),
+            (
+                "10.0.0.0/-1",
+                "invalid CIDR \"10.0.0.0/-1\": prefix length \"-1\" is not a number (IPv4 prefix lengths are 0-32)",
+            ),
+            (
+                "10.0.0.0/+8",
+                "invalid CIDR \"10.0.0.0/+8\": prefix length \"+8\" is not a number (IPv4 prefix lengths are 0-32)",
+            ),
+            (
+                "10.0.0.0/8/9",
+                "invalid CIDR \"10.0.0.0/8/9\": prefix length \"8/9\" is not a number (IPv4 prefix lengths are 0-32)",
+            ),
+            ("10.0.0.0/", "invalid CIDR \"10.0.0.0/\": missing prefix length after '/' (IPv4 prefix lengths are 0-32)"),
+            ("fd00::/", "invalid CIDR \"fd00::/\": missing prefix length after '/' (IPv6 prefix lengths are 0-128)"),
+            (
+                "10.0.0.0/255.0.255.0",
+                "invalid CIDR \"10.0.0.0/255.0.255.0\": invalid netmask \"255.0.255.0\" (a netmask is contiguous ones, like 255.255.0.0)",
+            ),
+            ("300.0.0.0/8", "invalid CIDR \"300.0.0.0/8\": \"300.0.0.0\" is not an IPv4 or IPv6 address"),
+            ("ten", "invalid CIDR \"ten\": \"ten\" is not an IPv4 or IPv6 address"),
+            ("/8", "invalid CIDR \"/8\": \"\" is not an IPv4 or IPv6 address"),
+            ("a\u{1b}b/8", "invalid CIDR \"a\\u{1b}b/8\": \"a\\u{1b}b\" is not an IPv4 or IPv6 address"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(parse_cidr(input).unwrap_err().to_string(), want, "{input}");
+        }
+        assert_eq!(parse_cidr("10.0.0.0/008").unwrap().prefix(), 8);
+        assert_eq!(parse_cidr("::/0").unwrap().prefix(), 0);
+        assert_eq!(parse_cidr("2001:db8::/128").unwrap().prefix(), 128);
+    }
+
+    #[test]
+    fn an_ip_block_its_excepts_cover_is_refused() {
+        let block = |c: &str, e: &[&str]| {
+            IpBlock::new(parse_cidr(c).unwrap(), e.iter().map(|e| parse_cidr(e).unwrap()).collect())
+        };
+        let covered = |c: &str, e: &[&str]| matches!(block(c, e), Err(PatternError::ExceptCoversBlock(_, _)));
+        assert!(covered("10.0.0.0/8", &["10.0.0.0/8"]));
+        assert!(covered("10.0.0.0/8", &["10.128.0.0/9", "10.0.0.0/9"]));
+        assert!(covered("10.0.0.0/8", &["10.0.0.0/9", "10.0.0.0/10", "10.128.0.0/9"]));
+        assert!(covered("0.0.0.0/0", &["0.0.0.0/0"]));
+        assert!(covered("::/0", &["::/1", "8000::/1"]));
+        assert!(covered("1.2.3.4", &["1.2.3.4/32"]));
+        assert!(covered("::ffff:10.0.0.0/104", &["10.0.0.0/8"]));
+        assert!(block("10.0.0.0/8", &["10.0.0.0/9"]).is_ok());
+        assert!(block("10.0.0.0/8", &["10.0.0.0/9", "10.192.0.0/10"]).is_ok());
+        assert!(block("10.0.0.0/8", &["10.128.0.0/9"]).is_ok());
+        assert!(block("::/0", &["::/1"]).is_ok());
+        assert!(block("10.0.0.0/8", &[]).is_ok());
+    }
+
+    proptest::proptest! {
+        /// A block is refused as covered exactly when no address of it is left to match.
+        #[test]
+        fn covered_means_no_address_matches(
+            base in 0u8..4,
+            prefix in 28u8..=30,
+            excepts in proptest::collection::vec((0u8..16, 28u8..=32), 0..5),
+        ) {
+            let cidr = IpNetwork::new(IpAddr::from([10, 0, 0, base * 16]), prefix).unwrap();
+            let cidr = IpNetwork::new(cidr.network(), prefix).unwrap();
+            let except: Vec<IpNetwork> = excepts
+                .iter()
+                .filter_map(|&(off, len)| IpNetwork::new(IpAddr::from([10, 0, 0, base * 16 + off]), len).ok())
+                .map(|n| IpNetwork::new(n.network(), n.prefix()).unwrap())
+                .filter(|e| net_contains_net(&cidr, e))
+                .collect();
+            let any_left = cidr.iter().any(|ip| !except.iter().any(|e| e.contains(ip)));
+            match IpBlock::new(cidr, except) {
+                Ok(b) => proptest::prop_assert!(any_left && cidr.iter().any(|ip| b.contains(ip))),
+                Err(e) => proptest::prop_assert!(!any_left && matches!(e, PatternError::ExceptCoversBlock(_, _))),
+            }
+        }
     }
 }

@@ -7,7 +7,7 @@
 
 use crate::decision::{AuditOutcome, Decision, Defaults, EgressFlow, Flow, Reason};
 use crate::model::{Action, AuthorizationPolicy, AuthorizationRule, Destination, Mode, Operation, Policy, Source};
-use crate::path::normalize_path;
+use crate::path::{normalize_path, without_parameters};
 use crate::pattern::in_namespace;
 
 /// One rule that matched a flow.
@@ -24,6 +24,15 @@ pub struct RuleMatch {
 struct Http<'a> {
     method: &'a str,
     path: &'a str,
+}
+
+impl Http<'_> {
+    /// The path a DENY rule is matched against: as normalized, and without its `;` parameters.
+    fn deny_paths(&self) -> Vec<String> {
+        let mut paths = vec![self.path.to_owned()];
+        paths.extend(without_parameters(self.path));
+        paths
+    }
 }
 
 /// Every rule of every AuthorizationPolicy that selects the flow's destination and matches it,
@@ -136,6 +145,7 @@ fn operation_matches(o: &Operation, action: Action, port: u16, http: Option<Http
         };
     let paths_ok = o.paths.is_empty()
         || match http {
+            Some(h) if action == Action::Deny => o.paths.iter().any(|p| h.deny_paths().iter().any(|d| p.matches(d))),
             Some(h) => o.paths.iter().any(|p| p.matches(h.path)),
             None => action == Action::Deny,
         };

@@ -24,7 +24,7 @@ use crate::error::CompileError;
 use crate::index::{FastMap, IdIndex, IpIndex};
 use crate::limits::{MAX_ENTRIES, MAX_RULES};
 use crate::model::{Action, AuthorizationPolicy, EgressPolicy, Mode, Operation, Policy};
-use crate::path::{PathError, normalize_path};
+use crate::path::{PathError, normalize_path, without_parameters};
 use crate::pattern::{IpBlock, PortRange, SpiffePattern, canonical_ip, in_namespace};
 use crate::validate::check_name;
 
@@ -256,11 +256,14 @@ impl PolicySnapshot {
         let http = match flow.http {
             None => None,
             Some(h) => match normalize_path(h.path) {
-                Ok(path) => Some((h.method, path)),
+                Ok(path) => {
+                    let bare = without_parameters(&path);
+                    Some((h.method, path, bare))
+                }
                 Err(e) => return self.invalid_path(flow.destination, e),
             },
         };
-        let http = http.as_ref().map(|(m, p)| (*m, &**p));
+        let http = http.as_ref().map(|(method, path, bare)| Http { method, path, bare: bare.as_deref() });
         let source_ip = canonical_ip(flow.source_ip);
         let dest_td = flow.destination.trust_domain_str();
         let mut best = Best::NONE;
@@ -388,7 +391,7 @@ fn authz_clause_matches(
     ip: IpAddr,
     dest_td: &str,
     port: u16,
-    http: Option<(&str, &str)>,
+    http: Option<Http<'_>>,
 ) -> bool {
     let identity_ok = match (&c.identity, source) {
         (None, _) => true,
@@ -406,19 +409,30 @@ fn authz_clause_matches(
         && (c.to.is_empty() || c.to.iter().any(|op| operation_matches(op, c.action, port, http)))
 }
 
+/// The HTTP parts of a request, its path normalized.
+#[derive(Clone, Copy)]
+struct Http<'a> {
+    method: &'a str,
+    path: &'a str,
+    /// The path without its `;` parameters, when it has some (see [`without_parameters`]).
+    bare: Option<&'a str>,
+}
+
 /// HTTP conditions on a non-HTTP flow: an ALLOW entry does not match, a DENY entry does.
-fn operation_matches(op: &Operation, action: Action, port: u16, http: Option<(&str, &str)>) -> bool {
+/// A DENY path also matches the path without its `;` parameters (fail safe).
+fn operation_matches(op: &Operation, action: Action, port: u16, http: Option<Http<'_>>) -> bool {
     if !op.ports.is_empty() && !op.ports.iter().any(|r| r.contains(port)) {
         return false;
     }
     if !op.is_http() {
         return true;
     }
-    let Some((method, path)) = http else {
+    let Some(h) = http else {
         return action == Action::Deny;
     };
-    (op.methods.is_empty() || op.methods.iter().any(|m| m.as_str() == method))
-        && (op.paths.is_empty() || op.paths.iter().any(|p| p.matches(path)))
+    let bare = h.bare.filter(|_| action == Action::Deny);
+    (op.methods.is_empty() || op.methods.iter().any(|m| m.as_str() == h.method))
+        && (op.paths.is_empty() || op.paths.iter().any(|p| p.matches(h.path) || bare.is_some_and(|b| p.matches(b))))
 }
 
 fn egress_clause_matches(c: &EgressClause, ip: IpAddr, port: u16) -> bool {
@@ -429,6 +443,7 @@ fn egress_clause_matches(c: &EgressClause, ip: IpAddr, port: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decision::HttpRequest;
 
     #[test]
     fn snapshot_is_send_sync() {
@@ -441,5 +456,46 @@ mod tests {
     fn clause_keys_order_by_policy_then_rule() {
         assert!(clause_key(0, 5) < clause_key(1, 0));
         assert!(clause_key(3, 1) < clause_key(3, 2));
+    }
+
+    /// The audit's cases: `;` parameters and `..;` segments, which Java servers read as
+    /// `/admin`, never get past a DENY on `/admin` nor out of an ALLOW on `/api/*`.
+    #[test]
+    fn path_parameters_cannot_slip_past_path_rules() {
+        let text = "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: all}\n\
+                    spec: {selector: '*', rules: [{to: [{paths: ['/*']}]}]}\n---\n\
+                    apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin}\n\
+                    spec: {selector: '*', action: DENY, rules: [{to: [{paths: ['/admin', '/admin/*']}]}]}\n---\n\
+                    apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: api}\n\
+                    spec: {selector: 'spiffe://td/api', rules: [{to: [{paths: ['/api/*']}]}]}\n";
+        let policies = crate::parse_documents(text).unwrap();
+        let snapshot = PolicySnapshot::compile(1, policies.clone(), Defaults::default()).unwrap();
+        let web = SpiffeId::parse("spiffe://td/web").unwrap();
+        let api = SpiffeId::parse("spiffe://td/api").unwrap();
+        let decide = |to: &SpiffeId, path: &str| {
+            let flow = Flow {
+                source: Some(&web),
+                source_ip: "10.0.0.1".parse().unwrap(),
+                destination: to,
+                port: 80,
+                http: Some(HttpRequest { method: "GET", path }),
+            };
+            let d = snapshot.evaluate(&flow);
+            assert_eq!(d, crate::reference::evaluate(&policies, Defaults::default(), &flow), "{path}");
+            d.to_string()
+        };
+        for path in ["/admin;", "/admin;x=1/", "/admin;x/panel", "/admin%3Bx", "/;x/admin"] {
+            assert_eq!(decide(&web, path), "deny: policy \"no-admin\" rule 0", "{path}");
+        }
+        for path in ["/x/..;/admin", "/admin/..;x/y", "/x/.;/admin"] {
+            assert_eq!(decide(&web, path), "deny: invalid path: '.' or '..' segment with a ';' parameter in path");
+        }
+        assert_eq!(
+            decide(&api, "/api/..;/admin"),
+            "deny: invalid path: '.' or '..' segment with a ';' parameter in path"
+        );
+        // Parameters elsewhere still pass, and ALLOW rules see the path as sent.
+        assert_eq!(decide(&web, "/shop;jsessionid=1/cart"), "allow: policy \"all\" rule 0");
+        assert_eq!(decide(&api, "/api/items;v=2"), "allow: policy \"all\" rule 0");
     }
 }

@@ -68,7 +68,7 @@ impl ValueSeed<'_> {
         if let Some(left) = self.nodes_left {
             let n = left.get();
             if n == 0 {
-                return Err(E::custom(format_args!("input has more than {} values (limit)", crate::limits::MAX_NODES)));
+                return Err(E::custom(format_args!("more than {} values (the limit)", crate::limits::MAX_NODES)));
             }
             left.set(n - 1);
         }

@@ -177,6 +177,10 @@ fn flow() -> impl Strategy<Value = TestFlow> {
                 "/",
                 "/healthz?x=1",
                 "/api/%2e%2e/admin",
+                "/admin;x=1",
+                "/api/x;y",
+                "/api;x/y",
+                "/api/..;/admin",
             ]),
         ),
     );

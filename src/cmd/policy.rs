@@ -102,7 +102,8 @@ pub struct FlowArgs {
     pub port: Option<u16>,
 
     /// HTTP method of the request (with `--path`); without both, the flow is a plain connection.
-    #[arg(long, value_name = "M", requires_all = ["path", "to"], env = "TRELLIS_CHECK_METHOD")]
+    #[arg(long, value_name = "M", requires_all = ["path", "to"], env = "TRELLIS_CHECK_METHOD",
+          value_parser = parse_method)]
     pub method: Option<String>,
 
     /// HTTP request path (with `--method`), normalized before matching.
@@ -111,8 +112,18 @@ pub struct FlowArgs {
 
     /// `IP:PORT`: offline, an address outside the mesh (egress policy for `--from`); live,
     /// resolved through the endpoint registry (a mesh workload, or egress if not found).
-    #[arg(long, value_name = "IP:PORT", env = "TRELLIS_CHECK_TO_ADDRESS")]
+    #[arg(long, value_name = "IP:PORT", env = "TRELLIS_CHECK_TO_ADDRESS", conflicts_with_all = ["port", "method", "path"])]
     pub to_address: Option<SocketAddr>,
+}
+
+/// A request's method is an HTTP token (RFC 9110 §5.6.2): anything else never reaches a
+/// policy, so checking it would answer a question no request can ask.
+fn parse_method(s: &str) -> Result<String, String> {
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if s.is_empty() || !s.chars().all(tchar) {
+        return Err(format!("{s:?} is not an HTTP method (letters, digits and !#$%&'*+-.^_`|~ only)"));
+    }
+    Ok(s.to_owned())
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -246,6 +257,14 @@ pub(super) fn load_text(source: &PolicySourceArgs) -> Result<(String, Vec<Policy
     if path != Path::new("-") && path.is_dir() {
         let policies = load_dir(path)?;
         let text = serde_json::to_string(&policies).map_err(|e| fail(format_args!("{}: {e}", path.display())))?;
+        if text.len() > MAX_INPUT_BYTES {
+            return Err(fail(format_args!(
+                "{}: the directory's policies come to {} bytes together; one apply takes at most {} MiB",
+                path.display(),
+                text.len(),
+                MAX_INPUT_BYTES >> 20
+            )));
+        }
         return Ok((text, policies));
     }
     let text = read_input(path).map_err(|e| fail(format_args!("{}: {e}", path.display())))?;

@@ -19,18 +19,29 @@ pub struct CreateArgs {
     /// The identity the token bootstraps, e.g. spiffe://cluster.local/ns/prod/sa/api.
     #[arg(long, env = "TRELLIS_SPIFFE_ID", value_parser = SpiffeId::parse)]
     pub spiffe_id: SpiffeId,
-    /// How long the token stays usable.
-    #[arg(long, env = "TRELLIS_TOKEN_TTL", default_value = "15m", value_parser = parse_duration)]
+    /// How long the token stays usable: whole seconds, at least 1s (30s, 15m, 1h; a bare
+    /// number is seconds).
+    #[arg(long, env = "TRELLIS_TOKEN_TTL", default_value = "15m", value_parser = parse_ttl)]
     pub ttl: Duration,
     #[command(flatten)]
     pub admin: AdminArgs,
+}
+
+/// A token's lifetime goes to the control plane in whole seconds; rounding `0` or `500ms` up
+/// to a second would hand out a token the user did not ask for.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(s)?;
+    if ttl.is_zero() || ttl.subsec_nanos() != 0 {
+        return Err(format!("{s:?}: a token lives a whole number of seconds, at least 1s"));
+    }
+    Ok(ttl)
 }
 
 pub fn run(cmd: TokenCommand) -> ExitCode {
     let TokenCommand::Create(args) = cmd;
     let result = (|| {
         let client = args.admin.client()?;
-        let req = TokenRequest { spiffe_id: args.spiffe_id, ttl_seconds: Some(args.ttl.as_secs().max(1)) };
+        let req = TokenRequest { spiffe_id: args.spiffe_id, ttl_seconds: Some(args.ttl.as_secs()) };
         Ok::<_, anyhow::Error>(block_on(client.create_token(&req))??)
     })();
     match result {

@@ -42,8 +42,9 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 /// Largest request body accepted, except policy applies.
 pub const MAX_BODY: usize = 64 * 1024;
-/// Largest policy apply accepted (the policy crate enforces its own, larger limits too).
-pub const MAX_POLICY_BODY: usize = 16 * 1024 * 1024;
+/// Largest policy apply accepted: the policy crate's input limit, so that a file `trellis
+/// policy validate` accepts is one the control plane takes.
+pub const MAX_POLICY_BODY: usize = trellis_policy::limits::MAX_INPUT_BYTES;
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

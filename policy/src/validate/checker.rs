@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::error::{ValidationError, ValidationErrors};
+use crate::error::{ValidationError, ValidationErrors, escape_unprintable};
 use crate::tree::Value;
 
 /// One step of a field path.
@@ -47,11 +47,20 @@ impl fmt::Display for Path<'_> {
         }
         match self.seg {
             Seg::Root => Ok(()),
+            // A key from the file that is not a plain word (a control character, a '.', a
+            // quote...) is written quoted and escaped, `["fo\u{1b}o"]`, so it can neither
+            // forge terminal output nor read as another path.
+            Seg::Key(k) if !is_plain_key(k) => write!(f, "[{k:?}]"),
             Seg::Key(k) if matches!(self.parent.map(|p| p.seg), None | Some(Seg::Root)) => f.write_str(k),
             Seg::Key(k) => write!(f, ".{k}"),
             Seg::Index(i) => write!(f, "[{i}]"),
         }
     }
+}
+
+/// Keys written bare in a path: ASCII letters, digits, '_' and '-'.
+fn is_plain_key(k: &str) -> bool {
+    !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Explains an unexpected key in a given place better than "unknown field" can.
@@ -76,7 +85,7 @@ impl<'e> Checker<'e> {
         self.errors.push(ValidationError {
             document: self.document.clone(),
             path: path.to_string(),
-            message: message.to_string(),
+            message: escape_unprintable(&message.to_string()).into_owned(),
         });
     }
 
@@ -193,4 +202,75 @@ impl<'e> Checker<'e> {
 
 fn unknown_field(key: &str, allowed: &[&str]) -> String {
     format!("unknown field {key:?} (expected one of: {})", allowed.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::parse_documents;
+
+    fn errors(text: &str) -> Vec<String> {
+        parse_documents(text).unwrap_err().iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn keys_that_are_not_plain_words_are_quoted_and_escaped_in_paths() {
+        let root = Path::root();
+        let spec = root.key("spec");
+        assert_eq!(spec.key("selector").to_string(), "spec.selector");
+        assert_eq!(spec.key("fo\u{1b}]o\n").to_string(), r#"spec["fo\u{1b}]o\n"]"#);
+        assert_eq!(root.key("a b").to_string(), r#"["a b"]"#);
+        assert_eq!(root.key("").to_string(), r#"[""]"#);
+        let labels = root.key("metadata");
+        let labels = labels.key("labels");
+        assert_eq!(labels.key("app.kubernetes.io/name").to_string(), r#"metadata.labels["app.kubernetes.io/name"]"#);
+        assert_eq!(labels.key("x\u{202e}\"]").to_string(), r#"metadata.labels["x\u{202e}\"]"]"#);
+        let rules = spec.key("rules");
+        let rule = rules.index(1);
+        assert_eq!(rule.key("from").index(0).to_string(), "spec.rules[1].from[0]");
+    }
+
+    #[test]
+    fn a_crafted_key_cannot_inject_terminal_escapes() {
+        let text = "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\n\
+                    spec: {selector: \"*\", \"fo\\u001b]o\\n\": 1}\n";
+        assert_eq!(
+            errors(text),
+            [
+                r#"document "a": spec["fo\u{1b}]o\n"]: unknown field "fo\u{1b}]o\n" (expected one of: selector, action, mode, rules)"#
+            ]
+        );
+        let text = "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+                    metadata: {name: a, labels: {\"\\e[2J\\r\": 1}}\nspec: {selector: \"*\"}\n";
+        assert_eq!(
+            errors(text),
+            [r#"document "a": metadata.labels["\u{1b}[2J\r"]: expected a string, found an integer"#]
+        );
+    }
+
+    #[test]
+    fn messages_are_escaped_as_a_last_line_of_defence() {
+        let mut all = ValidationErrors::default();
+        Checker::new("a".into(), &mut all).error(&Path::root().key("x"), "bad \u{1b}[31m\nvalue \"q\" \\ é");
+        assert_eq!(all.errors()[0].message, r#"bad \u{1b}[31m\nvalue "q" \ é"#);
+        assert_eq!(ValidationError::input("a\u{2028}b").message, r"a\u{2028}b");
+    }
+
+    proptest! {
+        /// Whatever the key, an error line is one line of printable text.
+        #[test]
+        fn error_lines_are_printable_whatever_the_key(key in "\\PC{0,3}[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}\\u{200b}-\\u{200f}\\u{2028}-\\u{202e}\\u{2066}-\\u{2069}]\\PC{0,3}") {
+            let json = serde_json::json!({
+                "apiVersion": "trellis.dev/v1alpha1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {"name": key.clone(), "labels": {key.clone(): 1}},
+                "spec": {"selector": "*", key.clone(): [key.clone()], "rules": [{"from": [{"namespace": key.clone()}]}]},
+            });
+            for line in errors(&json.to_string()) {
+                prop_assert!(!line.chars().any(|c| c.escape_debug().nth(1).is_some() && !matches!(c, '"' | '\'' | '\\')), "{line:?}");
+            }
+        }
+    }
 }

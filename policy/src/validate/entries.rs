@@ -8,7 +8,9 @@ use ipnetwork::IpNetwork;
 
 use super::checker::{Checker, Path};
 use crate::model::{AuthorizationRule, Destination, EgressRule, Operation, Source};
-use crate::pattern::{IpBlock, Method, PathPattern, PortRange, SpiffePattern, check_namespace, parse_cidr};
+use crate::pattern::{
+    IpBlock, Method, PathPattern, PatternError, PortRange, SpiffePattern, check_namespace, parse_cidr,
+};
 use crate::tree::Value;
 
 pub(super) fn authorization_rule(c: &mut Checker<'_>, v: &Value, path: &Path<'_>) -> Option<AuthorizationRule> {
@@ -163,15 +165,30 @@ fn ip_block_field(
     }
 }
 
-/// Each `except` must parse and lie inside the block's CIDR (when that parsed).
+/// Each `except` must parse, lie inside the block's CIDR (when that parsed) and not be all of
+/// it; the list must not be empty (it would read as "except something" and carve out nothing).
 fn except_list(c: &mut Checker<'_>, v: &Value, path: &Path<'_>, cidr: Option<IpNetwork>) -> Option<Vec<IpNetwork>> {
     let items = c.seq(v, path)?;
+    if items.is_empty() {
+        c.error(path, "must not be an empty list; omit `except` to keep the whole ipBlock");
+        return None;
+    }
     c.each(items, path, |c, v, p| {
         let e = c.parsed(v, p, parse_cidr)?;
         if let Some(cidr) = cidr {
-            if IpBlock::new(cidr, vec![e]).is_err() {
-                c.error(p, format_args!("except {e} is not inside ipBlock {cidr}"));
-                return None;
+            match IpBlock::new(cidr, vec![e]) {
+                Ok(_) => {}
+                Err(PatternError::ExceptCoversBlock(..)) => {
+                    c.error(
+                        p,
+                        format_args!("except {e} is the whole ipBlock {cidr}, so the entry could match nothing"),
+                    );
+                    return None;
+                }
+                Err(_) => {
+                    c.error(p, format_args!("except {e} is not inside ipBlock {cidr}"));
+                    return None;
+                }
             }
         }
         Some(e)
@@ -196,5 +213,82 @@ fn port(c: &mut Checker<'_>, v: &Value, path: &Path<'_>) -> Option<PortRange> {
             c.error(path, e);
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::parse_documents;
+
+    fn authz(from: &str) -> String {
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p}}\n\
+             spec: {{selector: '*', rules: [{{from: [{from}]}}]}}\n"
+        )
+    }
+
+    fn egress(to: &str) -> String {
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: e}}\n\
+             spec: {{selector: '*', rules: [{{to: [{to}]}}]}}\n"
+        )
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse_documents(text) {
+            Ok(p) => panic!("accepted {p:?} from:\n{text}"),
+            Err(e) => e.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn an_empty_except_list_is_refused() {
+        let msg = "must not be an empty list; omit `except` to keep the whole ipBlock";
+        assert_eq!(
+            errors(&authz("{ipBlock: 10.0.0.0/8, except: []}")),
+            [format!("document \"p\": spec.rules[0].from[0].except: {msg}")]
+        );
+        assert_eq!(
+            errors(&authz("{ipBlock: {cidr: 10.0.0.0/8, except: []}}")),
+            [format!("document \"p\": spec.rules[0].from[0].ipBlock.except: {msg}")]
+        );
+        assert_eq!(
+            errors(&egress("{ipBlock: 10.0.0.0/8, except: []}")),
+            [format!("document \"e\": spec.rules[0].to[0].except: {msg}")]
+        );
+    }
+
+    #[test]
+    fn an_except_that_leaves_nothing_of_its_ip_block_is_refused() {
+        assert_eq!(
+            errors(&authz("{ipBlock: 10.0.0.0/8, except: [10.0.0.0/8]}")),
+            ["document \"p\": spec.rules[0].from[0].except[0]: except 10.0.0.0/8 is the whole ipBlock 10.0.0.0/8, \
+                 so the entry could match nothing"]
+        );
+        assert_eq!(
+            errors(&egress("{ipBlock: {cidr: '::ffff:10.0.0.0/104', except: ['10.0.0.0/8']}}")),
+            ["document \"e\": spec.rules[0].to[0].ipBlock.except[0]: except 10.0.0.0/8 is the whole ipBlock \
+                 10.0.0.0/8, so the entry could match nothing"]
+        );
+        assert_eq!(
+            errors(&authz("{ipBlock: 10.0.0.0/8, except: [10.0.0.0/9, 10.128.0.0/9]}")),
+            ["document \"p\": spec.rules[0].from[0].ipBlock: ipBlock \"10.0.0.0/8\" matches no address: its except \
+                 entries (10.0.0.0/9, 10.128.0.0/9) cover all of it"]
+        );
+        assert!(parse_documents(&authz("{ipBlock: 10.0.0.0/8, except: [10.0.0.0/9]}")).is_ok());
+    }
+
+    #[test]
+    fn bad_prefix_lengths_name_the_prefix_and_its_range() {
+        assert_eq!(
+            errors(&authz("{ipBlock: 10.0.0.0/33}")),
+            ["document \"p\": spec.rules[0].from[0].ipBlock: invalid CIDR \"10.0.0.0/33\": prefix length 33 is out \
+                 of range (IPv4 prefix lengths are 0-32)"]
+        );
+        assert_eq!(
+            errors(&egress("{ipBlock: '::/129'}")),
+            ["document \"e\": spec.rules[0].to[0].ipBlock: invalid CIDR \"::/129\": prefix length 129 is out of \
+                 range (IPv6 prefix lengths are 0-128)"]
+        );
     }
 }

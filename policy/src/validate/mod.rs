@@ -12,12 +12,12 @@ mod entries;
 use std::collections::BTreeMap;
 
 use crate::error::{ValidationError, ValidationErrors};
-use crate::limits::{MAX_NAME_LEN, MAX_NAMESPACE_LEN, NAME_RULE};
+use crate::limits::{MAX_NAME_LEN, NAME_RULE};
 use crate::model::{
     API_VERSION, Action, AuthorizationPolicy, AuthorizationSpec, EgressPolicy, EgressSpec, Metadata, Mode, Policy,
     PolicyKind,
 };
-use crate::pattern::SpiffePattern;
+use crate::pattern::{SpiffePattern, check_namespace, is_dns_label_text};
 use crate::tree::Value;
 
 use checker::no_hint;
@@ -37,7 +37,7 @@ pub(crate) fn readable_name(doc: &Value) -> Option<&str> {
     let plausible = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && !name.starts_with('#')
-        && name.chars().all(|c| !c.is_control());
+        && crate::error::escape_unprintable(name) == name;
     plausible.then_some(name)
 }
 
@@ -122,27 +122,17 @@ fn check_metadata(c: &mut Checker<'_>, v: Option<&Value>, path: &Path<'_>) -> Op
     Some(Metadata { name: name?, namespace: namespace?, labels: labels?, annotations: annotations? })
 }
 
-/// A DNS-1123 subdomain, as Kubernetes object names are.
+/// A DNS-1123 subdomain, as Kubernetes object names are: at most 253 characters, labels of
+/// lowercase letters, digits and '-' separated by single dots, each starting and ending with a
+/// letter or digit (so no `a..b`, `.a`, `a.-b`).
 pub(crate) fn check_name(s: &str) -> Result<&str, String> {
-    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let ok = s.len() <= MAX_NAME_LEN
-        && edge_ok(s.chars().next())
-        && edge_ok(s.chars().last())
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    let ok = s.len() <= MAX_NAME_LEN && s.split('.').all(is_dns_label_text);
     if ok { Ok(s) } else { Err(format!("invalid name {s:?}: {NAME_RULE}")) }
 }
 
 /// A DNS-1123 label, as Kubernetes namespaces are.
 fn check_k8s_namespace(s: &str) -> Result<&str, String> {
-    let ok = !s.contains('.') && s.len() <= MAX_NAMESPACE_LEN && check_name(s).is_ok();
-    if ok {
-        Ok(s)
-    } else {
-        Err(format!(
-            "invalid namespace {s:?}: namespaces are 1-{MAX_NAMESPACE_LEN} lowercase letters, digits \
-             and '-', starting and ending with a letter or digit"
-        ))
-    }
+    check_namespace(s).map(|()| s).map_err(|e| e.to_string())
 }
 
 fn string_map(c: &mut Checker<'_>, v: Option<&Value>, path: &Path<'_>) -> Option<BTreeMap<String, String>> {
@@ -239,4 +229,63 @@ fn egress_spec(c: &mut Checker<'_>, v: &Value, path: &Path<'_>) -> Option<Egress
     let rules = rules(c, rule_list, &path.key("rules"), entries::egress_rule);
     let common = common?;
     Some(EgressSpec { selector: common.selector, action: common.action, mode: common.mode, rules: rules? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_documents;
+
+    fn doc(metadata: &str, spec: &str) -> String {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {metadata}\nspec: {spec}\n")
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse_documents(text) {
+            Ok(p) => panic!("accepted {p:?} from:\n{text}"),
+            Err(e) => e.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn names_are_dns_1123_subdomains() {
+        for good in ["a", "a.b", "a-b.c-d", "0", "a.0.b", &"a".repeat(MAX_NAME_LEN)] {
+            assert_eq!(check_name(good), Ok(good), "{good}");
+        }
+        for bad in ["", "a..b", ".a", "a.", "a.-b", "a-.b", "-a", "A", "a_b", "a b", &"a".repeat(MAX_NAME_LEN + 1)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            errors(&doc("{name: a..b}", "{selector: '*'}")),
+            [
+                "document \"a..b\": metadata.name: invalid name \"a..b\": names are 1-253 lowercase letters, digits, '-' \
+                 and '.', starting and ending with a letter or digit, with a letter or digit on each side of every '.'"
+            ]
+        );
+    }
+
+    #[test]
+    fn metadata_and_from_namespaces_follow_the_same_rule() {
+        let long = "a".repeat(70);
+        for bad in ["Monitoring", long.as_str(), "a_b", "a.b", "-a", "a-"] {
+            let text = doc(
+                &format!("{{name: p, namespace: '{bad}'}}"),
+                &format!("{{selector: '*', rules: [{{from: [{{namespace: '{bad}'}}]}}]}}"),
+            );
+            let rule = format!(
+                "invalid namespace {bad:?}: namespaces are 1-63 lowercase letters, digits and '-', starting and \
+                 ending with a letter or digit (a DNS-1123 label, as Kubernetes namespaces are)"
+            );
+            assert_eq!(
+                errors(&text),
+                [
+                    format!("document \"p\": metadata.namespace: {rule}"),
+                    format!("document \"p\": spec.rules[0].from[0].namespace: {rule}"),
+                ]
+            );
+        }
+        let text = doc("{name: p, namespace: shop-1}", "{selector: '*', rules: [{from: [{namespace: monitoring}]}]}");
+        assert!(parse_documents(&text).is_ok());
+        assert!(parse_documents(&text.replace("monitoring", &"m".repeat(63))).is_ok());
+    }
 }
