@@ -8,8 +8,8 @@ use serde_json::{Map, Value, json};
 use super::annotations::{PodOptions, annotations, is_disabled};
 use super::containers::{init_container, proxy_container, token_volume};
 use super::{
-    ANNOTATION_INJECTED, INIT_CONTAINER_NAME, InjectConfig, Outcome, PROXY_CONTAINER_NAME, PodError, SkipReason,
-    TOKEN_VOLUME_NAME, VERSION,
+    ADMIN_PORT, ANNOTATION_INJECTED, INBOUND_PORT, INIT_CONTAINER_NAME, InjectConfig, OUTBOUND_PORT, Outcome,
+    PROXY_CONTAINER_NAME, PROXY_UID, PodError, SkipReason, TOKEN_VOLUME_NAME, VERSION,
 };
 
 /// Lets `kubectl logs/exec` pick the app, not the proxy, when the proxy is `containers[0]`.
@@ -35,9 +35,65 @@ pub(crate) fn inject_template(
         return Ok(Outcome::Skipped(SkipReason::HostNetwork));
     }
     let opts = PodOptions::from_template(template)?;
+    check_conflicts(template, path)?;
     let first_app = edit_spec(template, cfg, &opts, path)?;
     set_annotations(template, cfg, first_app, path)?;
     Ok(Outcome::Injected)
+}
+
+/// What the app must not share with the proxy, refused rather than injected into a pod that
+/// would not work or not be protected: the proxy's uid (the capture rules let its traffic
+/// pass uncaptured, so an app running as it would bypass the mesh), the proxy's ports (same
+/// network namespace), and the token volume's name (the user's volume would be replaced).
+fn check_conflicts(template: &Value, path: &str) -> Result<(), PodError> {
+    let spec = &template["spec"];
+    let pod_uid = spec["securityContext"]["runAsUser"].as_u64();
+    if pod_uid == Some(u64::from(PROXY_UID)) {
+        return Err(conflict(path, "spec.securityContext.runAsUser", uid_reason()));
+    }
+    for list in ["initContainers", "containers"] {
+        let Some(containers) = spec[list].as_array() else { continue };
+        for (i, c) in containers.iter().enumerate() {
+            if is_named(c, INIT_CONTAINER_NAME) || is_named(c, PROXY_CONTAINER_NAME) {
+                continue;
+            }
+            if c["securityContext"]["runAsUser"].as_u64() == Some(u64::from(PROXY_UID)) {
+                return Err(conflict(path, &format!("spec.{list}[{i}].securityContext.runAsUser"), uid_reason()));
+            }
+            for (j, port) in c["ports"].as_array().into_iter().flatten().enumerate() {
+                let n = port["containerPort"].as_u64();
+                if let Some(n) = n.filter(|n| [ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT].map(u64::from).contains(n)) {
+                    let reason = format!(
+                        "port {n} is the Trellis proxy's ({ADMIN_PORT} admin, {INBOUND_PORT} inbound, \
+                         {OUTBOUND_PORT} outbound) and the two would clash in the pod; move the app to another port"
+                    );
+                    return Err(conflict(path, &format!("spec.{list}[{i}].ports[{j}].containerPort"), reason));
+                }
+            }
+        }
+    }
+    let injected = is_injected(template);
+    for (i, v) in spec["volumes"].as_array().into_iter().flatten().enumerate() {
+        if is_named(v, TOKEN_VOLUME_NAME) && !injected {
+            let reason = format!(
+                "the volume name {TOKEN_VOLUME_NAME:?} is Trellis' (the proxy's ServiceAccount token); \
+                 rename this volume"
+            );
+            return Err(conflict(path, &format!("spec.volumes[{i}].name"), reason));
+        }
+    }
+    Ok(())
+}
+
+fn uid_reason() -> String {
+    format!(
+        "uid {PROXY_UID} is the Trellis proxy's: traffic from it is not captured, so the app would bypass the mesh; \
+         run the app as another user"
+    )
+}
+
+fn conflict(path: &str, field: &str, reason: String) -> PodError {
+    malformed(path, field, &reason)
 }
 
 /// Whether the template carries `trellis.dev/injected` (the webhook skips such pods).
@@ -155,4 +211,59 @@ fn malformed(path: &str, field: &str, reason: &str) -> PodError {
         (false, false) => format!("{path}.{field}"),
     };
     PodError::Malformed { field, reason: reason.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(spec: Value) -> Value {
+        json!({ "metadata": { "name": "p" }, "spec": spec })
+    }
+
+    fn refused(template: Value) -> String {
+        match check_conflicts(&template, "") {
+            Err(e) => e.to_string(),
+            Ok(()) => panic!("accepted {template}"),
+        }
+    }
+
+    #[test]
+    fn an_app_running_as_the_proxys_uid_is_refused() {
+        let e = refused(pod(json!({ "securityContext": { "runAsUser": 1337 }, "containers": [{ "name": "a" }] })));
+        assert!(e.starts_with("spec.securityContext.runAsUser: uid 1337") && e.contains("bypass the mesh"), "{e}");
+        let e = refused(pod(json!({ "containers": [{ "name": "a" }, { "name": "b",
+            "securityContext": { "runAsUser": 1337 } }] })));
+        assert!(e.starts_with("spec.containers[1].securityContext.runAsUser: uid 1337"), "{e}");
+        let e = refused(pod(json!({ "initContainers": [{ "name": "i", "securityContext": { "runAsUser": 1337 } }],
+            "containers": [{ "name": "a" }] })));
+        assert!(e.starts_with("spec.initContainers[0]"), "{e}");
+        // Another uid, or the proxy's own containers, are fine.
+        let ok = pod(json!({ "securityContext": { "runAsUser": 1000 }, "containers": [{ "name": "a" },
+            { "name": "trellis-proxy", "securityContext": { "runAsUser": 1337 } }] }));
+        assert!(check_conflicts(&ok, "").is_ok());
+    }
+
+    #[test]
+    fn an_app_port_the_proxy_uses_is_refused() {
+        for port in [15000, 15001, 15006] {
+            let e = refused(pod(json!({ "containers": [{ "name": "a",
+                "ports": [{ "containerPort": 8080 }, { "containerPort": port }] }] })));
+            assert!(e.starts_with("spec.containers[0].ports[1].containerPort: port"), "{e}");
+            assert!(e.contains(&port.to_string()), "{e}");
+        }
+        let ok = pod(json!({ "containers": [{ "name": "a", "ports": [{ "containerPort": 15002 }] }] }));
+        assert!(check_conflicts(&ok, "").is_ok());
+    }
+
+    #[test]
+    fn a_users_volume_named_like_the_token_volume_is_refused_unless_injected_before() {
+        let spec = json!({ "volumes": [{ "name": "data" }, { "name": "trellis-token", "emptyDir": {} }],
+            "containers": [{ "name": "a" }] });
+        let e = refused(pod(spec.clone()));
+        assert!(e.starts_with("spec.volumes[1].name: the volume name \"trellis-token\""), "{e}");
+        let mut injected = pod(spec);
+        injected["metadata"]["annotations"] = json!({ ANNOTATION_INJECTED: VERSION });
+        assert!(check_conflicts(&injected, "").is_ok());
+    }
 }
