@@ -164,6 +164,137 @@ async fn websocket_upgrade_passes_through() {
     assert_eq!(echo_once(&mut s, b"frames are just bytes to us").await.unwrap(), b"frames are just bytes to us");
 }
 
+/// Reads one HTTP/1.1 response (head and `content-length` body) off a raw socket.
+async fn read_response(s: &mut TcpStream) -> (String, String) {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.unwrap().unwrap();
+        assert_eq!(n, 1, "connection closed mid-head: {}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut body)).await.unwrap().unwrap();
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+const H2C_UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_is_forwarded_as_a_plain_request_and_smuggles_nothing() {
+    let m = default_mesh().await;
+    let mut s = TcpStream::connect(m.http).await.unwrap();
+    s.write_all(H2C_UPGRADE).await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "no switch to h2c: {head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(!lower.contains("upgrade:"), "{head}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for hop in ["upgrade", "http2-settings", "connection"] {
+        assert!(seen["headers"].get(hop).is_none(), "the app saw {hop}: {seen}");
+    }
+    // The connection carries on as HTTP/1.1, and each request on it is decided on its own.
+    s.write_all(b"GET /admin HTTP/1.1\r\nHost: api\r\n\r\n").await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("x-trellis-denied: default-deny"), "{head}");
+    // WebSocket is still carried (see websocket_upgrade_passes_through).
+}
+
+/// An app that answers `101` to any request and then records every byte it gets.
+async fn switches_to_anything() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut answered = false;
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let _ = tx.send(buf[..n].to_vec());
+                    if !answered {
+                        answered = true;
+                        let switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+                        if tcp.write_all(switch).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_switches_protocols_unasked_gets_no_tunnel() {
+    let (app, mut seen) = switches_to_anything().await;
+    let pair = AppPair::start(app).await;
+    let only_ws =
+        format!("      to:\n        - ports: [{}]\n          methods: [GET]\n          paths: [\"/ws\"]\n", app.port());
+    let v = pair.control.apply(&allow("app-from-web", API, WEB, &only_ws)).await;
+    pair.api.wait_version(v, Duration::from_secs(5));
+    let mut s = TcpStream::connect(pair.route).await.unwrap();
+    s.write_all(H2C_UPGRADE).await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(!head.starts_with("HTTP/1.1 101"), "the client was switched: {head}");
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    // What follows is a request of its own (denied), never bytes in a tunnel to the app.
+    let _ = s.write_all(b"GET /admin HTTP/1.1\r\nHost: api\r\n\r\n").await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest).into_owned();
+    assert!(rest.is_empty() || rest.starts_with("HTTP/1.1 403"), "{rest}");
+    let mut got = Vec::new();
+    while let Ok(chunk) = seen.try_recv() {
+        got.extend(chunk);
+    }
+    let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(got.starts_with("get /ws http/1.1"), "{got}");
+    assert!(!got.contains("upgrade") && !got.contains("http2-settings"), "the app saw the offer: {got}");
+    assert!(!got.contains("/admin"), "a denied request reached the app: {got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_policy_closes_an_open_websocket() {
+    let m = default_mesh().await;
+    let mut s = TcpStream::connect(m.http).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(echo_once(&mut s, b"still allowed").await.unwrap(), b"still allowed");
+    // The same policy, without /ws.
+    let api_only = format!(
+        "      to:\n        - ports: [{}]\n          methods: [GET, HEAD]\n          paths: [\"/api/*\"]\n",
+        m.backend.port()
+    );
+    let revoked_at = Instant::now();
+    m.control.apply(&allow("api-from-web", API, WEB, &api_only)).await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "WebSocket still open after revocation: {n:?}");
+    assert!(revoked_at.elapsed() < Duration::from_secs(2));
+    let metrics = support::prom::parse(&m.api.metrics()).unwrap();
+    assert!(metrics.sum("trellis_connections_revoked_total", &[]) >= 1.0, "{:?}", m.api.metrics());
+    assert!(m.api.proc.logs().contains("upgraded connection closed: revoked"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_does_not_block_other_clients() {
     let m = default_mesh().await;

@@ -177,6 +177,8 @@ async fn otlp_grpc_spans_for_allowed_denied_audit_and_refused_flows() {
     for s in [&out, &inb] {
         assert_eq!((s.str("trellis.policy"), s.int("trellis.rule")), ("no-secrets", Some(0)), "{s:?}");
         assert!(s.status_message.contains("no-secrets"), "{s:?}");
+        // An audit-mode policy selects api too, but `trellis.audit` is for audit-deny only.
+        assert!(s.attr("trellis.audit").is_none(), "an enforced deny has no audit finding: {s:?}");
     }
 
     // Audit mode: allowed now, an audit-mode DENY would block it.
@@ -188,6 +190,7 @@ async fn otlp_grpc_spans_for_allowed_denied_audit_and_refused_flows() {
     for s in [&out, &inb] {
         assert_eq!(s.str("trellis.decision"), "audit-deny", "{s:?}");
         assert!(s.str("trellis.audit").contains("legacy-audit"), "{s:?}");
+        assert!(s.str("trellis.reason").starts_with("allow"), "audit-deny spans carry the reason: {s:?}");
         assert_ne!(s.status_code, ERROR, "audit never fails a request");
     }
     assert_eq!(inb.str("trellis.policy"), "api-from-web");
@@ -350,6 +353,25 @@ async fn trace_file_and_flow_log_are_json_lines_and_sampling_keeps_denials() {
     assert_eq!(line["destination_spiffe_id"], API);
 }
 
+/// A TLS 1.2-only client (`openssl s_client -tls1_2`) straight to api's inbound; false (and
+/// says why) when openssl is not installed.
+fn tls12_handshake(m: &Mesh) -> bool {
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-tls1_2", "-connect", &m.api_http_inbound.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(out) => {
+            assert!(!out.status.success(), "a TLS 1.2 handshake succeeded");
+            true
+        }
+        Err(e) => {
+            eprintln!("skipped: the TLS 1.2 check needs openssl ({e})");
+            false
+        }
+    }
+}
+
 fn metrics(s: &Sidecar) -> prom::Exposition {
     let text = s.metrics();
     prom::parse(&text).unwrap_or_else(|e| panic!("/metrics is not valid exposition text: {e}\n{text}"))
@@ -379,6 +401,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_flows() {
     get(&client, &url("/api/legacy"), "GET", &[]).await;
     denied_tcp(&m).await;
     no_cert_handshake(&m).await;
+    let tls12 = tls12_handshake(&m);
     // Silence on web's HTTP route: detected as opaque after the detect timeout.
     let silent = TcpStream::connect(m.http).await.unwrap();
     wait_lines(&dir.path().join("api-spans.jsonl"), "handshake span", |v| v["name"] == "inbound TLS handshake").await;
@@ -406,6 +429,11 @@ async fn metrics_parse_as_prometheus_text_and_move_with_flows() {
     assert_eq!(delta(&web0, &web, flows, &by("outbound", "audit-deny", "http1")), 1.0);
     assert!(delta(&web0, &web, flows, &by("outbound", "allow", "tcp")) >= 1.0);
     assert_eq!(delta(&api0, &api, "trellis_handshake_failures_total", &[("reason", "no_certificate")]), 1.0);
+    if tls12 {
+        let failures = "trellis_handshake_failures_total";
+        assert_eq!(delta(&api0, &api, failures, &[("reason", "protocol_version")]), 1.0, "{}", m.api.metrics());
+        assert_eq!(delta(&api0, &api, failures, &[("reason", "other")]), 0.0);
+    }
     // At least the silent connection (the HTTP client may also leave a spare idle one).
     assert!(delta(&web0, &web, "trellis_protocol_detect_timeouts_total", &[]) >= 1.0);
     let hist = "trellis_request_duration_seconds_count";

@@ -80,6 +80,12 @@ pub enum SpecError {
     Route(String),
     #[error("{spec:?}: {reason}")]
     RouteIdentity { spec: String, reason: String },
+    /// LISTEN or PEER is not an IP:PORT; `which` names it, `value` is what was given.
+    #[error(
+        "{spec:?}: {which} {value:?} must be an IP:PORT like 10.0.0.12:15006 (hostnames are not resolved: the peer \
+         is dialed at exactly this address and must prove the SPIFFE ID)"
+    )]
+    RouteAddress { spec: String, which: &'static str, value: String },
     #[error("{0:?} is not a port list like 5432,6379 or 9000-9010")]
     Ports(String),
     #[error("{spec:?}: {reason}")]
@@ -137,11 +143,14 @@ pub fn parse_route(s: &str) -> Result<RouteSpec, SpecError> {
     let (peer, id) = rest.split_once(',').ok_or_else(err)?;
     let identity = SpiffeId::parse(id.trim())
         .map_err(|e| SpecError::RouteIdentity { spec: s.to_string(), reason: e.to_string() })?;
-    Ok(RouteSpec {
-        listen: listen.trim().parse().map_err(|_| err())?,
-        peer: peer.trim().parse().map_err(|_| err())?,
-        identity,
-    })
+    let addr = |which: &'static str, value: &str| {
+        value.trim().parse().map_err(|_| SpecError::RouteAddress {
+            spec: s.to_string(),
+            which,
+            value: value.trim().to_string(),
+        })
+    };
+    Ok(RouteSpec { listen: addr("LISTEN", listen)?, peer: addr("PEER", peer)?, identity })
 }
 
 /// `5432,6379,9000-9010`.
@@ -185,6 +194,15 @@ mod tests {
         assert_eq!(r.peer, "10.0.0.12:15006".parse().unwrap());
         assert_eq!(r.identity.as_str(), "spiffe://cluster.local/ns/prod/sa/db");
         assert!(matches!(parse_route("127.0.0.1:9001=10.0.0.12:15006"), Err(SpecError::Route(_))));
+        let by_name = parse_route("127.0.0.1:27301=localhost:27006,spiffe://cluster.local/ns/shop/sa/api").unwrap_err();
+        assert!(matches!(by_name, SpecError::RouteAddress { which: "PEER", .. }), "{by_name:?}");
+        let text = by_name.to_string();
+        assert!(
+            text.contains("PEER \"localhost:27006\" must be an IP:PORT") && text.contains("not resolved"),
+            "{text}"
+        );
+        let listen = parse_route("27301=10.0.0.12:15006,spiffe://cluster.local/ns/shop/sa/api").unwrap_err();
+        assert!(matches!(listen, SpecError::RouteAddress { which: "LISTEN", .. }), "{listen:?}");
         assert!(matches!(
             parse_route("127.0.0.1:9001=10.0.0.12:15006,spiffe://x/a/"),
             Err(SpecError::RouteIdentity { .. })

@@ -32,7 +32,8 @@ use crate::authz::{Denial, Permit, authorize};
 use crate::config::InboundSpec;
 use crate::conns::{Tracked, TrackedFlow};
 use crate::http::{
-    ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_upgrade, proxy_error, relayed, strip_hop_by_hop, strip_trellis_headers,
+    ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_websocket_upgrade, proxy_error, relayed, strip_hop_by_hop,
+    strip_trellis_headers,
 };
 use crate::io::Prefixed;
 use crate::layers::{MetricsLayer, Permitted, PolicyLayer, TraceLayer};
@@ -203,9 +204,9 @@ async fn handshake(state: &ProxyState, accepted: Accepted) -> Option<Authenticat
     let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(io)) => io,
         Ok(Err(e)) => {
-            let reason = VerifyError::from_io(&e).unwrap_or(VerifyError::Other(e.to_string()));
+            let (label, reason) = handshake_refusal(&e);
             tracing::info!(%reason, "inbound TLS handshake refused");
-            refused(reason.label(), reason.to_string());
+            refused(label, reason);
             return None;
         }
         Err(_) => {
@@ -224,6 +225,24 @@ async fn handshake(state: &ProxyState, accepted: Accepted) -> Option<Authenticat
     };
     let me = state.id()?;
     Some(Authenticated { io, remote, app, peer, me, started })
+}
+
+/// The failure class and message of a refused handshake: the verifier's for a certificate
+/// problem, and `protocol_version` for a client that does not offer TLS 1.3 (an old
+/// client, `openssl s_client -tls1_2`), which never gets as far as a certificate.
+fn handshake_refusal(e: &std::io::Error) -> (&'static str, String) {
+    use trellis_identity::rustls::{Error, PeerIncompatible};
+    let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>());
+    if let Some(Error::PeerIncompatible(
+        PeerIncompatible::Tls12NotOffered
+        | PeerIncompatible::Tls12NotOfferedOrEnabled
+        | PeerIncompatible::SupportedVersionsExtensionRequired,
+    )) = tls
+    {
+        return ("protocol_version", "the client does not offer TLS 1.3, the only version accepted".into());
+    }
+    let reason = VerifyError::from_io(e).unwrap_or(VerifyError::Other(e.to_string()));
+    (reason.label(), reason.to_string())
 }
 
 /// Counts a refused handshake and records its span.
@@ -327,6 +346,24 @@ impl ConnCtx {
             }
         }
         Ok(permit)
+    }
+}
+
+impl ConnCtx {
+    /// Registers an upgraded (WebSocket) connection with the request that authorized it, so
+    /// a policy change that no longer allows that request closes it. Its token is a child of
+    /// the connection's: a revocation that reaches the HTTP connection before the upgrade
+    /// completes reaches the upgraded one too.
+    fn track_upgrade<B>(&self, req: &Request<B>) -> Tracked {
+        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let flow = TrackedFlow::Mesh {
+            source: Some(self.peer.clone()),
+            source_ip: self.remote.ip(),
+            destination: self.me.clone(),
+            port: self.app.port(),
+            http: Some((req.method().as_str().to_string(), path.to_string())),
+        };
+        self.state.conns.track(flow, self.cancel.child_token())
     }
 }
 
@@ -436,16 +473,24 @@ impl tower::Service<Permitted> for ForwardToApp {
 /// headers removed) and relays the app's answer.
 async fn forward_http(ctx: &ConnCtx, app: &AppClient, permit: Permit, mut req: Request<ReqBody>) -> Response<RespBody> {
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
-    if is_upgrade(&req) {
+    if is_websocket_upgrade(&req) {
         set_peer_header(ctx, req.headers_mut());
+        let tracked = ctx.track_upgrade(&req);
         // Boxed so the rare upgrade does not size (and slow) every request's future.
-        return Box::pin(crate::upgrade::forward_upgrade(req, UpgradeTarget::App(ctx.app), ctx.cancel.clone())).await;
+        return Box::pin(crate::upgrade::forward_upgrade(req, UpgradeTarget::App(ctx.app), Some(tracked))).await;
     }
     let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some() || req.version() != http::Version::HTTP_2;
     prepare_for_app(ctx, &mut req, !downgrade);
     *req.version_mut() = if downgrade { http::Version::HTTP_11 } else { http::Version::HTTP_2 };
     let sent = if downgrade { app.h1.send(req).await } else { app.send_h2(req).await };
     match sent {
+        // No upgrade was asked for (any other upgrade offer was stripped above): an app that
+        // switches protocols anyway would have the caller's connection become a tunnel.
+        Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            tracing::info!(app = %ctx.app, "the app answered 101 to a request that asked for no upgrade");
+            let detail = "the app switched protocols on a request that asked for no upgrade";
+            proxy_error(StatusCode::BAD_GATEWAY, "upgrade_refused", detail)
+        }
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -528,6 +573,25 @@ mod tests {
         assert_eq!(uri.to_string(), "http://api.shop/api/items?x=%2e%2e");
         let unchanged = app_uri("/api/items?id=1".parse().unwrap(), Some(&host), app());
         assert_eq!(unchanged.to_string(), "http://api.shop/api/items?id=1");
+    }
+
+    #[test]
+    fn a_client_without_tls13_is_refused_as_protocol_version() {
+        use trellis_identity::rustls::{Error, PeerIncompatible};
+        let io = |e: Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        for e in [
+            PeerIncompatible::Tls12NotOffered,
+            PeerIncompatible::Tls12NotOfferedOrEnabled,
+            PeerIncompatible::SupportedVersionsExtensionRequired,
+        ] {
+            assert_eq!(handshake_refusal(&io(Error::PeerIncompatible(e))).0, "protocol_version");
+        }
+        assert_eq!(
+            handshake_refusal(&io(Error::PeerIncompatible(PeerIncompatible::NoCipherSuitesInCommon))).0,
+            "other"
+        );
+        let no_cert = io(Error::NoCertificatesPresented);
+        assert_eq!(handshake_refusal(&no_cert).0, VerifyError::from_io(&no_cert).unwrap().label());
     }
 
     #[test]

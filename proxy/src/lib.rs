@@ -54,24 +54,45 @@ use trellis_identity::{CredentialStore, TrustBundle};
 pub use config::ProxyConfig;
 use state::{PolicyView, ProxyState, Registry, TlsState};
 
+/// Why the sidecar could not start. A wrapped cause is the error's `source()` and is not
+/// repeated in its message: the binary prints the chain (`{:#}`), so each cause shows once.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("trust bundle: {0}")]
+    /// The CA bundle is not usable; the message says why (the binary names the file).
+    #[error("{0}")]
     Bundle(String),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("control plane: {0}")]
+    #[error("control plane")]
     Control(#[from] trellis_control::ClientError),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
-    #[error("TLS: {0}")]
+    #[error("TLS")]
     Tls(#[from] trellis_identity::TlsError),
-    #[error("telemetry: {0}")]
+    #[error("telemetry")]
     Telemetry(#[from] telemetry::TelemetryError),
+}
+
+/// The control-plane client for `bundle`. A bundle whose root carries no SPIFFE URI SAN
+/// names no trust domain, and `proxy run` has no flag to give one: say what the bundle
+/// should have been rather than the client's generic advice.
+fn control_client(
+    config: &ProxyConfig,
+    bundle: &TrustBundle,
+    creds: Option<Arc<CredentialStore>>,
+) -> Result<ControlClient, ProxyError> {
+    ControlClient::new(&config.control_url, bundle, None, creds, None).map_err(|e| match e {
+        trellis_control::ClientError::NoTrustDomain => ProxyError::Bundle(
+            "the CA bundle's root has no spiffe:// URI SAN, so it names no trust domain: pass the control plane's \
+             bundle.pem (its data directory has it)"
+                .into(),
+        ),
+        other => other.into(),
+    })
 }
 
 /// How long spans still queued at exit get to reach the exporter.
@@ -108,13 +129,14 @@ async fn bind_all(config: &ProxyConfig) -> Result<Listeners, ProxyError> {
 
 /// Runs the sidecar until `shutdown` resolves, then drains for up to the drain timeout.
 pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
+    // The identity crate's message already starts "trust bundle: ...".
     let bundle = TrustBundle::from_pem(config.bundle_pem.as_bytes()).map_err(|e| ProxyError::Bundle(e.to_string()))?;
     let listeners = bind_all(&config).await?;
-    let anon = ControlClient::new(&config.control_url, &bundle, None, None, None)?;
+    let anon = control_client(&config, &bundle, None)?;
     let creds = CredentialStore::new();
     let metrics = metrics::Metrics::new();
     let telemetry = telemetry::Telemetry::start(&config.telemetry, &metrics)?;
-    let authed = ControlClient::new(&config.control_url, &bundle, None, Some(creds.clone()), None)?;
+    let authed = control_client(&config, &bundle, Some(creds.clone()))?;
     let state = Arc::new(ProxyState {
         config,
         creds,
@@ -170,15 +192,19 @@ async fn drain(state: &ProxyState) {
     state.shutdown.cancel();
     let deadline = Instant::now() + state.config.drain_timeout;
     tracing::info!(timeout = ?state.config.drain_timeout, "draining");
-    while Instant::now() < deadline {
-        let open: i64 = ["inbound", "outbound"]
-            .iter()
-            .map(|d| state.metrics.open_connections.get_or_create(&metrics::DirectionLabels { direction: d }).get())
-            .sum();
-        if open == 0 {
-            break;
-        }
+    let mut open = state.metrics.open_connections_total();
+    while open > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(25)).await;
+        open = state.metrics.open_connections_total();
     }
-    tracing::info!("drained");
+    if open == 0 {
+        tracing::info!("drained");
+    } else {
+        // Exiting now closes them, requests in flight included: say so, not "drained".
+        tracing::warn!(
+            open,
+            timeout = ?state.config.drain_timeout,
+            "drain timeout reached with {open} connection(s) still open; cutting them off, requests in flight included"
+        );
+    }
 }

@@ -36,7 +36,12 @@ pub async fn watch_loop(state: Arc<ProxyState>, client: ControlClient) {
             Ok(()) => "stream ended".to_string(),
             Err(e) => e.to_string(),
         };
-        tracing::warn!(%error, "lost the control plane; enforcing the last policy and reconnecting");
+        if state.policy.load().applied {
+            tracing::warn!(%error, "lost the control plane; enforcing the last policy and reconnecting");
+        } else {
+            // Nothing to enforce yet: every flow stays denied until a first policy arrives.
+            tracing::warn!(%error, "lost the control plane before any policy arrived; failing closed (denying everything) and reconnecting");
+        }
         state.update_control(|c| {
             c.connected = false;
             c.session = None;
@@ -116,6 +121,7 @@ fn apply(state: &ProxyState, event: WatchEvent, received: &mut Received) -> Resu
     // recheck and the swap was judged by the old policy.
     let closed = closed + state.conns.recheck(&state.policy.load().snapshot);
     state.metrics.policy_version.set(event.version as i64);
+    state.metrics.connections_revoked.inc_by(closed as u64);
     tracing::info!(version = event.version, policies = received.policies.len(), revoked = closed, "policy applied");
     Ok(())
 }

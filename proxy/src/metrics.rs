@@ -45,6 +45,9 @@ pub struct Metrics {
     pub spans_exported: Counter,
     pub flow_log_dropped: Counter,
     pub detect_timeouts: Counter,
+    /// Open connections (TCP tunnels, HTTP connections, upgraded WebSockets) a policy change
+    /// closed because it no longer allows them.
+    pub connections_revoked: Counter,
     pub open_connections: Family<DirectionLabels, Gauge>,
 }
 
@@ -112,6 +115,12 @@ impl Metrics {
             "Connections treated as opaque TCP because no bytes arrived before the detect timeout",
             detect_timeouts.clone(),
         );
+        let connections_revoked = Counter::default();
+        registry.register(
+            "connections_revoked",
+            "Open connections closed because a policy change no longer allows them",
+            connections_revoked.clone(),
+        );
         let open_connections = Family::<DirectionLabels, Gauge>::default();
         registry.register("open_connections", "Connections currently open", open_connections.clone());
         for direction in ["inbound", "outbound"] {
@@ -128,6 +137,7 @@ impl Metrics {
             spans_exported,
             flow_log_dropped,
             detect_timeouts,
+            connections_revoked,
             open_connections,
         }
     }

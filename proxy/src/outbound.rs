@@ -30,7 +30,8 @@ use crate::authz::{Permit, authorize_egress};
 use crate::config::RouteSpec;
 use crate::conns::TrackedFlow;
 use crate::http::{
-    AUDIT, DENIED, ORIG_PROTO, PEER_ID, ReqBody, RespBody, from_peer, is_upgrade, proxy_error, strip_hop_by_hop,
+    AUDIT, DENIED, ORIG_PROTO, PEER_ID, ReqBody, RespBody, from_peer, is_websocket_upgrade, proxy_error,
+    strip_hop_by_hop,
 };
 use crate::io::Prefixed;
 use crate::layers::{BoxFuture, Decided, MetricsLayer, TraceLayer};
@@ -279,10 +280,13 @@ impl ForwardToPeer {
         // Nothing the app sends may impersonate what sidecars tell each other.
         req.headers_mut().remove(PEER_ID);
         req.headers_mut().remove(ORIG_PROTO);
-        if is_upgrade(&req) {
+        // Only WebSocket is carried as an upgrade; any other offer (h2c) goes on below as an
+        // ordinary request, its Upgrade, HTTP2-Settings and Connection removed as hop-by-hop.
+        if is_websocket_upgrade(&req) {
             let target = UpgradeTarget::Peer { state: self.state.clone(), addr: self.addr, id: self.id.clone() };
-            // Boxed so the rare upgrade does not size (and slow) every request's future.
-            let mut resp = Box::pin(forward_upgrade(req, target, CancellationToken::new())).await;
+            // Boxed so the rare upgrade does not size (and slow) every request's future. The
+            // peer's inbound holds the revocable registration; its close ends this side too.
+            let mut resp = Box::pin(forward_upgrade(req, target, None)).await;
             let decided = peer_verdict(&mut resp);
             resp.extensions_mut().insert(decided);
             return resp;

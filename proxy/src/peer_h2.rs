@@ -90,7 +90,7 @@ where
 /// Why a connection's driver stopped other than by a clean close.
 #[derive(Debug, thiserror::Error)]
 enum Ended {
-    #[error("{0}")]
+    #[error(transparent)]
     H2(#[from] h2::Error),
     #[error("no answer to a keep-alive PING within {0:?}")]
     PingTimeout(Duration),

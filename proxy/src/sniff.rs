@@ -4,7 +4,10 @@
 //! Sniffing only reads: the bytes come back through [`crate::io::Prefixed`]. Ports declared
 //! opaque are never sniffed (the caller does not call this), so server-speaks-first
 //! protocols there never wait; elsewhere a silent client is treated as opaque TCP after
-//! the detect timeout.
+//! the detect timeout. The detect timeout bounds the wait for the *first* bytes only: once
+//! they could still begin an HTTP/1.1 request line or the HTTP/2 preface, the rest gets up
+//! to [`REST_TIMEOUT`] (a slow client's `GET ` then its path a second later is still HTTP,
+//! and calling it TCP would have the inbound deny it at L4).
 
 use std::time::Duration;
 
@@ -40,11 +43,18 @@ pub struct Detected {
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Enough for any real request line's method and the start of its target.
 const MAX_SNIFF: usize = 8 * 1024;
+/// How long, from the start, a stream whose first bytes may still be HTTP gets to finish
+/// its request line (or preface) before it is treated as opaque.
+pub const REST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads until the protocol is known, `MAX_SNIFF` bytes, EOF or `timeout`.
+/// Reads until the protocol is known, `MAX_SNIFF` bytes or EOF; gives up (opaque) when
+/// nothing came within `timeout`, or when what came is still undecided after
+/// [`REST_TIMEOUT`] (or `timeout`, if longer). `timed_out` means no bytes came at all.
 pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> std::io::Result<Detected> {
     let mut buf = BytesMut::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let start = tokio::time::Instant::now();
+    let first_bytes = start + timeout;
+    let rest = start + timeout.max(REST_TIMEOUT);
     loop {
         if let Some(p) = classify(&buf) {
             return Ok(Detected { protocol: p, prefix: buf.freeze(), timed_out: false });
@@ -52,11 +62,19 @@ pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> std:
         if buf.len() >= MAX_SNIFF {
             return Ok(Detected { protocol: Protocol::Opaque, prefix: buf.freeze(), timed_out: false });
         }
+        // `classify` said "undecided", so anything read so far is a possible HTTP prefix.
+        let deadline = if buf.is_empty() { first_bytes } else { rest };
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
             Ok(Ok(0)) => return Ok(Detected { protocol: Protocol::Opaque, prefix: buf.freeze(), timed_out: false }),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Ok(Detected { protocol: Protocol::Opaque, prefix: buf.freeze(), timed_out: true }),
+            Err(_) => {
+                let timed_out = buf.is_empty();
+                if !timed_out {
+                    tracing::debug!(bytes = buf.len(), "request line still incomplete; treating the stream as opaque");
+                }
+                return Ok(Detected { protocol: Protocol::Opaque, prefix: buf.freeze(), timed_out });
+            }
         }
     }
 }
@@ -116,6 +134,55 @@ mod tests {
         let (mut a, _b) = tokio::io::duplex(64);
         let d = detect(&mut a, Duration::from_millis(20)).await.unwrap();
         assert_eq!((d.protocol, d.timed_out), (Protocol::Opaque, true));
+    }
+
+    /// A client that sends `GET ` and the rest of its request line later than the detect
+    /// timeout is still HTTP.
+    #[tokio::test(start_paused = true)]
+    async fn a_started_request_line_gets_past_the_detect_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            b.write_all(b"GET ").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            b.write_all(b"/api/x HTTP/1.1\r\n").await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let d = detect(&mut a, Duration::from_secs(1)).await.unwrap();
+        assert_eq!((d.protocol, d.timed_out), (Protocol::Http1, false));
+        assert_eq!(&d.prefix[..], b"GET /api/x HTTP/1.1\r\n");
+        // The same for a slow HTTP/2 preface.
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            b.write_all(&H2_PREFACE[..4]).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            b.write_all(&H2_PREFACE[4..]).await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let d = detect(&mut a, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(d.protocol, Protocol::Http2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_request_line_is_opaque_after_the_longer_bound() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, mut b) = tokio::io::duplex(64);
+        b.write_all(b"GET /never-finished").await.unwrap();
+        let start = tokio::time::Instant::now();
+        let d = detect(&mut a, Duration::from_secs(1)).await.unwrap();
+        assert_eq!((d.protocol, d.timed_out), (Protocol::Opaque, false), "bytes came: not a detect timeout");
+        assert_eq!(start.elapsed(), REST_TIMEOUT);
+        assert_eq!(&d.prefix[..], b"GET /never-finished");
+        drop(b);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_detect_timeout_still_bounds_the_first_bytes() {
+        let (mut a, _b) = tokio::io::duplex(64);
+        let start = tokio::time::Instant::now();
+        let d = detect(&mut a, Duration::from_secs(1)).await.unwrap();
+        assert_eq!((d.protocol, d.timed_out), (Protocol::Opaque, true));
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
     }
 
     #[tokio::test]

@@ -1,22 +1,27 @@
-//! HTTP/1.1 upgrades (WebSocket and friends), passed through on a dedicated connection.
+//! HTTP/1.1 WebSocket upgrades, passed through on a dedicated connection.
 //!
-//! An upgrade cannot ride the pooled HTTP/2 connection, so the request goes over its own
+//! Only `Upgrade: websocket` gets here ([`crate::http::is_websocket_upgrade`]); any other
+//! upgrade offer (h2c in particular) is forwarded as an ordinary request without its
+//! hop-by-hop headers, so it can never become a tunnel. An upgrade cannot ride the pooled HTTP/2 connection, so the request goes over its own
 //! HTTP/1.1 connection — a fresh mTLS connection to the peer sidecar (outbound) or a plain
 //! one to the app (inbound). When the far side answers `101 Switching Protocols`, the
 //! client's and the far side's upgraded streams are spliced together until either closes
-//! or the policy revokes the connection.
+//! or the policy revokes the connection: inbound, the upgraded connection stays registered
+//! with the flow that authorized it ([`Tracked`]), so a policy change that no longer allows
+//! it closes it like an opaque TCP tunnel. A `101` for anything but `websocket` is refused.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use trellis_identity::SpiffeId;
 
-use crate::http::{ReqBody, RespBody, proxy_error, relayed};
+use crate::conns::Tracked;
+use crate::http::{ReqBody, RespBody, offers_only_websocket, proxy_error, relayed, strip_hop_by_hop};
 use crate::state::{PeerProtocol, ProxyState};
 
 /// Where an upgrade request goes.
@@ -25,14 +30,21 @@ pub enum UpgradeTarget {
     Peer { state: Arc<ProxyState>, addr: SocketAddr, id: SpiffeId },
 }
 
-/// Sends `req` on a new HTTP/1.1 connection and splices the upgraded streams on 101.
+/// Sends a WebSocket upgrade request on a new HTTP/1.1 connection and splices the upgraded
+/// streams on 101. `tracked` (inbound) is the registration a policy revocation cancels; it
+/// lives as long as the upgraded connection.
 pub async fn forward_upgrade(
     mut req: Request<ReqBody>,
     target: UpgradeTarget,
-    cancel: CancellationToken,
+    tracked: Option<Tracked>,
 ) -> Response<RespBody> {
     let client_side = hyper::upgrade::on(&mut req);
     *req.version_mut() = http::Version::HTTP_11;
+    // Only the upgrade itself is hop-by-hop here: whatever else `Connection` names (or an
+    // `HTTP2-Settings` riding along) must not reach the far side.
+    strip_hop_by_hop(req.headers_mut());
+    req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    req.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     let origin = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
     if let Ok(uri) = origin.parse() {
         *req.uri_mut() = uri;
@@ -54,17 +66,31 @@ pub async fn forward_upgrade(
         Err(e) => return proxy_error(StatusCode::BAD_GATEWAY, "upgrade_failed", &e),
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if !offers_only_websocket(resp.headers()) {
+            // The far side switched to something nobody asked for: a byte tunnel no policy
+            // would see into. Its connection is dropped with `resp`.
+            tracing::info!(upgrade = ?resp.headers().get(header::UPGRADE), "refused a 101 to a protocol other than websocket");
+            let detail = "the far side switched to a protocol other than the websocket that was asked for";
+            return proxy_error(StatusCode::BAD_GATEWAY, "upgrade_refused", detail);
+        }
         let far_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
+            let cancel = tracked.as_ref().map_or_else(CancellationToken::new, |t| t.cancel.clone());
             match tokio::try_join!(client_side, far_side) {
                 Ok((a, b)) => {
                     let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                    if let Err(e) = crate::tunnel::tunnel(&mut a, &mut b, &cancel).await {
-                        tracing::debug!(error = %e, "upgraded connection ended with error");
+                    match crate::tunnel::tunnel(&mut a, &mut b, &cancel).await {
+                        Ok(t) if t.cancelled => {
+                            tracing::info!(sent = t.sent, received = t.received, "upgraded connection closed: revoked")
+                        }
+                        Ok(t) => tracing::debug!(sent = t.sent, received = t.received, "upgraded connection closed"),
+                        Err(e) => tracing::debug!(error = %e, "upgraded connection ended with error"),
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
             }
+            // Deregistered only now: the upgraded connection was revocable all along.
+            drop(tracked);
         });
     }
     let (mut parts, body) = resp.into_parts();

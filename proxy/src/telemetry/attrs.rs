@@ -172,7 +172,9 @@ fn local<'a>(d: &'a Decision, version: u64, reason: &'a mut String, audit: &'a m
         Reason::Policy { name, rule, .. } => (Some(&**name), Some(*rule as i64)),
         _ => (None, None),
     };
-    let audit_deny = d.audit.as_ref().filter(|a| a.action == Action::Deny);
+    // `trellis.audit` is the audit-deny finding: on a flow the enforced policy denied it
+    // would only repeat (or contradict) the reason.
+    let audit_deny = d.audit.as_ref().filter(|a| d.is_allowed() && a.action == Action::Deny);
     if let Some(a) = audit_deny {
         let _ = write!(audit, "{}", a.reason);
     }
@@ -188,6 +190,9 @@ fn local<'a>(d: &'a Decision, version: u64, reason: &'a mut String, audit: &'a m
         version: Some(version),
     }
 }
+
+/// `trellis.reason` of an outbound audit-deny: the peer allowed it and names no rule.
+const PEER_ALLOWED: &str = "allow: by the peer sidecar's policy";
 
 /// The peer's decision, from its `policy=NAME; rule=N` / `default-deny` header values.
 fn peer<'a>(
@@ -205,13 +210,13 @@ fn peer<'a>(
         let _ = write!(audit, "deny: {a}");
     }
     let (reason, audit): (&'a String, &'a String) = (reason, audit);
-    Explained {
-        policy,
-        rule,
-        reason: denied.map(|_| reason.as_str()),
-        audit: (!audit.is_empty()).then_some(audit.as_str()),
-        version: None,
-    }
+    // An audit-deny is an allow by the peer, which says only what audit mode would do.
+    let reason = match denied {
+        Some(_) => Some(reason.as_str()),
+        None if !audit.is_empty() => Some(PEER_ALLOWED),
+        None => None,
+    };
+    Explained { policy, rule, reason, audit: (!audit.is_empty()).then_some(audit.as_str()), version: None }
 }
 
 /// `policy=NAME; rule=N` → (NAME, N).
@@ -261,12 +266,38 @@ mod tests {
     }
 
     #[test]
+    fn an_enforced_deny_carries_no_audit_finding() {
+        use trellis_policy::AuditOutcome;
+        let deny = Reason::Policy { name: "no-secrets".into(), rule: 0, action: Action::Deny };
+        let audit = AuditOutcome { action: Action::Deny, reason: deny.clone() };
+        let mut r = sample_record();
+        r.verdict = Verdict::Local {
+            decision: Decision { action: Action::Deny, reason: deny, audit: Some(audit.clone()) },
+            version: 4,
+        };
+        let a = attrs(&r);
+        assert_eq!(a["trellis.decision"], "deny");
+        assert!(a["trellis.reason"].contains("no-secrets"), "{a:?}");
+        assert!(!a.contains_key("trellis.audit"), "audit is for audit-deny only: {a:?}");
+        // Allowed, audit mode would deny: both are there.
+        let allow = Reason::Policy { name: "api".into(), rule: 1, action: Action::Allow };
+        r.verdict = Verdict::Local {
+            decision: Decision { action: Action::Allow, reason: allow, audit: Some(audit) },
+            version: 4,
+        };
+        let a = attrs(&r);
+        assert_eq!(a["trellis.decision"], "audit-deny");
+        assert!(a["trellis.audit"].contains("no-secrets") && a["trellis.reason"].contains("api"), "{a:?}");
+    }
+
+    #[test]
     fn allowed_and_audit_findings() {
         let mut r = sample_record();
         r.verdict = Verdict::Peer { denied: None, audit: Some(HeaderValue::from_static("default-deny")) };
         let a = attrs(&r);
         assert_eq!((a["trellis.decision"].as_str(), a["trellis.audit"].as_str()), ("audit-deny", "deny: default-deny"));
-        assert!(!a.contains_key("trellis.reason") && !a.contains_key("error.type"));
+        assert_eq!(a["trellis.reason"], PEER_ALLOWED, "audit-deny spans carry a reason");
+        assert!(!a.contains_key("error.type"));
         r.verdict = Verdict::Forwarded;
         let (mut reason, mut audit) = (String::new(), String::new());
         let e = r.explain(&mut reason, &mut audit);

@@ -80,7 +80,8 @@ impl Default for TelemetryConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    #[error("cannot open {path}: {source}")]
+    // The io::Error is the source, shown once by whoever prints the chain.
+    #[error("cannot open {path}")]
     Open {
         path: PathBuf,
         #[source]

@@ -174,9 +174,11 @@ pub async fn traces(mesh: &Mesh, otlp: Option<&str>, once: bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let denied = spans.iter().filter(|s| is_denied(s)).count();
-say!("Traces: {} spans ({denied} of denied flows) in {}", spans.len(), mesh.trace_file.display());
+    say!("Traces: {} spans ({denied} of denied flows) in {}", spans.len(), mesh.trace_file.display());
     if once {
-        say!("  (a temporary file, removed as the demo exits; without --once the mesh and its files stay until Ctrl-C)");
+        say!(
+            "  (a temporary file, removed as the demo exits; without --once the mesh and its files stay until Ctrl-C)"
+        );
     }
     if let Some(span) = spans.iter().find(|s| is_denied(s)) {
         say!("One denied span, as your tracing backend would show it:");
