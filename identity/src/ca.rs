@@ -66,11 +66,11 @@ pub enum CsrError {
 pub enum CaError {
     #[error(transparent)]
     Pem(#[from] PemError),
-    #[error("{path}: {source}")]
+    // The cause is in the message and not also a `source`, so a chain prints it once.
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("CA key does not match the CA certificate")]
     KeyMismatch,
@@ -161,7 +161,7 @@ impl CertificateAuthority {
     /// Writes `ca.pem` and `ca-key.pem` into `dir`, both mode 0600: the data dir is private
     /// (DESIGN.md §8), and the public root is handed out as `bundle.pem` and `/v1/bundle`.
     pub fn save(&self, dir: &Path) -> Result<(), CaError> {
-        let io = |path: PathBuf| move |source| CaError::Io { path, source };
+        let io = |path: PathBuf| move |cause| CaError::Io { path, cause };
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         pem::write_private(&key_path, self.key_pem.as_bytes(), 0o600).map_err(io(key_path.clone()))?;

@@ -13,11 +13,11 @@ use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyD
 /// A PEM input that could not be used, naming where it came from.
 #[derive(Debug, thiserror::Error)]
 pub enum PemError {
-    #[error("{what}: {source}")]
+    // The cause is in the message and not also a `source`, so a chain prints it once.
+    #[error("{what}: {cause}")]
     Io {
         what: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{what}: not valid PEM: {reason}")]
     Malformed { what: String, reason: String },
@@ -60,7 +60,7 @@ pub fn csr_from_pem(what: &str, pem: &[u8]) -> Result<CertificateSigningRequestD
 }
 
 pub fn read_file(path: &Path) -> Result<Vec<u8>, PemError> {
-    fs::read(path).map_err(|source| PemError::Io { what: path.display().to_string(), source })
+    fs::read(path).map_err(|cause| PemError::Io { what: path.display().to_string(), cause })
 }
 
 pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {

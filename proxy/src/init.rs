@@ -45,11 +45,11 @@ pub enum InitError {
     NotPermitted { detail: String },
     #[error("nft refused the ruleset: {stderr}")]
     NftFailed { stderr: String },
-    #[error("cannot run {program}: {source}")]
+    // The cause is in the message and not also a `source`, so a chain prints it once.
+    #[error("cannot run {program}: {cause}")]
     Spawn {
         program: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -227,13 +227,13 @@ impl Nft {
             .spawn()
             .map_err(|source| match source.kind() {
                 std::io::ErrorKind::NotFound => InitError::NftMissing { program: program.clone() },
-                _ => InitError::Spawn { program: program.clone(), source },
+                _ => InitError::Spawn { program: program.clone(), cause: source },
             })?;
         if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
             // A failed write shows up as nft's own error below.
             let _ = pipe.write_all(text.as_bytes());
         }
-        let out = child.wait_with_output().map_err(|source| InitError::Spawn { program, source })?;
+        let out = child.wait_with_output().map_err(|source| InitError::Spawn { program, cause: source })?;
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
         if out.status.success() {
             return Ok(String::from_utf8_lossy(&out.stdout).into_owned());

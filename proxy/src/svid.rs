@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use trellis_control::api::{BootstrapRequest, RenewRequest, SvidResponse};
 use trellis_control::{ClientError, ControlClient};
 use trellis_identity::pem::{self, write_private};
-use trellis_identity::{Svid, WorkloadKey};
+use trellis_identity::{Svid, VerifyError, WorkloadKey};
 
 use crate::ProxyError;
 use crate::config::Attestation;
@@ -43,6 +43,12 @@ pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient) -> Result<(),
                     "the control plane refused the bootstrap ({status}): {body}"
                 )));
             }
+            Err(ClientError::Tls(v)) if untrusted_server(&v) => {
+                return Err(ProxyError::Bootstrap(format!(
+                    "the control plane's certificate does not verify against the trust bundle: {v} \
+                     (is --ca-bundle the control plane's bundle.pem, and --control the control plane?)"
+                )));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "bootstrap failed; retrying");
                 tokio::select! {
@@ -52,6 +58,17 @@ pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient) -> Result<(),
             }
         }
     }
+}
+
+/// A control plane whose certificate the bundle cannot vouch for will not become trusted by
+/// retrying: a wrong `--ca-bundle` or `--control` is a configuration error, reported and fatal.
+/// Time-related failures (clock skew, a certificate about to be renewed) and handshakes cut
+/// short are retried.
+fn untrusted_server(v: &VerifyError) -> bool {
+    !matches!(
+        v,
+        VerifyError::Expired | VerifyError::NotYetValid | VerifyError::PeerRejected(_) | VerifyError::Other(_)
+    )
 }
 
 async fn bootstrap(state: &ProxyState, anon: &ControlClient) -> Result<Svid, ClientError> {

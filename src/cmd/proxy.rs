@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use trellis_identity::TrustBundle;
 use trellis_policy::Action;
 use trellis_proxy::config::{
     Attestation, InboundSpec, ProxyConfig, RouteSpec, parse_inbound, parse_otlp_endpoint, parse_ports, parse_route,
@@ -136,7 +137,11 @@ fn config(args: RunArgs) -> Result<(ProxyConfig, usize)> {
     let telemetry = telemetry(&args);
     let bundle_pem = match (&args.ca_bundle, args.ca_bundle_pem) {
         (Some(path), _) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading --ca-bundle {}", path.display()))?
+            let pem =
+                std::fs::read_to_string(path).with_context(|| format!("reading --ca-bundle {}", path.display()))?;
+            // Checked here, where the file's name is known; the proxy only sees the text.
+            TrustBundle::from_pem(pem.as_bytes()).with_context(|| format!("--ca-bundle {}", path.display()))?;
+            pem
         }
         (None, Some(pem)) => pem,
         (None, None) => bail!("no trust bundle: pass --ca-bundle FILE (TRELLIS_CA_BUNDLE) or TRELLIS_CA_BUNDLE_PEM"),
