@@ -55,6 +55,9 @@ fn apply_list_get_delete_round_trip() {
     let round = write(dir.path(), "round.yaml", &out);
     let (code, _, err) = control.cli(&["policy", "validate", "-f", &round]);
     assert_eq!(code, 0, "{err}");
+    // TRELLIS_OUTPUT=text (what `list` and `check` take) is YAML for `get`, not an error.
+    let (code, text, _) = control.cli(&["policy", "get", "api-from-web", "-o", "text"]);
+    assert_eq!((code, text.as_str()), (0, out.as_str()));
     let (code, out, _) = control.cli(&["policy", "get", "api-from-web", "-o", "json"]);
     assert_eq!(code, 0);
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();

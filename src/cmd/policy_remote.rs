@@ -49,8 +49,11 @@ pub struct DeleteArgs {
     pub admin: AdminArgs,
 }
 
+/// `text` is `yaml`: `TRELLIS_OUTPUT` is shared by every command, and `text` (the others'
+/// human format) must not make `get` fail.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DocFormat {
+    #[value(alias = "text")]
     Yaml,
     Json,
 }
