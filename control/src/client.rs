@@ -32,7 +32,9 @@ pub const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 pub enum ClientError {
     #[error("bad control plane URL {0:?}: expected https://HOST:PORT")]
     Url(String),
-    #[error("the trust bundle's root has no spiffe:// URI SAN, so it names no trust domain: use the control plane's bundle.pem")]
+    #[error(
+        "the trust bundle's root has no spiffe:// URI SAN, so it names no trust domain: use the control plane's bundle.pem"
+    )]
     NoTrustDomain,
     #[error("cannot connect to the control plane at {addr}: {reason}")]
     Connect { addr: String, reason: String },

@@ -68,10 +68,7 @@ pub enum CaError {
     Pem(#[from] PemError),
     // The cause is in the message and not also a `source`, so a chain prints it once.
     #[error("{path}: {cause}")]
-    Io {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
+    Io { path: PathBuf, cause: std::io::Error },
     #[error("CA key does not match the CA certificate")]
     KeyMismatch,
     #[error("CA certificate is not a CA (basicConstraints CA:TRUE missing)")]

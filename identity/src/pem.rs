@@ -15,10 +15,7 @@ use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyD
 pub enum PemError {
     // The cause is in the message and not also a `source`, so a chain prints it once.
     #[error("{what}: {cause}")]
-    Io {
-        what: String,
-        cause: std::io::Error,
-    },
+    Io { what: String, cause: std::io::Error },
     #[error("{what}: not valid PEM: {reason}")]
     Malformed { what: String, reason: String },
     #[error("{what}: no {kind} found")]

@@ -47,10 +47,7 @@ pub enum InitError {
     NftFailed { stderr: String },
     // The cause is in the message and not also a `source`, so a chain prints it once.
     #[error("cannot run {program}: {cause}")]
-    Spawn {
-        program: String,
-        cause: std::io::Error,
-    },
+    Spawn { program: String, cause: std::io::Error },
 }
 
 /// What to capture and what to leave alone.

@@ -65,10 +65,7 @@ pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient) -> Result<(),
 /// Time-related failures (clock skew, a certificate about to be renewed) and handshakes cut
 /// short are retried.
 fn untrusted_server(v: &VerifyError) -> bool {
-    !matches!(
-        v,
-        VerifyError::Expired | VerifyError::NotYetValid | VerifyError::PeerRejected(_) | VerifyError::Other(_)
-    )
+    !matches!(v, VerifyError::Expired | VerifyError::NotYetValid | VerifyError::PeerRejected(_) | VerifyError::Other(_))
 }
 
 async fn bootstrap(state: &ProxyState, anon: &ControlClient) -> Result<Svid, ClientError> {
