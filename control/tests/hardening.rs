@@ -359,3 +359,31 @@ fn anyhow_like(err: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+// --- a declared body over the limit --------------------------------------------------------
+
+/// A `Content-Length` over the limit is answered 413 at once, not after the server has waited
+/// for (or read) a body it would throw away.
+#[tokio::test]
+async fn a_declared_length_over_the_limit_is_refused_before_the_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let plane = Plane::start().await;
+    let expected = SpiffeId::parse(CONTROL).unwrap();
+    let tls = trellis_identity::client_config(None, &plane.bundle(), expected).unwrap();
+    let tcp = tokio::net::TcpStream::connect(plane.running.local_addr).await.unwrap();
+    let name = trellis_identity::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.unwrap();
+    let head = format!(
+        "POST /v1/policies HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\n\
+         content-type: application/yaml\r\ncontent-length: 99999999999\r\n\r\n",
+        plane.admin_token()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("no answer while the body was still owed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}

@@ -281,13 +281,21 @@ async fn webhook(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
 
 /// Reads a request body of at most `limit` bytes.
 pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    // A declared length over the limit is refused before a byte of it is read, so the client
+    // is not left sending (and the server waiting for) a body that will be thrown away.
+    let declared = http_body::Body::size_hint(req.body()).exact();
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {limit} bytes")))
-        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
         Err(e) => Err(ApiError::bad_request(format!("could not read request body: {e}"))),
     }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {limit} bytes"))
 }
 
 /// Reads and parses a JSON body, naming what was wrong with it.
