@@ -161,7 +161,21 @@ async fn websocket_upgrade_passes_through() {
     }
     let head = String::from_utf8_lossy(&head);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("x-echo-path: /ws\r\n") && head.contains(&format!("x-echo-peer: {WEB}\r\n")), "{head}");
     assert_eq!(echo_once(&mut s, b"frames are just bytes to us").await.unwrap(), b"frames are just bytes to us");
+
+    // The app gets the path the policy judged, not the one sent (a Java app would map
+    // `/x/;/../ws`-style paths differently), and the caller's identity whatever the client
+    // names in `Connection`.
+    let mut s = TcpStream::connect(m.http).await.unwrap();
+    s.write_all(
+        b"GET /api/../ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, x-trellis-peer-id\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("x-echo-path: /ws\r\n") && head.contains(&format!("x-echo-peer: {WEB}\r\n")), "{head}");
 }
 
 /// Reads one HTTP/1.1 response (head and `content-length` body) off a raw socket.

@@ -161,6 +161,28 @@ fn validate_reads_a_directory_and_names_the_file_of_each_problem() {
 }
 
 #[test]
+fn a_directory_is_held_to_the_limits_of_one_apply_as_a_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["a", "b"] {
+        let docs: Vec<String> = (0..6000)
+            .map(|i| {
+                format!(
+                    "{{\"apiVersion\":\"trellis.dev/v1alpha1\",\"kind\":\"AuthorizationPolicy\",\
+                     \"metadata\":{{\"name\":\"{file}-{i}\"}},\"spec\":{{\"selector\":\"*\",\"rules\":[]}}}}"
+                )
+            })
+            .collect();
+        std::fs::write(dir.path().join(format!("{file}.json")), format!("[{}]", docs.join(","))).unwrap();
+    }
+    let o = run(&["policy", "validate", "-f", dir.path().to_str().unwrap()]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("12000 policy documents; the limit is 10000"), "{}", stderr(&o));
+    // Each file alone is fine.
+    let o = run(&["policy", "validate", "-f", dir.path().join("a.json").to_str().unwrap()]);
+    assert_exit(&o, 0);
+}
+
+#[test]
 fn validate_refuses_a_file_without_policies_as_apply_does() {
     for text in ["", "# only a comment\n", "---\n", "[]"] {
         let f = file(text);

@@ -228,7 +228,10 @@ fn mismatch(config: &ControlConfig, what: &'static str, found: String) -> StartE
     }
 }
 
-/// Creates the data dir mode 0700, or tightens an existing one to 0700.
+/// Creates the data dir mode 0700, or tightens an existing one to 0700 — if it is the control
+/// plane's (empty, or holding its store or admin token). A directory the operator pointed at
+/// that holds other things (`--data-dir .`, a home directory) keeps its mode: changing it could
+/// break whatever else lives there; the files written in it are 0600 either way.
 fn create_private_dir(dir: &Path) -> Result<(), StartError> {
     use std::os::unix::fs::DirBuilderExt;
     let err = |error| StartError::DataDir { path: dir.to_path_buf(), error };
@@ -238,7 +241,17 @@ fn create_private_dir(dir: &Path) -> Result<(), StartError> {
     if !dir.is_dir() {
         return Err(err(std::io::Error::other("not a directory")));
     }
-    make_private(dir, 0o700)
+    let ours = std::fs::read_dir(dir).map_err(err)?.all(|entry| {
+        entry.is_ok_and(|e| {
+            let name = e.file_name();
+            [STORE_FILE, ADMIN_TOKEN_FILE, BUNDLE_FILE, ca::CA_CERT_FILE, ca::CA_KEY_FILE].iter().any(|f| name == **f)
+        })
+    });
+    if ours {
+        return make_private(dir, 0o700);
+    }
+    tracing::warn!(dir = %dir.display(), "the data dir holds other files too; its mode is left as it is (the control plane's files in it are 0600)");
+    Ok(())
 }
 
 /// Every file the control plane writes in the data dir, mode 0600, also when it already

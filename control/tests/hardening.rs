@@ -387,3 +387,18 @@ async fn a_declared_length_over_the_limit_is_refused_before_the_body() {
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 }
+
+/// A data dir that holds other things too (`--data-dir .`, a home directory) keeps its mode:
+/// only the control plane's own files are made private.
+#[tokio::test]
+async fn a_shared_data_dir_keeps_its_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("notes.txt"), "mine").unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let running = trellis_control::start(config(tmp.path()), Hooks::default()).await.unwrap();
+    assert_eq!(mode(tmp.path()), 0o755);
+    for f in ["ca-key.pem", "admin.token", "trellis.redb"] {
+        assert_eq!(mode(&tmp.path().join(f)), 0o600, "{f}");
+    }
+    running.shutdown().await;
+}

@@ -51,7 +51,7 @@ pub enum PathError {
     InvalidEscape,
     #[error("character {0:?} not allowed in path")]
     ForbiddenChar(char),
-    #[error("'.' or '..' segment with a ';' parameter in path")]
+    #[error("'.' or '..' segment with a ';' parameter, or after a segment of only parameters, in path")]
     DotSegmentParameter,
 }
 
@@ -127,13 +127,20 @@ fn parameter_start(segment: &str) -> Option<usize> {
 /// drop `;` parameters before resolving dot segments, so `/api/..;/admin` is `/admin` to
 /// them, while here it would be a plain segment under `/api/`. `path` has its unreserved
 /// escapes decoded and other escapes uppercased.
+///
+/// Also refuses a `.` or `..` after a segment of only parameters (`/x/;/../admin`): here the
+/// `..` removes the `;` segment (`/x/admin`), there the emptied segment is merged away first
+/// and the `..` removes `x` (`/admin`). A lone `/;jsessionid=…` stays allowed.
 fn refuse_dot_parameters(path: &str) -> Result<(), PathError> {
+    let mut only_parameters_seen = false;
     for segment in path.split('/') {
-        if let Some(end) = parameter_start(segment) {
-            if matches!(&segment[..end], "." | "..") {
-                return Err(PathError::DotSegmentParameter);
-            }
+        let end = parameter_start(segment);
+        let name = &segment[..end.unwrap_or(segment.len())];
+        let dots = matches!(name, "." | "..");
+        if dots && (end.is_some() || only_parameters_seen) {
+            return Err(PathError::DotSegmentParameter);
         }
+        only_parameters_seen |= end.is_some() && name.is_empty();
     }
     Ok(())
 }
@@ -390,6 +397,9 @@ mod tests {
             "/a/.%2E;x/b",
             "/a//..;/b",
             "/a/..;?x=/b",
+            "/x/;/../admin",
+            "/x/;a=1/./admin",
+            "/x/%3B/../admin",
         ] {
             assert_eq!(normalize_path(raw), Err(PathError::DotSegmentParameter), "{raw}");
         }
@@ -404,6 +414,7 @@ mod tests {
             ("/a/;/b", "/a/;/b"),
             ("/a/%3B../b", "/a/%3B../b"),
             ("/a/x;/../b", "/a/b"),
+            ("/;jsessionid=1", "/;jsessionid=1"),
         ] {
             assert_eq!(ok(raw), want, "{raw}");
         }

@@ -474,8 +474,10 @@ impl tower::Service<Permitted> for ForwardToApp {
 async fn forward_http(ctx: &ConnCtx, app: &AppClient, permit: Permit, mut req: Request<ReqBody>) -> Response<RespBody> {
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
     if is_websocket_upgrade(&req) {
-        set_peer_header(ctx, req.headers_mut());
         let tracked = ctx.track_upgrade(&req);
+        // As for any request: the app gets the path the policy judged (normalized), and the
+        // verified peer header after the hop-by-hop ones (which the client names) are gone.
+        prepare_for_app(ctx, &mut req, false);
         // Boxed so the rare upgrade does not size (and slow) every request's future.
         return Box::pin(crate::upgrade::forward_upgrade(req, UpgradeTarget::App(ctx.app), Some(tracked))).await;
     }

@@ -2,9 +2,9 @@
 //!
 //! Only `Upgrade: websocket` gets here ([`crate::http::is_websocket_upgrade`]); any other
 //! upgrade offer (h2c in particular) is forwarded as an ordinary request without its
-//! hop-by-hop headers, so it can never become a tunnel. An upgrade cannot ride the pooled HTTP/2 connection, so the request goes over its own
-//! HTTP/1.1 connection — a fresh mTLS connection to the peer sidecar (outbound) or a plain
-//! one to the app (inbound). When the far side answers `101 Switching Protocols`, the
+//! hop-by-hop headers, so it can never become a tunnel. An upgrade cannot ride the pooled
+//! HTTP/2 connection, so the request goes over its own HTTP/1.1 connection — a fresh mTLS
+//! connection to the peer sidecar (outbound) or a plain one to the app (inbound). When the far side answers `101 Switching Protocols`, the
 //! client's and the far side's upgraded streams are spliced together until either closes
 //! or the policy revokes the connection: inbound, the upgraded connection stays registered
 //! with the flow that authorized it ([`Tracked`]), so a policy change that no longer allows

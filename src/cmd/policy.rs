@@ -265,6 +265,8 @@ pub(super) fn load_text(source: &PolicySourceArgs) -> Result<(String, Vec<Policy
                 MAX_INPUT_BYTES >> 20
             )));
         }
+        // The limits on the whole (documents, rules) hold for what one apply sends, not per file.
+        parse_documents(&text).map_err(|errors| report(Some(path), &errors))?;
         return Ok((text, policies));
     }
     let text = read_input(path).map_err(|e| fail(format_args!("{}: {e}", path.display())))?;

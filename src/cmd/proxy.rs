@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// Admin listener: /live /ready /metrics /config.
     #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
-    /// Ports never sniffed for HTTP (server-speaks-first protocols), e.g. 5432,3306.
+    /// Ports never sniffed for HTTP (server-speaks-first protocols), e.g. 3306,25 (MySQL, SMTP).
     #[arg(long, env = "TRELLIS_OPAQUE_PORTS", value_parser = parse_ports, default_value = "")]
     opaque_ports: BTreeSet<u16>,
     /// Worker threads (1 = a single-threaded runtime, the smallest footprint).

@@ -15,7 +15,8 @@ use tokio::net::TcpListener;
 
 /// An HTTP server that answers every request with a JSON description of it:
 /// `{"method", "path", "headers": {...}}`. `/slow/<ms>` waits first; an `Upgrade` request
-/// gets `101` and then an echo of the upgraded bytes; `x-echo-filler: N` asks for a response
+/// gets `101` (with the path and `x-trellis-peer-id` it saw in `x-echo-path` and
+/// `x-echo-peer`) and then an echo of the upgraded bytes; `x-echo-filler: N` asks for a response
 /// header `x-filler` of N bytes.
 pub async fn http_echo() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -53,10 +54,13 @@ async fn answer(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
                 }
             }
         });
+        let peer = req.headers().get("x-trellis-peer-id").cloned().unwrap_or(http::HeaderValue::from_static(""));
         return Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(http::header::CONNECTION, "Upgrade")
             .header(http::header::UPGRADE, "websocket")
+            .header("x-echo-path", req.uri().path())
+            .header("x-echo-peer", peer)
             .body(Full::default())
             .unwrap();
     }
