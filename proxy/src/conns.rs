@@ -108,6 +108,18 @@ pub struct Tracked {
 }
 
 impl Tracked {
+    /// Judges the flow again against `snapshot` and closes the connection if it is no longer
+    /// allowed; true if it closed it.
+    pub fn recheck(&self, snapshot: &PolicySnapshot) -> bool {
+        let allowed = self.flow.lock().unwrap_or_else(|p| p.into_inner()).allowed_by(snapshot);
+        if !allowed && !self.cancel.is_cancelled() {
+            tracing::info!("policy changed while the connection was being admitted; closing it");
+            self.cancel.cancel();
+            return true;
+        }
+        false
+    }
+
     /// Records the latest allowed request on an HTTP connection.
     pub fn set_http(&self, method: &str, path: &str) {
         let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
@@ -123,5 +135,49 @@ impl Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.tracker.lock().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_policy::{Defaults, parse_documents};
+
+    use super::*;
+
+    fn snapshot(version: u64, port: u16) -> PolicySnapshot {
+        let text = format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p}}\n\
+             spec: {{selector: '*', rules: [{{to: [{{ports: [{port}]}}]}}]}}\n"
+        );
+        PolicySnapshot::compile(version, parse_documents(&text).unwrap(), Defaults::default()).unwrap()
+    }
+
+    fn flow(port: u16) -> TrackedFlow {
+        TrackedFlow::Mesh {
+            source: Some(SpiffeId::parse("spiffe://td/web").unwrap()),
+            source_ip: "10.0.0.1".parse().unwrap(),
+            destination: SpiffeId::parse("spiffe://td/api").unwrap(),
+            port,
+            http: None,
+        }
+    }
+
+    /// A connection admitted by an older snapshot is judged again by the newer one it missed.
+    #[test]
+    fn a_late_registration_is_judged_by_the_newer_policy() {
+        let tracker = Arc::new(ConnTracker::default());
+        let kept = tracker.track(flow(80), CancellationToken::new());
+        let revoked = tracker.track(flow(81), CancellationToken::new());
+        let newer = snapshot(2, 80);
+        assert!(!kept.recheck(&newer));
+        assert!(!kept.cancel.is_cancelled());
+        assert!(revoked.recheck(&newer));
+        assert!(revoked.cancel.is_cancelled());
+        assert!(!revoked.recheck(&newer), "counted once");
+        // The tracker's own recheck skips what is already closed.
+        assert_eq!(tracker.recheck(&newer), 0);
+        drop(revoked);
+        assert_eq!(tracker.len(), 1);
+        assert_eq!(tracker.recheck(&snapshot(3, 81)), 1);
     }
 }

@@ -333,7 +333,10 @@ impl ConnCtx {
         let permit = authorize(&view, &self.flow(Some(HttpRequest { method, path })))?;
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
         match tracked.as_ref() {
-            Some(t) => t.set_http(method, path),
+            Some(t) => {
+                t.set_http(method, path);
+                self.state.recheck_if_moved(t, permit.version());
+            }
             None => {
                 let flow = TrackedFlow::Mesh {
                     source: Some(self.peer.clone()),
@@ -342,7 +345,7 @@ impl ConnCtx {
                     port: self.app.port(),
                     http: Some((method.to_string(), path.to_string())),
                 };
-                *tracked = Some(self.state.conns.track(flow, self.cancel.clone()));
+                *tracked = Some(self.state.track(flow, self.cancel.clone(), permit.version()));
             }
         }
         Ok(permit)
@@ -399,7 +402,7 @@ async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) -> (Transfer
         port: ctx.app.port(),
         http: None,
     };
-    let tracked = ctx.state.conns.track(flow, ctx.cancel.clone());
+    let tracked = ctx.state.track(flow, ctx.cancel.clone(), permit.version());
     let mut app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(ctx.app)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

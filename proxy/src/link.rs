@@ -118,7 +118,8 @@ fn apply(state: &ProxyState, event: WatchEvent, received: &mut Received) -> Resu
     let closed = state.conns.recheck(&snapshot);
     state.policy.store(Arc::new(PolicyView { snapshot, applied: true }));
     // Recheck again against the stored snapshot: a connection admitted between the first
-    // recheck and the swap was judged by the old policy.
+    // recheck and the swap was judged by the old policy. One registered after this recheck
+    // but decided before the swap judges itself again (`ProxyState::track`).
     let closed = closed + state.conns.recheck(&state.policy.load().snapshot);
     state.metrics.policy_version.set(event.version as i64);
     state.metrics.connections_revoked.inc_by(closed as u64);

@@ -396,7 +396,7 @@ async fn forward_egress(
     let Accepted { mut tcp, .. } = accepted;
     let verdict = permit.verdict();
     let flow = TrackedFlow::Egress { source: me, destination_ip: addr.ip(), port: addr.port() };
-    let tracked = state.conns.track(flow, CancellationToken::new());
+    let tracked = state.track(flow, CancellationToken::new(), permit.version());
     let unreachable = |e: Cow<'static, str>| ConnOutcome::empty(verdict.clone(), Some(e));
     let mut upstream = match tokio::time::timeout(EGRESS_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,

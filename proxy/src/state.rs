@@ -22,7 +22,7 @@ use trellis_identity::{ClientAuth, CredentialStore, SpiffeId, TlsError, TrustBun
 use trellis_policy::{Action, Defaults, PolicySnapshot};
 
 use crate::config::ProxyConfig;
-use crate::conns::ConnTracker;
+use crate::conns::{ConnTracker, Tracked, TrackedFlow};
 use crate::metrics::Metrics;
 
 /// ALPN a Trellis outbound offers for a raw TCP tunnel, so the peer's inbound never sniffs
@@ -196,6 +196,24 @@ impl std::fmt::Debug for ProxyState {
 }
 
 impl ProxyState {
+    /// Registers a connection allowed by the snapshot of version `decided_by`. A policy change
+    /// applied between that decision and this registration rechecked the open connections
+    /// without this one (on a multi-threaded runtime, or across an await), so it is judged
+    /// again here when the snapshot has moved on.
+    pub fn track(&self, flow: TrackedFlow, cancel: CancellationToken, decided_by: u64) -> Tracked {
+        let tracked = self.conns.track(flow, cancel);
+        self.recheck_if_moved(&tracked, decided_by);
+        tracked
+    }
+
+    /// [`ProxyState::track`]'s recheck, for a registration updated with a newer decision.
+    pub fn recheck_if_moved(&self, tracked: &Tracked, decided_by: u64) {
+        let view = self.policy.load();
+        if view.snapshot.version() != decided_by && tracked.recheck(&view.snapshot) {
+            self.metrics.connections_revoked.inc();
+        }
+    }
+
     /// This proxy's own identity (present once the SVID is issued).
     pub fn id(&self) -> Option<SpiffeId> {
         self.creds.id()
