@@ -1250,32 +1250,60 @@ def rss_md(results, a):
     return "\n".join(out)
 
 
+def rounds_kind(summary):
+    """What the chart's medians are over: clean rounds only if every measured target's were."""
+    kept = [m for scn in summary.values() if isinstance(scn, dict) for m in scn.values() if isinstance(m, dict)]
+    return "kept (some disturbed)" if any(m.get("disturbed") for m in kept) else "clean"
+
+
+def file_sha256(path):
+    """The measured binary's own fingerprint: the repository's commit says what was checked
+    out when the benchmark ran, not what the binary was built from."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "?"
+
+
 def goals_md(results, s, a):
     def get(scn, t, k):
         return s.get(scn, {}).get(t, {}).get(k)
 
     rows = []
 
-    def add(goal, measured, ok):
-        rows.append([goal, measured, "–" if ok is None else ("**met**" if ok else "**missed**")])
+    def add(goal, measured, ok, *used):
+        # A goal is judged only on what it names, measured: a missing peer cannot make "the
+        # better of the pairs" easy to beat, and a judgement on disturbed rounds says so.
+        missing = [f"{t} ({scn})" for scn, t in used if not s.get(scn, {}).get(t)]
+        if used and missing:
+            rows.append([goal, "not measured: " + ", ".join(missing), "–"])
+            return
+        status = "–" if ok is None else ("**met**" if ok else "**missed**")
+        if ok is not None and any(get(scn, t, "disturbed") for scn, t in used):
+            status += " ⚠ on disturbed rounds"
+        rows.append([goal, measured, status])
 
     tr, ng, hp = get("http1", "trellis", "rps"), get("http1", "nginx", "rps"), get("http1", "haproxy", "rps")
     best = max([x for x in (ng, hp) if x is not None], default=None)
     r = ratio(tr, best)
     add("trellis peak rps ≥ 1.25× the better of the nginx and HAProxy pairs (scenario 1)",
-        f"{f(tr)} vs {f(best)} req/s = {fr(r)}" if r else "not measured", None if r is None else r >= 1.25)
+        f"{f(tr)} vs {f(best)} req/s = {fr(r)}" if r else "not measured", None if r is None else r >= 1.25,
+        ("http1", "trellis"), ("http1", "nginx"), ("http1", "haproxy"))
     at, an = get("rate", "trellis", "added_p99_ms"), get("rate", "nginx", "added_p99_ms")
     r = ratio(at, an) if an and an > 0 else None
     add("added p99 at 2,000 rps ≤ 0.5× the nginx pair's (scenario 2)",
-        f"{f(at, 3)} ms vs {f(an, 3)} ms = {fr(r)}" if r is not None else "not measured", None if r is None else r <= 0.5)
+        f"{f(at, 3)} ms vs {f(an, 3)} ms = {fr(r)}" if r is not None else "not measured", None if r is None else r <= 0.5,
+        ("rate", "trellis"), ("rate", "nginx"), ("rate", "direct"))
     tb, hb = get("bulk", "trellis", "gbps"), get("bulk", "haproxy", "gbps")
     r = ratio(tb, hb)
     add("bulk ≥ 1.25× the HAProxy tcp pair (scenario 5)",
-        f"{f(tb, 2)} vs {f(hb, 2)} Gbit/s = {fr(r)}" if r else "not measured", None if r is None else r >= 1.25)
+        f"{f(tb, 2)} vs {f(hb, 2)} Gbit/s = {fr(r)}" if r else "not measured", None if r is None else r >= 1.25,
+        ("bulk", "trellis"), ("bulk", "haproxy"))
     tc, nc = get("close", "trellis", "rps"), get("close", "nginx", "rps")
     r = ratio(tc, nc)
     add("Connection-close rps ≥ the nginx pair (scenario 3)",
-        f"{f(tc)} vs {f(nc)} req/s = {fr(r)}" if r else "not measured", None if r is None else r >= 1.0)
+        f"{f(tc)} vs {f(nc)} req/s = {fr(r)}" if r else "not measured", None if r is None else r >= 1.0,
+        ("close", "trellis"), ("close", "nginx"))
     idle = results["rss"].get("idle", {}).get("trellis")
     if idle:
         o, i = mib(idle["outbound"]["rss_kib"]), mib(idle["inbound"]["rss_kib"])
@@ -1302,7 +1330,8 @@ def meta_md(meta):
              f"- date: {m['date']}",
              f"- machine: {m['cpu']}, {m['cpus']} CPUs, {m['mem']}; {m['os']}",
              f"- `uname -a`: `{m['uname']}`",
-             f"- trellis: `{m['trellis_bin']}` ({m['trellis_version']}; commit {m['git']})",
+             f"- trellis: `{m['trellis_bin']}` ({m['trellis_version']}; sha256 {m.get('trellis_sha256', '?')}; "
+            f"repository at commit {m['git']} when measured)",
              f"- load average (1/5/15 min): at start {' '.join(m['load_start'])}, at end {' '.join(m.get('load_end', []))}",
              f"- settings: {m['settings']}",
              "- tools: " + "; ".join(f"{k} `{v}`" for k, v in m["tools"].items())]
@@ -1365,7 +1394,7 @@ def svg_chart(results, s, args):
          f'<rect width="{W}" height="{H}" fill="white"/>',
          f'<text x="{PAD}" y="24" font-size="15" font-weight="bold">Trellis load benchmark — '
          f'{esc(results["meta"]["date"][:10])}, {esc(results["meta"]["cpu"])} ({results["meta"]["cpus"]} CPUs), '
-         f'medians of the clean rounds of {args.rounds}</text>']
+         f'medians of the {rounds_kind(s)} rounds of {args.rounds}</text>']
 
     def panel(x, y, w, h, title, groups, unit, nd, legend):
         o.append(f'<text x="{x}" y="{y - 6}" font-size="12" font-weight="bold">{esc(title)}</text>')
@@ -1479,8 +1508,11 @@ def main():
     a = p.parse_args()
     if a.render:
         src = Path(a.render)
-        results = json.loads(src.read_text())
-        saved = argparse.Namespace(**{**vars(p.parse_args([])), **results["settings"]})
+        try:
+            results = json.loads(src.read_text())
+            saved = argparse.Namespace(**{**vars(p.parse_args([])), **results["settings"]})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--render {src}: not a results.json this benchmark wrote ({type(e).__name__}: {e})")
         dst = Path(a.out) if any(x == "--out" or x.startswith("--out=") for x in sys.argv) else src.parent
         dst.mkdir(parents=True, exist_ok=True)
         md, summary = render_md(results, saved)
@@ -1490,6 +1522,11 @@ def main():
         return 0
     if a.quick:
         a.rounds, a.duration = 1, 3
+    for flag, value in (("--rounds", a.rounds), ("--duration", a.duration), ("--connections", a.connections),
+                        ("--rate", a.rate), ("--wrk-threads", a.wrk_threads), ("--h2-clients", a.h2_clients),
+                        ("--h2-streams", a.h2_streams), ("--idle-conns", a.idle_conns)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1 (got {value})")
     if a.retries is None:
         a.retries = 0 if a.quick else 2
     if a.idle_conns is None:
@@ -1500,12 +1537,17 @@ def main():
     bad += [x for x in a.targets if x not in TARGETS]
     if bad:
         p.error(f"unknown scenario/target {bad}; scenarios: {','.join(SCENARIOS)}; targets: {','.join(TARGETS)}")
+    if not a.targets:
+        p.error("--targets names no target")
     a.trellis_bin = str(Path(a.trellis_bin).resolve())
     out = Path(a.out).resolve()
     work = out / "work"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    try:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+    except OSError as e:
+        p.error(f"--out {out}: cannot write there ({e.strerror or e})")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -1551,6 +1593,7 @@ def main():
             "cpu": mach["cpu"], "cpus": mach["cpus"], "mem": mach["mem"], "os": mach["os"], "uname": mach["uname"],
             "lscpu": mach["lscpu"], "tools": tool_versions(tools), "trellis_bin": a.trellis_bin,
             "trellis_version": sh([a.trellis_bin, "--version"]) or "?", "git": git,
+            "trellis_sha256": file_sha256(a.trellis_bin),
             "load_start": loadavg(), "skipped": skipped,
             "settings": f"rounds {a.rounds}, duration {a.duration}s, {a.connections} connections, wrk -t{a.wrk_threads}, "
                         f"rate {a.rate}/s, h2load -c{a.h2_clients} -m{a.h2_streams}, {a.idle_conns} idle connections, "
@@ -1611,6 +1654,11 @@ def main():
     (out / "chart.svg").write_text(svg_chart(bench.results, summary, a))
     print(md)
     log(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'chart.svg'} (logs and configs in {work})")
+    measured = any(isinstance(m, dict) and m.get("rounds_ok") for scn in summary.values() if isinstance(scn, dict)
+                   for m in scn.values())
+    if rc == 0 and not measured and run_scn and run_scn != ["idle"]:
+        log("ERROR: nothing was measured (every round failed or was skipped); see the log above")
+        rc = 1
     return rc
 
 

@@ -9,12 +9,36 @@
 # first with `cargo build --release --bin trellis` (a no-op when it is up to date; set
 # LOADBENCH_NO_BUILD=1 to measure the binary as it is).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
 command_line="${TRELLIS_BIN:+TRELLIS_BIN=$TRELLIS_BIN }benches/load/run.sh${*:+ $*}"
+
+# Paths the user gives are relative to where they ran this from; the script works from the
+# repository's root, so make them absolute first.
+caller=$PWD
+absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$caller" "$1" ;; esac; }
+[ -n "${TRELLIS_BIN:-}" ] && TRELLIS_BIN=$(absolute "$TRELLIS_BIN")
+args=()
+render=""
+prev=""
+for a in "$@"; do
+  case "$prev" in --out | --render) a=$(absolute "$a") ;; esac
+  case "$a" in
+    --out=*) a="--out=$(absolute "${a#--out=}")" ;;
+    --render=*) a="--render=$(absolute "${a#--render=}")" ;;
+  esac
+  [ "$prev" = --render ] && render=$a
+  case "$a" in --render=*) render=${a#--render=} ;; esac
+  args+=("$a")
+  prev=$a
+done
+set -- ${args[@]+"${args[@]}"}
+cd "$(dirname "$0")/../.."
 
 for a in "$@"; do
   case "$a" in -h | --help) exec python3 benches/load/loadbench.py --help ;; esac
 done
+
+# Re-rendering a saved run measures nothing: no tools, no binary.
+[ -n "$render" ] && exec python3 benches/load/loadbench.py "$@"
 
 command -v python3 >/dev/null || { echo "load bench: python3 is missing (apt-get install -y python3)" >&2; exit 1; }
 

@@ -13,6 +13,12 @@
 #   TRELLIS_BIN=path/to/trellis  ROUNDS=3  DURATION=10s  CONNECTIONS=32  THREADS=2
 set -euo pipefail
 
+# Settings are environment variables (above); any argument is a mistake or a request for help.
+if [ $# -gt 0 ]; then
+  sed -n '2,13s/^# \{0,1\}//p' "$0"
+  case "$1" in -h | --help) exit 0 ;; *) echo "telemetry bench: no arguments; settings are environment variables" >&2; exit 2 ;; esac
+fi
+
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
