@@ -45,6 +45,13 @@ pub enum StoreError {
     File { path: PathBuf, error: std::io::Error },
     #[error("store record is corrupt: {0}")]
     Corrupt(String),
+    /// A stored policy the validator now refuses: stored by a build with looser rules (the
+    /// store itself is fine). Loading it anyway could mean enforcing something no one wrote.
+    #[error(
+        "stored policy {name:?} does not pass this build's validation: {error}; it was stored by a build with \
+         looser rules — start that build, fix the policy (trellis policy apply) or delete it, then start this one"
+    )]
+    Outdated { name: String, error: String },
     #[error("policy {0:?} not found")]
     NotFound(String),
     #[error("policy set rejected: {0}")]
@@ -55,6 +62,16 @@ pub enum StoreError {
     TokenExpired,
     #[error("join token has already been used")]
     TokenUsed,
+}
+
+/// A stored policy record: JSON that does not parse is corruption; a document that parses but
+/// fails validation was written under older rules.
+fn stored_policy(name: &str, json: &[u8]) -> Result<Policy, StoreError> {
+    match serde_json::from_slice::<Policy>(json) {
+        Ok(p) => Ok(p),
+        Err(e) if e.is_data() => Err(StoreError::Outdated { name: name.to_string(), error: e.to_string() }),
+        Err(e) => Err(StoreError::Corrupt(format!("policy {name:?}: {e}"))),
+    }
 }
 
 impl<E: Into<redb::Error>> From<E> for StoreError {
@@ -169,8 +186,7 @@ impl Store {
         let mut out = Vec::with_capacity(table.len()? as usize);
         for row in table.iter()? {
             let (name, json) = row?;
-            let policy: Policy = serde_json::from_slice(json.value())
-                .map_err(|e| StoreError::Corrupt(format!("policy {:?}: {e}", name.value())))?;
+            let policy = stored_policy(name.value(), json.value())?;
             out.push(policy);
         }
         Ok((version, out))
@@ -191,8 +207,7 @@ impl Store {
             let mut merged: BTreeMap<String, Policy> = BTreeMap::new();
             for row in table.iter()? {
                 let (name, json) = row?;
-                let p: Policy = serde_json::from_slice(json.value())
-                    .map_err(|e| StoreError::Corrupt(format!("policy {:?}: {e}", name.value())))?;
+                let p = stored_policy(name.value(), json.value())?;
                 merged.insert(name.value().to_string(), p);
             }
             let (mut created, mut configured, mut unchanged) = (vec![], vec![], vec![]);
@@ -520,7 +535,33 @@ mod tests {
         assert_eq!(store.trust_domain().unwrap().as_deref(), Some("cluster.local"));
     }
 
+    /// A record that no longer validates is named as written under older rules; bytes that
+    /// are not a policy at all are corruption.
+    #[test]
+    fn a_stored_policy_refused_by_newer_rules_is_named_not_called_corrupt() {
+        let (_dir, store) = open();
+        let older = r#"{"apiVersion":"trellis.dev/v1alpha1","kind":"AuthorizationPolicy","metadata":{"name":"a..b"},
+            "spec":{"selector":"*","rules":[]}}"#;
+        store.db_put_policy("a..b", older.as_bytes());
+        match store.policies() {
+            Err(e @ StoreError::Outdated { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("stored policy \"a..b\"") && msg.contains("looser rules"), "{msg}");
+            }
+            other => panic!("{other:?}"),
+        }
+        store.db_put_policy("a..b", b"not json");
+        assert!(matches!(store.policies(), Err(StoreError::Corrupt(_))));
+    }
+
     impl Store {
+        /// Test hook: writes a raw policy record, bypassing validation.
+        fn db_put_policy(&self, name: &str, json: &[u8]) {
+            let txn = self.db.begin_write().unwrap();
+            txn.open_table(POLICIES).unwrap().insert(name, json).unwrap();
+            txn.commit().unwrap();
+        }
+
         /// Test hook: backdates one endpoint's `updated`.
         fn db_set_updated(&self, address: &str, updated: u64) {
             let txn = self.db.begin_write().unwrap();
