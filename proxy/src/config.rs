@@ -115,6 +115,10 @@ pub fn parse_otlp_endpoint(s: &str) -> Result<String, SpecError> {
     if uri.query().is_some() {
         return Err(err("the URL must not have a query"));
     }
+    // OTLP carries no credentials in the URL, and `/config` shows the endpoint as given.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(err("the URL must not carry credentials (user:password@)"));
+    }
     Ok(s.trim().trim_end_matches('/').to_string())
 }
 
@@ -213,7 +217,9 @@ mod tests {
     fn otlp_endpoints_and_ratios() {
         assert_eq!(parse_otlp_endpoint("http://127.0.0.1:4317/").unwrap(), "http://127.0.0.1:4317");
         assert_eq!(parse_otlp_endpoint("http://otel:4318/base").unwrap(), "http://otel:4318/base");
-        for bad in ["https://otel:4317", "otel:4317", "ftp://x", "http://", "not a url", "http://x:1/?a=b"] {
+        for bad in
+            ["https://otel:4317", "otel:4317", "ftp://x", "http://", "not a url", "http://x:1/?a=b", "http://u:p@x:1"]
+        {
             assert!(matches!(parse_otlp_endpoint(bad), Err(SpecError::OtlpEndpoint { .. })), "{bad}");
         }
         assert_eq!(parse_sample_ratio("0.25").unwrap(), 0.25);

@@ -204,10 +204,10 @@ fn peer<'a>(
     let denied = denied.and_then(|v| v.to_str().ok());
     let (policy, rule) = denied.map(parse_policy_rule).unwrap_or_default();
     if let Some(d) = denied {
-        let _ = write!(reason, "deny: {d}");
+        write_peer_reason(reason, d);
     }
     if let Some(a) = finding.and_then(|v| v.to_str().ok()) {
-        let _ = write!(audit, "deny: {a}");
+        write_peer_reason(audit, a);
     }
     let (reason, audit): (&'a String, &'a String) = (reason, audit);
     // An audit-deny is an allow by the peer, which says only what audit mode would do.
@@ -217,6 +217,20 @@ fn peer<'a>(
         None => None,
     };
     Explained { policy, rule, reason, audit: (!audit.is_empty()).then_some(audit.as_str()), version: None }
+}
+
+/// The peer's `x-trellis-denied` / `x-trellis-audit` value in the words the peer's own span
+/// uses for the same decision (`trellis_policy::Reason`'s), so the two spans of one request
+/// say the same thing: `policy=NAME; rule=N` → `deny: policy "NAME" rule N`, `default-deny` →
+/// `deny: no rule matched (default deny)`. Anything else is kept as sent.
+fn write_peer_reason(out: &mut String, header: &str) {
+    let _ = match (parse_policy_rule(header), header) {
+        ((Some(name), Some(rule)), _) => write!(out, "deny: policy {name:?} rule {rule}"),
+        (_, "default-deny") => write!(out, "deny: no rule matched (default deny)"),
+        (_, "invalid-path") => write!(out, "deny: invalid path"),
+        (_, "no-policy-yet") => write!(out, "deny: no policy received from the control plane yet (fail closed)"),
+        (_, other) => write!(out, "deny: {other}"),
+    };
 }
 
 /// `policy=NAME; rule=N` → (NAME, N).
@@ -262,7 +276,11 @@ mod tests {
         assert_eq!(a["error.type"], "policy_denied");
         let (mut reason, mut audit) = (String::new(), String::new());
         let e = r.explain(&mut reason, &mut audit);
-        assert_eq!(r.status(&e), (StatusCode::Error, Some("deny: policy=no; rule=2")));
+        assert_eq!(r.status(&e), (StatusCode::Error, Some("deny: policy \"no\" rule 2")), "the inbound's words");
+        r.verdict = Verdict::Peer { denied: Some(HeaderValue::from_static("default-deny")), audit: None };
+        let (mut reason, mut audit) = (String::new(), String::new());
+        let e = r.explain(&mut reason, &mut audit);
+        assert_eq!(r.status(&e), (StatusCode::Error, Some("deny: no rule matched (default deny)")));
     }
 
     #[test]
@@ -295,7 +313,10 @@ mod tests {
         let mut r = sample_record();
         r.verdict = Verdict::Peer { denied: None, audit: Some(HeaderValue::from_static("default-deny")) };
         let a = attrs(&r);
-        assert_eq!((a["trellis.decision"].as_str(), a["trellis.audit"].as_str()), ("audit-deny", "deny: default-deny"));
+        assert_eq!(
+            (a["trellis.decision"].as_str(), a["trellis.audit"].as_str()),
+            ("audit-deny", "deny: no rule matched (default deny)")
+        );
         assert_eq!(a["trellis.reason"], PEER_ALLOWED, "audit-deny spans carry a reason");
         assert!(!a.contains_key("error.type"));
         r.verdict = Verdict::Forwarded;

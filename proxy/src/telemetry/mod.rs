@@ -81,8 +81,9 @@ impl Default for TelemetryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     // The io::Error is the source, shown once by whoever prints the chain.
-    #[error("cannot open {path}")]
+    #[error("{flag}: cannot open {path}")]
     Open {
+        flag: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -131,14 +132,14 @@ impl Telemetry {
     pub fn start(config: &TelemetryConfig, metrics: &Metrics) -> Result<Telemetry, TelemetryError> {
         let span_sink = match (&config.otlp_endpoint, &config.trace_file) {
             (Some(endpoint), _) => Some(SinkSpec::Otlp { endpoint: endpoint.clone(), protocol: config.otlp_protocol }),
-            (None, Some(path)) => Some(SinkSpec::File(open_append(path)?)),
+            (None, Some(path)) => Some(SinkSpec::File(open_append("--trace-file", path)?)),
             (None, None) => None,
         };
         let flow_out: Option<Box<dyn std::io::Write + Send>> = match &config.flow_log {
             Some(FlowLogTarget::Stdout) => {
                 Some(Box::new(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout())))
             }
-            Some(FlowLogTarget::File(path)) => Some(open_append(path)?),
+            Some(FlowLogTarget::File(path)) => Some(open_append("--flow-log", path)?),
             None => None,
         };
         if span_sink.is_none() && flow_out.is_none() {
@@ -234,12 +235,12 @@ impl Active {
     }
 }
 
-fn open_append(path: &PathBuf) -> Result<Box<dyn std::io::Write + Send>, TelemetryError> {
+fn open_append(flag: &'static str, path: &PathBuf) -> Result<Box<dyn std::io::Write + Send>, TelemetryError> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|source| TelemetryError::Open { path: path.clone(), source })?;
+        .map_err(|source| TelemetryError::Open { flag, path: path.clone(), source })?;
     Ok(Box::new(std::io::BufWriter::with_capacity(256 * 1024, file)))
 }
 
