@@ -144,22 +144,23 @@ async fn route_to_a_peer_with_another_identity_is_refused() {
     assert!(web2.metrics().contains("trellis_handshake_failures_total{reason=\"id_mismatch\"}"));
 }
 
+/// A WebSocket handshake for `path` through web's route, with `connection` as the
+/// `Connection` header; returns the socket and the response head.
+async fn open_websocket(m: &Mesh, path: &str, connection: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(m.http).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: api\r\nConnection: {connection}\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    (s, head)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_passes_through() {
     let m = default_mesh().await;
-    let mut s = TcpStream::connect(m.http).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b)).await.unwrap().unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
+    let (mut s, head) = open_websocket(&m, "/ws", "Upgrade").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(head.contains("x-echo-path: /ws\r\n") && head.contains(&format!("x-echo-peer: {WEB}\r\n")), "{head}");
     assert_eq!(echo_once(&mut s, b"frames are just bytes to us").await.unwrap(), b"frames are just bytes to us");
@@ -167,13 +168,7 @@ async fn websocket_upgrade_passes_through() {
     // The app gets the path the policy judged, not the one sent (a Java app would map
     // `/x/;/../ws`-style paths differently), and the caller's identity whatever the client
     // names in `Connection`.
-    let mut s = TcpStream::connect(m.http).await.unwrap();
-    s.write_all(
-        b"GET /api/../ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, x-trellis-peer-id\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let (head, _) = read_response(&mut s).await;
+    let (_s, head) = open_websocket(&m, "/api/../ws", "Upgrade, x-trellis-peer-id").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(head.contains("x-echo-path: /ws\r\n") && head.contains(&format!("x-echo-peer: {WEB}\r\n")), "{head}");
 }
@@ -284,13 +279,7 @@ async fn an_app_that_switches_protocols_unasked_gets_no_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_policy_closes_an_open_websocket() {
     let m = default_mesh().await;
-    let mut s = TcpStream::connect(m.http).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let (head, _) = read_response(&mut s).await;
+    let (mut s, head) = open_websocket(&m, "/ws", "Upgrade").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(echo_once(&mut s, b"still allowed").await.unwrap(), b"still allowed");
     // The same policy, without /ws.
