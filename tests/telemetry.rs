@@ -483,13 +483,15 @@ async fn slow_collector_overflows_the_bounded_queue_and_counts_drops() {
 async fn bad_telemetry_flags_fail_with_a_clear_error() {
     let control = Control::start(&[]);
     let bundle = control.bundle_path().display().to_string();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--trace-sample-ratio", "1.5"], "not a sample ratio"),
+        (&["--otlp-protocol", "http"], "--otlp-endpoint"),
+        (&["--otlp-endpoint", "http://user:secret@127.0.0.1:4318"], "must not carry credentials"),
         (&["--otlp-endpoint", "https://otel:4317"], "TLS to the collector is not supported"),
         (&["--otlp-endpoint", "otel:4317"], "http://"),
         (&["--otlp-protocol", "xml"], "xml"),
         (&["--otlp-endpoint", "http://127.0.0.1:4317", "--trace-file", "x"], "cannot be used with"),
-        (&["--trace-file", "/nonexistent-dir/spans.jsonl"], "cannot open /nonexistent-dir/spans.jsonl"),
+        (&["--trace-file", "/nonexistent-dir/spans.jsonl"], "--trace-file: cannot open /nonexistent-dir/spans.jsonl"),
     ];
     for (flags, expected) in cases {
         let out = std::process::Command::new(bin())

@@ -87,7 +87,8 @@ pub struct RunArgs {
     #[arg(long, env = "TRELLIS_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
     otlp_endpoint: Option<String>,
     /// OTLP transport: grpc, or http (protobuf over HTTP).
-    #[arg(long, env = "TRELLIS_OTLP_PROTOCOL", default_value = "grpc", value_parser = ["grpc", "http"])]
+    #[arg(long, env = "TRELLIS_OTLP_PROTOCOL", default_value = "grpc", value_parser = ["grpc", "http"],
+          requires = "otlp_endpoint")]
     otlp_protocol: String,
     /// Share of allowed flows whose spans are exported, 0 to 1. Denied, audit-deny and
     /// failed flows are always exported.

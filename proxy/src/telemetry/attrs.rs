@@ -73,7 +73,7 @@ impl FlowRecord {
 
     /// Error for a denial (with its reason) or a failure (with what failed).
     pub fn status<'a>(&'a self, e: &Explained<'a>) -> (StatusCode, Option<&'a str>) {
-        if self.verdict.is_denied() {
+        if self.verdict.is_denied() || matches!(self.verdict, Verdict::Handshake { .. }) {
             return (StatusCode::Error, Some(e.reason.unwrap_or("denied")));
         }
         match &self.error {
@@ -263,6 +263,20 @@ mod tests {
             out.insert(k, v);
         });
         out
+    }
+
+    #[test]
+    fn a_handshake_the_client_gave_up_is_an_error_not_a_denial() {
+        let mut r = sample_record();
+        r.verdict = Verdict::Handshake { label: "peer_rejected", message: "peer refused the handshake".into() };
+        let a = attrs(&r);
+        assert_eq!((a["trellis.decision"].as_str(), a["error.type"].as_str()), ("error", "peer_rejected"));
+        let (mut reason, mut audit) = (String::new(), String::new());
+        let e = r.explain(&mut reason, &mut audit);
+        assert_eq!(r.status(&e).0, StatusCode::Error);
+        assert!(r.must_export(), "failures are always exported");
+        r.verdict = Verdict::Handshake { label: "no_certificate", message: "no certificate".into() };
+        assert_eq!(attrs(&r)["trellis.decision"], "deny");
     }
 
     #[test]

@@ -91,6 +91,9 @@ impl Verdict {
     pub fn label(&self) -> &'static str {
         match self {
             Verdict::Local { decision, .. } => decision.label(),
+            // The client gave up the handshake (it refused this sidecar's certificate): nothing
+            // here denied it.
+            Verdict::Handshake { label: "peer_rejected", .. } => "error",
             Verdict::NoPolicy | Verdict::Handshake { .. } => "deny",
             Verdict::Peer { denied: Some(_), .. } => "deny",
             Verdict::Peer { audit: Some(_), .. } => "audit-deny",
