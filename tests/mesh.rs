@@ -556,22 +556,9 @@ async fn an_http2_app_refusing_a_stream_gets_idempotent_requests_again() {
 fn a_trust_bundle_that_does_not_vouch_for_the_control_plane_is_fatal() {
     let control = Control::start(&[]);
     let other = Control::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let args: Vec<String> = vec![
-        "proxy".into(),
-        "run".into(),
-        "--control".into(),
-        control.url.clone(),
-        "--ca-bundle".into(),
-        other.bundle_path().display().to_string(),
-        "--token".into(),
-        control.token(API),
-        "--admin".into(),
-        addr(free_port()).to_string(),
-    ];
-    let mut proxy = Proc::spawn("proxy", &args, dir.path());
-    let code = proxy.wait_exit(Duration::from_secs(10));
-    let logs = proxy.logs();
+    let mut proxy = Sidecar::spawn_with_bundle(&control, API, &other.bundle_path(), &[]);
+    let code = proxy.proc.wait_exit(Duration::from_secs(10));
+    let logs = proxy.proc.logs();
     assert!(matches!(code, Some(c) if c != 0), "exit {code:?}:\n{logs}");
     assert!(logs.contains("does not verify against the trust bundle") && logs.contains("unknown issuer"), "{logs}");
 }

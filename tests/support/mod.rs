@@ -198,6 +198,11 @@ impl Sidecar {
     }
 
     pub fn spawn(control: &Control, id: &str, args: &[String]) -> Sidecar {
+        Self::spawn_with_bundle(control, id, &control.bundle_path(), args)
+    }
+
+    /// [`Sidecar::spawn`] trusting `bundle` rather than the control plane's own.
+    pub fn spawn_with_bundle(control: &Control, id: &str, bundle: &Path, args: &[String]) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let admin = addr(free_port());
         let token = control.token(id);
@@ -207,7 +212,7 @@ impl Sidecar {
             "--control".into(),
             control.url.clone(),
             "--ca-bundle".into(),
-            control.bundle_path().display().to_string(),
+            bundle.display().to_string(),
             "--token".into(),
             token,
             "--admin".into(),

@@ -218,6 +218,7 @@ fn port(c: &mut Checker<'_>, v: &Value, path: &Path<'_>) -> Option<PortRange> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::errors;
     use crate::parse_documents;
 
     fn authz(from: &str) -> String {
@@ -232,13 +233,6 @@ mod tests {
             "apiVersion: trellis.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: e}}\n\
              spec: {{selector: '*', rules: [{{to: [{to}]}}]}}\n"
         )
-    }
-
-    fn errors(text: &str) -> Vec<String> {
-        match parse_documents(text) {
-            Ok(p) => panic!("accepted {p:?} from:\n{text}"),
-            Err(e) => e.iter().map(ToString::to_string).collect(),
-        }
     }
 
     #[test]

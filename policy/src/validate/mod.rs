@@ -232,7 +232,7 @@ fn egress_spec(c: &mut Checker<'_>, v: &Value, path: &Path<'_>) -> Option<Egress
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::parse_documents;
 
@@ -240,7 +240,8 @@ mod tests {
         format!("apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {metadata}\nspec: {spec}\n")
     }
 
-    fn errors(text: &str) -> Vec<String> {
+    /// Every problem `parse_documents` reports for `text`, which it must refuse.
+    pub(crate) fn errors(text: &str) -> Vec<String> {
         match parse_documents(text) {
             Ok(p) => panic!("accepted {p:?} from:\n{text}"),
             Err(e) => e.iter().map(ToString::to_string).collect(),

@@ -1,0 +1,70 @@
+//! The load benchmark's driver as a user runs it (`benches/load/run.sh`): bad flags are
+//! one-line errors, and a saved run re-renders with each goal judged only on what was
+//! measured. Nothing here measures load; `--render` starts no process.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn run_sh(args: &[&str]) -> Option<Output> {
+    if Command::new("python3").arg("--version").output().is_err() {
+        println!("skipped: python3 is not installed (apt-get install -y python3)");
+        return None;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/run.sh");
+    // TRELLIS_BIN: the script must not run `cargo build` inside `cargo test`.
+    Some(Command::new(script).args(args).env("TRELLIS_BIN", env!("CARGO_BIN_EXE_trellis")).output().unwrap())
+}
+
+#[test]
+fn bad_flags_are_one_line_errors_not_tracebacks() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let file = out_dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let under_a_file = file.join("sub").display().to_string();
+    let cases: [(&[&str], &str); 5] = [
+        (&["--rounds", "0"], "--rounds must be at least 1 (got 0)"),
+        (&["--duration", "-5"], "--duration must be at least 1 (got -5)"),
+        (&["--targets", ","], "--targets names no target"),
+        (&["--only", "http1", "--out", &under_a_file], "cannot write there"),
+        (&["--render", "/nonexistent/results.json"], "not a results.json this benchmark wrote"),
+    ];
+    for (args, expected) in cases {
+        let Some(o) = run_sh(args) else { return };
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(!err.contains("Traceback"), "{args:?}: {err}");
+    }
+}
+
+/// A goal that names a pair that was not measured is "not measured", never "met" against
+/// the other pair (re-rendering the kept report without its HAProxy rounds).
+#[test]
+fn a_goal_is_not_judged_without_the_pairs_it_names() {
+    let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/results/results.json");
+    let mut results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kept).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole.json");
+    std::fs::write(&whole, results.to_string()).unwrap();
+    let Some(o) = run_sh(&["--render", whole.to_str().unwrap(), "--out", dir.path().join("a").to_str().unwrap()])
+    else {
+        return;
+    };
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(dir.path().join("a/results.md")).unwrap();
+    let peak = md.lines().find(|l| l.starts_with("| trellis peak rps")).expect("the peak goal's row");
+    assert!(peak.contains("**met**") && peak.contains("1.27×"), "{peak}");
+
+    for scenario in results["scenarios"].as_object_mut().unwrap().values_mut() {
+        scenario["targets"].as_object_mut().unwrap().remove("haproxy");
+    }
+    let partial = dir.path().join("partial.json");
+    std::fs::write(&partial, results.to_string()).unwrap();
+    let o = run_sh(&["--render", partial.to_str().unwrap(), "--out", dir.path().join("b").to_str().unwrap()]).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(dir.path().join("b/results.md")).unwrap();
+    let peak = md.lines().find(|l| l.starts_with("| trellis peak rps")).expect("the peak goal's row");
+    assert!(peak.contains("not measured: haproxy (http1)") && !peak.contains("met"), "{peak}");
+    let bulk = md.lines().find(|l| l.starts_with("| bulk")).expect("the bulk goal's row");
+    assert!(bulk.contains("not measured: haproxy (bulk)"), "{bulk}");
+}
