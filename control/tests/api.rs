@@ -12,31 +12,6 @@ use trellis_control::store::{Actor, TokenRecord, now_unix};
 use trellis_control::{ClientError, tokens};
 use trellis_identity::{CredentialStore, Svid, WorkloadKey};
 
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
-
-const POLICY: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: api-from-web
-spec:
-  selector: spiffe://cluster.local/ns/shop/sa/api
-  action: ALLOW
-  rules:
-    - from:
-        - identity: spiffe://cluster.local/ns/shop/sa/web
-      to:
-        - ports: [8080]
-"#;
-
-fn api_error(r: Result<impl std::fmt::Debug, ClientError>) -> (StatusCode, String) {
-    match r {
-        Err(ClientError::Api { status, body }) => (status, body.error),
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn bootstrap_with_token_issues_svid_and_registers_addresses() {
     let plane = Plane::start().await;

@@ -19,31 +19,10 @@ use trellis_control::api::{RenewRequest, TokenRequest};
 use trellis_control::run::MAX_SVID_TTL;
 use trellis_control::server::Hooks;
 use trellis_control::store::{Actor, TokenRecord, now_unix};
-use trellis_control::{ClientError, StartError, tokens};
+use trellis_control::{StartError, tokens};
 use trellis_identity::{CredentialStore, SpiffeId, TrustDomain, WorkloadKey};
 
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const CONTROL: &str = "spiffe://cluster.local/trellis/control";
-
-const POLICY: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: api-from-web
-spec:
-  selector: spiffe://cluster.local/ns/shop/sa/api
-  action: ALLOW
-  rules:
-    - from:
-        - identity: spiffe://cluster.local/ns/shop/sa/web
-"#;
-
-fn api_error(r: Result<impl std::fmt::Debug, ClientError>) -> (StatusCode, String) {
-    match r {
-        Err(ClientError::Api { status, body }) => (status, body.error),
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777

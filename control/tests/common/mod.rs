@@ -6,6 +6,8 @@ pub mod fake_kube;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use http::StatusCode;
+use trellis_control::ClientError;
 use trellis_control::api::{BootstrapRequest, TokenRequest};
 use trellis_control::server::Hooks;
 use trellis_control::{ControlClient, ControlConfig, Running};
@@ -105,4 +107,31 @@ pub fn bootstrap_request(token: &str, who: &str) -> (WorkloadKey, BootstrapReque
         addresses: vec![],
     };
     (key, req)
+}
+
+pub const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+pub const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+
+/// api-from-web: web may call api on port 8080.
+pub const POLICY: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: api-from-web
+spec:
+  selector: spiffe://cluster.local/ns/shop/sa/api
+  action: ALLOW
+  rules:
+    - from:
+        - identity: spiffe://cluster.local/ns/shop/sa/web
+      to:
+        - ports: [8080]
+"#;
+
+/// The status and message of an API error (panics on anything else).
+pub fn api_error(r: Result<impl std::fmt::Debug, ClientError>) -> (StatusCode, String) {
+    match r {
+        Err(ClientError::Api { status, body }) => (status, body.error),
+        other => panic!("expected an API error, got {other:?}"),
+    }
 }
