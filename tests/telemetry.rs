@@ -89,6 +89,21 @@ async fn no_cert_handshake(m: &Mesh) {
     }
 }
 
+const TWO_REQUESTS: &str =
+    "GET /api/conn HTTP/1.1\r\nHost: api\r\n\r\nGET /admin HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n";
+
+/// Two requests on one HTTP/1.1 connection to web's route, the second denied and closing
+/// it; returns the client's port.
+async fn two_requests_one_connection(m: &Mesh) -> u16 {
+    let mut s = TcpStream::connect(m.http).await.unwrap();
+    let port = s.local_addr().unwrap().port();
+    s.write_all(TWO_REQUESTS.as_bytes()).await.unwrap();
+    let mut answers = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut answers)).await.expect("both answers, then a close").unwrap();
+    assert!(answers.starts_with("HTTP/1.1 200") && answers.contains("HTTP/1.1 403"), "{answers}");
+    port
+}
+
 fn is(s: &Span, name: &str, path: &str) -> bool {
     s.name == name && s.str("url.path") == path
 }
@@ -241,7 +256,34 @@ async fn otlp_http_protobuf_exports_nested_spans_and_denials() {
     let cfg = m.web.config();
     assert_eq!(cfg["telemetry"]["otlp_protocol"], "http");
     assert_eq!(cfg["telemetry"]["otlp_endpoint"], r.url());
-    let _ = &m.control;
+
+    // An HTTP connection has a span of its own, on each side, when it closes.
+    let client_port = Some(i64::from(two_requests_one_connection(&m).await));
+    let conn = r
+        .wait_for("outbound HTTP connection", WAIT, |s| {
+            s.name == "outbound connection" && s.int("client.port") == client_port
+        })
+        .await;
+    assert_eq!((conn.kind, conn.str("trellis.protocol"), conn.str("trellis.decision")), (CLIENT, "http1", "allow"));
+    assert_eq!((conn.int("trellis.http.requests"), conn.int("trellis.http.requests.denied")), (Some(2), Some(1)));
+    assert_eq!(conn.int("trellis.bytes.sent"), Some(TWO_REQUESTS.len() as i64), "what the client wrote: {conn:?}");
+    assert!(conn.int("trellis.bytes.received").unwrap() > 100, "two answers: {conn:?}");
+    assert!(conn.str("trellis.reason").contains("each request"), "{conn:?}");
+    assert_ne!(conn.status_code, ERROR, "a connection whose requests were denied did not fail: {conn:?}");
+    assert_ids(&conn, WEB, API);
+    // The sidecars' pooled HTTP/2 connection closes when web's sidecar stops.
+    m.web.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let peer = r
+        .wait_for("inbound HTTP connection", WAIT, |s| {
+            s.name == "inbound connection" && s.str("trellis.protocol") == "http2"
+        })
+        .await;
+    assert_eq!((peer.kind, peer.str("trellis.decision")), (SERVER, "allow"));
+    assert!(peer.int("trellis.http.requests").unwrap() >= 4, "every request rode it: {peer:?}");
+    assert!(peer.int("trellis.http.requests.denied").unwrap() >= 2, "{peer:?}");
+    assert!(peer.int("trellis.bytes.sent").unwrap() > 0 && peer.int("trellis.bytes.received").unwrap() > 0);
+    assert_ids(&peer, WEB, API);
+    assert_eq!(peer.int("server.port"), Some(i64::from(m.backend.port())));
 }
 
 /// Spans to `<dir>/<name>-spans.jsonl`; the flow log to `<dir>/<name>-flows.jsonl`, or to

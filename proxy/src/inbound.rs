@@ -7,8 +7,9 @@
 //!   tower stack built by [`http_stage`]; denied requests get 403 + `x-trellis-denied`.
 //!
 //! Allowed connections are registered with the connection tracker, so a later policy
-//! that revokes them closes them. Telemetry records a span for each opaque connection
-//! (allowed or denied), each refused handshake, and (in the tower stack) each request.
+//! that revokes them closes them. Telemetry records a span for each connection (opaque:
+//! allowed or denied; HTTP: when it closes, with its request counts), each refused
+//! handshake, and (in the tower stack) each request.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -41,7 +42,7 @@ use crate::metrics::OpenGuard;
 use crate::serve::serve_http;
 use crate::sniff::{Protocol, detect};
 use crate::state::{ALPN_H2, ALPN_HTTP11, ALPN_OPAQUE, ProxyState};
-use crate::telemetry::{ConnFacts, ConnOutcome, Direction, Started, Verdict};
+use crate::telemetry::{ConnFacts, ConnOutcome, Direction, HttpConnSpan, Metered, Started, Verdict};
 use crate::tunnel::{Transferred, tunnel};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -432,8 +433,9 @@ async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) -> (Transfer
 /// policy revokes the connection, or the proxy drains.
 fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) -> impl Future<Output = ()> + Send {
     let state = ctx.state.clone();
+    let conn = HttpConnSpan::start(&state.telemetry, || ctx.conn_facts(), ctx.started, protocol.label());
     let svc = ServiceBuilder::new()
-        .layer(TraceLayer::new(&state, || ctx.conn_facts()))
+        .layer(TraceLayer::new(conn.clone()))
         .layer(MetricsLayer { state: state.clone(), direction: "inbound" })
         .layer(PolicyLayer { ctx: ctx.clone() })
         .service(ForwardToApp { app: ctx.state.app.get(ctx.app), ctx: ctx.clone() });
@@ -446,7 +448,7 @@ fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) -> impl Future<
             () = state.shutdown.cancelled() => state.config.drain_timeout,
         }
     };
-    serve_http(io, svc, protocol == Protocol::Http2, header_timeout, stop)
+    serve_http(Metered::new(io, conn), svc, protocol == Protocol::Http2, header_timeout, stop)
 }
 
 /// The innermost service: sends a permitted request to the app.

@@ -32,7 +32,7 @@ use crate::inbound::ConnCtx;
 use crate::metrics::DirectionLabels;
 use crate::state::ProxyState;
 use crate::telemetry::body::{Counted, Finish, Traced};
-use crate::telemetry::{Active, ConnFacts, FlowRecord, HttpFacts, RecordPath, SpanIds, Started, TraceParent, Verdict};
+use crate::telemetry::{FlowRecord, HttpConnSpan, HttpFacts, RecordPath, SpanIds, Started, TraceParent, Verdict};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -44,31 +44,28 @@ pub struct Decided(pub Verdict);
 /// forwarded request's `traceparent`, and finishes it when the response body ends.
 #[derive(Clone)]
 pub struct TraceLayer {
-    state: Arc<ProxyState>,
-    /// `None` when telemetry is off: the layer is then a pass-through.
-    facts: Option<Arc<ConnFacts>>,
+    /// The connection's span, which the requests' spans share facts with and are counted
+    /// in; `None` when telemetry is off: the layer is then a pass-through.
+    conn: Option<Arc<HttpConnSpan>>,
 }
 
 impl TraceLayer {
-    /// `facts` is only called when telemetry is on.
-    pub fn new(state: &Arc<ProxyState>, facts: impl FnOnce() -> Arc<ConnFacts>) -> Self {
-        let facts = state.telemetry.is_on().then(facts);
-        TraceLayer { state: state.clone(), facts }
+    pub fn new(conn: Option<Arc<HttpConnSpan>>) -> Self {
+        TraceLayer { conn }
     }
 }
 
 impl<S> Layer<S> for TraceLayer {
     type Service = TraceService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        TraceService { inner, state: self.state.clone(), facts: self.facts.clone() }
+        TraceService { inner, conn: self.conn.clone() }
     }
 }
 
 #[derive(Clone)]
 pub struct TraceService<S> {
     inner: S,
-    state: Arc<ProxyState>,
-    facts: Option<Arc<ConnFacts>>,
+    conn: Option<Arc<HttpConnSpan>>,
 }
 
 impl<S> Service<Request<Incoming>> for TraceService<S>
@@ -85,16 +82,15 @@ where
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        let (Some(tel), Some(facts)) = (self.state.telemetry.active(), &self.facts) else {
+        let Some(conn) = &self.conn else {
             return TraceFuture { inner: self.inner.call(req.map(Counted::plain)), span: None };
         };
-        let ids = tel.new_span(TraceParent::from_headers(req.headers()));
+        let ids = conn.telemetry().new_span(TraceParent::from_headers(req.headers()));
         ids.inject(req.headers_mut());
         // Bodiless requests (most GETs) need no counter.
         let request_bytes = (!http_body::Body::is_end_stream(req.body())).then(|| Arc::new(AtomicU64::new(0)));
         let span = RequestSpan {
-            tel: tel.clone(),
-            facts: facts.clone(),
+            conn: conn.clone(),
             ids,
             started: Started::now(),
             http: HttpFacts {
@@ -143,8 +139,7 @@ where
 
 /// A request's span between its start and the end of its response body.
 pub struct RequestSpan {
-    tel: Arc<Active>,
-    facts: Arc<ConnFacts>,
+    conn: Arc<HttpConnSpan>,
     ids: SpanIds,
     started: Started,
     http: HttpFacts,
@@ -168,9 +163,10 @@ impl RequestSpan {
 impl Finish for RequestSpan {
     fn finish(self: Box<Self>, response_bytes: u64) {
         let s = *self;
+        s.conn.request_done(s.verdict.is_denied());
         let record = FlowRecord {
             ids: s.ids,
-            facts: s.facts,
+            facts: s.conn.facts().clone(),
             protocol: if s.http.version == "2" { "http2" } else { "http1" },
             http: Some(s.http),
             started: s.started.at,
@@ -180,7 +176,7 @@ impl Finish for RequestSpan {
             bytes_received: response_bytes,
             error: s.error,
         };
-        s.tel.finish(record);
+        s.conn.telemetry().finish(record);
     }
 }
 

@@ -7,9 +7,10 @@
 //!   tunnel. The peer's inbound sidecar authorizes; its 403s reach the app as they are.
 //! - outside the mesh: egress policy decides; a [`Permit`] opens a plain TCP tunnel.
 //!
-//! Telemetry: a span per opaque connection and per HTTP request (CLIENT kind). The peer's
-//! inbound decides mesh flows; for HTTP its answer says how (`x-trellis-denied`,
-//! `x-trellis-audit`), which this side turns into [`Decided`] for its span and metrics.
+//! Telemetry: a span per connection (opaque or HTTP) and per HTTP request (CLIENT kind).
+//! The peer's inbound decides mesh flows; for HTTP its answer says how
+//! (`x-trellis-denied`, `x-trellis-audit`), which this side turns into [`Decided`] for its
+//! span and metrics.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -40,7 +41,7 @@ use crate::peer_h2::{PeerBody, SendError};
 use crate::serve::serve_http;
 use crate::sniff::{Protocol, detect};
 use crate::state::{PeerProtocol, ProxyState};
-use crate::telemetry::{ConnFacts, ConnOutcome, Direction, Started, Verdict};
+use crate::telemetry::{ConnFacts, ConnOutcome, Direction, HttpConnSpan, Metered, Started, Verdict};
 use crate::tunnel::{Transferred, tunnel};
 use crate::upgrade::{UpgradeTarget, forward_upgrade};
 
@@ -186,7 +187,9 @@ async fn mesh(state: Arc<ProxyState>, accepted: Accepted, addr: SocketAddr, id: 
             let outcome = Box::pin(mesh_tcp(&state, io, addr, &id)).await;
             state.telemetry.connection(|| outbound_facts(&state, remote, addr, Some(id)), started, outcome);
         }
-        Protocol::Http1 | Protocol::Http2 => Box::pin(mesh_http(state, io, remote, addr, id, protocol)).await,
+        Protocol::Http1 | Protocol::Http2 => {
+            Box::pin(mesh_http(state, io, (remote, started), addr, id, protocol)).await
+        }
     }
 }
 
@@ -221,13 +224,15 @@ async fn mesh_tcp(state: &ProxyState, mut io: Prefixed<TcpStream>, addr: SocketA
 fn mesh_http(
     state: Arc<ProxyState>,
     io: Prefixed<TcpStream>,
-    remote: SocketAddr,
+    (remote, started): (SocketAddr, Started),
     addr: SocketAddr,
     id: SpiffeId,
     protocol: Protocol,
 ) -> impl Future<Output = ()> + Send {
+    let facts = || outbound_facts(&state, remote, addr, Some(id.clone()));
+    let conn = HttpConnSpan::start(&state.telemetry, facts, started, protocol.label());
     let svc = ServiceBuilder::new()
-        .layer(TraceLayer::new(&state, || outbound_facts(&state, remote, addr, Some(id.clone()))))
+        .layer(TraceLayer::new(conn.clone()))
         .layer(MetricsLayer { state: state.clone(), direction: "outbound" })
         .service(ForwardToPeer { state: state.clone(), addr, id });
     let svc = hyper_util::service::TowerToHyperService::new(svc);
@@ -236,7 +241,7 @@ fn mesh_http(
         state.shutdown.cancelled().await;
         state.config.drain_timeout
     };
-    serve_http(io, svc, protocol == Protocol::Http2, header_timeout, stop)
+    serve_http(Metered::new(io, conn), svc, protocol == Protocol::Http2, header_timeout, stop)
 }
 
 #[derive(Clone)]

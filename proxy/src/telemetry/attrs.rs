@@ -61,6 +61,7 @@ impl FlowRecord {
                 let reason: &'a String = reason;
                 Explained { reason: Some(reason), ..Explained::default() }
             }
+            Verdict::HttpConnection { .. } => Explained { reason: Some(HTTP_CONNECTION), ..Explained::default() },
             Verdict::Forwarded | Verdict::Failed => Explained::default(),
         }
     }
@@ -124,6 +125,10 @@ impl FlowRecord {
             // No semantic convention names a connection's bytes; HTTP uses the body sizes.
             f("trellis.bytes.sent", Attr::Int(self.bytes_sent as i64));
             f("trellis.bytes.received", Attr::Int(self.bytes_received as i64));
+        }
+        if let Verdict::HttpConnection { requests, denied } = self.verdict {
+            f("trellis.http.requests", Attr::Int(requests as i64));
+            f("trellis.http.requests.denied", Attr::Int(denied as i64));
         }
         if let Some(t) = self.error_type() {
             f("error.type", Attr::Str(t));
@@ -190,6 +195,10 @@ fn local<'a>(d: &'a Decision, version: u64, reason: &'a mut String, audit: &'a m
         version: Some(version),
     }
 }
+
+/// `trellis.reason` of an HTTP connection's span: it is admitted as a whole, its requests
+/// are not.
+const HTTP_CONNECTION: &str = "HTTP connection: each request on it is decided on its own, in its own span";
 
 /// `trellis.reason` of an outbound audit-deny: the peer allowed it and names no rule.
 const PEER_ALLOWED: &str = "allow: by the peer sidecar's policy";

@@ -1,9 +1,10 @@
-//! Telemetry (DESIGN.md §7): one span per L4 connection, per HTTP request and per refused
-//! TLS handshake, in both directions, allowed or denied; and an optional JSON-lines flow log.
+//! Telemetry (DESIGN.md §7): one span per connection (opaque or HTTP), per HTTP request and
+//! per refused TLS handshake, in both directions, allowed or denied; and an optional
+//! JSON-lines flow log.
 //!
 //! Where it sits in the flow: the data path builds a [`FlowRecord`] when a flow finishes —
-//! in `inbound`/`outbound` for connections and handshakes, in the HTTP `TraceLayer`
-//! (`layers.rs`) for requests — and hands it to [`Telemetry::finish`], which decides whether
+//! in `inbound`/`outbound` for opaque connections and handshakes, in [`conn`] for HTTP
+//! connections, in the HTTP `TraceLayer` (`layers.rs`) for requests — and hands it to [`Telemetry::finish`], which decides whether
 //! it is exported (denials, would-be denials and failures always; allowed flows when their
 //! trace is sampled) and queues it without waiting ([`queue`]). A dedicated thread
 //! ([`export`]) turns records into OpenTelemetry spans ([`attrs`]) and sends them
@@ -15,6 +16,7 @@
 
 pub mod attrs;
 pub mod body;
+pub mod conn;
 pub mod context;
 pub mod export;
 pub mod jsonl;
@@ -30,6 +32,7 @@ use std::time::Duration;
 use trellis_identity::SpiffeId;
 
 use crate::metrics::Metrics;
+pub use conn::{HttpConnSpan, Metered};
 pub use context::{SpanIds, TraceParent};
 use export::{ExportCounters, Plan, SinkSpec, Worker};
 use queue::Queue;
@@ -221,10 +224,12 @@ impl Active {
     }
 
     /// Queues the record for export (if it must be, or its trace is sampled) and for the
-    /// flow log. Never waits.
+    /// flow log (if it is a decided flow). Never waits.
     pub fn finish(&self, record: FlowRecord) {
         let export = self.spans.as_ref().filter(|_| record.ids.sampled || record.must_export());
-        match (export, &self.flows) {
+        // An HTTP connection's span summarizes flows the log already has a line for each of.
+        let flows = self.flows.as_ref().filter(|_| !matches!(record.verdict, Verdict::HttpConnection { .. }));
+        match (export, flows) {
             (Some(s), Some(f)) => {
                 f.push(record.clone());
                 s.push(record);

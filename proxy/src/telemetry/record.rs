@@ -84,6 +84,9 @@ pub enum Verdict {
     Handshake { label: &'static str, message: String },
     /// Never reached anything that decides (peer unreachable, TLS to the peer failed).
     Failed,
+    /// An HTTP connection as a whole: admitted (mTLS verified inbound, passed to the peer
+    /// outbound) while each of its requests was decided on its own, in its own span.
+    HttpConnection { requests: u64, denied: u64 },
 }
 
 impl Verdict {
@@ -97,7 +100,7 @@ impl Verdict {
             Verdict::NoPolicy | Verdict::Handshake { .. } => "deny",
             Verdict::Peer { denied: Some(_), .. } => "deny",
             Verdict::Peer { audit: Some(_), .. } => "audit-deny",
-            Verdict::Peer { .. } | Verdict::Forwarded => "allow",
+            Verdict::Peer { .. } | Verdict::Forwarded | Verdict::HttpConnection { .. } => "allow",
             Verdict::Failed => "error",
         }
     }
