@@ -166,13 +166,21 @@ async fn otlp_grpc_spans_for_allowed_denied_audit_and_refused_flows() {
     // A request that arrives with a traceparent keeps its trace id; its span is the parent.
     let trace = "0af7651916cd43dd8448eb211c80319c";
     let tp = format!("00-{trace}-b7ad6b7169203331-01");
-    let (status, _, body) = get(&client, &url("/api/traced"), "GET", &[("traceparent", &tp)]).await;
+    let state = [("traceparent", tp.as_str()), ("tracestate", "congo=t61rcWkgMzE"), ("tracestate", "rojo=00f067aa")];
+    let (status, _, body) = get(&client, &url("/api/traced"), "GET", &state).await;
     assert_eq!(status, 200);
     let out = r.wait_for("traced outbound", WAIT, |s| is(s, "outbound GET", "/api/traced")).await;
     let inb = r.wait_for("traced inbound", WAIT, |s| is(s, "inbound GET", "/api/traced")).await;
     assert_eq!((out.trace_id.as_str(), out.parent_span_id.as_str()), (trace, "b7ad6b7169203331"));
     assert_nested(&out, &inb);
     assert_eq!(app_traceparent(&body).0, trace);
+    // The trace's tracestate travels with it and is each span's trace_state (its lines are
+    // one list).
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(seen["headers"]["tracestate"].is_string(), "the app gets the tracestate: {seen}");
+    for s in [&out, &inb] {
+        assert_eq!(s.trace_state, "congo=t61rcWkgMzE,rojo=00f067aa", "{s:?}");
+    }
 
     // Denied by path (default deny) and by a named DENY policy.
     let (status, _, _) = get(&client, &url("/admin"), "GET", &[]).await;
@@ -349,7 +357,7 @@ async fn trace_file_and_flow_log_are_json_lines_and_sampling_keeps_denials() {
     let url = |p: &str| format!("http://{}{p}", m.http);
     assert_eq!(get(&client, &url("/api/unsampled"), "GET", &[]).await.0, 200);
     let tp = "00-11111111111111111111111111111111-2222222222222222-01";
-    assert_eq!(get(&client, &url("/api/sampled"), "GET", &[("traceparent", tp)]).await.0, 200);
+    assert_eq!(get(&client, &url("/api/sampled"), "GET", &[("traceparent", tp), ("tracestate", "k=v")]).await.0, 200);
     assert_eq!(get(&client, &url("/admin"), "GET", &[]).await.0, 403);
 
     let api_spans = dir.path().join("api-spans.jsonl");
@@ -363,7 +371,11 @@ async fn trace_file_and_flow_log_are_json_lines_and_sampling_keeps_denials() {
     assert_eq!(denied["resource"]["service.name"], "trellis-proxy");
     assert!(denied["end_time_unix_nano"].as_u64().unwrap() >= denied["start_time_unix_nano"].as_u64().unwrap());
     let sampled = wait_lines(&api_spans, "sampled span", |v| v["attributes"]["url.path"] == "/api/sampled").await;
-    assert_eq!(sampled["trace_id"], "11111111111111111111111111111111");
+    assert_eq!(
+        (&sampled["trace_id"], &sampled["trace_state"]),
+        (&"11111111111111111111111111111111".into(), &"k=v".into())
+    );
+    assert!(denied["trace_state"].is_null(), "a new trace has no tracestate: {denied}");
     let web_spans = dir.path().join("web-spans.jsonl");
     let out = wait_lines(&web_spans, "sampled outbound", |v| v["attributes"]["url.path"] == "/api/sampled").await;
     assert_eq!(out["parent_span_id"], "2222222222222222");

@@ -32,6 +32,7 @@ use crate::inbound::ConnCtx;
 use crate::metrics::DirectionLabels;
 use crate::state::ProxyState;
 use crate::telemetry::body::{Counted, Finish, Traced};
+use crate::telemetry::context::trace_state;
 use crate::telemetry::{FlowRecord, HttpConnSpan, HttpFacts, RecordPath, SpanIds, Started, TraceParent, Verdict};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -98,6 +99,7 @@ where
                 path: RecordPath::new(req.uri().path()),
                 status: 0,
                 version: if req.version() == Version::HTTP_2 { "2" } else { "1.1" },
+                trace_state: ids.parent.and_then(|_| trace_state(req.headers())),
             },
             request_bytes: request_bytes.clone(),
             verdict: Verdict::Forwarded,

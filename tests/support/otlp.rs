@@ -31,6 +31,8 @@ pub struct Span {
     pub span_id: String,
     /// Empty for a root span.
     pub parent_span_id: String,
+    /// The W3C `tracestate` of the span's trace (empty when none).
+    pub trace_state: String,
     /// OTLP `StatusCode`: 0 = unset, 1 = ok, 2 = error.
     pub status_code: i32,
     pub status_message: String,
@@ -198,6 +200,7 @@ fn flatten(req: ExportTraceServiceRequest) -> Vec<Span> {
                     trace_id: hex(&s.trace_id),
                     span_id: hex(&s.span_id),
                     parent_span_id: hex(&s.parent_span_id),
+                    trace_state: s.trace_state.clone(),
                     status_code: status.code,
                     status_message: status.message,
                     start_unix_nano: s.start_time_unix_nano,

@@ -2,8 +2,9 @@
 //! injected into the request the proxy forwards.
 //!
 //! Only `traceparent` is interpreted. `tracestate` belongs to the trace it arrived with: it
-//! is passed on untouched when the trace is continued and removed when a new trace starts
-//! (the W3C rule: a vendor that could not parse `traceparent` must not pass `tracestate`).
+//! is passed on untouched (and recorded as the span's `trace_state`) when the trace is
+//! continued, and removed when a new trace starts (the W3C rule: a vendor that could not
+//! parse `traceparent` must not pass `tracestate`).
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -59,6 +60,26 @@ fn hex(s: &[u8]) -> Option<u128> {
         };
         Some(acc << 4 | u128::from(d))
     })
+}
+
+/// Longest `tracestate` recorded on a span (W3C: 32 members; vendors keep at least 512
+/// characters). A longer one is still passed on untouched, just not recorded.
+const MAX_TRACE_STATE: usize = 4096;
+
+/// The request's `tracestate` as one value (several header lines are one list, joined by
+/// commas), copied so the span does not hold the connection's read buffer.
+pub fn trace_state(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut values = headers.get_all(TRACESTATE).iter();
+    let first = values.next()?;
+    let mut joined = first.as_bytes().to_vec();
+    for v in values {
+        joined.push(b',');
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if joined.len() > MAX_TRACE_STATE {
+        return None;
+    }
+    HeaderValue::from_bytes(&joined).ok()
 }
 
 /// The identity of one span the proxy records, and where it hangs in its trace.
@@ -201,6 +222,18 @@ mod tests {
         SpanIds::new(None, 0).inject(&mut h);
         assert!(!h.contains_key(TRACESTATE));
         assert_eq!(h.get_all(TRACEPARENT).iter().count(), 1);
+    }
+
+    #[test]
+    fn tracestate_lines_are_one_list_and_an_oversized_one_is_not_recorded() {
+        let mut h = HeaderMap::new();
+        assert_eq!(trace_state(&h), None);
+        h.append(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
+        h.append(TRACESTATE, HeaderValue::from_static("rojo=00f067aa"));
+        assert_eq!(trace_state(&h).unwrap(), "congo=t61rcWkgMzE,rojo=00f067aa");
+        let huge = format!("v={}", "x".repeat(MAX_TRACE_STATE));
+        h.insert(TRACESTATE, HeaderValue::from_str(&huge).unwrap());
+        assert_eq!(trace_state(&h), None);
     }
 
     #[test]

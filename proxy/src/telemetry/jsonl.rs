@@ -43,6 +43,7 @@ impl SpanWriter {
                 trace_id: Hex::new(r.ids.trace_id, 32),
                 span_id: Hex::new(u128::from(r.ids.span_id), 16),
                 parent_span_id: r.ids.parent.map(|p| Hex::new(u128::from(p), 16)),
+                trace_state: r.http.as_ref().and_then(|h| h.trace_state.as_ref()).and_then(|v| v.to_str().ok()),
                 name: r.name(),
                 kind: if r.kind() == 2 { "server" } else { "client" },
                 start_time_unix_nano: unix_nanos(r.started),
@@ -58,13 +59,14 @@ impl SpanWriter {
     }
 }
 
-/// `{trace_id, span_id, parent_span_id, name, kind, start_time_unix_nano,
+/// `{trace_id, span_id, parent_span_id, trace_state, name, kind, start_time_unix_nano,
 /// end_time_unix_nano, status: {code, message}, attributes: {...}, resource: {...}}`.
 #[derive(Serialize)]
 struct SpanLine<'a> {
     trace_id: Hex,
     span_id: Hex,
     parent_span_id: Option<Hex>,
+    trace_state: Option<&'a str>,
     name: &'static str,
     kind: &'static str,
     start_time_unix_nano: u64,

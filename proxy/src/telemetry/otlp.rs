@@ -74,6 +74,9 @@ impl Encoder {
 fn encode_span(r: &FlowRecord, scratch: &mut Scratch, b: &mut Vec<u8>) {
     len_field(1, &r.ids.trace_id.to_be_bytes(), b);
     len_field(2, &r.ids.span_id.to_be_bytes(), b);
+    if let Some(state) = r.http.as_ref().and_then(|h| h.trace_state.as_ref()) {
+        len_field(3, state.as_bytes(), b);
+    }
     if let Some(parent) = r.ids.parent {
         len_field(4, &parent.to_be_bytes(), b);
     }

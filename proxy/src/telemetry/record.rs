@@ -155,6 +155,9 @@ pub struct HttpFacts {
     pub path: RecordPath,
     pub status: u16,
     pub version: &'static str,
+    /// The `tracestate` of a continued trace, for the span's `trace_state` (an owned copy;
+    /// `None` on a new trace, which drops it).
+    pub trace_state: Option<HeaderValue>,
 }
 
 /// One finished flow: an L4 connection, an HTTP request, or a refused handshake.
