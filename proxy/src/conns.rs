@@ -52,6 +52,9 @@ impl TrackedFlow {
 struct Entry {
     flow: Arc<Mutex<TrackedFlow>>,
     cancel: CancellationToken,
+    /// The connection this registration belongs to: its own id, or (an upgraded WebSocket)
+    /// the HTTP connection's. A revocation counts connections, not registrations.
+    family: u64,
 }
 
 #[derive(Debug, Default)]
@@ -64,25 +67,40 @@ impl ConnTracker {
     /// Registers an allowed connection, to be closed through `cancel` if a later policy
     /// no longer allows `flow`; it is forgotten when the handle drops.
     pub fn track(self: &Arc<Self>, flow: TrackedFlow, cancel: CancellationToken) -> Tracked {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let flow = Arc::new(Mutex::new(flow));
-        self.lock().insert(id, Entry { flow: flow.clone(), cancel: cancel.clone() });
-        Tracked { id, cancel, flow, tracker: self.clone() }
+        self.register(flow, cancel, None)
     }
 
-    /// Cancels every connection `snapshot` no longer allows; returns how many.
+    /// Registers another flow carried by the connection `part_of` is registered for (an
+    /// upgraded WebSocket on its HTTP connection): judged on its own, counted as that one
+    /// connection when both are revoked.
+    pub fn track_within(self: &Arc<Self>, part_of: &Tracked, flow: TrackedFlow, cancel: CancellationToken) -> Tracked {
+        self.register(flow, cancel, Some(part_of.family))
+    }
+
+    fn register(self: &Arc<Self>, flow: TrackedFlow, cancel: CancellationToken, family: Option<u64>) -> Tracked {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let family = family.unwrap_or(id);
+        let flow = Arc::new(Mutex::new(flow));
+        self.lock().insert(id, Entry { flow: flow.clone(), cancel: cancel.clone(), family });
+        Tracked { id, family, cancel, flow, tracker: self.clone() }
+    }
+
+    /// Cancels every connection `snapshot` no longer allows; returns how many connections
+    /// that closed.
     pub fn recheck(&self, snapshot: &PolicySnapshot) -> usize {
         let live = self.lock();
-        let mut closed = 0;
+        let mut closed: Vec<u64> = Vec::new();
         for entry in live.values() {
             let flow = entry.flow.lock().unwrap_or_else(|p| p.into_inner());
             if !entry.cancel.is_cancelled() && !flow.allowed_by(snapshot) {
                 tracing::info!(flow = ?*flow, "policy change revoked an open connection; closing it");
                 entry.cancel.cancel();
-                closed += 1;
+                if !closed.contains(&entry.family) {
+                    closed.push(entry.family);
+                }
             }
         }
-        closed
+        closed.len()
     }
 
     pub fn len(&self) -> usize {
@@ -102,6 +120,7 @@ impl ConnTracker {
 #[derive(Debug)]
 pub struct Tracked {
     id: u64,
+    family: u64,
     pub cancel: CancellationToken,
     flow: Arc<Mutex<TrackedFlow>>,
     tracker: Arc<ConnTracker>,
@@ -179,5 +198,31 @@ mod tests {
         drop(revoked);
         assert_eq!(tracker.len(), 1);
         assert_eq!(tracker.recheck(&snapshot(3, 81)), 1);
+    }
+
+    /// An upgraded WebSocket and its HTTP connection are one connection to count, whichever
+    /// of the two the recheck reaches first; a WebSocket whose HTTP registration is gone
+    /// still counts.
+    #[test]
+    fn a_websocket_and_its_http_connection_are_revoked_as_one() {
+        let tracker = Arc::new(ConnTracker::default());
+        let with_ws = |parent_first: bool| {
+            let token = CancellationToken::new();
+            let http = tracker.track(flow(81), token.clone());
+            // Tokens independent of each other, so the visiting order decides which is seen
+            // first, as with a child token cancelled by its parent or not.
+            let ws = tracker.track_within(&http, flow(81), if parent_first { token } else { CancellationToken::new() });
+            (http, ws)
+        };
+        let pairs = [with_ws(true), with_ws(false), with_ws(false)];
+        let lone = {
+            let (http, ws) = with_ws(false);
+            drop(http);
+            ws
+        };
+        assert_eq!(tracker.len(), 7);
+        assert_eq!(tracker.recheck(&snapshot(2, 80)), 4, "three pairs and one lone WebSocket");
+        assert!(pairs.iter().all(|(h, w)| h.cancel.is_cancelled() && w.cancel.is_cancelled()));
+        assert!(lone.cancel.is_cancelled());
     }
 }

@@ -367,7 +367,11 @@ impl ConnCtx {
             port: self.app.port(),
             http: Some((req.method().as_str().to_string(), path.to_string())),
         };
-        self.state.conns.track(flow, self.cancel.child_token())
+        let token = self.cancel.child_token();
+        match self.tracked.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(http) => self.state.conns.track_within(http, flow, token),
+            None => self.state.conns.track(flow, token),
+        }
     }
 }
 
