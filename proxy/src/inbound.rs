@@ -421,16 +421,9 @@ async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) -> (Transfer
     };
     let _ = app.set_nodelay(true);
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "connection allowed");
-    match tunnel(&mut io, &mut app, &tracked.cancel).await {
-        Ok(t) => {
-            tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, "connection closed");
-            (t, None)
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "connection ended with error");
-            (Transferred::default(), None)
-        }
-    }
+    let t = tunnel(&mut io, &mut app, &tracked.cancel).await;
+    tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, error = ?t.error, "connection closed");
+    (t, None)
 }
 
 /// Serves HTTP on the connection through the tower stack, until the peer closes, the

@@ -42,7 +42,7 @@ use crate::serve::serve_http;
 use crate::sniff::{Protocol, detect};
 use crate::state::{PeerProtocol, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, HttpConnSpan, Metered, Started, Verdict};
-use crate::tunnel::{Transferred, tunnel};
+use crate::tunnel::tunnel;
 use crate::upgrade::{UpgradeTarget, forward_upgrade};
 
 const EGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -206,16 +206,8 @@ async fn mesh_tcp(state: &ProxyState, mut io: Prefixed<TcpStream>, addr: SocketA
         }
     };
     state.metrics.flow("outbound", "allow", "tcp");
-    let t = match tunnel(&mut io, &mut peer, &CancellationToken::new()).await {
-        Ok(t) => {
-            tracing::debug!(sent = t.sent, received = t.received, "tunnel closed");
-            t
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "tunnel ended with error");
-            Transferred::default()
-        }
-    };
+    let t = tunnel(&mut io, &mut peer, &CancellationToken::new()).await;
+    tracing::debug!(sent = t.sent, received = t.received, error = ?t.error, "tunnel closed");
     ConnOutcome { verdict: Verdict::Forwarded, sent: t.sent, received: t.received, error: None }
 }
 
@@ -416,10 +408,8 @@ async fn forward_egress(
     };
     let _ = upstream.set_nodelay(true);
     tracing::debug!(reason = %permit.decision(), "egress allowed");
-    let t = tunnel(&mut tcp, &mut upstream, &tracked.cancel).await.unwrap_or_else(|e| {
-        tracing::debug!(error = %e, "egress tunnel ended with error");
-        Transferred::default()
-    });
+    let t = tunnel(&mut tcp, &mut upstream, &tracked.cancel).await;
+    tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, error = ?t.error, "egress tunnel closed");
     ConnOutcome { verdict, sent: t.sent, received: t.received, error: None }
 }
 

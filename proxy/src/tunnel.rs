@@ -23,7 +23,7 @@ thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
 }
 
-/// Bytes moved by a finished tunnel.
+/// Bytes moved by a finished tunnel, and how it ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transferred {
     /// From the connecting side to the other.
@@ -32,6 +32,9 @@ pub struct Transferred {
     pub received: u64,
     /// True when the tunnel was cut by a policy revocation or shutdown.
     pub cancelled: bool,
+    /// Why it ended early, when a read or write failed (a reset, a peer that closed while
+    /// bytes were still going to it). The counts stand either way.
+    pub error: Option<io::ErrorKind>,
 }
 
 /// One direction of a tunnel.
@@ -124,8 +127,9 @@ impl Direction {
 }
 
 /// Copies both ways until both directions reach EOF (each side's write half is shut down
-/// when its reader ends), an error occurs, or `cancel` fires.
-pub async fn tunnel<A, B>(a: &mut A, b: &mut B, cancel: &CancellationToken) -> io::Result<Transferred>
+/// when its reader ends), an error occurs, or `cancel` fires; what was carried until then
+/// is counted in every case.
+pub async fn tunnel<A, B>(a: &mut A, b: &mut B, cancel: &CancellationToken) -> Transferred
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -140,12 +144,15 @@ where
         r = copy => r.map(|()| false),
         () = cancel.cancelled() => Ok(true),
     };
-    let cancelled = result?;
+    let (cancelled, error) = match result {
+        Ok(cancelled) => (cancelled, None),
+        Err(e) => (false, Some(e.kind())),
+    };
     if cancelled {
         let _ = a.shutdown().await;
         let _ = b.shutdown().await;
     }
-    Ok(Transferred { sent: ab.read, received: ba.read, cancelled })
+    Transferred { sent: ab.read, received: ba.read, cancelled, error }
 }
 
 #[cfg(test)]
@@ -175,8 +182,22 @@ mod tests {
         server.write_all(b"reply").await.unwrap();
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"reply");
-        let done = t.await.unwrap().unwrap();
-        assert_eq!(done, Transferred { sent: 200_000, received: 5, cancelled: false });
+        let done = t.await.unwrap();
+        assert_eq!(done, Transferred { sent: 200_000, received: 5, cancelled: false, error: None });
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_ends_the_tunnel_with_what_it_carried() {
+        let (mut client, mut a) = tokio::io::duplex(1024);
+        let (mut b, mut server) = tokio::io::duplex(1024);
+        let t = tokio::spawn(async move { tunnel(&mut a, &mut b, &CancellationToken::new()).await });
+        client.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        server.read_exact(&mut buf).await.unwrap();
+        drop(server);
+        let _ = client.write_all(b"more").await;
+        let done = t.await.unwrap();
+        assert_eq!((done.sent, done.error), (9, Some(io::ErrorKind::BrokenPipe)), "{done:?}");
     }
 
     #[tokio::test]
@@ -190,7 +211,7 @@ mod tests {
         let mut buf = [0u8; 5];
         server.read_exact(&mut buf).await.unwrap();
         cancel.cancel();
-        let done = t.await.unwrap().unwrap();
+        let done = t.await.unwrap();
         assert_eq!((done.sent, done.cancelled), (5, true));
         assert_eq!(server.read(&mut buf).await.unwrap(), 0, "the far side sees the close");
     }

@@ -79,12 +79,11 @@ pub async fn forward_upgrade(
             match tokio::try_join!(client_side, far_side) {
                 Ok((a, b)) => {
                     let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                    match crate::tunnel::tunnel(&mut a, &mut b, &cancel).await {
-                        Ok(t) if t.cancelled => {
-                            tracing::info!(sent = t.sent, received = t.received, "upgraded connection closed: revoked")
-                        }
-                        Ok(t) => tracing::debug!(sent = t.sent, received = t.received, "upgraded connection closed"),
-                        Err(e) => tracing::debug!(error = %e, "upgraded connection ended with error"),
+                    let t = crate::tunnel::tunnel(&mut a, &mut b, &cancel).await;
+                    if t.cancelled {
+                        tracing::info!(sent = t.sent, received = t.received, "upgraded connection closed: revoked")
+                    } else {
+                        tracing::debug!(sent = t.sent, received = t.received, error = ?t.error, "upgraded connection closed")
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
