@@ -130,7 +130,7 @@ fn app_traceparent(body: &str) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otlp_grpc_spans_for_allowed_denied_audit_and_refused_flows() {
     let r = Receiver::grpc(Duration::ZERO).await;
-    let m = mesh(otlp_args(&r, "grpc")).await;
+    let mut m = mesh(otlp_args(&r, "grpc")).await;
     let client = http_client();
     let url = |p: &str| format!("http://{}{p}", m.http);
 
@@ -244,6 +244,21 @@ async fn otlp_grpc_spans_for_allowed_denied_audit_and_refused_flows() {
     assert!(hs.status_message.contains("no certificate"), "{hs:?}");
     assert_eq!(hs.str("trellis.destination.spiffe_id"), API);
     assert!(hs.attr("trellis.source.spiffe_id").is_none());
+
+    // A request the outbound cannot deliver (api's sidecar is gone): its span says why,
+    // with the cause, as a TCP connection's does.
+    m.api.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    m.api.proc.wait_exit(WAIT);
+    let (status, headers, _) = get(&client, &url("/api/unreachable"), "GET", &[]).await;
+    assert_eq!(status, 502);
+    let label = headers.get("x-trellis-error").unwrap().to_str().unwrap().to_string();
+    let failed = r.wait_for("failed request", WAIT, |s| is(s, "outbound GET", "/api/unreachable")).await;
+    assert_eq!((failed.str("trellis.decision"), failed.status_code), ("error", ERROR), "{failed:?}");
+    assert_eq!(failed.str("error.type"), label);
+    assert!(
+        failed.status_message.starts_with(&format!("{label}: ")) && failed.status_message.len() > label.len() + 10,
+        "the status names the cause: {failed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

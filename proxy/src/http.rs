@@ -150,9 +150,16 @@ pub fn forbidden(reason_header: &str, reason_text: &str) -> Response<RespBody> {
     generated(StatusCode::FORBIDDEN, (DENIED, reason_header), format!("denied by trellis policy: {reason_text}\n"))
 }
 
+/// Why this proxy could not forward a request, as `label: detail`, for the request's span
+/// (the `x-trellis-error` header carries the label only).
+#[derive(Debug, Clone)]
+pub struct ProxyFailure(pub String);
+
 /// A 502/503/504 the proxy answers when it cannot forward.
 pub fn proxy_error(status: StatusCode, label: &str, detail: &str) -> Response<RespBody> {
-    generated(status, (ERROR, label), format!("trellis: {detail}\n"))
+    let mut r = generated(status, (ERROR, label), format!("trellis: {detail}\n"));
+    r.extensions_mut().insert(ProxyFailure(format!("{label}: {detail}")));
+    r
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::authz::{Denial, Permit};
-use crate::http::{AUDIT, ERROR, ReqBody, RespBody, TracedBody, forbidden};
+use crate::http::{AUDIT, ERROR, ProxyFailure, ReqBody, RespBody, TracedBody, forbidden};
 use crate::inbound::ConnCtx;
 use crate::metrics::DirectionLabels;
 use crate::state::ProxyState;
@@ -157,7 +157,12 @@ impl RequestSpan {
         if let Some(d) = resp.extensions().get::<Decided>() {
             self.verdict = d.0.clone();
         }
-        self.error = resp.headers().get(ERROR).map(|v| Cow::Owned(String::from_utf8_lossy(v.as_bytes()).into_owned()));
+        // This proxy's own failure with its cause; else a failure the peer's sidecar reported,
+        // of which the header tells the class.
+        self.error = match resp.extensions().get::<ProxyFailure>() {
+            Some(f) => Some(Cow::Owned(f.0.clone())),
+            None => resp.headers().get(ERROR).map(|v| Cow::Owned(String::from_utf8_lossy(v.as_bytes()).into_owned())),
+        };
         resp.map(|b| Traced::with_span(b, self))
     }
 }
