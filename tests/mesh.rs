@@ -562,3 +562,49 @@ fn a_trust_bundle_that_does_not_vouch_for_the_control_plane_is_fatal() {
     assert!(matches!(code, Some(c) if c != 0), "exit {code:?}:\n{logs}");
     assert!(logs.contains("does not verify against the trust bundle") && logs.contains("unknown issuer"), "{logs}");
 }
+
+/// The app's kubelet probes, pointed at the admin port by `trellis inject`, are run by the
+/// proxy against the app: HTTP probes answer with the app's status, TCP probes with whether
+/// the port accepts, a slow app is a 503 within the probe's timeout, and nothing but the
+/// configured probes reaches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_probes_run_on_the_admin_port() {
+    let control = Control::start(&[]);
+    let app = backends::http_echo().await;
+    let closed = free_port();
+    let port = app.port();
+    let probes = serde_json::json!({
+        "web/readyz": { "port": port, "httpGet": { "path": "/status/204/readiness", "port": "http",
+                        "httpHeaders": [{ "name": "X-Probe", "value": "readiness" }] } },
+        "web/livez": { "port": port, "httpGet": { "path": "/status/503" } },
+        "web/startupz": { "port": port, "tcpSocket": { "port": port } },
+        "db/livez": { "port": closed, "tcpSocket": { "port": closed } },
+        "slow/readyz": { "port": port, "timeoutSeconds": 1, "httpGet": { "path": "/slow/5000" } },
+    });
+    let inbound = format!("{}={app}", addr(free_port()));
+    let s = Sidecar::start(&control, API, &["--inbound".into(), inbound, "--app-probes".into(), probes.to_string()]);
+    let probe = |key: &str| http_get(s.admin, &format!("/app-health/{key}")).expect("the admin port answers");
+    assert_eq!(probe("web/readyz").0, 204, "the app's own status, for a request with the probe's header");
+    assert_eq!(probe("web/livez").0, 503);
+    assert_eq!(probe("web/startupz").0, 200);
+    let (status, why) = probe("db/livez");
+    assert_eq!(status, 503);
+    assert!(why.contains("connect to 127.0.0.1"), "{why}");
+    let started = Instant::now();
+    let (status, why) = probe("slow/readyz");
+    assert_eq!(status, 503);
+    assert!(why.contains("timed out after 1s") && started.elapsed() < Duration::from_secs(4), "{why}");
+    assert_eq!(probe("web/other").0, 404, "only configured probes reach the app");
+    assert_eq!(s.config()["app_probes"].as_array().map(Vec::len), Some(5));
+
+    // A probe the proxy could not run is refused at start, naming the flag.
+    let bad = std::process::Command::new(bin())
+        .args(["proxy", "run", "--control", &control.url, "--token", "t"])
+        .args(["--ca-bundle", &control.bundle_path().display().to_string()])
+        .args(["--app-probes", r#"{"web/readyz":{"port":8080}}"#])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(err.contains("--app-probes") && err.contains("exactly one of httpGet and tcpSocket"), "{err}");
+}

@@ -132,6 +132,16 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap());
+    // A second app listening on the pod IP only (not loopback), for the app probes below.
+    let _pod_ip_app = Bg(net
+        .exec(1, &["python3", "-m", "http.server", "8081", "--bind", SERVER_IP])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    // What `trellis inject` gives the server's proxy for two readiness probes.
+    let probes =
+        r#"{"app/readyz":{"port":8080,"httpGet":{"path":"/"}},"side/readyz":{"port":8081,"tcpSocket":{"port":8081}}}"#;
     let logs = tempfile::tempdir().unwrap();
     let mut sidecars = Vec::new();
     for (pod, (id, ip)) in [(CLIENT, CLIENT_IP), (SERVER, SERVER_IP)].into_iter().enumerate() {
@@ -144,6 +154,7 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
             .args(["--control", &control_url, "--token", &token, "--inbound", "0.0.0.0:15006"])
             .args(["--outbound", "127.0.0.1:15001", "--admin", "0.0.0.0:15000", "--advertise-ip", ip])
             .env("TRELLIS_CA_BUNDLE_PEM", &bundle)
+            .env("TRELLIS_APP_PROBES", if pod == 1 { probes } else { "{}" })
             .env("TRELLIS_LOG", "info,trellis_proxy=debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -194,6 +205,20 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&hellos.stdout).trim().is_empty(), "no TLS ClientHello on the wire");
+
+    // The kubelet's view, from the node: a plaintext probe of the app port is captured and
+    // refused (mTLS required); the rewritten probe on the admin port reaches the app through
+    // the proxy, on loopback and (for an app bound to the pod IP only) on the pod IP.
+    let node_curl = |url: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", url])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(node_curl(&format!("http://{SERVER_IP}:8080/")), "000", "a plaintext probe of a captured port");
+    assert_eq!(node_curl(&format!("http://{SERVER_IP}:15000/app-health/app/readyz")), "200", "{}", pod_logs(&logs));
+    assert_eq!(node_curl(&format!("http://{SERVER_IP}:15000/app-health/side/readyz")), "200", "{}", pod_logs(&logs));
 
     // The proxies' own connections were not captured again: no loop refusals, and a
     // direct attempt to reach the outbound listener's own address is refused.

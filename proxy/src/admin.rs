@@ -1,4 +1,5 @@
-//! The admin listener (default `127.0.0.1:15000`): `/live`, `/ready`, `/metrics`, `/config`.
+//! The admin listener (default `127.0.0.1:15000`): `/live`, `/ready`, `/metrics`, `/config`,
+//! and the app's own probes at `/app-health/<container>/<kind>` (`probes.rs`).
 //!
 //! It starts before anything else so probes can tell "alive but not ready" (no SVID or no
 //! policy yet) from "dead". Kubernetes probes `/ready` as the startup and readiness probe.
@@ -15,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::probes;
 use crate::state::ProxyState;
 
 pub async fn serve(state: Arc<ProxyState>, listener: TcpListener) {
@@ -28,13 +30,35 @@ pub async fn serve(state: Arc<ProxyState>, listener: TcpListener) {
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
+                async move {
+                    if let Some(key) = req.uri().path().strip_prefix(APP_HEALTH) {
+                        return Ok::<_, Infallible>(app_health(&state, key, &req).await);
+                    }
+                    Ok(route(&state, &req))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
         });
     }
+}
+
+const APP_HEALTH: &str = "/app-health/";
+
+/// Runs the app probe `key` (`<container>/<kind>`) for the kubelet.
+async fn app_health(state: &ProxyState, key: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    }
+    let Some(probe) = state.config.app_probes.get(key) else {
+        return text(StatusCode::NOT_FOUND, format!("no app probe {key:?} is configured\n"));
+    };
+    let (status, why) = probes::run(probe, state.config.advertise_ip, req.headers().get(header::USER_AGENT)).await;
+    if !status.is_success() && !status.is_redirection() {
+        tracing::debug!(probe = key, %status, why = why.trim_end(), "app probe failed");
+    }
+    text(status, why)
 }
 
 fn route(state: &ProxyState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -92,6 +116,7 @@ fn config(state: &ProxyState) -> serde_json::Value {
             "admin": cfg.admin,
         },
         "opaque_ports": cfg.opaque_ports,
+        "app_probes": cfg.app_probes.keys().collect::<Vec<_>>(),
         "detect_timeout_ms": cfg.detect_timeout.as_millis() as u64,
         "drain_timeout_ms": cfg.drain_timeout.as_millis() as u64,
         "tracked_connections": state.conns.len(),

@@ -51,6 +51,8 @@ pub struct ProxyConfig {
     pub admin: SocketAddr,
     /// Ports never sniffed for HTTP: app ports inbound, destination (or route) ports outbound.
     pub opaque_ports: BTreeSet<u16>,
+    /// The app's kubelet probes, served on the admin listener (`probes.rs`).
+    pub app_probes: crate::probes::AppProbes,
     pub default_action: Action,
     /// Registered in the control plane's endpoint registry (with the inbound ports).
     pub advertise_ip: Option<IpAddr>,
@@ -158,6 +160,11 @@ pub fn parse_route(s: &str) -> Result<RouteSpec, SpecError> {
 }
 
 /// `5432,6379,9000-9010`.
+/// `--app-probes`: the JSON `trellis inject` writes (`probes.rs`).
+pub fn parse_app_probes(s: &str) -> Result<crate::probes::AppProbes, String> {
+    crate::probes::parse(s)
+}
+
 pub fn parse_ports(s: &str) -> Result<BTreeSet<u16>, SpecError> {
     let err = || SpecError::Ports(s.to_string());
     let mut out = BTreeSet::new();

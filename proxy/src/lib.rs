@@ -31,6 +31,7 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod peer_h2;
 pub mod pool;
+pub mod probes;
 pub mod serve;
 pub mod sniff;
 pub mod state;

@@ -10,9 +10,10 @@ use anyhow::{Context, Result, bail};
 use trellis_identity::TrustBundle;
 use trellis_policy::Action;
 use trellis_proxy::config::{
-    Attestation, InboundSpec, ProxyConfig, RouteSpec, parse_inbound, parse_otlp_endpoint, parse_ports, parse_route,
-    parse_sample_ratio,
+    Attestation, InboundSpec, ProxyConfig, RouteSpec, parse_app_probes, parse_inbound, parse_otlp_endpoint,
+    parse_ports, parse_route, parse_sample_ratio,
 };
+use trellis_proxy::probes::AppProbes;
 use trellis_proxy::telemetry::{FlowLogTarget, OtlpProtocol, TelemetryConfig};
 
 use super::remote::{DEFAULT_CONTROL, parse_duration};
@@ -58,6 +59,10 @@ pub struct RunArgs {
     /// Admin listener: /live /ready /metrics /config.
     #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// The app's kubelet probes to run on the admin listener at /app-health/<container>/<kind>,
+    /// as JSON (written by `trellis inject`; see docs/kubernetes.md).
+    #[arg(long, env = "TRELLIS_APP_PROBES", value_name = "JSON", value_parser = parse_app_probes)]
+    app_probes: Option<AppProbes>,
     /// Ports never sniffed for HTTP (server-speaks-first protocols), e.g. 3306,25 (MySQL, SMTP).
     #[arg(long, env = "TRELLIS_OPAQUE_PORTS", value_parser = parse_ports, default_value = "")]
     opaque_ports: BTreeSet<u16>,
@@ -177,6 +182,7 @@ fn config(args: RunArgs) -> Result<(ProxyConfig, usize)> {
         routes: args.route,
         admin: args.admin,
         opaque_ports: args.opaque_ports,
+        app_probes: args.app_probes.unwrap_or_default(),
         default_action: if args.default_action == "allow" { Action::Allow } else { Action::Deny },
         advertise_ip: args.advertise_ip,
         state_dir: args.state_dir,

@@ -14,7 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// An HTTP server that answers every request with a JSON description of it:
-/// `{"method", "path", "headers": {...}}`. `/slow/<ms>` waits first; an `Upgrade` request
+/// `{"method", "path", "headers": {...}}`. `/slow/<ms>` waits first; `/status/<code>` answers
+/// with that status, and `/status/<code>/<value>` too if the request's `x-probe` header is
+/// `<value>` (else 400); an `Upgrade` request
 /// gets `101` (with the path and `x-trellis-peer-id` it saw in `x-echo-path` and
 /// `x-echo-peer`) and then an echo of the upgraded bytes; `x-echo-filler: N` asks for a response
 /// header `x-filler` of N bytes.
@@ -40,6 +42,15 @@ async fn answer(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     if let Some(ms) = path.strip_prefix("/slow/").and_then(|m| m.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(rest) = path.strip_prefix("/status/") {
+        let (code, want) = rest.split_once('/').map_or((rest, None), |(c, w)| (c, Some(w)));
+        let got = req.headers().get("x-probe").map(|v| v.as_bytes());
+        let code = match code.parse::<StatusCode>() {
+            Ok(c) if want.is_none_or(|w| got == Some(w.as_bytes())) => c,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        return Response::builder().status(code).body(Full::default()).unwrap();
     }
     if req.headers().contains_key(http::header::UPGRADE) {
         let on = hyper::upgrade::on(&mut req);

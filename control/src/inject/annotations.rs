@@ -12,8 +12,8 @@ use super::quantity::Quantity;
 use super::{
     ANNOTATION_EXCLUDE_INBOUND_PORTS, ANNOTATION_EXCLUDE_OUTBOUND_CIDRS, ANNOTATION_EXCLUDE_OUTBOUND_PORTS,
     ANNOTATION_INJECT, ANNOTATION_OPAQUE_PORTS, ANNOTATION_PROXY_CPU_LIMIT, ANNOTATION_PROXY_CPU_REQUEST,
-    ANNOTATION_PROXY_MEMORY_LIMIT, ANNOTATION_PROXY_MEMORY_REQUEST, DEFAULT_PROXY_CPU_REQUEST,
-    DEFAULT_PROXY_MEMORY_LIMIT, DEFAULT_PROXY_MEMORY_REQUEST, PodError,
+    ANNOTATION_PROXY_MEMORY_LIMIT, ANNOTATION_PROXY_MEMORY_REQUEST, ANNOTATION_REWRITE_APP_PROBES,
+    DEFAULT_PROXY_CPU_REQUEST, DEFAULT_PROXY_MEMORY_LIMIT, DEFAULT_PROXY_MEMORY_REQUEST, PodError,
 };
 
 /// The capture and sniffing exceptions and the proxy resources one pod asked for.
@@ -24,6 +24,9 @@ pub(crate) struct PodOptions {
     pub exclude_outbound_cidrs: Vec<String>,
     pub opaque_ports: Vec<u16>,
     pub resources: ProxyResources,
+    /// Point the app's HTTP and TCP probes at the proxy (`probes.rs`); on unless
+    /// `trellis.dev/rewrite-app-probes: "false"`.
+    pub rewrite_app_probes: bool,
 }
 
 /// The proxy container's `resources`, as quantity strings checked by [`Quantity::parse`].
@@ -97,6 +100,11 @@ impl PodOptions {
             exclude_outbound_cidrs: cidrs,
             opaque_ports: ports(ANNOTATION_OPAQUE_PORTS)?,
             resources: ProxyResources::from_annotations(a)?,
+            rewrite_app_probes: match string_annotation(a, ANNOTATION_REWRITE_APP_PROBES)? {
+                None | Some("true") => true,
+                Some("false") => false,
+                Some(v) => return Err(bad(ANNOTATION_REWRITE_APP_PROBES, v, "expected \"true\" or \"false\"".into())),
+            },
         })
     }
 }
@@ -208,6 +216,19 @@ mod tests {
         assert!(parse_ports("0").is_err());
         assert!(parse_ports("65536").is_err());
         assert!(parse_ports("http").is_err());
+    }
+
+    #[test]
+    fn probe_rewriting_is_on_unless_switched_off_and_anything_else_is_refused() {
+        let rewrite = |a: Value| {
+            PodOptions::from_template(&serde_json::json!({ "metadata": { "annotations": a } }))
+                .map(|o| o.rewrite_app_probes)
+        };
+        assert!(rewrite(serde_json::json!({})).unwrap());
+        assert!(rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: "true" })).unwrap());
+        assert!(!rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: "false" })).unwrap());
+        let e = rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: "no" })).unwrap_err().to_string();
+        assert!(e.contains(ANNOTATION_REWRITE_APP_PROBES) && e.contains("\"true\" or \"false\""), "{e}");
     }
 
     fn resources(annotations: Value) -> Result<ProxyResources, PodError> {

@@ -3,9 +3,10 @@
 //! `trellis-token` volume. Their content is the contract with `trellis proxy init` and
 //! `trellis proxy run` (flags, environment, ports, probes), so it lives in one place.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::annotations::{PodOptions, ProxyResources, join};
+use super::probes::APP_PROBES_ENV;
 use super::{
     ADMIN_PORT, INBOUND_PORT, INIT_CONTAINER_NAME, InjectConfig, OUTBOUND_PORT, PROXY_CONTAINER_NAME, PROXY_UID,
     TOKEN_VOLUME_NAME,
@@ -66,14 +67,19 @@ pub(crate) fn init_container(cfg: &InjectConfig, opts: &PodOptions) -> Value {
 /// (`native`), it is an init container with `restartPolicy: Always`: the kubelet starts it,
 /// waits for its startup probe (SVID issued and policy applied), then starts the app, and
 /// stops it only after the app, so Jobs complete.
-pub(crate) fn proxy_container(cfg: &InjectConfig, opts: &PodOptions, native: bool) -> Value {
+pub(crate) fn proxy_container(
+    cfg: &InjectConfig,
+    opts: &PodOptions,
+    native: bool,
+    probes: &Map<String, Value>,
+) -> Value {
     let mut container = json!({
         "name": PROXY_CONTAINER_NAME,
         "image": cfg.image,
     });
     let fields = json!({
         "args": ["proxy", "run"],
-        "env": proxy_env(cfg, opts),
+        "env": proxy_env(cfg, opts, probes),
         "ports": [
             { "name": "trellis-inbound", "containerPort": INBOUND_PORT, "protocol": "TCP" },
             { "name": "trellis-admin", "containerPort": ADMIN_PORT, "protocol": "TCP" },
@@ -119,7 +125,7 @@ fn resources(r: &ProxyResources) -> Value {
     resources
 }
 
-fn proxy_env(cfg: &InjectConfig, opts: &PodOptions) -> Vec<Value> {
+fn proxy_env(cfg: &InjectConfig, opts: &PodOptions, probes: &Map<String, Value>) -> Vec<Value> {
     let value = |name: &str, value: &str| json!({ "name": name, "value": value });
     let field = |name: &str, path: &str| json!({ "name": name, "valueFrom": { "fieldRef": { "fieldPath": path } } });
     let mut env = vec![
@@ -137,6 +143,10 @@ fn proxy_env(cfg: &InjectConfig, opts: &PodOptions) -> Vec<Value> {
     ];
     if !opts.opaque_ports.is_empty() {
         env.push(value("TRELLIS_OPAQUE_PORTS", &join(&opts.opaque_ports)));
+    }
+    if !probes.is_empty() {
+        // The app probes pointed at the admin port, for the proxy to run (probes.rs).
+        env.push(value(APP_PROBES_ENV, &Value::Object(probes.clone()).to_string()));
     }
     env
 }

@@ -7,6 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::annotations::{PodOptions, annotations, is_disabled};
 use super::containers::{init_container, proxy_container, token_volume};
+use super::probes::rewrite_probes;
 use super::{
     ADMIN_PORT, ANNOTATION_INJECTED, INBOUND_PORT, INIT_CONTAINER_NAME, InjectConfig, OUTBOUND_PORT, Outcome,
     PROXY_CONTAINER_NAME, PROXY_UID, PodError, SkipReason, TOKEN_VOLUME_NAME, VERSION,
@@ -104,6 +105,8 @@ pub(crate) fn is_injected(template: &Value) -> bool {
 /// Adds the containers and the volume; returns the name of the first app container.
 fn edit_spec(template: &mut Value, cfg: &InjectConfig, opts: &PodOptions, path: &str) -> Result<String, PodError> {
     let spec = object_field(template, "spec", path)?;
+    // Before the old proxy container goes: it holds the probes an earlier injection rewrote.
+    let probes = rewrite_probes(spec, opts.rewrite_app_probes, &opts.exclude_inbound_ports);
     let containers = list_field(spec, "containers", path, "spec")?;
     containers.retain(|c| !is_named(c, PROXY_CONTAINER_NAME));
     let first_app = containers
@@ -113,7 +116,7 @@ fn edit_spec(template: &mut Value, cfg: &InjectConfig, opts: &PodOptions, path: 
         .map(str::to_string)
         .ok_or_else(|| malformed(path, "spec.containers", "a pod needs at least one named container"))?;
     if cfg.classic_sidecar {
-        containers.insert(0, proxy_container(cfg, opts, false));
+        containers.insert(0, proxy_container(cfg, opts, false, &probes));
     }
 
     // Where a human would put it: just before `containers`.
@@ -123,7 +126,7 @@ fn edit_spec(template: &mut Value, cfg: &InjectConfig, opts: &PodOptions, path: 
     inits.retain(|c| !is_named(c, INIT_CONTAINER_NAME) && !is_named(c, PROXY_CONTAINER_NAME));
     let mut ours = vec![init_container(cfg, opts)];
     if !cfg.classic_sidecar {
-        ours.push(proxy_container(cfg, opts, true));
+        ours.push(proxy_container(cfg, opts, true, &probes));
     }
     inits.splice(0..0, ours);
 

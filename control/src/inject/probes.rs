@@ -1,0 +1,219 @@
+//! The app's kubelet probes, made to work in a meshed pod. The kubelet probes from the node
+//! in plaintext, and every app port is captured to the proxy's inbound, which requires mTLS:
+//! an `httpGet` or `tcpSocket` probe of an app port would fail and the pod would never be
+//! ready. As Istio does, injection points such a probe at the proxy's admin port
+//! (`/app-health/<container>/<livez|readyz|startupz>`, a port the capture rules leave alone)
+//! and hands the proxy the original in `TRELLIS_APP_PROBES`; the proxy runs it against the
+//! app from inside the pod.
+//!
+//! Where it sits: part of injecting one pod spec (`pod.rs`), before the old proxy container
+//! is replaced: a probe rewritten by an earlier injection is first put back from that
+//! container's `TRELLIS_APP_PROBES`, then rewritten again, so re-injection is byte-identical
+//! and `trellis.dev/rewrite-app-probes: "false"` restores the originals. Probes the proxy
+//! cannot run for the kubelet are left alone: `exec` and `grpc`, `HTTPS` (the app's own TLS),
+//! a `host` other than the pod, a named port the container does not declare, and ports
+//! excluded from capture (they work as they are).
+
+use serde_json::{Map, Value, json};
+
+use super::{ADMIN_PORT, PROXY_CONTAINER_NAME};
+
+/// The proxy's environment variable carrying the original probes (a JSON object).
+pub const APP_PROBES_ENV: &str = "TRELLIS_APP_PROBES";
+/// Path prefix of rewritten probes on the admin port.
+pub const APP_HEALTH_PREFIX: &str = "/app-health/";
+
+/// The probe fields of a container and their names under `/app-health/<container>/`.
+const KINDS: [(&str, &str); 3] =
+    [("livenessProbe", "livez"), ("readinessProbe", "readyz"), ("startupProbe", "startupz")];
+
+/// Rewrites the app containers' probes in `spec` (after restoring any an earlier injection
+/// rewrote) and returns the originals to give the proxy, keyed `<container>/<kind>`; empty
+/// when nothing was rewritten.
+pub(crate) fn rewrite_probes(
+    spec: &mut Map<String, Value>,
+    rewrite: bool,
+    excluded_ports: &[u16],
+) -> Map<String, Value> {
+    let previous = previous_probes(spec);
+    let mut given = Map::new();
+    let Some(containers) = spec.get_mut("containers").and_then(Value::as_array_mut) else { return given };
+    for c in containers.iter_mut().filter(|c| c["name"] != PROXY_CONTAINER_NAME) {
+        let Some(name) = c["name"].as_str().map(str::to_string) else { continue };
+        let declared = c["ports"].clone();
+        for (field, kind) in KINDS {
+            let Some(probe) = c.get_mut(field).and_then(Value::as_object_mut) else { continue };
+            let key = format!("{name}/{kind}");
+            if let Some(original) = previous.get(&key).filter(|_| is_rewritten(probe, &key)) {
+                restore(probe, original);
+            }
+            if !rewrite {
+                continue;
+            }
+            if let Some(entry) = original_for_proxy(probe, &declared, excluded_ports) {
+                let path = format!("{APP_HEALTH_PREFIX}{key}");
+                let action = if probe.contains_key("httpGet") { "httpGet" } else { "tcpSocket" };
+                replace_key(probe, action, "httpGet", json!({ "path": path, "port": ADMIN_PORT }));
+                given.insert(key, entry);
+            }
+        }
+    }
+    given
+}
+
+/// The originals the last injection gave its proxy, from the proxy container's environment.
+fn previous_probes(spec: &Map<String, Value>) -> Map<String, Value> {
+    let lists = ["initContainers", "containers"].map(|l| spec.get(l).and_then(Value::as_array));
+    let proxy = lists.into_iter().flatten().flatten().find(|c| c["name"] == PROXY_CONTAINER_NAME);
+    let env = proxy.and_then(|p| p["env"].as_array()).into_iter().flatten();
+    let value = env.filter(|e| e["name"] == APP_PROBES_ENV).find_map(|e| e["value"].as_str());
+    match value.map(serde_json::from_str::<Value>) {
+        Some(Ok(Value::Object(map))) => map,
+        _ => Map::new(),
+    }
+}
+
+/// Whether `probe` is the rewritten form of the probe `key`.
+fn is_rewritten(probe: &Map<String, Value>, key: &str) -> bool {
+    let get = &probe.get("httpGet");
+    get.and_then(|g| g["port"].as_u64()) == Some(u64::from(ADMIN_PORT))
+        && get.and_then(|g| g["path"].as_str()) == Some(&format!("{APP_HEALTH_PREFIX}{key}"))
+}
+
+/// Puts the original action (`httpGet` or `tcpSocket`, as the user wrote it) back in place.
+fn restore(probe: &mut Map<String, Value>, original: &Value) {
+    for action in ["httpGet", "tcpSocket"] {
+        if let Some(v) = original.get(action) {
+            replace_key(probe, "httpGet", action, v.clone());
+        }
+    }
+}
+
+/// What the proxy needs to run `probe` for the kubelet — the original action, its port
+/// resolved to a number and its timeout — or `None` when it is not one to rewrite.
+fn original_for_proxy(probe: &Map<String, Value>, declared: &Value, excluded_ports: &[u16]) -> Option<Value> {
+    let (action, spec) = match (probe.get("httpGet"), probe.get("tcpSocket")) {
+        (Some(get), _) => ("httpGet", get),
+        (None, Some(tcp)) => ("tcpSocket", tcp),
+        _ => return None,
+    };
+    let scheme = spec.get("scheme").and_then(Value::as_str).unwrap_or("HTTP");
+    if !scheme.eq_ignore_ascii_case("HTTP") || spec.get("host").is_some_and(|h| h != "") {
+        return None;
+    }
+    let port = resolve_port(&spec["port"], declared)?;
+    if port == ADMIN_PORT || excluded_ports.contains(&port) {
+        return None;
+    }
+    // The kubelet's default timeout is 1 s.
+    let timeout = probe.get("timeoutSeconds").and_then(Value::as_u64).unwrap_or(1);
+    let mut entry = Map::new();
+    entry.insert("port".into(), json!(port));
+    entry.insert("timeoutSeconds".into(), json!(timeout));
+    entry.insert(action.into(), spec.clone());
+    Some(Value::Object(entry))
+}
+
+/// A probe's port: a number, or the name of a port the container declares.
+fn resolve_port(port: &Value, declared: &Value) -> Option<u16> {
+    if let Some(n) = port.as_u64() {
+        return u16::try_from(n).ok().filter(|n| *n > 0);
+    }
+    let name = port.as_str()?;
+    if let Ok(n) = name.parse::<u16>() {
+        return Some(n).filter(|n| *n > 0);
+    }
+    let named = declared.as_array()?.iter().find(|p| p["name"] == name)?;
+    named["containerPort"].as_u64().and_then(|n| u16::try_from(n).ok())
+}
+
+/// Replaces `old` with `new: value`, keeping the key's position (fields Trellis does not own
+/// are never reordered).
+fn replace_key(map: &mut Map<String, Value>, old: &str, new: &str, value: Value) {
+    let mut rebuilt = Map::with_capacity(map.len());
+    let mut placed = false;
+    for (k, v) in std::mem::take(map) {
+        if k == old {
+            rebuilt.insert(new.to_string(), value.clone());
+            placed = true;
+        } else if k != new {
+            rebuilt.insert(k, v);
+        }
+    }
+    if !placed {
+        rebuilt.insert(new.to_string(), value);
+    }
+    *map = rebuilt;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(probes: Value) -> Map<String, Value> {
+        let mut c = json!({ "name": "web", "ports": [{ "name": "http", "containerPort": 8080 }] });
+        c.as_object_mut().unwrap().extend(probes.as_object().unwrap().clone());
+        json!({ "containers": [c] }).as_object().unwrap().clone()
+    }
+
+    fn probe<'a>(s: &'a Map<String, Value>, field: &str) -> &'a Value {
+        &s["containers"][0][field]
+    }
+
+    #[test]
+    fn http_and_tcp_probes_go_through_the_admin_port() {
+        let mut s = spec(json!({
+            "readinessProbe": { "httpGet": { "path": "/healthz", "port": "http", "httpHeaders": [{ "name": "X", "value": "1" }] }, "periodSeconds": 5 },
+            "livenessProbe": { "tcpSocket": { "port": 8080 }, "timeoutSeconds": 3 },
+            "startupProbe": { "exec": { "command": ["true"] } },
+        }));
+        let given = rewrite_probes(&mut s, true, &[]);
+        assert_eq!(
+            probe(&s, "readinessProbe"),
+            &json!({ "httpGet": { "path": "/app-health/web/readyz", "port": 15000 }, "periodSeconds": 5 })
+        );
+        assert_eq!(
+            probe(&s, "livenessProbe"),
+            &json!({ "httpGet": { "path": "/app-health/web/livez", "port": 15000 }, "timeoutSeconds": 3 })
+        );
+        assert_eq!(probe(&s, "startupProbe"), &json!({ "exec": { "command": ["true"] } }), "exec is left alone");
+        assert_eq!(given["web/readyz"]["port"], 8080, "the named port is resolved");
+        assert_eq!(given["web/readyz"]["httpGet"]["httpHeaders"][0]["name"], "X");
+        assert_eq!(given["web/readyz"]["timeoutSeconds"], 1);
+        assert_eq!(given["web/livez"], json!({ "port": 8080, "timeoutSeconds": 3, "tcpSocket": { "port": 8080 } }));
+        assert_eq!(given.len(), 2);
+    }
+
+    #[test]
+    fn probes_the_proxy_cannot_run_are_left_alone() {
+        let untouched = json!({
+            "readinessProbe": { "httpGet": { "path": "/", "port": 8443, "scheme": "HTTPS" } },
+            "livenessProbe": { "httpGet": { "path": "/", "port": "undeclared" } },
+            "startupProbe": { "grpc": { "port": 9000 } },
+        });
+        let mut s = spec(untouched.clone());
+        assert!(rewrite_probes(&mut s, true, &[]).is_empty());
+        assert_eq!(spec(untouched), s);
+        let excluded = json!({ "readinessProbe": { "tcpSocket": { "port": 9090 } } });
+        let mut s = spec(excluded.clone());
+        assert!(rewrite_probes(&mut s, true, &[9090]).is_empty(), "a port excluded from capture works as it is");
+        assert_eq!(spec(excluded), s);
+    }
+
+    /// Re-injection restores from the proxy's environment and rewrites again: the same
+    /// result; with the rewrite switched off, the originals come back.
+    #[test]
+    fn rewriting_again_is_the_same_and_switching_it_off_restores_the_originals() {
+        let original = json!({ "livenessProbe": { "tcpSocket": { "port": 8080 }, "periodSeconds": 2 } });
+        let mut s = spec(original.clone());
+        let given = rewrite_probes(&mut s, true, &[]);
+        let env = json!([{ "name": APP_PROBES_ENV, "value": Value::Object(given.clone()).to_string() }]);
+        s.insert("initContainers".into(), json!([{ "name": PROXY_CONTAINER_NAME, "env": env }]));
+        let once = s.clone();
+        assert_eq!(rewrite_probes(&mut s, true, &[]), given);
+        assert_eq!(s, once);
+        assert!(rewrite_probes(&mut s, false, &[]).is_empty());
+        s.remove("initContainers");
+        assert_eq!(s, spec(original));
+    }
+}
