@@ -571,6 +571,7 @@ fn a_trust_bundle_that_does_not_vouch_for_the_control_plane_is_fatal() {
 async fn app_probes_run_on_the_admin_port() {
     let control = Control::start(&[]);
     let app = backends::http_echo().await;
+    let grpc = backends::grpc_health().await.port();
     let closed = free_port();
     let port = app.port();
     let probes = serde_json::json!({
@@ -580,6 +581,8 @@ async fn app_probes_run_on_the_admin_port() {
         "web/startupz": { "port": port, "tcpSocket": { "port": port } },
         "db/livez": { "port": closed, "tcpSocket": { "port": closed } },
         "slow/readyz": { "port": port, "timeoutSeconds": 1, "httpGet": { "path": "/slow/5000" } },
+        "api/readyz": { "port": grpc, "grpc": { "port": grpc, "service": "shop.Catalog" } },
+        "api/livez": { "port": grpc, "grpc": { "port": grpc, "service": "shop.Sick" } },
     });
     let inbound = format!("{}={app}", addr(free_port()));
     let s = Sidecar::start(&control, API, &["--inbound".into(), inbound, "--app-probes".into(), probes.to_string()]);
@@ -594,8 +597,10 @@ async fn app_probes_run_on_the_admin_port() {
     let (status, why) = probe("slow/readyz");
     assert_eq!(status, 503);
     assert!(why.contains("timed out after 1s") && started.elapsed() < Duration::from_secs(4), "{why}");
+    assert_eq!(probe("api/readyz"), (200, "SERVING\n".to_string()), "gRPC health checking");
+    assert_eq!(probe("api/livez"), (503, "NOT_SERVING\n".to_string()));
     assert_eq!(probe("web/other").0, 404, "only configured probes reach the app");
-    assert_eq!(s.config()["app_probes"].as_array().map(Vec::len), Some(5));
+    assert_eq!(s.config()["app_probes"].as_array().map(Vec::len), Some(7));
 
     // A probe the proxy could not run is refused at start, naming the flag.
     let bad = std::process::Command::new(bin())
@@ -606,5 +611,5 @@ async fn app_probes_run_on_the_admin_port() {
         .unwrap();
     let err = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(2), "{err}");
-    assert!(err.contains("--app-probes") && err.contains("exactly one of httpGet and tcpSocket"), "{err}");
+    assert!(err.contains("--app-probes") && err.contains("exactly one of httpGet, tcpSocket and grpc"), "{err}");
 }

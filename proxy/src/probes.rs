@@ -1,5 +1,5 @@
 //! The app's kubelet probes, run by the proxy from inside the pod. `trellis inject` points an
-//! app's `httpGet`/`tcpSocket` probe at the admin listener (`/app-health/<container>/<kind>`)
+//! app's `httpGet`/`tcpSocket`/`grpc` probe at the admin listener (`/app-health/<container>/<kind>`)
 //! because the kubelet's plaintext request to a captured app port would meet the inbound
 //! listener, which requires mTLS; it gives the original probes to the proxy as JSON
 //! (`--app-probes` / `TRELLIS_APP_PROBES`, written by `trellis_control::inject::probes`).
@@ -7,9 +7,10 @@
 //! Where it sits: beside the data path, on the admin listener (`admin.rs`). A probe connects
 //! to the app as the proxy's uid, which the capture rules leave alone: on 127.0.0.1, then on
 //! the pod IP for apps listening only there. HTTP probes answer with the app's own status (the
-//! kubelet counts 200–399 as success), TCP probes 200 when the port accepts; an app that does
-//! not answer in the probe's `timeoutSeconds` is a 503. Only the configured probes are run:
-//! the admin port forwards nothing else to the app.
+//! kubelet counts 200–399 as success), TCP probes 200 when the port accepts, gRPC probes (the
+//! gRPC Health Checking Protocol, over h2c as the kubelet speaks it) 200 when the service is
+//! `SERVING`; an app that does not answer in the probe's `timeoutSeconds` is a 503. Only the
+//! configured probes are run: the admin port forwards nothing else to the app.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -17,8 +18,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, StatusCode};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
@@ -34,6 +35,18 @@ pub struct AppProbe {
     pub http_get: Option<HttpGet>,
     #[serde(rename = "tcpSocket", default, skip_serializing_if = "Option::is_none")]
     pub tcp_socket: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcAction>,
+}
+
+/// A Kubernetes `grpc` probe action.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct GrpcAction {
+    /// The service name asked about; empty or absent: the server as a whole.
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub port: Option<serde_json::Value>,
 }
 
 fn one() -> u64 {
@@ -84,8 +97,8 @@ pub fn parse(json: &str) -> Result<AppProbes, String> {
         if !(1..=MAX_TIMEOUT_SECONDS).contains(&p.timeout_seconds) {
             return bad(&format!("timeoutSeconds must be 1..={MAX_TIMEOUT_SECONDS}"));
         }
-        match (&p.http_get, &p.tcp_socket) {
-            (Some(get), None) => {
+        match (&p.http_get, &p.tcp_socket, &p.grpc) {
+            (Some(get), None, None) => {
                 if let Some(path) = &get.path
                     && !(path.is_empty() || path.starts_with('/'))
                 {
@@ -97,8 +110,8 @@ pub fn parse(json: &str) -> Result<AppProbes, String> {
                     }
                 }
             }
-            (None, Some(_)) => {}
-            _ => return bad("needs exactly one of httpGet and tcpSocket"),
+            (None, Some(_), None) | (None, None, Some(_)) => {}
+            _ => return bad("needs exactly one of httpGet, tcpSocket and grpc"),
         }
     }
     Ok(probes)
@@ -110,9 +123,12 @@ pub async fn run(probe: &AppProbe, pod_ip: Option<IpAddr>, user_agent: Option<&H
     let timeout = Duration::from_secs(probe.timeout_seconds);
     let attempt = async {
         let tcp = connect(probe.port, pod_ip).await?;
-        match &probe.http_get {
-            None => Ok((StatusCode::OK, format!("port {} accepts connections\n", probe.port))),
-            Some(get) => http_get(tcp, probe.port, get, user_agent).await.map(|s| (s, format!("app answered {s}\n"))),
+        match (&probe.http_get, &probe.grpc) {
+            (Some(get), _) => {
+                http_get(tcp, probe.port, get, user_agent).await.map(|s| (s, format!("app answered {s}\n")))
+            }
+            (None, Some(grpc)) => grpc_health(tcp, probe.port, grpc.service.as_deref().unwrap_or("")).await,
+            (None, None) => Ok((StatusCode::OK, format!("port {} accepts connections\n", probe.port))),
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -165,6 +181,87 @@ async fn http_get(
     Ok(resp.status())
 }
 
+/// `grpc.health.v1.Health/Check` for `service`: 200 if the answer is `SERVING`, else 503
+/// naming the status (or the gRPC error).
+async fn grpc_health(tcp: TcpStream, port: u16, service: &str) -> Result<(StatusCode, String), String> {
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://127.0.0.1:{port}/grpc.health.v1.Health/Check"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(Full::new(grpc_frame(&health_request(service))))
+        .map_err(|e| format!("probe request: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("HTTP/2: {e}"))?;
+    if resp.status() != StatusCode::OK {
+        return Ok((StatusCode::SERVICE_UNAVAILABLE, format!("gRPC health check answered HTTP {}\n", resp.status())));
+    }
+    let head = resp.headers().clone();
+    let body = resp.into_body().collect().await.map_err(|e| format!("gRPC health check: {e}"))?;
+    // A trailers-only answer (an error) carries grpc-status in the headers.
+    let trailers = body.trailers().cloned().unwrap_or_default();
+    let grpc_status = trailers.get("grpc-status").or(head.get("grpc-status")).map(|v| v.as_bytes().to_vec());
+    if grpc_status.as_deref() != Some(b"0") {
+        let message = trailers.get("grpc-message").or(head.get("grpc-message"));
+        let text = |v: Option<&HeaderValue>| v.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let status = grpc_status.map(|s| String::from_utf8_lossy(&s).into_owned()).unwrap_or_else(|| "missing".into());
+        let why = format!("gRPC health check failed: grpc-status {status} {}\n", text(message).unwrap_or_default());
+        return Ok((StatusCode::SERVICE_UNAVAILABLE, why));
+    }
+    match serving_status(&body.to_bytes()) {
+        Some(1) => Ok((StatusCode::OK, "SERVING\n".into())),
+        Some(s) => Ok((StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", status_name(s)))),
+        None => Err("gRPC health check: not a HealthCheckResponse".into()),
+    }
+}
+
+/// `HealthCheckRequest { string service = 1; }`.
+fn health_request(service: &str) -> Vec<u8> {
+    let mut msg = Vec::new();
+    if !service.is_empty() {
+        prost::encoding::string::encode(1, &service.to_string(), &mut msg);
+    }
+    msg
+}
+
+/// One length-prefixed gRPC message (uncompressed).
+fn grpc_frame(msg: &[u8]) -> Bytes {
+    let mut frame = Vec::with_capacity(5 + msg.len());
+    frame.push(0);
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(msg);
+    Bytes::from(frame)
+}
+
+/// The `status` of the `HealthCheckResponse` in a gRPC message frame (0 when absent, as
+/// protobuf defaults it); `None` if the bytes are not one.
+fn serving_status(frame: &[u8]) -> Option<u64> {
+    use prost::encoding::{WireType, decode_key, decode_varint, skip_field};
+    let (header, mut msg) = (frame.get(..5)?, frame.get(5..)?);
+    if header[0] != 0 || u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize != msg.len() {
+        return None;
+    }
+    let mut status = 0;
+    while !msg.is_empty() {
+        let (tag, wire) = decode_key(&mut msg).ok()?;
+        match (tag, wire) {
+            (1, WireType::Varint) => status = decode_varint(&mut msg).ok()?,
+            _ => skip_field(wire, tag, &mut msg, prost::encoding::DecodeContext::default()).ok()?,
+        }
+    }
+    Some(status)
+}
+
+fn status_name(status: u64) -> &'static str {
+    match status {
+        0 => "UNKNOWN",
+        2 => "NOT_SERVING",
+        3 => "SERVICE_UNKNOWN",
+        _ => "not SERVING",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,12 +273,15 @@ mod tests {
         let probes = parse(ok).unwrap();
         assert_eq!(probes["web/readyz"].http_get.as_ref().unwrap().headers[0].name, "X-Probe");
         assert!(probes["web/livez"].tcp_socket.is_some());
+        let grpc = parse(r#"{"api/readyz":{"port":9000,"grpc":{"port":9000,"service":"shop.Catalog"}}}"#).unwrap();
+        assert_eq!(grpc["api/readyz"].grpc.as_ref().unwrap().service.as_deref(), Some("shop.Catalog"));
         for (bad, says) in [
             ("[]", "not a JSON object"),
             (r#"{"web":{"port":1,"tcpSocket":{}}}"#, "<container>/<kind>"),
             (r#"{"web/x":{"port":0,"tcpSocket":{}}}"#, "port 0"),
             (r#"{"web/x":{"port":1,"timeoutSeconds":0,"tcpSocket":{}}}"#, "timeoutSeconds"),
             (r#"{"web/x":{"port":1}}"#, "exactly one"),
+            (r#"{"web/x":{"port":1,"tcpSocket":{},"grpc":{}}}"#, "exactly one"),
             (r#"{"web/x":{"port":1,"httpGet":{"path":"x"}}}"#, "must start with '/'"),
             (
                 r#"{"web/x":{"port":1,"httpGet":{"httpHeaders":[{"name":"a b","value":"1"}]}}}"#,
@@ -192,5 +292,19 @@ mod tests {
             let e = parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn health_messages_encode_and_decode() {
+        assert!(health_request("").is_empty(), "the whole server: an empty message");
+        assert_eq!(health_request("a.B"), b"\x0a\x03a.B");
+        assert_eq!(&grpc_frame(b"\x08\x01")[..], b"\x00\x00\x00\x00\x02\x08\x01");
+        assert_eq!(serving_status(&grpc_frame(b"\x08\x01")), Some(1));
+        assert_eq!(serving_status(&grpc_frame(b"\x08\x02")), Some(2));
+        assert_eq!(serving_status(&grpc_frame(b"")), Some(0), "absent is UNKNOWN");
+        assert_eq!(serving_status(&grpc_frame(b"\x12\x01x\x08\x01")), Some(1), "unknown fields are skipped");
+        assert_eq!(serving_status(b"\x00\x00\x00\x00\x05\x08"), None, "length mismatch");
+        assert_eq!(serving_status(b"\x01\x00\x00\x00\x00"), None, "compressed");
+        assert_eq!(serving_status(b"\x00\x00"), None, "short");
     }
 }

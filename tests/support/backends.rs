@@ -196,3 +196,44 @@ pub async fn h2_refusing_first_try() -> SocketAddr {
     });
     addr
 }
+
+/// A gRPC server (h2c) answering `grpc.health.v1.Health/Check`: `SERVING` for the server as a
+/// whole and `shop.Catalog`, `NOT_SERVING` for `shop.Sick`, `SERVICE_UNKNOWN` for the rest.
+pub async fn grpc_health() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                // Each stream on its own task: the accept loop is what drives the connection.
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut data = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            data.extend_from_slice(&chunk);
+                        }
+                        // A 5-byte frame header, then `service` as field 1 (short names only).
+                        let service =
+                            data.get(7..).map(|s| String::from_utf8_lossy(s).into_owned()).unwrap_or_default();
+                        let status = match service.as_str() {
+                            "" | "shop.Catalog" => 1,
+                            "shop.Sick" => 2,
+                            _ => 3,
+                        };
+                        let head = Response::builder().header("content-type", "application/grpc").body(()).unwrap();
+                        let Ok(mut send) = respond.send_response(head, false) else { return };
+                        let _ = send.send_data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]), false);
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let _ = send.send_trailers(trailers);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}

@@ -24,7 +24,7 @@ pub(crate) struct PodOptions {
     pub exclude_outbound_cidrs: Vec<String>,
     pub opaque_ports: Vec<u16>,
     pub resources: ProxyResources,
-    /// Point the app's HTTP and TCP probes at the proxy (`probes.rs`); on unless
+    /// Point the app's HTTP, TCP and gRPC probes at the proxy (`probes.rs`); on unless
     /// `trellis.dev/rewrite-app-probes: "false"`.
     pub rewrite_app_probes: bool,
 }

@@ -1,6 +1,6 @@
 //! The app's kubelet probes, made to work in a meshed pod. The kubelet probes from the node
 //! in plaintext, and every app port is captured to the proxy's inbound, which requires mTLS:
-//! an `httpGet` or `tcpSocket` probe of an app port would fail and the pod would never be
+//! an `httpGet`, `tcpSocket` or `grpc` probe of an app port would fail and the pod would never be
 //! ready. As Istio does, injection points such a probe at the proxy's admin port
 //! (`/app-health/<container>/<livez|readyz|startupz>`, a port the capture rules leave alone)
 //! and hands the proxy the original in `TRELLIS_APP_PROBES`; the proxy runs it against the
@@ -10,7 +10,7 @@
 //! is replaced: a probe rewritten by an earlier injection is first put back from that
 //! container's `TRELLIS_APP_PROBES`, then rewritten again, so re-injection is byte-identical
 //! and `trellis.dev/rewrite-app-probes: "false"` restores the originals. Probes the proxy
-//! cannot run for the kubelet are left alone: `exec` and `grpc`, `HTTPS` (the app's own TLS),
+//! cannot run for the kubelet are left alone: `exec` (it runs in the container), `HTTPS` (the app's own TLS),
 //! a `host` other than the pod, a named port the container does not declare, and ports
 //! excluded from capture (they work as they are).
 
@@ -22,6 +22,9 @@ use super::{ADMIN_PORT, PROXY_CONTAINER_NAME};
 pub const APP_PROBES_ENV: &str = "TRELLIS_APP_PROBES";
 /// Path prefix of rewritten probes on the admin port.
 pub const APP_HEALTH_PREFIX: &str = "/app-health/";
+
+/// The probe actions the proxy can run for the kubelet.
+const ACTIONS: [&str; 3] = ["httpGet", "tcpSocket", "grpc"];
 
 /// The probe fields of a container and their names under `/app-health/<container>/`.
 const KINDS: [(&str, &str); 3] =
@@ -52,7 +55,7 @@ pub(crate) fn rewrite_probes(
             }
             if let Some(entry) = original_for_proxy(probe, &declared, excluded_ports) {
                 let path = format!("{APP_HEALTH_PREFIX}{key}");
-                let action = if probe.contains_key("httpGet") { "httpGet" } else { "tcpSocket" };
+                let action = ACTIONS.into_iter().find(|a| probe.contains_key(*a)).unwrap_or("httpGet");
                 replace_key(probe, action, "httpGet", json!({ "path": path, "port": ADMIN_PORT }));
                 given.insert(key, entry);
             }
@@ -80,9 +83,9 @@ fn is_rewritten(probe: &Map<String, Value>, key: &str) -> bool {
         && get.and_then(|g| g["path"].as_str()) == Some(&format!("{APP_HEALTH_PREFIX}{key}"))
 }
 
-/// Puts the original action (`httpGet` or `tcpSocket`, as the user wrote it) back in place.
+/// Puts the original action (as the user wrote it) back in place.
 fn restore(probe: &mut Map<String, Value>, original: &Value) {
-    for action in ["httpGet", "tcpSocket"] {
+    for action in ACTIONS {
         if let Some(v) = original.get(action) {
             replace_key(probe, "httpGet", action, v.clone());
         }
@@ -92,11 +95,7 @@ fn restore(probe: &mut Map<String, Value>, original: &Value) {
 /// What the proxy needs to run `probe` for the kubelet — the original action, its port
 /// resolved to a number and its timeout — or `None` when it is not one to rewrite.
 fn original_for_proxy(probe: &Map<String, Value>, declared: &Value, excluded_ports: &[u16]) -> Option<Value> {
-    let (action, spec) = match (probe.get("httpGet"), probe.get("tcpSocket")) {
-        (Some(get), _) => ("httpGet", get),
-        (None, Some(tcp)) => ("tcpSocket", tcp),
-        _ => return None,
-    };
+    let (action, spec) = ACTIONS.into_iter().find_map(|a| probe.get(a).map(|spec| (a, spec)))?;
     let scheme = spec.get("scheme").and_then(Value::as_str).unwrap_or("HTTP");
     if !scheme.eq_ignore_ascii_case("HTTP") || spec.get("host").is_some_and(|h| h != "") {
         return None;
@@ -161,11 +160,11 @@ mod tests {
     }
 
     #[test]
-    fn http_and_tcp_probes_go_through_the_admin_port() {
+    fn http_tcp_and_grpc_probes_go_through_the_admin_port() {
         let mut s = spec(json!({
             "readinessProbe": { "httpGet": { "path": "/healthz", "port": "http", "httpHeaders": [{ "name": "X", "value": "1" }] }, "periodSeconds": 5 },
             "livenessProbe": { "tcpSocket": { "port": 8080 }, "timeoutSeconds": 3 },
-            "startupProbe": { "exec": { "command": ["true"] } },
+            "startupProbe": { "grpc": { "port": 9000, "service": "shop.Catalog" }, "failureThreshold": 30 },
         }));
         let given = rewrite_probes(&mut s, true, &[]);
         assert_eq!(
@@ -176,12 +175,16 @@ mod tests {
             probe(&s, "livenessProbe"),
             &json!({ "httpGet": { "path": "/app-health/web/livez", "port": 15000 }, "timeoutSeconds": 3 })
         );
-        assert_eq!(probe(&s, "startupProbe"), &json!({ "exec": { "command": ["true"] } }), "exec is left alone");
+        assert_eq!(
+            probe(&s, "startupProbe"),
+            &json!({ "httpGet": { "path": "/app-health/web/startupz", "port": 15000 }, "failureThreshold": 30 })
+        );
+        assert_eq!(given["web/startupz"]["grpc"], json!({ "port": 9000, "service": "shop.Catalog" }));
         assert_eq!(given["web/readyz"]["port"], 8080, "the named port is resolved");
         assert_eq!(given["web/readyz"]["httpGet"]["httpHeaders"][0]["name"], "X");
         assert_eq!(given["web/readyz"]["timeoutSeconds"], 1);
         assert_eq!(given["web/livez"], json!({ "port": 8080, "timeoutSeconds": 3, "tcpSocket": { "port": 8080 } }));
-        assert_eq!(given.len(), 2);
+        assert_eq!(given.len(), 3);
     }
 
     #[test]
@@ -189,7 +192,7 @@ mod tests {
         let untouched = json!({
             "readinessProbe": { "httpGet": { "path": "/", "port": 8443, "scheme": "HTTPS" } },
             "livenessProbe": { "httpGet": { "path": "/", "port": "undeclared" } },
-            "startupProbe": { "grpc": { "port": 9000 } },
+            "startupProbe": { "exec": { "command": ["true"] } },
         });
         let mut s = spec(untouched.clone());
         assert!(rewrite_probes(&mut s, true, &[]).is_empty());
