@@ -11,7 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// An HTTP server that answers every request with a JSON description of it:
 /// `{"method", "path", "headers": {...}}`. `/slow/<ms>` waits first; `/status/<code>` answers
@@ -21,18 +21,28 @@ use tokio::net::TcpListener;
 /// `x-echo-peer`) and then an echo of the upgraded bytes; `x-echo-filler: N` asks for a response
 /// header `x-filler` of N bytes.
 pub async fn http_echo() -> SocketAddr {
+    serve_each(|tcp| async move {
+        let svc = hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(answer(req).await) });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // Above HTTP/2's customary 16 KiB, for the large-header test.
+        builder.http2().max_header_list_size(256 * 1024);
+        let _ = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).await;
+    })
+    .await
+}
+
+/// Listens on a free loopback port and runs `handle` on its own task for every connection.
+async fn serve_each<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(answer(req).await) });
-                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                // Above HTTP/2's customary 16 KiB, for the large-header test.
-                builder.http2().max_header_list_size(256 * 1024);
-                let _ = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).await;
-            });
+            tokio::spawn(handle(tcp));
         }
     });
     addr
@@ -101,33 +111,27 @@ async fn answer(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
 /// trailer `x-sum`, `x-request-sum` with its value.
 pub async fn body_echo() -> SocketAddr {
     use http_body_util::BodyExt;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let path = req.uri().path().to_string();
-                    let got = req.into_body().collect().await?;
-                    let mut trailers = http::HeaderMap::new();
-                    if let Some(sum) = got.trailers().and_then(|t| t.get("x-sum")) {
-                        trailers.insert("x-request-sum", sum.clone());
-                    }
-                    let got = got.to_bytes();
-                    trailers.insert("x-request-bytes", got.len().into());
-                    let body = match path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
-                        Some(n) => Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
-                        None => got,
-                    };
-                    let body = Full::new(body).with_trailers(async move { Some(Ok(trailers)) });
-                    Ok::<_, hyper::Error>(Response::new(body))
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
-            });
-        }
-    });
-    addr
+    serve_each(|tcp| async move {
+        let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+            let path = req.uri().path().to_string();
+            let got = req.into_body().collect().await?;
+            let mut trailers = http::HeaderMap::new();
+            if let Some(sum) = got.trailers().and_then(|t| t.get("x-sum")) {
+                trailers.insert("x-request-sum", sum.clone());
+            }
+            let got = got.to_bytes();
+            trailers.insert("x-request-bytes", got.len().into());
+            let body = match path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) => Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
+                None => got,
+            };
+            let body = Full::new(body).with_trailers(async move { Some(Ok(trailers)) });
+            Ok::<_, hyper::Error>(Response::new(body))
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+    })
+    .await
 }
 
 /// A TCP echo server.
@@ -141,99 +145,82 @@ pub async fn banner_server(banner: &'static [u8]) -> SocketAddr {
 }
 
 async fn tcp_server(banner: Option<&'static [u8]>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                if let Some(b) = banner
-                    && tcp.write_all(b).await.is_err()
-                {
-                    return;
-                }
-                let mut buf = [0u8; 16 * 1024];
-                while let Ok(n) = tcp.read(&mut buf).await {
-                    if n == 0 || tcp.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
+    serve_each(move |mut tcp| async move {
+        if let Some(b) = banner
+            && tcp.write_all(b).await.is_err()
+        {
+            return;
         }
-    });
-    addr
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 || tcp.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await
 }
 
 /// An HTTP/2 (prior knowledge) app that refuses the first request for each path with
 /// `REFUSED_STREAM` — as a server does to streams it will not process, e.g. those racing its
 /// GOAWAY — and answers later ones with 200 and `attempt N`.
 pub async fn h2_refusing_first_try() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<String, u32>::new()));
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let attempt = {
-                        let mut seen = seen.lock().unwrap();
-                        let n = seen.entry(req.uri().path().to_string()).or_default();
-                        *n += 1;
-                        *n
-                    };
-                    if attempt == 1 {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    if let Ok(mut body) = respond.send_response(Response::new(()), false) {
-                        let _ = body.send_data(Bytes::from(format!("attempt {attempt}")), true);
-                    }
+    serve_each(move |tcp| {
+        let seen = seen.clone();
+        async move {
+            let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let attempt = {
+                    let mut seen = seen.lock().unwrap();
+                    let n = seen.entry(req.uri().path().to_string()).or_default();
+                    *n += 1;
+                    *n
+                };
+                if attempt == 1 {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
                 }
-            });
+                if let Ok(mut body) = respond.send_response(Response::new(()), false) {
+                    let _ = body.send_data(Bytes::from(format!("attempt {attempt}")), true);
+                }
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// A gRPC server (h2c) answering `grpc.health.v1.Health/Check`: `SERVING` for the server as a
 /// whole and `shop.Catalog`, `NOT_SERVING` for `shop.Sick`, `SERVICE_UNKNOWN` for the rest.
 pub async fn grpc_health() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
-                // Each stream on its own task: the accept loop is what drives the connection.
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        let mut data = Vec::new();
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                            data.extend_from_slice(&chunk);
-                        }
-                        // A 5-byte frame header, then `service` as field 1 (short names only).
-                        let service =
-                            data.get(7..).map(|s| String::from_utf8_lossy(s).into_owned()).unwrap_or_default();
-                        let status = match service.as_str() {
-                            "" | "shop.Catalog" => 1,
-                            "shop.Sick" => 2,
-                            _ => 3,
-                        };
-                        let head = Response::builder().header("content-type", "application/grpc").body(()).unwrap();
-                        let Ok(mut send) = respond.send_response(head, false) else { return };
-                        let _ = send.send_data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]), false);
-                        let mut trailers = http::HeaderMap::new();
-                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                        let _ = send.send_trailers(trailers);
-                    });
-                }
-            });
+    serve_each(|tcp| async move {
+        let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+        // Each stream on its own task: the accept loop is what drives the connection.
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            tokio::spawn(health_check(req, respond));
         }
-    });
-    addr
+    })
+    .await
+}
+
+async fn health_check(req: Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {
+    let mut body = req.into_body();
+    let mut data = Vec::new();
+    while let Some(Ok(chunk)) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    // A 5-byte frame header, then `service` as field 1 (short names only).
+    let service = data.get(7..).map(|s| String::from_utf8_lossy(s).into_owned()).unwrap_or_default();
+    let status = match service.as_str() {
+        "" | "shop.Catalog" => 1,
+        "shop.Sick" => 2,
+        _ => 3,
+    };
+    let head = Response::builder().header("content-type", "application/grpc").body(()).unwrap();
+    let Ok(mut send) = respond.send_response(head, false) else { return };
+    let _ = send.send_data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]), false);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let _ = send.send_trailers(trailers);
 }
