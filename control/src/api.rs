@@ -190,6 +190,19 @@ pub struct WatchEvent {
     pub endpoints_version: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Vec<EndpointEntry>>,
+    /// Kubernetes Services (`ClusterIP:port` → endpoints), in Kubernetes mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services_version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<ServiceEntry>>,
+}
+
+/// One Service port: its virtual `ip:port` and the ready endpoints (`podIP:targetPort`)
+/// behind it (`crate::services`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub address: String,
+    pub endpoints: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,4 +1,5 @@
-//! Kubernetes attestation: the control plane's client for the TokenReview API.
+//! Kubernetes attestation: the control plane's client for the TokenReview API (which also
+//! lists Services and EndpointSlices for [`crate::services`]).
 //!
 //! An injected proxy presents the projected ServiceAccount token mounted from the
 //! `trellis-token` volume (audience `trellis`). The control plane does not parse or trust the
@@ -68,12 +69,12 @@ pub enum KubeError {
     /// The API server could not be reached or answered 5xx, or the review timed out.
     #[error("Kubernetes API unavailable: {0}")]
     ApiUnavailable(String),
-    /// The API server refused the review itself (4xx), typically the control plane's service
-    /// account lacking `create` on `tokenreviews`.
-    #[error("Kubernetes API refused the TokenReview with {status}: {message}")]
+    /// The API server refused the request itself (4xx), typically the control plane's service
+    /// account lacking `create` on `tokenreviews` (or `list` on Services).
+    #[error("Kubernetes API refused the request with {status}: {message}")]
     ApiRefused { status: u16, message: String },
-    /// An answer that is not a TokenReview.
-    #[error("unexpected TokenReview response: {0}")]
+    /// An answer that is not what was asked for (a TokenReview, a list).
+    #[error("unexpected Kubernetes API response: {0}")]
     BadResponse(String),
 }
 
@@ -182,7 +183,22 @@ impl TokenReviewer {
         identity_from_review(&answer)
     }
 
+    /// GETs `path` (e.g. a list of Services) and returns the JSON answer; an error status is
+    /// reported with the API server's message.
+    pub async fn get_json(&self, path: &str) -> Result<Value, KubeError> {
+        let send = self.send(Method::GET, path, None);
+        let (status, answer) = tokio::time::timeout(self.timeout, send).await.map_err(|_| {
+            KubeError::ApiUnavailable(format!("no answer from {} within {:?}", self.authority, self.timeout))
+        })??;
+        check_status(status, &answer)?;
+        serde_json::from_slice(&answer).map_err(|e| KubeError::BadResponse(format!("GET {path}: not JSON: {e}")))
+    }
+
     async fn post(&self, body: String) -> Result<(StatusCode, Bytes), KubeError> {
+        self.send(Method::POST, &self.review_path.clone(), Some(body)).await
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Option<String>) -> Result<(StatusCode, Bytes), KubeError> {
         let bearer = match &self.bearer {
             Bearer::Static(token) => token.clone(),
             Bearer::File(path) => read_token(path)?,
@@ -197,14 +213,14 @@ impl TokenReviewer {
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| unavailable("HTTP with", &e))?;
         let _conn = AbortOnDrop(tokio::spawn(conn));
         let request = Request::builder()
-            .method(Method::POST)
-            .uri(&self.review_path)
+            .method(method)
+            .uri(path)
             .header(header::HOST, &self.authority)
             .header(header::AUTHORIZATION, format!("Bearer {}", bearer.trim()))
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json")
             .header(header::USER_AGENT, concat!("trellis-control/", env!("CARGO_PKG_VERSION")))
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| KubeError::Config(format!("cannot build the request: {e}")))?;
         let response = sender.send_request(request).await.map_err(|e| unavailable("request to", &e))?;
         let status = response.status();

@@ -8,7 +8,8 @@
 //! - [`workload_id`] says which SPIFFE IDs may be issued to workloads (never the control
 //!   plane's own `/trellis/...`, never a trust domain without a path);
 //! - [`api`] holds the wire types and [`client`] the client proxies and the CLI use;
-//! - [`inject`] and [`kube`] are the Kubernetes pieces (sidecar injection, TokenReview).
+//! - [`inject`], [`kube`] and [`services`] are the Kubernetes pieces (sidecar injection,
+//!   TokenReview, the Service table pushed to proxies).
 //!
 //! The API is described in `docs/api/openapi.yaml`.
 
@@ -19,6 +20,7 @@ pub mod inject;
 pub mod kube;
 pub mod run;
 pub mod server;
+pub mod services;
 pub mod state;
 pub mod store;
 pub mod tokens;

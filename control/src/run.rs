@@ -127,6 +127,7 @@ pub struct Running {
     task: tokio::task::JoinHandle<()>,
     renewer: tokio::task::JoinHandle<()>,
     expirer: tokio::task::JoinHandle<()>,
+    services: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -137,6 +138,9 @@ impl Running {
         }
         self.renewer.abort();
         self.expirer.abort();
+        if let Some(s) = &self.services {
+            s.abort();
+        }
         let _ = (&mut self.task).await;
     }
 
@@ -200,6 +204,10 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     });
     let renewer = tokio::spawn(renew_own_svid(ctx.clone(), control_id, creds, svid_not_after));
     let expirer = tokio::spawn(expire_endpoints(shared.clone(), config.svid_ttl));
+    let services =
+        ctx.hooks.k8s_services.clone().map(|client| {
+            tokio::spawn(crate::services::sync_loop(shared.clone(), client, crate::services::SYNC_EVERY))
+        });
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server::serve(listener, Arc::new(tls), ctx, async {
         let _ = stopped.await;
@@ -216,6 +224,7 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
         task,
         renewer,
         expirer,
+        services,
     })
 }
 

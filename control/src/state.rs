@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use trellis_identity::{SpiffeId, TrustBundle};
 use trellis_policy::{Defaults, Policy, PolicySnapshot};
 
-use crate::api::{EndpointEntry, WorkloadStatus};
+use crate::api::{EndpointEntry, ServiceEntry, WorkloadStatus};
 use crate::store::{Endpoint, Store, StoreError, now_unix};
 
 /// The stored policies at one version.
@@ -88,6 +88,21 @@ impl Registry {
     }
 }
 
+/// The Kubernetes service table at one version (0: none received yet, nothing to push).
+#[derive(Debug, Default)]
+pub struct ServiceTable {
+    pub version: u64,
+    pub entries: Vec<ServiceEntry>,
+    pub json: String,
+}
+
+impl ServiceTable {
+    pub fn build(version: u64, entries: Vec<ServiceEntry>) -> Self {
+        let json = serde_json::to_string(&entries).unwrap_or_else(|_| "[]".into());
+        ServiceTable { version, entries, json }
+    }
+}
+
 /// Why an ack was not recorded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AckError {
@@ -106,6 +121,8 @@ pub struct Shared {
     pub store: Arc<Store>,
     pub policy: ArcSwap<PolicyState>,
     pub registry: ArcSwap<Registry>,
+    /// Kubernetes Services (derived from the cluster, not stored: `crate::services`).
+    pub services: ArcSwap<ServiceTable>,
     pub bundle: ArcSwap<TrustBundle>,
     changes: watch::Sender<u64>,
     sessions: Mutex<Sessions>,
@@ -127,6 +144,7 @@ impl Shared {
             store,
             policy: ArcSwap::from_pointee(policy),
             registry: ArcSwap::from_pointee(Registry::build(rv, endpoints)),
+            services: ArcSwap::from_pointee(ServiceTable::default()),
             bundle: ArcSwap::from_pointee(bundle),
             changes,
             sessions: Mutex::default(),
@@ -151,6 +169,18 @@ impl Shared {
             self.notify();
         }
         Ok(())
+    }
+
+    /// Swaps in a new service table if it differs from the current one, and wakes watchers;
+    /// true if it did.
+    pub fn set_services(&self, entries: Vec<ServiceEntry>) -> bool {
+        let current = self.services.load();
+        if current.version > 0 && current.entries == entries {
+            return false;
+        }
+        self.services.store(Arc::new(ServiceTable::build(current.version + 1, entries)));
+        self.notify();
+        true
     }
 
     fn notify(&self) {

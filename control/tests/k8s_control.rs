@@ -33,7 +33,7 @@ fn k8s_bootstrap(token: &str) -> (WorkloadKey, BootstrapRequest) {
 #[tokio::test]
 async fn a_service_account_token_bootstraps_its_spiffe_id() {
     let api = start_fake_api().await;
-    let hooks = Hooks { k8s_attest: Some(k8s_attestation(api.reviewer(), td())), webhook: None };
+    let hooks = Hooks { k8s_attest: Some(k8s_attestation(api.reviewer(), td())), ..Hooks::default() };
     let plane = plane_with(hooks, vec![]).await;
     let (key, req) = k8s_bootstrap("pod-token");
     let resp = plane.anonymous().bootstrap(&req).await.unwrap();
@@ -109,7 +109,7 @@ async fn post_review(plane: &Plane, name: &str, body: Vec<u8>) -> Result<(Status
 #[tokio::test]
 async fn the_webhook_answers_the_api_server_over_dns_verified_tls() {
     let dns = "trellis-control.trellis-system.svc".to_string();
-    let hooks = Hooks { k8s_attest: None, webhook: Some(injection_webhook(None, None)) };
+    let hooks = Hooks { webhook: Some(injection_webhook(None, None)), ..Hooks::default() };
     let plane = plane_with(hooks, vec![dns.clone()]).await;
     let review = std::fs::read(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/admission/pod-create.json"),
@@ -137,4 +137,46 @@ async fn the_webhook_is_off_unless_enabled() {
         Err(ClientError::Api { status, .. }) => assert_eq!(status, StatusCode::NOT_FOUND),
         other => panic!("{other:?}"),
     }
+}
+
+/// In Kubernetes mode the control plane lists Services and EndpointSlices and pushes the
+/// service table on the watch stream; without the RBAC to list them it keeps going (and the
+/// proxies simply get no table).
+#[tokio::test]
+async fn services_listed_from_the_api_reach_the_watch_stream() {
+    let api = start_fake_api().await;
+    let services = serde_json::json!([{
+        "metadata": { "namespace": "shop", "name": "api" },
+        "spec": { "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }] },
+    }]);
+    let slices = serde_json::json!([{
+        "metadata": { "namespace": "shop", "name": "api-abcde", "labels": { "kubernetes.io/service-name": "api" } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        "endpoints": [{ "addresses": ["10.244.1.5"], "conditions": { "ready": true } }],
+    }]);
+    *api.cluster.lock().unwrap() = Some((services, slices));
+    let table = trellis_control::services::list_table(&api.reviewer()).await.unwrap();
+    assert_eq!(table.len(), 1);
+    assert_eq!(
+        (table[0].address.as_str(), table[0].endpoints.as_slice()),
+        ("10.96.0.10:80", &["10.244.1.5:8080".to_string()][..])
+    );
+
+    let hooks = Hooks { k8s_services: Some(api.reviewer()), ..Hooks::default() };
+    let plane = plane_with(hooks, vec![]).await;
+    let client = plane.workload("spiffe://cluster.local/ns/shop/sa/web");
+    let mut stream = client.watch().await.unwrap();
+    let mut event = stream.next().await.unwrap();
+    // The first listing may land just after the stream opened.
+    while event.services.is_none() {
+        event = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next()).await.unwrap().unwrap();
+    }
+    assert_eq!(event.services.unwrap(), table);
+    assert_eq!(event.services_version, Some(1));
+
+    // Without permission to list: an error naming the refusal; a plane started so runs on.
+    *api.cluster.lock().unwrap() = None;
+    let e = trellis_control::services::list_table(&api.reviewer()).await.unwrap_err().to_string();
+    assert!(e.contains("403") && e.contains("forbidden"), "{e}");
 }

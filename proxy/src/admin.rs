@@ -108,7 +108,7 @@ fn config(state: &ProxyState) -> serde_json::Value {
             "url": cfg.control_url,
             "status": state.control_status(),
         },
-        "endpoint_registry": { "version": state.registry.load().version, "entries": state.registry.load().len() },
+        "endpoint_registry": registry(&state.registry.load()),
         "listeners": {
             "inbound": cfg.inbound,
             "outbound": cfg.outbound,
@@ -122,6 +122,11 @@ fn config(state: &ProxyState) -> serde_json::Value {
         "tracked_connections": state.conns.len(),
         "telemetry": telemetry(&cfg.telemetry),
     })
+}
+
+/// The endpoint registry and the service table, by size.
+fn registry(r: &crate::state::Registry) -> serde_json::Value {
+    json!({ "version": r.version, "entries": r.len(), "services_version": r.services_version, "services": r.services_len() })
 }
 
 /// Where spans and flow-log lines go.

@@ -1,5 +1,6 @@
-//! The link to the control plane: the watch stream that brings policies, the trust bundle
-//! and the endpoint registry, and the acks that report what this proxy enforces.
+//! The link to the control plane: the watch stream that brings policies, the trust bundle,
+//! the endpoint registry and (in Kubernetes) the service table, and the acks that report
+//! what this proxy enforces.
 //!
 //! Each update is compiled into a new snapshot and swapped in whole; connections the new
 //! policy no longer allows are closed. When the control plane goes away nothing changes in
@@ -20,6 +21,10 @@ use crate::svid::Backoff;
 #[derive(Default)]
 struct Received {
     policies: Vec<Policy>,
+    /// The last endpoint registry and service table, each with its version: an event may
+    /// bring either, and the proxy's registry snapshot holds both.
+    endpoints: (u64, Vec<(String, trellis_identity::SpiffeId)>),
+    services: (u64, Vec<(String, Vec<String>)>),
 }
 
 pub async fn watch_loop(state: Arc<ProxyState>, client: ControlClient) {
@@ -100,9 +105,25 @@ fn apply(state: &ProxyState, event: WatchEvent, received: &mut Received) -> Resu
             tracing::info!("trust bundle updated");
         }
     }
+    let mut registry_changed = false;
     if let (Some(version), Some(endpoints)) = (event.endpoints_version, event.endpoints) {
-        let registry = Registry::new(version, endpoints.into_iter().map(|e| (e.address, e.spiffe_id)));
-        tracing::debug!(version, entries = registry.len(), "endpoint registry updated");
+        received.endpoints = (version, endpoints.into_iter().map(|e| (e.address, e.spiffe_id)).collect());
+        registry_changed = true;
+    }
+    if let (Some(version), Some(services)) = (event.services_version, event.services) {
+        received.services = (version, services.into_iter().map(|s| (s.address, s.endpoints)).collect());
+        registry_changed = true;
+    }
+    if registry_changed {
+        let (version, endpoints) = &received.endpoints;
+        let registry =
+            Registry::new(*version, endpoints.iter().cloned()).with_services(received.services.0, &received.services.1);
+        tracing::debug!(
+            version,
+            entries = registry.len(),
+            services = registry.services_len(),
+            "endpoint registry updated"
+        );
         state.registry.store(Arc::new(registry));
     }
     if let Some(policies) = event.policies {

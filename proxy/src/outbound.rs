@@ -1,7 +1,8 @@
 //! Outbound: this workload's app → a peer.
 //!
 //! accept plaintext from the app ([`Accepted`]) → find the destination ([`Target`]: an
-//! explicit route, or the original destination looked up in the endpoint registry) →
+//! explicit route, or the original destination looked up in the endpoint registry — a
+//! Kubernetes Service's ClusterIP becoming one of its endpoints in the mesh) →
 //! - a mesh peer: detect the protocol; HTTP rides the pooled HTTP/2 mTLS connection to the
 //!   peer (which must prove the expected SPIFFE ID), anything else gets its own mTLS
 //!   tunnel. The peer's inbound sidecar authorizes; its 403s reach the app as they are.
@@ -84,8 +85,10 @@ pub async fn serve_transparent(state: Arc<ProxyState>, listener: TcpListener) {
             tracing::warn!(%remote, %dst, "outbound connection to the proxy's own listener; refusing the loop");
             return None;
         }
-        Some(match lookup_state.registry.load().resolve(dst) {
-            Some(id) => Target::Mesh { addr: dst, id: id.clone() },
+        // A Service's ClusterIP goes to one of its endpoints in the mesh (kube-proxy, which
+        // would pick one, comes after the capture).
+        Some(match lookup_state.registry.load().target(dst) {
+            Some((addr, id)) => Target::Mesh { addr, id: id.clone() },
             None => Target::Egress { addr: dst },
         })
     })

@@ -2,7 +2,8 @@
 //!
 //! - [`PolicyView`]: the compiled policy snapshot and whether the control plane has sent
 //!   one yet (before it has, everything is denied: fail closed);
-//! - [`Registry`]: the endpoint registry (address → SPIFFE ID) for transparent outbound;
+//! - [`Registry`]: the endpoint registry (address → SPIFFE ID) and the Kubernetes service
+//!   table (ClusterIP:port → endpoints) for transparent outbound;
 //! - [`TlsState`]: the rustls server config and the per-peer client configs, rebuilt
 //!   together whenever the trust bundle changes (the SVID itself rotates underneath them
 //!   through the shared `CredentialStore`).
@@ -12,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -70,12 +72,19 @@ impl PolicyView {
     }
 }
 
-/// Who answers at which address, as the control plane last said.
+/// Who answers at which address, as the control plane last said: the endpoint registry and
+/// the Kubernetes service table, in one snapshot.
 #[derive(Debug, Default)]
 pub struct Registry {
     pub version: u64,
     exact: HashMap<SocketAddr, SpiffeId>,
     by_ip: HashMap<IpAddr, SpiffeId>,
+    /// A Service's virtual `ip:port` → its ready endpoints in the mesh (`podIP:targetPort`
+    /// and the identity there); Services with none are left out (their calls are egress).
+    services: HashMap<SocketAddr, Vec<(SocketAddr, SpiffeId)>>,
+    pub services_version: u64,
+    /// Spreads new connections to a Service over its endpoints.
+    next: AtomicUsize,
 }
 
 impl Registry {
@@ -91,9 +100,47 @@ impl Registry {
         r
     }
 
+    /// This registry with the service table `services` (`ip:port` → `ip:port`s) of `version`,
+    /// each Service's endpoints resolved against the registry once, here; entries that are
+    /// not addresses are skipped.
+    pub fn with_services(mut self, version: u64, services: &[(String, Vec<String>)]) -> Self {
+        self.services_version = version;
+        let mut table = HashMap::new();
+        for (vip, endpoints) in services {
+            let Ok(vip) = vip.parse::<SocketAddr>() else { continue };
+            let meshed: Vec<(SocketAddr, SpiffeId)> = endpoints
+                .iter()
+                .filter_map(|e| e.parse::<SocketAddr>().ok())
+                .filter_map(|e| Some((e, self.resolve(e)?.clone())))
+                .collect();
+            if !meshed.is_empty() {
+                table.insert(vip, meshed);
+            }
+        }
+        self.services = table;
+        self
+    }
+
     /// The mesh workload at `addr`, if it is in the mesh.
     pub fn resolve(&self, addr: SocketAddr) -> Option<&SpiffeId> {
         self.exact.get(&addr).or_else(|| self.by_ip.get(&addr.ip()))
+    }
+
+    /// Where a connection to `addr` goes in the mesh, and the identity it must prove: the
+    /// workload at `addr`, or — `addr` being a Service — one of its endpoints in the mesh,
+    /// taken in turn. `None`: outside the mesh (egress).
+    pub fn target(&self, addr: SocketAddr) -> Option<(SocketAddr, &SpiffeId)> {
+        if let Some(id) = self.resolve(addr) {
+            return Some((addr, id));
+        }
+        let endpoints = self.services.get(&addr)?;
+        let (ep, id) = &endpoints[self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+        Some((*ep, id))
+    }
+
+    /// Services with at least one endpoint in the mesh.
+    pub fn services_len(&self) -> usize {
+        self.services.len()
     }
 
     pub fn len(&self) -> usize {
@@ -235,5 +282,53 @@ impl ProxyState {
 
     pub fn update_control(&self, f: impl FnOnce(&mut ControlStatus)) {
         f(&mut self.control.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_service_address_goes_to_its_meshed_endpoints_in_turn() {
+        let api = id("spiffe://td/ns/shop/sa/api");
+        let registry = Registry::new(
+            3,
+            [
+                ("10.244.1.5".to_string(), api.clone()),
+                ("10.244.2.7:8080".to_string(), api.clone()),
+                ("10.244.9.1".to_string(), id("spiffe://td/ns/shop/sa/db")),
+            ],
+        )
+        .with_services(
+            1,
+            &[
+                (
+                    "10.96.0.10:80".into(),
+                    vec!["10.244.1.5:8080".into(), "10.244.3.3:8080".into(), "10.244.2.7:8080".into()],
+                ),
+                ("10.96.0.11:80".into(), vec!["10.244.3.3:8080".into()]),
+                ("10.96.0.12:80".into(), vec![]),
+                ("not an address".into(), vec!["10.244.1.5:8080".into()]),
+            ],
+        );
+        let picks: Vec<SocketAddr> = (0..4).map(|_| registry.target(addr("10.96.0.10:80")).unwrap().0).collect();
+        let (a, b) = (addr("10.244.1.5:8080"), addr("10.244.2.7:8080"));
+        assert_eq!(picks, [a, b, a, b], "in turn, the endpoint outside the mesh left out");
+        assert_eq!(registry.target(addr("10.96.0.10:80")).unwrap().1, &api);
+        assert_eq!(registry.target(addr("10.96.0.11:80")), None, "no endpoint in the mesh: egress");
+        assert_eq!(registry.target(addr("10.96.0.12:80")), None);
+        assert_eq!(registry.target(addr("10.96.0.10:443")), None, "a port the Service does not have");
+        let db = registry.target(addr("10.244.9.1:5432")).unwrap();
+        assert_eq!((db.0, db.1.as_str()), (addr("10.244.9.1:5432"), "spiffe://td/ns/shop/sa/db"), "a workload itself");
+        assert_eq!((registry.services_len(), registry.services_version), (1, 1));
     }
 }

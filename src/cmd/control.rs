@@ -108,6 +108,8 @@ fn hooks(args: &RunArgs) -> Result<Hooks> {
     if args.k8s_attestation {
         let reviewer = trellis_control::kube::TokenReviewer::in_cluster()
             .context("--k8s-attestation needs the in-cluster config")?;
+        // The same client lists Services, so calls to a ClusterIP reach the mesh.
+        hooks.k8s_services = Some(reviewer.clone());
         hooks.k8s_attest = Some(trellis_control::hooks::k8s_attestation(reviewer, args.trust_domain.clone()));
     }
     if args.webhook {

@@ -77,6 +77,8 @@ pub type WebhookHook = Arc<dyn Fn(&[u8], &str) -> Result<Vec<u8>, String> + Send
 pub struct Hooks {
     pub k8s_attest: Option<AttestHook>,
     pub webhook: Option<WebhookHook>,
+    /// Lists Services and EndpointSlices for the proxies' service table (`crate::services`).
+    pub k8s_services: Option<crate::kube::TokenReviewer>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -84,6 +86,7 @@ impl std::fmt::Debug for Hooks {
         f.debug_struct("Hooks")
             .field("k8s_attest", &self.k8s_attest.is_some())
             .field("webhook", &self.webhook.is_some())
+            .field("k8s_services", &self.k8s_services.is_some())
             .finish()
     }
 }

@@ -1,6 +1,7 @@
 //! The watch stream: a long-lived `text/event-stream` response per proxy, authenticated by
-//! its SVID, carrying the policies that select it, the trust bundle and the endpoint
-//! registry — all of them on connect, then whatever changed, whenever it changes.
+//! its SVID, carrying the policies that select it, the trust bundle, the endpoint registry
+//! and (in Kubernetes mode) the service table — all of them on connect, then whatever
+//! changed, whenever it changes.
 //!
 //! One task per stream waits on the change hub; a burst of changes wakes it once, and it
 //! sends the state current at that moment. A comment line every [`KEEPALIVE`] lets both
@@ -49,6 +50,7 @@ struct Sent {
     policies: Option<String>,
     bundle: Option<String>,
     endpoints_version: Option<u64>,
+    services_version: Option<u64>,
     version: Option<u64>,
 }
 
@@ -104,6 +106,12 @@ fn next_event(shared: &Shared, id: &SpiffeId, session: u64, sent: &mut Sent) -> 
     if sent.endpoints_version != Some(registry.version) {
         let _ = write!(data, ",\"endpoints_version\":{},\"endpoints\":{}", registry.version, registry.json);
         sent.endpoints_version = Some(registry.version);
+        changed = true;
+    }
+    let services = shared.services.load();
+    if services.version > 0 && sent.services_version != Some(services.version) {
+        let _ = write!(data, ",\"services_version\":{},\"services\":{}", services.version, services.json);
+        sent.services_version = Some(services.version);
         changed = true;
     }
     if !changed {

@@ -1,7 +1,9 @@
-//! A fake Kubernetes API server for TokenReview: real HTTPS (a CA and a server certificate
-//! for 127.0.0.1 minted with rcgen at test time) and real `authentication.k8s.io/v1`
-//! TokenReview JSON. It checks what a real API server checks of the caller — method, path,
-//! bearer token, body — and answers per token.
+//! A fake Kubernetes API server for TokenReview and the Service lists: real HTTPS (a CA and
+//! a server certificate for 127.0.0.1 minted with rcgen at test time), real
+//! `authentication.k8s.io/v1` TokenReview JSON, and `v1` ServiceList and
+//! `discovery.k8s.io/v1` EndpointSliceList JSON the test sets ([`FakeApi::cluster`]). It
+//! checks what a real API server checks of the caller — method, path, bearer token, body —
+//! and answers per token.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -25,6 +27,9 @@ pub struct FakeApi {
     pub ca_pem: String,
     /// The bearer token the fake accepts from the control plane (rotatable).
     pub accepted_bearer: Arc<Mutex<String>>,
+    /// What `GET /api/v1/services` and `GET /apis/discovery.k8s.io/v1/endpointslices`
+    /// answer (their `items`); `None`: 403, as without the RBAC to list them.
+    pub cluster: Arc<Mutex<Option<(Value, Value)>>>,
 }
 
 impl FakeApi {
@@ -69,19 +74,42 @@ pub async fn start_fake_api() -> FakeApi {
     let addr = listener.local_addr().expect("addr");
     let accepted_bearer = Arc::new(Mutex::new(CONTROL_PLANE_TOKEN.to_string()));
     let bearer = accepted_bearer.clone();
+    let cluster = Arc::new(Mutex::new(None));
+    let lists = cluster.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { return };
             let acceptor = acceptor.clone();
-            let bearer = bearer.clone();
+            let (bearer, lists) = (bearer.clone(), lists.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let service = hyper::service::service_fn(move |req| answer(req, bearer.clone()));
+                let service = hyper::service::service_fn(move |req| answer(req, bearer.clone(), lists.clone()));
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
             });
         }
     });
-    FakeApi { addr, ca_pem, accepted_bearer }
+    FakeApi { addr, ca_pem, accepted_bearer, cluster }
+}
+
+/// A `ServiceList` or `EndpointSliceList`, as the API server shapes them.
+fn list(path: &str, cluster: &Mutex<Option<(Value, Value)>>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let Some((services, slices)) = cluster.lock().expect("lock").clone() else {
+        let message = format!("services is forbidden: cannot list resource at {path}");
+        return reply(StatusCode::FORBIDDEN, status_object(403, "Forbidden", &message));
+    };
+    let (api_version, kind, items) = match path {
+        "/api/v1/services" => ("v1", "ServiceList", services),
+        "/apis/discovery.k8s.io/v1/endpointslices" => ("discovery.k8s.io/v1", "EndpointSliceList", slices),
+        _ => {
+            return reply(
+                StatusCode::NOT_FOUND,
+                status_object(404, "NotFound", "the server could not find the resource"),
+            );
+        }
+    };
+    let body =
+        json!({ "apiVersion": api_version, "kind": kind, "metadata": { "resourceVersion": "4711" }, "items": items });
+    reply(StatusCode::OK, body.to_string())
 }
 
 pub fn reply(status: StatusCode, body: impl Into<Bytes>) -> Result<Response<Full<Bytes>>, hyper::Error> {
@@ -100,11 +128,15 @@ pub fn status_object(code: u16, reason: &str, message: &str) -> String {
 pub async fn answer(
     req: Request<hyper::body::Incoming>,
     bearer: Arc<Mutex<String>>,
+    cluster: Arc<Mutex<Option<(Value, Value)>>>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let expected = format!("Bearer {}", bearer.lock().expect("lock"));
     let authorized = req.headers().get("authorization").and_then(|v| v.to_str().ok()) == Some(expected.as_str());
     if !authorized {
         return reply(StatusCode::UNAUTHORIZED, status_object(401, "Unauthorized", "Unauthorized"));
+    }
+    if req.method() == hyper::Method::GET {
+        return list(req.uri().path(), &cluster);
     }
     if req.method() != hyper::Method::POST || req.uri().path() != "/apis/authentication.k8s.io/v1/tokenreviews" {
         return reply(StatusCode::NOT_FOUND, status_object(404, "NotFound", "the server could not find the resource"));
