@@ -104,3 +104,27 @@ fn boolean_flags_read_their_variables_as_operators_write_them() {
     }
     assert!(!inject("1"), "TRELLIS_CLASSIC_SIDECAR=1 gave a native sidecar");
 }
+
+/// `--k8s-api` points the Kubernetes integration at an API server from outside the cluster:
+/// it needs `--k8s-attestation`, and credentials that are missing are named at start.
+#[test]
+fn the_kubernetes_api_flags_are_checked_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let run = |extra: &[&str]| {
+        let out = trellis()
+            .args(["control", "run", "--data-dir", &data, "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&["--k8s-api", "https://127.0.0.1:6443"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--k8s-attestation"), "{err}");
+    let creds = dir.path().join("no-such-dir");
+    let creds = creds.display().to_string();
+    let (code, err) = run(&["--k8s-attestation", "--k8s-api", "https://127.0.0.1:6443", "--k8s-credentials", &creds]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("--k8s-api") && err.contains("no-such-dir/ca.crt"), "{err}");
+}

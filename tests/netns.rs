@@ -3,9 +3,14 @@
 //!
 //! The client pod's curl connects to the server pod's IP and app port; the bytes on the
 //! wire between the pods are TLS (captured with tshark), policy allows and denies as
-//! written, and the proxies' own traffic is not captured again (no loop). Needs root;
-//! elsewhere it prints `skipped: <reason>` and passes.
+//! written, and the proxies' own traffic is not captured again (no loop). A call to a
+//! Kubernetes Service's ClusterIP reaches the server pod through the mesh: the control plane
+//! lists Services from a fake API server (real ServiceList/EndpointSliceList JSON over
+//! HTTPS). The node's view of the pods' probes is checked too. Needs root; elsewhere it
+//! prints `skipped: <reason>` and passes.
 
+#[path = "../control/tests/common/fake_kube.rs"]
+mod fake_kube;
 mod support;
 
 use std::process::{Command, Stdio};
@@ -109,7 +114,11 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
         return;
     }
     let net = Net::create();
-    let control = Control::start(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (api, api_creds) = fake_cluster(&rt);
+    let api_url = api.url();
+    let creds = api_creds.path().display().to_string();
+    let control = Control::start(&["--k8s-attestation", "--k8s-api", &api_url, "--k8s-credentials", &creds]);
     // The control plane listens on loopback; pods reach it through the bridge address.
     let relay =
         Bg(Command::new("python3").args(["-c", &relay_script(control.port)]).stdout(Stdio::null()).spawn().unwrap());
@@ -122,7 +131,6 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
         CLIENT,
         "      to:\n        - ports: [8080]\n          methods: [GET]\n          paths: [\"/ok/*\", \"/\"]\n",
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(control.apply(&policy));
 
     // The server pod's app: plain HTTP on 0.0.0.0:8080, knows nothing of the mesh.
@@ -220,6 +228,16 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
     assert_eq!(node_curl(&format!("http://{SERVER_IP}:15000/app-health/app/readyz")), "200", "{}", pod_logs(&logs));
     assert_eq!(node_curl(&format!("http://{SERVER_IP}:15000/app-health/side/readyz")), "200", "{}", pod_logs(&logs));
 
+    // A Service: the client calls its ClusterIP (routed, but nothing answers there); its proxy
+    // sends the connection to the Service's endpoint in the mesh, the server pod.
+    sh(&["ip", "-n", &net.pods[0], "route", "add", "10.96.0.0/16", "dev", "eth0"]);
+    wait_for_services(CLIENT_IP, &logs);
+    let (code, head) = curl(&net, 0, &format!("http://{SERVICE_IP}:80/"));
+    assert_eq!(code, "200", "a call to the ClusterIP: {head}\n{}", pod_logs(&logs));
+    let (code, head) = curl(&net, 0, &format!("http://{SERVICE_IP}:80/secret"));
+    assert_eq!(code, "403", "the server's policy decides, as for a direct call: {head}");
+    drop(api);
+
     // The proxies' own connections were not captured again: no loop refusals, and a
     // direct attempt to reach the outbound listener's own address is refused.
     let logs_text = pod_logs(&logs);
@@ -228,6 +246,45 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
     assert_ne!(code, "200");
     drop(sidecars);
     drop(relay);
+}
+
+/// The Service `shop/server`: ClusterIP 10.96.0.10, port 80 → the server pod's 8080.
+const SERVICE_IP: &str = "10.96.0.10";
+
+/// A fake API server listing that Service and its EndpointSlice, and a credentials directory
+/// (`token`, `ca.crt`) for the control plane to reach it.
+fn fake_cluster(rt: &tokio::runtime::Runtime) -> (fake_kube::FakeApi, tempfile::TempDir) {
+    let api = rt.block_on(fake_kube::start_fake_api());
+    let services = serde_json::json!([{
+        "metadata": { "namespace": "shop", "name": "server" },
+        "spec": { "clusterIP": SERVICE_IP, "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }] },
+    }]);
+    let slices = serde_json::json!([{
+        "metadata": { "namespace": "shop", "name": "server-1", "labels": { "kubernetes.io/service-name": "server" } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": 8080 }],
+        "endpoints": [{ "addresses": [SERVER_IP], "conditions": { "ready": true } }],
+    }]);
+    *api.cluster.lock().unwrap() = Some((services, slices));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), fake_kube::CONTROL_PLANE_TOKEN).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), &api.ca_pem).unwrap();
+    (api, dir)
+}
+
+/// Waits until the proxy at `ip` knows a Service with an endpoint in the mesh.
+fn wait_for_services(ip: &str, logs: &tempfile::TempDir) {
+    let addr: std::net::SocketAddr = format!("{ip}:15000").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some((200, body)) = http_get(addr, "/config")
+            && serde_json::from_str::<serde_json::Value>(&body).unwrap()["endpoint_registry"]["services"] == 1
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the proxy at {ip} never got the service table:\n{}", pod_logs(logs));
 }
 
 fn pod_logs(dir: &tempfile::TempDir) -> String {

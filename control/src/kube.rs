@@ -127,13 +127,19 @@ impl TokenReviewer {
     /// [`TokenReviewer::in_cluster`] with explicit values (the service host and port, and a
     /// directory holding `token` and `ca.crt`).
     pub fn in_cluster_at(host: &str, port: &str, dir: impl AsRef<Path>) -> Result<Self, KubeError> {
+        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
+        Self::at_url(&format!("https://{host}:{port}"), dir)
+    }
+
+    /// A client for the API server at `url` (`https://host:port`), with the bearer token and
+    /// CA in `dir` (`token`, `ca.crt`), for a control plane outside the cluster.
+    pub fn at_url(url: &str, dir: impl AsRef<Path>) -> Result<Self, KubeError> {
         let dir = dir.as_ref();
         let ca_path = dir.join("ca.crt");
         let ca = std::fs::read(&ca_path).map_err(|e| KubeError::Config(format!("{}: {e}", ca_path.display())))?;
         let token_path = dir.join("token");
-        read_token(&token_path)?; // fail at start-up, not at the first review
-        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
-        Self::build(&format!("https://{host}:{port}"), &ca, Bearer::File(token_path))
+        read_token(&token_path)?; // fail at start-up, not at the first call
+        Self::build(url, &ca, Bearer::File(token_path))
     }
 
     /// Bounds each review (connect, TLS, request and answer) to `timeout`.

@@ -1,7 +1,7 @@
 //! `trellis control run`: the control plane.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -39,9 +39,18 @@ pub struct RunArgs {
     #[arg(long, env = "TRELLIS_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
     /// Accept Kubernetes projected ServiceAccount tokens, verified with the TokenReview API
-    /// (in-cluster config), and issue spiffe://<td>/ns/<namespace>/sa/<serviceaccount>.
+    /// (in-cluster config), and issue spiffe://<td>/ns/<namespace>/sa/<serviceaccount>; list
+    /// Services for the proxies (calls to a ClusterIP reach its endpoints in the mesh).
     #[arg(long, env = "TRELLIS_K8S_ATTESTATION", value_parser = clap::builder::FalseyValueParser::new())]
     pub k8s_attestation: bool,
+    /// With --k8s-attestation, outside the cluster: the API server's URL (https://host:port),
+    /// instead of the in-cluster KUBERNETES_SERVICE_HOST/PORT.
+    #[arg(long, env = "TRELLIS_K8S_API", requires = "k8s_attestation", value_name = "URL")]
+    k8s_api: Option<String>,
+    /// With --k8s-api: a directory holding `token` (a bearer token, re-read on each call) and
+    /// `ca.crt` (the API server's CA), laid out as a pod's service account directory.
+    #[arg(long, env = "TRELLIS_K8S_CREDENTIALS", requires = "k8s_api", value_name = "DIR")]
+    k8s_credentials: Option<PathBuf>,
     /// Serve the sidecar-injection admission webhook at POST /inject.
     #[arg(long, env = "TRELLIS_WEBHOOK", value_parser = clap::builder::FalseyValueParser::new())]
     pub webhook: bool,
@@ -106,8 +115,15 @@ fn serve(args: RunArgs) -> Result<()> {
 fn hooks(args: &RunArgs) -> Result<Hooks> {
     let mut hooks = Hooks::default();
     if args.k8s_attestation {
-        let reviewer = trellis_control::kube::TokenReviewer::in_cluster()
-            .context("--k8s-attestation needs the in-cluster config")?;
+        let reviewer = match &args.k8s_api {
+            Some(url) => {
+                let dir =
+                    args.k8s_credentials.as_deref().unwrap_or(Path::new(trellis_control::kube::SERVICE_ACCOUNT_DIR));
+                trellis_control::kube::TokenReviewer::at_url(url, dir).context("--k8s-api")?
+            }
+            None => trellis_control::kube::TokenReviewer::in_cluster()
+                .context("--k8s-attestation needs the in-cluster config (or --k8s-api)")?,
+        };
         // The same client lists Services, so calls to a ClusterIP reach the mesh.
         hooks.k8s_services = Some(reviewer.clone());
         hooks.k8s_attest = Some(trellis_control::hooks::k8s_attestation(reviewer, args.trust_domain.clone()));
