@@ -23,6 +23,8 @@ const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
 const HOST_IP: &str = "10.78.0.1";
 const CLIENT_IP: &str = "10.78.0.2";
 const SERVER_IP: &str = "10.78.0.3";
+/// A second replica of the server (same service account), for the Service test.
+const REPLICA_IP: &str = "10.78.0.4";
 
 fn unsupported() -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -57,7 +59,7 @@ impl Net {
         sh(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", &bridge]);
         sh(&["ip", "link", "set", &bridge, "up"]);
         let mut pods = Vec::new();
-        for (i, ip) in [CLIENT_IP, SERVER_IP].iter().enumerate() {
+        for (i, ip) in [CLIENT_IP, SERVER_IP, REPLICA_IP].iter().enumerate() {
             let ns = format!("trellis-e2e-{id}-{i}");
             let host_end = format!("trv{id}{i}");
             sh(&["ip", "netns", "add", &ns]);
@@ -129,17 +131,23 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
         "server-from-client",
         SERVER,
         CLIENT,
-        "      to:\n        - ports: [8080]\n          methods: [GET]\n          paths: [\"/ok/*\", \"/\"]\n",
+        "      to:\n        - ports: [8080]\n          methods: [GET]\n          paths: [\"/ok/*\", \"/\", \"/whoami\"]\n",
     );
     rt.block_on(control.apply(&policy));
 
-    // The server pod's app: plain HTTP on 0.0.0.0:8080, knows nothing of the mesh.
-    let _app = Bg(net
-        .exec(1, &["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    // The server pods' app: plain HTTP on 0.0.0.0:8080, knows nothing of the mesh; each
+    // replica's `/whoami` says which one answered.
+    let docs = tempfile::tempdir().unwrap();
+    let mut apps = Vec::new();
+    for (pod, name) in [(1, "server"), (2, "replica")] {
+        let dir = docs.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("whoami"), name).unwrap();
+        let dir = dir.display().to_string();
+        let mut app =
+            net.exec(pod, &["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory", &dir]);
+        apps.push(Bg(app.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()));
+    }
     // A second app listening on the pod IP only (not loopback), for the app probes below.
     let _pod_ip_app = Bg(net
         .exec(1, &["python3", "-m", "http.server", "8081", "--bind", SERVER_IP])
@@ -152,7 +160,7 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
         r#"{"app/readyz":{"port":8080,"httpGet":{"path":"/"}},"side/readyz":{"port":8081,"tcpSocket":{"port":8081}}}"#;
     let logs = tempfile::tempdir().unwrap();
     let mut sidecars = Vec::new();
-    for (pod, (id, ip)) in [(CLIENT, CLIENT_IP), (SERVER, SERVER_IP)].into_iter().enumerate() {
+    for (pod, (id, ip)) in [(CLIENT, CLIENT_IP), (SERVER, SERVER_IP), (SERVER, REPLICA_IP)].into_iter().enumerate() {
         let status = net.exec(pod, &[bin(), "proxy", "init", "--exclude-inbound-ports", "15000"]).status().unwrap();
         assert!(status.success(), "proxy init failed in pod {pod}");
         let token = control.token(id);
@@ -170,7 +178,7 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
             .unwrap();
         sidecars.push(Bg(child));
     }
-    for ip in [CLIENT_IP, SERVER_IP] {
+    for ip in [CLIENT_IP, SERVER_IP, REPLICA_IP] {
         wait_ready(ip, &logs);
     }
 
@@ -236,6 +244,12 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
     assert_eq!(code, "200", "a call to the ClusterIP: {head}\n{}", pod_logs(&logs));
     let (code, head) = curl(&net, 0, &format!("http://{SERVICE_IP}:80/secret"));
     assert_eq!(code, "403", "the server's policy decides, as for a direct call: {head}");
+    // Requests on one connection are spread over the replicas, one by one.
+    let whoami = format!("http://{SERVICE_IP}:80/whoami");
+    let out = net.exec(0, &["curl", "-sv", "--max-time", "5", &whoami, &whoami]).output().unwrap();
+    let (body, trace) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(body.contains("server") && body.contains("replica"), "both replicas answered: {body:?}");
+    assert!(trace.contains("Re-using existing connection"), "one client connection: {trace}");
     drop(api);
 
     // The proxies' own connections were not captured again: no loop refusals, and a
@@ -263,7 +277,7 @@ fn fake_cluster(rt: &tokio::runtime::Runtime) -> (fake_kube::FakeApi, tempfile::
         "metadata": { "namespace": "shop", "name": "server-1", "labels": { "kubernetes.io/service-name": "server" } },
         "addressType": "IPv4",
         "ports": [{ "name": "http", "port": 8080 }],
-        "endpoints": [{ "addresses": [SERVER_IP], "conditions": { "ready": true } }],
+        "endpoints": [{ "addresses": [SERVER_IP], "conditions": { "ready": true } }, { "addresses": [REPLICA_IP] }],
     }]);
     *api.cluster.lock().unwrap() = Some((services, slices));
     let dir = tempfile::tempdir().unwrap();
@@ -288,7 +302,7 @@ fn wait_for_services(ip: &str, logs: &tempfile::TempDir) {
 }
 
 fn pod_logs(dir: &tempfile::TempDir) -> String {
-    (0..2).map(|i| std::fs::read_to_string(dir.path().join(format!("pod{i}.log"))).unwrap_or_default()).collect()
+    (0..3).map(|i| std::fs::read_to_string(dir.path().join(format!("pod{i}.log"))).unwrap_or_default()).collect()
 }
 
 fn wait_ready(ip: &str, logs: &tempfile::TempDir) {

@@ -61,14 +61,16 @@ pub struct Accepted {
 #[derive(Debug, Clone)]
 pub enum Target {
     /// A sidecar that must prove `id`.
-    Mesh { addr: SocketAddr, id: SpiffeId },
+    /// `service`: the Service address the app called, when `addr` is one of its endpoints;
+    /// HTTP requests are then spread over its endpoints one by one.
+    Mesh { addr: SocketAddr, id: SpiffeId, service: Option<SocketAddr> },
     /// An address outside the mesh.
     Egress { addr: SocketAddr },
 }
 
 /// Serves an explicit route (`--route LISTEN=PEER,SPIFFE_ID`).
 pub async fn serve_route(state: Arc<ProxyState>, route: RouteSpec, listener: TcpListener) {
-    let target = Target::Mesh { addr: route.peer, id: route.identity.clone() };
+    let target = Target::Mesh { addr: route.peer, id: route.identity.clone(), service: None };
     accept_loop(state, listener, move |_, _| Some(target.clone())).await
 }
 
@@ -88,7 +90,7 @@ pub async fn serve_transparent(state: Arc<ProxyState>, listener: TcpListener) {
         // A Service's ClusterIP goes to one of its endpoints in the mesh (kube-proxy, which
         // would pick one, comes after the capture).
         Some(match lookup_state.registry.load().target(dst) {
-            Some((addr, id)) => Target::Mesh { addr, id: id.clone() },
+            Some((addr, id)) => Target::Mesh { addr, id: id.clone(), service: (addr != dst).then_some(dst) },
             None => Target::Egress { addr: dst },
         })
     })
@@ -142,10 +144,10 @@ async fn handle(state: Arc<ProxyState>, accepted: Accepted, target: Target) {
             span.record("dst", field::display(addr));
             Box::pin(egress(state, accepted, addr)).await
         }
-        Target::Mesh { addr, id } => {
+        Target::Mesh { addr, id, service } => {
             span.record("dst", field::display(addr));
             span.record("dst.id", field::display(&id));
-            mesh(state, accepted, addr, id).await
+            mesh(accepted, ForwardToPeer { state, addr, id, service }).await
         }
     }
 }
@@ -162,8 +164,9 @@ fn outbound_facts(state: &ProxyState, remote: SocketAddr, addr: SocketAddr, id: 
     })
 }
 
-async fn mesh(state: Arc<ProxyState>, accepted: Accepted, addr: SocketAddr, id: SpiffeId) {
+async fn mesh(accepted: Accepted, peer: ForwardToPeer) {
     let Accepted { mut tcp, port, remote, started } = accepted;
+    let (state, addr, id) = (peer.state.clone(), peer.addr, peer.id.clone());
     tracing::debug!(app = %remote, peer = %addr, "outbound connection");
     let opaque = state.config.is_opaque(port) || state.config.is_opaque(addr.port());
     let (protocol, prefix) = if opaque {
@@ -190,9 +193,7 @@ async fn mesh(state: Arc<ProxyState>, accepted: Accepted, addr: SocketAddr, id: 
             let outcome = Box::pin(mesh_tcp(&state, io, addr, &id)).await;
             state.telemetry.connection(|| outbound_facts(&state, remote, addr, Some(id)), started, outcome);
         }
-        Protocol::Http1 | Protocol::Http2 => {
-            Box::pin(mesh_http(state, io, (remote, started), addr, id, protocol)).await
-        }
+        Protocol::Http1 | Protocol::Http2 => Box::pin(mesh_http(io, (remote, started), peer, protocol)).await,
     }
 }
 
@@ -217,19 +218,19 @@ async fn mesh_tcp(state: &ProxyState, mut io: Prefixed<TcpStream>, addr: SocketA
 /// HTTP to a mesh peer: each request over the pooled HTTP/2 connection. A plain function
 /// returning the connection's future, so that future holds no dead copy of `io`.
 fn mesh_http(
-    state: Arc<ProxyState>,
     io: Prefixed<TcpStream>,
     (remote, started): (SocketAddr, Started),
-    addr: SocketAddr,
-    id: SpiffeId,
+    peer: ForwardToPeer,
     protocol: Protocol,
 ) -> impl Future<Output = ()> + Send {
-    let facts = || outbound_facts(&state, remote, addr, Some(id.clone()));
+    let state = peer.state.clone();
+    // A Service's requests go to several endpoints: its spans name the Service's address.
+    let facts = || outbound_facts(&state, remote, peer.service.unwrap_or(peer.addr), Some(peer.id.clone()));
     let conn = HttpConnSpan::start(&state.telemetry, facts, started, protocol.label());
     let svc = ServiceBuilder::new()
         .layer(TraceLayer::new(conn.clone()))
         .layer(MetricsLayer { state: state.clone(), direction: "outbound" })
-        .service(ForwardToPeer { state: state.clone(), addr, id });
+        .service(peer);
     let svc = hyper_util::service::TowerToHyperService::new(svc);
     let header_timeout = state.config.header_timeout;
     let stop = async move {
@@ -239,11 +240,16 @@ fn mesh_http(
     serve_http(Metered::new(io, conn), svc, protocol == Protocol::Http2, header_timeout, stop)
 }
 
+/// The innermost outbound service: sends a request to the peer's sidecar.
 #[derive(Clone)]
 struct ForwardToPeer {
     state: Arc<ProxyState>,
+    /// The peer chosen for the connection.
     addr: SocketAddr,
     id: SpiffeId,
+    /// The Service the app called, if it did: each request then takes the Service's next
+    /// endpoint in the mesh (a long-lived HTTP/2 client would otherwise load one pod).
+    service: Option<SocketAddr>,
 }
 
 impl tower::Service<Request<ReqBody>> for ForwardToPeer {
@@ -276,14 +282,22 @@ fn failed(mut resp: Response<RespBody>) -> Response<RespBody> {
 }
 
 impl ForwardToPeer {
+    /// Where this request goes: the Service's next endpoint, or the connection's peer (also
+    /// when the Service has no endpoint in the mesh left).
+    fn pick(&self) -> (SocketAddr, SpiffeId) {
+        let next = self.service.and_then(|vip| self.state.registry.load().target(vip).map(|(a, id)| (a, id.clone())));
+        next.unwrap_or_else(|| (self.addr, self.id.clone()))
+    }
+
     async fn forward(&self, mut req: Request<ReqBody>) -> Response<RespBody> {
+        let (addr, id) = self.pick();
         // Nothing the app sends may impersonate what sidecars tell each other.
         req.headers_mut().remove(PEER_ID);
         req.headers_mut().remove(ORIG_PROTO);
         // Only WebSocket is carried as an upgrade; any other offer (h2c) goes on below as an
         // ordinary request, its Upgrade, HTTP2-Settings and Connection removed as hop-by-hop.
         if is_websocket_upgrade(&req) {
-            let target = UpgradeTarget::Peer { state: self.state.clone(), addr: self.addr, id: self.id.clone() };
+            let target = UpgradeTarget::Peer { state: self.state.clone(), addr, id };
             // Boxed so the rare upgrade does not size (and slow) every request's future. The
             // peer's inbound holds the revocable registration; its close ends this side too.
             let mut resp = Box::pin(forward_upgrade(req, target, None)).await;
@@ -292,7 +306,8 @@ impl ForwardToPeer {
             return resp;
         }
         let was_h1 = req.version() != http::Version::HTTP_2;
-        let uri = match peer_uri(std::mem::take(req.uri_mut()), req.headers().get(header::HOST), self.addr) {
+        let called = self.service.unwrap_or(addr);
+        let uri = match peer_uri(std::mem::take(req.uri_mut()), req.headers().get(header::HOST), called) {
             Ok(uri) => uri,
             Err(e) => {
                 let resp = proxy_error(StatusCode::BAD_REQUEST, "bad_request", &format!("bad request target: {e}"));
@@ -307,7 +322,7 @@ impl ForwardToPeer {
         // HTTP/2 carries the authority as :authority; a Host header would duplicate it.
         req.headers_mut().remove(header::HOST);
         *req.version_mut() = http::Version::HTTP_2;
-        let resp = match self.send(req).await {
+        let resp = match self.send(req, addr, &id).await {
             Ok(resp) => resp,
             Err(generated) => return generated,
         };
@@ -322,10 +337,15 @@ impl ForwardToPeer {
     /// Sends `req` over the pooled connection to the peer; once more on a new connection if
     /// the pooled one turns out closed (or told us GOAWAY) before the request left, since the
     /// peer never saw it, whatever its method. `Err` is the response to give the app.
-    async fn send(&self, mut req: Request<ReqBody>) -> Result<Response<PeerBody>, Response<RespBody>> {
+    async fn send(
+        &self,
+        mut req: Request<ReqBody>,
+        addr: SocketAddr,
+        id: &SpiffeId,
+    ) -> Result<Response<PeerBody>, Response<RespBody>> {
         let mut retried = false;
         loop {
-            let conn = self.state.pools.sender(&self.state, self.addr, &self.id).await.map_err(|e| {
+            let conn = self.state.pools.sender(&self.state, addr, id).await.map_err(|e| {
                 tracing::warn!(error = %e, "cannot reach peer");
                 failed(proxy_error(StatusCode::BAD_GATEWAY, e.label(), &e.to_string()))
             })?;
@@ -338,7 +358,7 @@ impl ForwardToPeer {
                 }
                 Err(SendError::Unsent(e, _) | SendError::Failed(e)) => {
                     tracing::warn!(error = %e, "request to peer failed");
-                    let detail = format!("request to peer {} failed: {e}", self.addr);
+                    let detail = format!("request to peer {addr} failed: {e}");
                     return Err(failed(proxy_error(StatusCode::BAD_GATEWAY, "peer_http", &detail)));
                 }
             }
