@@ -40,6 +40,11 @@ const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 /// A TokenReview answer is a few KB; anything much larger is not one.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
+/// One page of a list ([`LIST_PAGE`] objects; an EndpointSlice holds up to 100 endpoints).
+const MAX_PAGE_BYTES: usize = 32 << 20;
+/// Objects asked for per page of a list: the API server then answers in chunks with a
+/// `continue` token, so a large cluster is never one huge response.
+const LIST_PAGE: u32 = 500;
 
 /// Who a verified token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,22 +194,46 @@ impl TokenReviewer {
         identity_from_review(&answer)
     }
 
-    /// GETs `path` (e.g. a list of Services) and returns the JSON answer; an error status is
-    /// reported with the API server's message.
-    pub async fn get_json(&self, path: &str) -> Result<Value, KubeError> {
-        let send = self.send(Method::GET, path, None);
-        let (status, answer) = tokio::time::timeout(self.timeout, send).await.map_err(|_| {
-            KubeError::ApiUnavailable(format!("no answer from {} within {:?}", self.authority, self.timeout))
-        })??;
-        check_status(status, &answer)?;
-        serde_json::from_slice(&answer).map_err(|e| KubeError::BadResponse(format!("GET {path}: not JSON: {e}")))
+    /// Lists every object at `path` (e.g. `/api/v1/services`), page by page, and returns
+    /// their `items`; an error status is reported with the API server's message.
+    pub async fn list(&self, path: &str) -> Result<Vec<Value>, KubeError> {
+        let mut items = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page_path = match &next {
+                None => format!("{path}?limit={LIST_PAGE}"),
+                Some(token) => format!("{path}?limit={LIST_PAGE}&continue={}", percent_encode(token)),
+            };
+            let send = self.send(Method::GET, &page_path, None, MAX_PAGE_BYTES);
+            let (status, answer) = tokio::time::timeout(self.timeout, send).await.map_err(|_| {
+                KubeError::ApiUnavailable(format!("no answer from {} within {:?}", self.authority, self.timeout))
+            })??;
+            check_status(status, &answer)?;
+            let mut page: Value = serde_json::from_slice(&answer)
+                .map_err(|e| KubeError::BadResponse(format!("GET {path}: not JSON: {e}")))?;
+            match page.get_mut("items").map(Value::take) {
+                Some(Value::Array(page_items)) => items.extend(page_items),
+                Some(Value::Null) | None => {}
+                Some(_) => return Err(KubeError::BadResponse(format!("GET {path}: items is not a list"))),
+            }
+            next = page["metadata"]["continue"].as_str().filter(|c| !c.is_empty()).map(str::to_string);
+            if next.is_none() {
+                return Ok(items);
+            }
+        }
     }
 
     async fn post(&self, body: String) -> Result<(StatusCode, Bytes), KubeError> {
-        self.send(Method::POST, &self.review_path.clone(), Some(body)).await
+        self.send(Method::POST, &self.review_path.clone(), Some(body), MAX_RESPONSE_BYTES).await
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<String>) -> Result<(StatusCode, Bytes), KubeError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+        max_answer: usize,
+    ) -> Result<(StatusCode, Bytes), KubeError> {
         let bearer = match &self.bearer {
             Bearer::Static(token) => token.clone(),
             Bearer::File(path) => read_token(path)?,
@@ -230,13 +259,25 @@ impl TokenReviewer {
             .map_err(|e| KubeError::Config(format!("cannot build the request: {e}")))?;
         let response = sender.send_request(request).await.map_err(|e| unavailable("request to", &e))?;
         let status = response.status();
-        let answer = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+        let answer = Limited::new(response.into_body(), max_answer)
             .collect()
             .await
             .map_err(|e| unavailable("reading the answer of", &*e))?
             .to_bytes();
         Ok((status, answer))
     }
+}
+
+/// A `continue` token as a query value (it is opaque base64, which may hold `+`, `/`, `=`).
+fn percent_encode(token: &str) -> String {
+    token.bytes().fold(String::new(), |mut out, b| {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+        out
+    })
 }
 
 /// Stops the connection task when the review is over or abandoned (timeout).

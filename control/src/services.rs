@@ -30,14 +30,14 @@ const SERVICES_PATH: &str = "/api/v1/services";
 const SLICES_PATH: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// The service table from a `ServiceList` and an `EndpointSliceList` (as the API server
-/// returns them): for every TCP port of every Service with a ClusterIP, the ready endpoints
+/// The service table from the `items` of a `ServiceList` and an `EndpointSliceList` (as the
+/// API server returns them): for every TCP port of every Service with a ClusterIP, the ready endpoints
 /// of the slices labelled with its name, at the slice port of the same name. Sorted, so the
 /// same cluster state gives the same table.
-pub fn service_table(services: &Value, slices: &Value) -> Vec<ServiceEntry> {
+pub fn service_table(services: &[Value], slices: &[Value]) -> Vec<ServiceEntry> {
     // (namespace, service, port name) → ready endpoints.
     let mut endpoints: BTreeMap<(&str, &str, &str), Vec<SocketAddr>> = BTreeMap::new();
-    for slice in items(slices) {
+    for slice in slices {
         let ns = slice["metadata"]["namespace"].as_str().unwrap_or("");
         let Some(service) = slice["metadata"]["labels"][SERVICE_NAME_LABEL].as_str() else { continue };
         let ready: Vec<IpAddr> = array(&slice["endpoints"])
@@ -52,7 +52,7 @@ pub fn service_table(services: &Value, slices: &Value) -> Vec<ServiceEntry> {
         }
     }
     let mut table = Vec::new();
-    for service in items(services) {
+    for service in services {
         let (ns, name) =
             (service["metadata"]["namespace"].as_str().unwrap_or(""), service["metadata"]["name"].as_str());
         let Some(name) = name else { continue };
@@ -92,18 +92,14 @@ fn is_tcp(port: &Value) -> bool {
     port["protocol"].as_str().is_none_or(|p| p == "TCP")
 }
 
-fn items(list: &Value) -> impl Iterator<Item = &Value> {
-    array(&list["items"])
-}
-
 fn array(v: &Value) -> impl Iterator<Item = &Value> {
     v.as_array().into_iter().flatten()
 }
 
 /// Lists both kinds once and builds the table.
 pub async fn list_table(client: &TokenReviewer) -> Result<Vec<ServiceEntry>, KubeError> {
-    let services = client.get_json(SERVICES_PATH).await?;
-    let slices = client.get_json(SLICES_PATH).await?;
+    let services = client.list(SERVICES_PATH).await?;
+    let slices = client.list(SLICES_PATH).await?;
     Ok(service_table(&services, &slices))
 }
 
@@ -150,39 +146,48 @@ mod tests {
 
     #[test]
     fn cluster_ips_map_to_the_ready_endpoints_at_the_target_port() {
-        let services = json!({ "items": [
-            svc("shop", "api", json!({ "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
-                "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }, { "name": "dns", "port": 53, "protocol": "UDP" }] })),
+        let services = json!([
+            svc(
+                "shop",
+                "api",
+                json!({ "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }, { "name": "dns", "port": 53, "protocol": "UDP" }] })
+            ),
             svc("shop", "db", json!({ "clusterIP": "10.96.0.11", "ports": [{ "port": 5432 }] })),
             svc("shop", "headless", json!({ "clusterIP": "None", "ports": [{ "port": 80 }] })),
             svc("shop", "external", json!({ "type": "ExternalName", "externalName": "example.com" })),
             svc("other", "api", json!({ "clusterIP": "10.96.0.12", "ports": [{ "name": "http", "port": 80 }] })),
-        ]});
-        let slices = json!({ "items": [
-            slice("shop", "api", json!([{ "name": "http", "port": 8080 }]), json!([
-                { "addresses": ["10.244.1.5"], "conditions": { "ready": true } },
-                { "addresses": ["10.244.2.7"], "conditions": { "ready": false } },
-                { "addresses": ["10.244.3.9"] },
-            ])),
+        ]);
+        let slices = json!([
+            slice(
+                "shop",
+                "api",
+                json!([{ "name": "http", "port": 8080 }]),
+                json!([
+                    { "addresses": ["10.244.1.5"], "conditions": { "ready": true } },
+                    { "addresses": ["10.244.2.7"], "conditions": { "ready": false } },
+                    { "addresses": ["10.244.3.9"] },
+                ])
+            ),
             slice("shop", "api", json!([{ "name": "http", "port": 8080 }]), json!([{ "addresses": ["10.244.4.1"] }])),
             slice("shop", "db", json!([{ "port": 5432 }]), json!([{ "addresses": ["10.244.1.6"] }])),
             json!({ "metadata": { "namespace": "shop", "name": "orphan" }, "ports": [{ "port": 1 }],
                     "endpoints": [{ "addresses": ["10.244.9.9"] }] }),
-        ]});
-        let table = service_table(&services, &slices);
+        ]);
+        let (services, slices) = (services.as_array().unwrap(), slices.as_array().unwrap());
+        let table = service_table(services, slices);
         let get = |a: &str| table.iter().find(|e| e.address == a).map(|e| e.endpoints.clone());
         assert_eq!(get("10.96.0.10:80").unwrap(), ["10.244.1.5:8080", "10.244.3.9:8080", "10.244.4.1:8080"]);
         assert_eq!(get("10.96.0.11:5432").unwrap(), ["10.244.1.6:5432"], "an unnamed port matches the unnamed one");
         assert_eq!(get("10.96.0.12:80").unwrap(), Vec::<String>::new(), "same name, other namespace: no endpoints");
         assert_eq!(table.len(), 3, "no UDP ports, headless or ExternalName Services: {table:?}");
-        assert_eq!(service_table(&services, &slices), table, "deterministic");
+        assert_eq!(service_table(services, slices), table, "deterministic");
     }
 
     #[test]
-    fn lists_that_are_not_lists_give_an_empty_table() {
-        assert!(service_table(&json!({"kind": "Status"}), &json!(null)).is_empty());
-        let services =
-            json!({ "items": [svc("a", "b", json!({ "clusterIP": "not-an-ip", "ports": [{ "port": 80 }] }))] });
-        assert!(service_table(&services, &json!({ "items": [] })).is_empty());
+    fn objects_that_are_not_services_give_an_empty_table() {
+        assert!(service_table(&[json!({"kind": "Status"})], &[json!(null)]).is_empty());
+        let services = [svc("a", "b", json!({ "clusterIP": "not-an-ip", "ports": [{ "port": 80 }] }))];
+        assert!(service_table(&services, &[]).is_empty());
     }
 }

@@ -148,6 +148,12 @@ async fn services_listed_from_the_api_reach_the_watch_stream() {
     let services = serde_json::json!([{
         "metadata": { "namespace": "shop", "name": "api" },
         "spec": { "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }] },
+    }, {
+        "metadata": { "namespace": "shop", "name": "db" },
+        "spec": { "clusterIP": "10.96.0.11", "ports": [{ "port": 5432 }] },
+    }, {
+        "metadata": { "namespace": "shop", "name": "cache" },
+        "spec": { "clusterIP": "10.96.0.12", "ports": [{ "port": 6379 }] },
     }]);
     let slices = serde_json::json!([{
         "metadata": { "namespace": "shop", "name": "api-abcde", "labels": { "kubernetes.io/service-name": "api" } },
@@ -156,12 +162,11 @@ async fn services_listed_from_the_api_reach_the_watch_stream() {
         "endpoints": [{ "addresses": ["10.244.1.5"], "conditions": { "ready": true } }],
     }]);
     *api.cluster.lock().unwrap() = Some((services, slices));
+    // The fake answers one object per page: three pages of Services, joined by `continue`.
     let table = trellis_control::services::list_table(&api.reviewer()).await.unwrap();
-    assert_eq!(table.len(), 1);
-    assert_eq!(
-        (table[0].address.as_str(), table[0].endpoints.as_slice()),
-        ("10.96.0.10:80", &["10.244.1.5:8080".to_string()][..])
-    );
+    let addresses: Vec<&str> = table.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(addresses, ["10.96.0.10:80", "10.96.0.11:5432", "10.96.0.12:6379"]);
+    assert_eq!(table[0].endpoints, ["10.244.1.5:8080"]);
 
     let hooks = Hooks { k8s_services: Some(api.reviewer()), ..Hooks::default() };
     let plane = plane_with(hooks, vec![]).await;

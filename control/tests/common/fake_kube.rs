@@ -91,8 +91,11 @@ pub async fn start_fake_api() -> FakeApi {
     FakeApi { addr, ca_pem, accepted_bearer, cluster }
 }
 
-/// A `ServiceList` or `EndpointSliceList`, as the API server shapes them.
-fn list(path: &str, cluster: &Mutex<Option<(Value, Value)>>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+/// A `ServiceList` or `EndpointSliceList`, as the API server shapes them — one object per
+/// page (an API server may send fewer than `limit`), with a `continue` token holding
+/// characters that must be escaped in a query (`=`, `/`, `+`).
+fn list(uri: &hyper::Uri, cluster: &Mutex<Option<(Value, Value)>>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let path = uri.path();
     let Some((services, slices)) = cluster.lock().expect("lock").clone() else {
         let message = format!("services is forbidden: cannot list resource at {path}");
         return reply(StatusCode::FORBIDDEN, status_object(403, "Forbidden", &message));
@@ -101,15 +104,36 @@ fn list(path: &str, cluster: &Mutex<Option<(Value, Value)>>) -> Result<Response<
         "/api/v1/services" => ("v1", "ServiceList", services),
         "/apis/discovery.k8s.io/v1/endpointslices" => ("discovery.k8s.io/v1", "EndpointSliceList", slices),
         _ => {
-            return reply(
-                StatusCode::NOT_FOUND,
-                status_object(404, "NotFound", "the server could not find the resource"),
-            );
+            let status = status_object(404, "NotFound", "the server could not find the resource");
+            return reply(StatusCode::NOT_FOUND, status);
         }
     };
-    let body =
-        json!({ "apiVersion": api_version, "kind": kind, "metadata": { "resourceVersion": "4711" }, "items": items });
-    reply(StatusCode::OK, body.to_string())
+    let query = uri.query().unwrap_or("");
+    if !query.split('&').any(|kv| kv.starts_with("limit=")) {
+        return reply(StatusCode::BAD_REQUEST, status_object(400, "BadRequest", "this fake wants paged lists"));
+    }
+    let from = match query.split('&').find_map(|kv| kv.strip_prefix("continue=")) {
+        None => 0,
+        // Unescaped, a real API server would read `+` as a space.
+        Some(token) if token.contains(['+', '/', '=']) => {
+            return reply(StatusCode::BAD_REQUEST, status_object(400, "BadRequest", "continue token not escaped"));
+        }
+        Some(token) => {
+            let token = token.replace("%3D", "=").replace("%2F", "/").replace("%2B", "+");
+            match token.strip_prefix("a+b/").and_then(|n| n.trim_end_matches('=').parse::<usize>().ok()) {
+                Some(n) => n,
+                None => return reply(StatusCode::GONE, status_object(410, "Expired", "bad continue token")),
+            }
+        }
+    };
+    let items = items.as_array().cloned().unwrap_or_default();
+    let page: Vec<Value> = items.iter().skip(from).take(1).cloned().collect();
+    let token = if from + 1 < items.len() { format!("a+b/{}==", from + 1) } else { String::new() };
+    let metadata = json!({ "resourceVersion": "4711", "continue": token });
+    reply(
+        StatusCode::OK,
+        json!({ "apiVersion": api_version, "kind": kind, "metadata": metadata, "items": page }).to_string(),
+    )
 }
 
 pub fn reply(status: StatusCode, body: impl Into<Bytes>) -> Result<Response<Full<Bytes>>, hyper::Error> {
@@ -136,7 +160,7 @@ pub async fn answer(
         return reply(StatusCode::UNAUTHORIZED, status_object(401, "Unauthorized", "Unauthorized"));
     }
     if req.method() == hyper::Method::GET {
-        return list(req.uri().path(), &cluster);
+        return list(req.uri(), &cluster);
     }
     if req.method() != hyper::Method::POST || req.uri().path() != "/apis/authentication.k8s.io/v1/tokenreviews" {
         return reply(StatusCode::NOT_FOUND, status_object(404, "NotFound", "the server could not find the resource"));
