@@ -39,6 +39,7 @@ use crate::io::Prefixed;
 use crate::layers::{BoxFuture, Decided, MetricsLayer, TraceLayer};
 use crate::metrics::OpenGuard;
 use crate::peer_h2::{PeerBody, SendError};
+use crate::pool::PeerError;
 use crate::serve::serve_http;
 use crate::sniff::{Protocol, detect};
 use crate::state::{PeerProtocol, ProxyState};
@@ -190,7 +191,7 @@ async fn mesh(accepted: Accepted, peer: ForwardToPeer) {
     // (or idle) then holds a task sized for sniffing, not for TLS plus a hyper server.
     match protocol {
         Protocol::Opaque => {
-            let outcome = Box::pin(mesh_tcp(&state, io, addr, &id)).await;
+            let outcome = Box::pin(mesh_tcp(&peer, io)).await;
             state.telemetry.connection(|| outbound_facts(&state, remote, addr, Some(id)), started, outcome);
         }
         Protocol::Http1 | Protocol::Http2 => Box::pin(mesh_http(io, (remote, started), peer, protocol)).await,
@@ -200,8 +201,10 @@ async fn mesh(accepted: Accepted, peer: ForwardToPeer) {
 /// Opaque bytes to a mesh peer: a dedicated mTLS tunnel. The peer's inbound makes the L4
 /// decision, and a denial looks like a close from here, so this side's span says only
 /// that it passed the connection on.
-async fn mesh_tcp(state: &ProxyState, mut io: Prefixed<TcpStream>, addr: SocketAddr, id: &SpiffeId) -> ConnOutcome {
-    let mut peer = match crate::pool::connect_tls(state, addr, id, PeerProtocol::Opaque).await {
+async fn mesh_tcp(target: &ForwardToPeer, mut io: Prefixed<TcpStream>) -> ConnOutcome {
+    let state = &target.state;
+    let connect = |addr, id| async move { crate::pool::connect_tls(state, addr, &id, PeerProtocol::Opaque).await };
+    let mut peer = match target.with_failover(target.addr, target.id.clone(), connect).await {
         Ok(p) => p,
         Err(e) => {
             state.metrics.flow("outbound", "error", "tcp");
@@ -239,6 +242,9 @@ fn mesh_http(
     };
     serve_http(Metered::new(io, conn), svc, protocol == Protocol::Http2, header_timeout, stop)
 }
+
+/// Other endpoints of a Service tried when the chosen one cannot be reached.
+const FAILOVER: usize = 2;
 
 /// The innermost outbound service: sends a request to the peer's sidecar.
 #[derive(Clone)]
@@ -287,6 +293,29 @@ impl ForwardToPeer {
     fn pick(&self) -> (SocketAddr, SpiffeId) {
         let next = self.service.and_then(|vip| self.state.registry.load().target(vip).map(|(a, id)| (a, id.clone())));
         next.unwrap_or_else(|| (self.addr, self.id.clone()))
+    }
+
+    /// `connect` to (`addr`, `id`); if that fails and the app called a Service, to up to
+    /// [`FAILOVER`] of its other endpoints in the mesh — one that went away since the last
+    /// service table then costs a retry, not an error. The first error is what is reported.
+    async fn with_failover<T, F, Fut>(&self, addr: SocketAddr, id: SpiffeId, connect: F) -> Result<T, PeerError>
+    where
+        F: Fn(SocketAddr, SpiffeId) -> Fut,
+        Fut: Future<Output = Result<T, PeerError>>,
+    {
+        let first = match connect(addr, id).await {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        let Some(vip) = self.service else { return Err(first) };
+        let others = self.state.registry.load().alternatives(vip, addr, FAILOVER);
+        for (alt, alt_id) in others {
+            tracing::info!(service = %vip, failed = %addr, error = %first, next = %alt, "Service endpoint unreachable; trying another");
+            if let Ok(c) = connect(alt, alt_id).await {
+                return Ok(c);
+            }
+        }
+        Err(first)
     }
 
     async fn forward(&self, mut req: Request<ReqBody>) -> Response<RespBody> {
@@ -345,7 +374,9 @@ impl ForwardToPeer {
     ) -> Result<Response<PeerBody>, Response<RespBody>> {
         let mut retried = false;
         loop {
-            let conn = self.state.pools.sender(&self.state, addr, id).await.map_err(|e| {
+            let state = &self.state;
+            let connect = |addr, id| async move { state.pools.sender(state, addr, &id).await };
+            let conn = self.with_failover(addr, id.clone(), connect).await.map_err(|e| {
                 tracing::warn!(error = %e, "cannot reach peer");
                 failed(proxy_error(StatusCode::BAD_GATEWAY, e.label(), &e.to_string()))
             })?;

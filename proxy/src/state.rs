@@ -138,6 +138,13 @@ impl Registry {
         Some((*ep, id))
     }
 
+    /// Other endpoints in the mesh of the Service at `vip` than `failed`, at most `n`, for a
+    /// call whose endpoint could not be reached (it went away since the last table).
+    pub fn alternatives(&self, vip: SocketAddr, failed: SocketAddr, n: usize) -> Vec<(SocketAddr, SpiffeId)> {
+        let endpoints = self.services.get(&vip).map(Vec::as_slice).unwrap_or_default();
+        endpoints.iter().filter(|(a, _)| *a != failed).take(n).cloned().collect()
+    }
+
     /// Services with at least one endpoint in the mesh.
     pub fn services_len(&self) -> usize {
         self.services.len()
@@ -330,5 +337,8 @@ mod tests {
         let db = registry.target(addr("10.244.9.1:5432")).unwrap();
         assert_eq!((db.0, db.1.as_str()), (addr("10.244.9.1:5432"), "spiffe://td/ns/shop/sa/db"), "a workload itself");
         assert_eq!((registry.services_len(), registry.services_version), (1, 1));
+        let others = registry.alternatives(addr("10.96.0.10:80"), addr("10.244.1.5:8080"), 2);
+        assert_eq!(others, [(addr("10.244.2.7:8080"), api.clone())]);
+        assert!(registry.alternatives(addr("10.96.0.11:80"), addr("10.244.1.5:8080"), 2).is_empty());
     }
 }
