@@ -151,6 +151,9 @@ pub struct CheckResponse {
     /// The SPIFFE ID `to_address` resolved to, when it is in the mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved: Option<SpiffeId>,
+    /// When `to_address` is a Kubernetes Service: the endpoint (`podIP:targetPort`) judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     pub decision: serde_json::Value,
 }
 

@@ -180,6 +180,22 @@ async fn services_listed_from_the_api_reach_the_watch_stream() {
     assert_eq!(event.services.unwrap(), table);
     assert_eq!(event.services_version, Some(1));
 
+    // A live check of the Service's address is judged as a call to its endpoint in the mesh.
+    let api_id = "spiffe://cluster.local/ns/shop/sa/api";
+    let token = plane.token(api_id).await;
+    let (_, mut req) = common::bootstrap_request(&token, api_id);
+    req.addresses = vec!["10.244.1.5".into()];
+    plane.anonymous().bootstrap(&req).await.unwrap();
+    let check = trellis_control::api::CheckRequest {
+        from: Some(id("spiffe://cluster.local/ns/shop/sa/web")),
+        to_address: Some("10.96.0.10:80".into()),
+        ..Default::default()
+    };
+    let answer = plane.admin().check(&check).await.unwrap();
+    assert_eq!(answer.resolved, Some(id(api_id)));
+    assert_eq!(answer.endpoint.as_deref(), Some("10.244.1.5:8080"));
+    assert_eq!(answer.decision["action"], "deny", "{:?}", answer.decision);
+
     // Without permission to list: an error naming the refusal; a plane started so runs on.
     *api.cluster.lock().unwrap() = None;
     let e = trellis_control::services::list_table(&api.reviewer()).await.unwrap_err().to_string();

@@ -149,8 +149,20 @@ pub fn check_live(args: &CheckArgs) -> Result<serde_json::Value, ExitCode> {
     };
     let client = client(&args.control)?;
     let resp = call(client.check(&req))?;
-    if let Some(id) = &resp.resolved {
-        errln!("{} is {id} (endpoint registry); policy version {}", req.to_address.unwrap_or_default(), resp.version);
+    match (&resp.resolved, &resp.endpoint) {
+        (Some(id), Some(endpoint)) => errln!(
+            "{} is a Service; judged as its endpoint {endpoint}, {id}; policy version {}",
+            req.to_address.unwrap_or_default(),
+            resp.version
+        ),
+        (Some(id), None) => {
+            errln!(
+                "{} is {id} (endpoint registry); policy version {}",
+                req.to_address.unwrap_or_default(),
+                resp.version
+            )
+        }
+        _ => {}
     }
     Ok(resp.decision)
 }

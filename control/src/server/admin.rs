@@ -193,6 +193,7 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
         (None, None) => None,
         _ => return Err(ApiError::bad_request("method and path go together")),
     };
+    let mut endpoint = None;
     let (decision, resolved): (Decision, Option<SpiffeId>) = match (&q.to, q.port, &q.to_address) {
         (Some(to), Some(port), None) => {
             (snapshot.evaluate(&Flow { source: q.from.as_ref(), source_ip, destination: to, port, http }), None)
@@ -201,9 +202,22 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
             let addr = SocketAddr::from_str(addr)
                 .map_err(|_| ApiError::bad_request(format!("to_address {addr:?} is not ip:port")))?;
             let registry = ctx.shared.registry.load();
-            match registry.resolve(&addr.ip().to_string(), addr.port()).cloned() {
-                Some(to) => {
-                    let flow = Flow { source: q.from.as_ref(), source_ip, destination: &to, port: addr.port(), http };
+            // A Service's address is judged as a call to its first endpoint in the mesh is: the
+            // endpoint's identity, at the port it listens on.
+            let services = ctx.shared.services.load();
+            let service_endpoint = || {
+                let entry = services.entries.iter().find(|e| e.address == addr.to_string())?;
+                entry
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| SocketAddr::from_str(e).ok())
+                    .find_map(|e| registry.resolve(&e.ip().to_string(), e.port()).map(|id| (e, id.clone())))
+            };
+            let direct = registry.resolve(&addr.ip().to_string(), addr.port()).map(|id| (addr, id.clone()));
+            match direct.or_else(service_endpoint) {
+                Some((at, to)) => {
+                    let flow = Flow { source: q.from.as_ref(), source_ip, destination: &to, port: at.port(), http };
+                    endpoint = (at != addr).then(|| at.to_string());
                     (snapshot.evaluate(&flow), Some(to))
                 }
                 None => {
@@ -218,5 +232,5 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
         _ => return Err(ApiError::bad_request("give either `to` and `port`, or `to_address`")),
     };
     let decision = serde_json::to_value(&decision).map_err(ApiError::internal)?;
-    Ok(json(StatusCode::OK, &CheckResponse { version: state.version(), resolved, decision }))
+    Ok(json(StatusCode::OK, &CheckResponse { version: state.version(), resolved, endpoint, decision }))
 }
