@@ -584,7 +584,8 @@ async fn app_probes_run_on_the_admin_port() {
         "api/readyz": { "port": grpc, "grpc": { "port": grpc, "service": "shop.Catalog" } },
         "api/livez": { "port": grpc, "grpc": { "port": grpc, "service": "shop.Sick" } },
     });
-    let inbound = format!("{}={app}", addr(free_port()));
+    let listen = addr(free_port());
+    let inbound = format!("{listen}={app}");
     let s = Sidecar::start(&control, API, &["--inbound".into(), inbound, "--app-probes".into(), probes.to_string()]);
     let probe = |key: &str| http_get(s.admin, &format!("/app-health/{key}")).expect("the admin port answers");
     assert_eq!(probe("web/readyz").0, 204, "the app's own status, for a request with the probe's header");
@@ -601,6 +602,22 @@ async fn app_probes_run_on_the_admin_port() {
     assert_eq!(probe("api/livez"), (503, "NOT_SERVING\n".to_string()));
     assert_eq!(probe("web/other").0, 404, "only configured probes reach the app");
     assert_eq!(s.config()["app_probes"].as_array().map(Vec::len), Some(7));
+
+    // The kubelet's probe as written, in plaintext to the app's (captured) port: answered for
+    // a configured HTTP probe's path, with the probe's headers; anything else meets the TLS
+    // handshake, which refuses it.
+    assert_eq!(http_get(listen, "/status/204/readiness").map(|r| r.0), Some(204));
+    assert_eq!(http_get(listen, "/status/503").map(|r| r.0), Some(503), "web/livez, as the app answers");
+    assert_eq!(http_get(listen, "/status/200"), None, "not a probe: no plaintext way in");
+    assert!(s.metrics().contains(r#"reason="plaintext""#), "the refusal is counted: {}", s.metrics());
+    // A request head that arrives in pieces is read whole.
+    let mut tcp = TcpStream::connect(listen).await.unwrap();
+    tcp.write_all(b"GET /status/204/rea").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tcp.write_all(b"diness HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
 
     // A probe the proxy could not run is refused at start, naming the flag.
     let bad = std::process::Command::new(bin())

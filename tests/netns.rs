@@ -222,9 +222,10 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&hellos.stdout).trim().is_empty(), "no TLS ClientHello on the wire");
 
-    // The kubelet's view, from the node: a plaintext probe of the app port is captured and
-    // refused (mTLS required); the rewritten probe on the admin port reaches the app through
-    // the proxy, on loopback and (for an app bound to the pod IP only) on the pod IP.
+    // The kubelet's view, from the node: its plaintext HTTP probe of the (captured) app port
+    // is answered by the proxy, any other plaintext request refused; probes rewritten to the
+    // admin port reach the app through the proxy, on loopback and (for an app bound to the
+    // pod IP only) on the pod IP.
     let node_curl = |url: &str| {
         let out = Command::new("curl")
             .args(["-s", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", url])
@@ -232,7 +233,9 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert_eq!(node_curl(&format!("http://{SERVER_IP}:8080/")), "000", "a plaintext probe of a captured port");
+    assert_eq!(node_curl(&format!("http://{SERVER_IP}:8080/")), "200", "the probe as written, answered by the proxy");
+    let other = node_curl(&format!("http://{SERVER_IP}:8080/secret-plaintext-marker"));
+    assert_eq!(other, "000", "plaintext that is no probe is refused (mTLS only)");
     assert_eq!(node_curl(&format!("http://{SERVER_IP}:15000/app-health/app/readyz")), "200", "{}", pod_logs(&logs));
     assert_eq!(node_curl(&format!("http://{SERVER_IP}:15000/app-health/side/readyz")), "200", "{}", pod_logs(&logs));
 

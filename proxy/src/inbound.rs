@@ -6,6 +6,11 @@
 //! - HTTP/1.1 and HTTP/2: one decision per request (method + normalized path) in the
 //!   tower stack built by [`http_stage`]; denied requests get 403 + `x-trellis-denied`.
 //!
+//! In a pod whose app has kubelet HTTP probes, a connection that does not start with a TLS
+//! handshake may be the kubelet probing the app's port: `probes::answer_plaintext` answers it
+//! if it asks for a listed probe's path; other plaintext is refused (it could never pass the
+//! handshake), recorded like a refused handshake with the class `plaintext`.
+//!
 //! Allowed connections are registered with the connection tracker, so a later policy
 //! that revokes them closes them. Telemetry records a span for each connection (opaque:
 //! allowed or denied; HTTP: when it closes, with its request counts), each refused
@@ -126,7 +131,22 @@ fn accept(
     Some(Accepted { tcp, remote, app, started })
 }
 
-async fn handle(state: Arc<ProxyState>, accepted: Accepted) {
+async fn handle(state: Arc<ProxyState>, mut accepted: Accepted) {
+    // In a pod whose app has probes, the kubelet's plaintext probe of an app port arrives
+    // here too; it is answered without TLS (probes.rs), anything else goes on to the handshake.
+    if !state.config.app_probes.is_empty() {
+        use crate::probes::{FirstBytes, answer_plaintext};
+        let Accepted { tcp, remote, app, started } = accepted;
+        let probes = &state.config.app_probes;
+        match Box::pin(answer_plaintext(probes, state.config.advertise_ip, app.port(), tcp)).await {
+            FirstBytes::Tls(tcp) => accepted = Accepted { tcp, remote, app, started },
+            FirstBytes::Probe => return,
+            FirstBytes::Refused(why) => {
+                tracing::info!(reason = %why, "inbound plaintext connection refused");
+                return refusal(&state, remote, app, started, "plaintext", why);
+            }
+        }
+    }
     // Each stage is boxed and dropped before the next: the task lives as long as the
     // connection, and unboxed it would stay sized for its largest stage — kilobytes per
     // idle connection, times tens of thousands of connections.

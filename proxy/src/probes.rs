@@ -1,16 +1,18 @@
-//! The app's kubelet probes, run by the proxy from inside the pod. `trellis inject` points an
-//! app's `httpGet`/`tcpSocket`/`grpc` probe at the admin listener (`/app-health/<container>/<kind>`)
-//! because the kubelet's plaintext request to a captured app port would meet the inbound
-//! listener, which requires mTLS; it gives the original probes to the proxy as JSON
-//! (`--app-probes` / `TRELLIS_APP_PROBES`, written by `trellis_control::inject::probes`).
+//! The app's kubelet probes, run by the proxy from inside the pod (`--app-probes` /
+//! `TRELLIS_APP_PROBES`, written by `trellis_control::inject::probes`), because the kubelet's
+//! plaintext request to a captured app port meets the inbound listener, which requires mTLS.
+//! Two ways in: [`answer_plaintext`], on the inbound listener, answers the kubelet's request
+//! as written for a listed `httpGet` probe's path (the default); and the admin listener's
+//! `/app-health/<container>/<kind>` (`admin.rs`) runs any listed probe, for pods whose probes
+//! injection rewrote to point there.
 //!
-//! Where it sits: beside the data path, on the admin listener (`admin.rs`). A probe connects
-//! to the app as the proxy's uid, which the capture rules leave alone: on 127.0.0.1, then on
-//! the pod IP for apps listening only there. HTTP probes answer with the app's own status (the
-//! kubelet counts 200–399 as success), TCP probes 200 when the port accepts, gRPC probes (the
-//! gRPC Health Checking Protocol, over h2c as the kubelet speaks it) 200 when the service is
-//! `SERVING`; an app that does not answer in the probe's `timeoutSeconds` is a 503. Only the
-//! configured probes are run: the admin port forwards nothing else to the app.
+//! Where it sits: beside the data path. A probe connects to the app as the proxy's uid, which
+//! the capture rules leave alone: on 127.0.0.1, then on the pod IP for apps listening only
+//! there. HTTP probes answer with the app's own status (the kubelet counts 200–399 as
+//! success), TCP probes 200 when the port accepts, gRPC probes (the gRPC Health Checking
+//! Protocol, over h2c as the kubelet speaks it) 200 when the service is `SERVING`; an app that
+//! does not answer in the probe's `timeoutSeconds` is a 503. Only the configured probes are
+//! run: nothing else reaches the app without mTLS.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,6 +23,7 @@ use http::{HeaderName, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// One app probe, as injection wrote it: the original action (`httpGet` or `tcpSocket`, as
@@ -82,6 +85,86 @@ pub type AppProbes = BTreeMap<String, AppProbe>;
 /// Longest a probe may take, whatever its `timeoutSeconds` says (the kubelet's own maximum
 /// is far above any sane value; a probe is not a long poll).
 const MAX_TIMEOUT_SECONDS: u64 = 300;
+
+/// The first byte of every TLS connection (a handshake record).
+const TLS_HANDSHAKE: u8 = 0x16;
+/// Longest request head a plaintext probe may send, and how long it has to send it.
+const MAX_HEAD: usize = 8 * 1024;
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the inbound listener does with a new connection in a pod with app probes.
+pub enum FirstBytes {
+    /// It starts with a TLS handshake: on to the mTLS path.
+    Tls(TcpStream),
+    /// It was the kubelet's plaintext probe of a listed path, and has been answered.
+    Probe,
+    /// Plaintext that is no listed probe (or did not finish its request head in time): refused.
+    Refused(String),
+}
+
+/// On the inbound listener: tells a TLS connection from the kubelet's plaintext HTTP probe of
+/// the app's port (`app_port`) and answers the latter — a GET or HEAD of the path of a listed
+/// `httpGet` probe, run against the app as [`run`] does. A connection whose first byte is not a
+/// TLS handshake could never pass the handshake, so reading its request head costs nothing.
+pub async fn answer_plaintext(
+    probes: &AppProbes,
+    pod_ip: Option<IpAddr>,
+    app_port: u16,
+    mut tcp: TcpStream,
+) -> FirstBytes {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HEAD_TIMEOUT, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] != TLS_HANDSHAKE => {}
+        _ => return FirstBytes::Tls(tcp),
+    }
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(e)) => return FirstBytes::Refused(format!("plaintext, not a complete HTTP request head: {e}")),
+        Err(_) => return FirstBytes::Refused("plaintext, and no complete HTTP request head in time".into()),
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let (Ok(httparse::Status::Complete(_)), Some(method), Some(path)) = (req.parse(&head), req.method, req.path) else {
+        return FirstBytes::Refused("plaintext that is not HTTP".into());
+    };
+    let probe = probes
+        .values()
+        .find(|p| p.port == app_port && p.http_get.as_ref().is_some_and(|g| g.path.as_deref().unwrap_or("/") == path));
+    let Some(probe) = probe.filter(|_| method == "GET" || method == "HEAD") else {
+        return FirstBytes::Refused(format!("plaintext {method} {path} is no app probe of port {app_port}"));
+    };
+    let user_agent = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("user-agent"));
+    let user_agent = user_agent.and_then(|h| HeaderValue::from_bytes(h.value).ok());
+    let head_only = method == "HEAD";
+    let (status, why) = run(probe, pod_ip, user_agent.as_ref()).await;
+    let body = if head_only { "" } else { why.as_str() };
+    let reason = status.canonical_reason().unwrap_or("");
+    let answer = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        why.len()
+    );
+    let _ = tcp.write_all(answer.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+    FirstBytes::Probe
+}
+
+/// Reads up to the end of an HTTP request head (at most [`MAX_HEAD`] bytes).
+async fn read_head(tcp: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() >= MAX_HEAD {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "longer than 8 KiB"));
+        }
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    Ok(head)
+}
 
 /// Parses and checks `TRELLIS_APP_PROBES`; the error names the probe and what is wrong.
 pub fn parse(json: &str) -> Result<AppProbes, String> {

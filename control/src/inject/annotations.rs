@@ -24,8 +24,8 @@ pub(crate) struct PodOptions {
     pub exclude_outbound_cidrs: Vec<String>,
     pub opaque_ports: Vec<u16>,
     pub resources: ProxyResources,
-    /// Point the app's HTTP, TCP and gRPC probes at the proxy (`probes.rs`); on unless
-    /// `trellis.dev/rewrite-app-probes: "false"`.
+    /// Point the app's HTTP, TCP and gRPC probes at the proxy's admin port (`probes.rs`); off
+    /// unless `trellis.dev/rewrite-app-probes: "true"`.
     pub rewrite_app_probes: bool,
 }
 
@@ -101,8 +101,8 @@ impl PodOptions {
             opaque_ports: ports(ANNOTATION_OPAQUE_PORTS)?,
             resources: ProxyResources::from_annotations(a)?,
             rewrite_app_probes: match string_annotation(a, ANNOTATION_REWRITE_APP_PROBES)? {
-                None | Some("true") => true,
-                Some("false") => false,
+                Some("true") => true,
+                None | Some("false") => false,
                 Some(v) => return Err(bad(ANNOTATION_REWRITE_APP_PROBES, v, "expected \"true\" or \"false\"".into())),
             },
         })
@@ -219,12 +219,12 @@ mod tests {
     }
 
     #[test]
-    fn probe_rewriting_is_on_unless_switched_off_and_anything_else_is_refused() {
+    fn probe_rewriting_is_off_unless_switched_on_and_anything_else_is_refused() {
         let rewrite = |a: Value| {
             PodOptions::from_template(&serde_json::json!({ "metadata": { "annotations": a } }))
                 .map(|o| o.rewrite_app_probes)
         };
-        assert!(rewrite(serde_json::json!({})).unwrap());
+        assert!(!rewrite(serde_json::json!({})).unwrap());
         assert!(rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: "true" })).unwrap());
         assert!(!rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: "false" })).unwrap());
         let e = rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: "no" })).unwrap_err().to_string();

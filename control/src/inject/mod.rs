@@ -56,8 +56,8 @@ pub const ANNOTATION_PROXY_CPU_REQUEST: &str = "trellis.dev/proxy-cpu-request";
 pub const ANNOTATION_PROXY_CPU_LIMIT: &str = "trellis.dev/proxy-cpu-limit";
 pub const ANNOTATION_PROXY_MEMORY_REQUEST: &str = "trellis.dev/proxy-memory-request";
 pub const ANNOTATION_PROXY_MEMORY_LIMIT: &str = "trellis.dev/proxy-memory-limit";
-/// `"false"` keeps the app's HTTP, TCP and gRPC probes as written (they then fail on captured
-/// ports, which require mTLS); by default they are pointed at the proxy's admin port.
+/// `"true"` points the app's HTTP, TCP and gRPC probes at the proxy's admin port; by default
+/// they stay as written (HTTP probes are answered by the proxy on the captured port).
 pub const ANNOTATION_REWRITE_APP_PROBES: &str = "trellis.dev/rewrite-app-probes";
 /// The proxy's default resources: a request near its idle footprint, no CPU limit (a
 /// throttled proxy adds latency to every request of its pod), and a memory limit sized in

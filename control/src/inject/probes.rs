@@ -1,18 +1,21 @@
 //! The app's kubelet probes, made to work in a meshed pod. The kubelet probes from the node
 //! in plaintext, and every app port is captured to the proxy's inbound, which requires mTLS:
-//! an `httpGet`, `tcpSocket` or `grpc` probe of an app port would fail and the pod would never be
-//! ready. As Istio does, injection points such a probe at the proxy's admin port
+//! as written, an `httpGet` or `grpc` probe of an app port would fail and the pod would
+//! never be ready. By default the manifest stays as written (injection keeps every field it
+//! does not own) and the `httpGet` probes are handed to the proxy in `TRELLIS_APP_PROBES`: the
+//! inbound answers the kubelet's plaintext request for exactly those (as Linkerd admits
+//! kubelet probes). With `trellis.dev/rewrite-app-probes: "true"`, as Istio does, every
+//! `httpGet`, `tcpSocket` and `grpc` probe is pointed at the proxy's admin port
 //! (`/app-health/<container>/<livez|readyz|startupz>`, a port the capture rules leave alone)
-//! and hands the proxy the original in `TRELLIS_APP_PROBES`; the proxy runs it against the
-//! app from inside the pod.
+//! and the proxy runs the original against the app.
 //!
 //! Where it sits: part of injecting one pod spec (`pod.rs`), before the old proxy container
 //! is replaced: a probe rewritten by an earlier injection is first put back from that
-//! container's `TRELLIS_APP_PROBES`, then rewritten again, so re-injection is byte-identical
-//! and `trellis.dev/rewrite-app-probes: "false"` restores the originals. Probes the proxy
-//! cannot run for the kubelet are left alone: `exec` (it runs in the container), `HTTPS` (the app's own TLS),
-//! a `host` other than the pod, a named port the container does not declare, and ports
-//! excluded from capture (they work as they are).
+//! container's `TRELLIS_APP_PROBES` (then rewritten again if still asked for), so
+//! re-injection is byte-identical and dropping the annotation restores the originals. Probes
+//! the proxy cannot run for the kubelet are left alone: `exec` (it runs in the container),
+//! `HTTPS` (the app's own TLS), a `host` other than the pod, a named port the container does
+//! not declare, and ports excluded from capture (they work as they are).
 
 use serde_json::{Map, Value, json};
 
@@ -30,9 +33,13 @@ const ACTIONS: [&str; 3] = ["httpGet", "tcpSocket", "grpc"];
 const KINDS: [(&str, &str); 3] =
     [("livenessProbe", "livez"), ("readinessProbe", "readyz"), ("startupProbe", "startupz")];
 
-/// Rewrites the app containers' probes in `spec` (after restoring any an earlier injection
-/// rewrote) and returns the originals to give the proxy, keyed `<container>/<kind>`; empty
-/// when nothing was rewritten.
+/// The app containers' probes the proxy must know, keyed `<container>/<kind>`, for
+/// `TRELLIS_APP_PROBES`. By default the manifest is left as written (injection keeps every
+/// field it does not own) and only `httpGet` probes are listed: the proxy answers the
+/// kubelet's plaintext request for them on the captured port. With `rewrite` (the
+/// `trellis.dev/rewrite-app-probes: "true"` annotation) every probe the proxy can run —
+/// `tcpSocket` and `grpc` too — is pointed at the admin port. Either way, a probe an earlier
+/// injection rewrote is first put back.
 pub(crate) fn rewrite_probes(
     spec: &mut Map<String, Value>,
     rewrite: bool,
@@ -50,10 +57,14 @@ pub(crate) fn rewrite_probes(
             if let Some(original) = previous.get(&key).filter(|_| is_rewritten(probe, &key)) {
                 restore(probe, original);
             }
+            let Some(entry) = original_for_proxy(probe, &declared, excluded_ports) else { continue };
             if !rewrite {
+                if probe.contains_key("httpGet") {
+                    given.insert(key, entry);
+                }
                 continue;
             }
-            if let Some(entry) = original_for_proxy(probe, &declared, excluded_ports) {
+            {
                 let path = format!("{APP_HEALTH_PREFIX}{key}");
                 let action = ACTIONS.into_iter().find(|a| probe.contains_key(*a)).unwrap_or("httpGet");
                 replace_key(probe, action, "httpGet", json!({ "path": path, "port": ADMIN_PORT }));
@@ -185,6 +196,22 @@ mod tests {
         assert_eq!(given["web/readyz"]["timeoutSeconds"], 1);
         assert_eq!(given["web/livez"], json!({ "port": 8080, "timeoutSeconds": 3, "tcpSocket": { "port": 8080 } }));
         assert_eq!(given.len(), 3);
+    }
+
+    /// The default: the manifest stays as written; HTTP probes are listed for the proxy,
+    /// which answers the kubelet on the captured port.
+    #[test]
+    fn by_default_the_probes_stay_as_written_and_http_ones_are_listed() {
+        let written = json!({
+            "readinessProbe": { "httpGet": { "path": "/ready", "port": "http" } },
+            "livenessProbe": { "tcpSocket": { "port": 8080 } },
+            "startupProbe": { "grpc": { "port": 9000 } },
+        });
+        let mut s = spec(written.clone());
+        let given = rewrite_probes(&mut s, false, &[]);
+        assert_eq!(s, spec(written), "the app container is untouched");
+        assert_eq!(given.keys().collect::<Vec<_>>(), ["web/readyz"]);
+        assert_eq!(given["web/readyz"]["port"], 8080);
     }
 
     #[test]
