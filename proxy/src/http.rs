@@ -1,12 +1,17 @@
 //! HTTP pieces both directions share: the response body type, the Trellis headers,
-//! hop-by-hop header handling (RFC 9110 §7.6.1) and generated error responses (the
-//! hyper server settings are in [`crate::serve`]).
+//! hop-by-hop header handling (RFC 9110 §7.6.1), generated error responses, and the request
+//! target the inbound sends to its app (the hyper server settings are in [`crate::serve`]).
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Response, StatusCode};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use trellis_policy::normalize_path;
 
 use crate::peer_h2::PeerBody;
 
@@ -162,9 +167,57 @@ pub fn proxy_error(status: StatusCode, label: &str, detail: &str) -> Response<Re
     r
 }
 
+/// The absolute URI the inbound sends to its app: the caller's authority (`Host`, else the request
+/// target's, else the app's address) and the path the policy judged (normalized) with the
+/// original query. The parts are reused, and re-parsed only when normalizing changed the
+/// path: this runs for every request.
+pub fn app_uri(uri: Uri, host: Option<&HeaderValue>, app: SocketAddr) -> Uri {
+    let normalized = match normalize_path(uri.path()) {
+        Ok(Cow::Owned(path)) => Some(match uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        }),
+        _ => None,
+    };
+    let mut parts = uri.into_parts();
+    if let Some(full) = normalized {
+        parts.path_and_query = Some(full.parse().unwrap_or_else(|_| PathAndQuery::from_static("/")));
+    }
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    let from_host = host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
+    let authority = from_host.or(parts.authority.take()).or_else(|| Authority::try_from(app.to_string()).ok());
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = authority;
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn app() -> SocketAddr {
+        "127.0.0.1:8080".parse().unwrap()
+    }
+
+    #[test]
+    fn app_uri_forwards_the_normalized_path_with_the_original_query() {
+        let host = HeaderValue::from_static("api.shop");
+        let uri = app_uri("/api/./v1/../items?x=%2e%2e".parse().unwrap(), Some(&host), app());
+        assert_eq!(uri.to_string(), "http://api.shop/api/items?x=%2e%2e");
+        let unchanged = app_uri("/api/items?id=1".parse().unwrap(), Some(&host), app());
+        assert_eq!(unchanged.to_string(), "http://api.shop/api/items?id=1");
+    }
+
+    #[test]
+    fn app_uri_falls_back_to_the_targets_authority_then_the_app_address() {
+        let absolute = app_uri("http://api.shop:81/x".parse().unwrap(), None, app());
+        assert_eq!(absolute.to_string(), "http://api.shop:81/x");
+        let bad_host = HeaderValue::from_static("not a host");
+        let fallback = app_uri("/x".parse().unwrap(), Some(&bad_host), app());
+        assert_eq!(fallback.to_string(), "http://127.0.0.1:8080/x");
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

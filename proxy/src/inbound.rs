@@ -23,22 +23,21 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tracing::{Instrument, field};
 use trellis_identity::{SpiffeId, VerifyError};
-use trellis_policy::{Flow, HttpRequest, normalize_path};
+use trellis_policy::{Flow, HttpRequest};
 
 use crate::app::AppClient;
 use crate::authz::{Denial, Permit, authorize};
 use crate::config::InboundSpec;
 use crate::conns::{Tracked, TrackedFlow};
 use crate::http::{
-    ORIG_PROTO, PEER_ID, ReqBody, RespBody, is_websocket_upgrade, proxy_error, relayed, strip_hop_by_hop,
+    ORIG_PROTO, PEER_ID, ReqBody, RespBody, app_uri, is_websocket_upgrade, proxy_error, relayed, strip_hop_by_hop,
     strip_trellis_headers,
 };
 use crate::io::Prefixed;
@@ -556,48 +555,9 @@ fn set_peer_header(ctx: &ConnCtx, headers: &mut http::HeaderMap) {
     }
 }
 
-/// The absolute URI for the app: the caller's authority (`Host`, else the request
-/// target's, else the app's address) and the path the policy judged (normalized) with the
-/// original query. The parts are reused, and re-parsed only when normalizing changed the
-/// path: this runs for every request.
-fn app_uri(uri: Uri, host: Option<&HeaderValue>, app: SocketAddr) -> Uri {
-    let normalized = match normalize_path(uri.path()) {
-        Ok(Cow::Owned(path)) => Some(match uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        }),
-        _ => None,
-    };
-    let mut parts = uri.into_parts();
-    if let Some(full) = normalized {
-        parts.path_and_query = Some(full.parse().unwrap_or_else(|_| PathAndQuery::from_static("/")));
-    }
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(PathAndQuery::from_static("/"));
-    }
-    let from_host = host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
-    let authority = from_host.or(parts.authority.take()).or_else(|| Authority::try_from(app.to_string()).ok());
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = authority;
-    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn app() -> SocketAddr {
-        "127.0.0.1:8080".parse().unwrap()
-    }
-
-    #[test]
-    fn app_uri_forwards_the_normalized_path_with_the_original_query() {
-        let host = HeaderValue::from_static("api.shop");
-        let uri = app_uri("/api/./v1/../items?x=%2e%2e".parse().unwrap(), Some(&host), app());
-        assert_eq!(uri.to_string(), "http://api.shop/api/items?x=%2e%2e");
-        let unchanged = app_uri("/api/items?id=1".parse().unwrap(), Some(&host), app());
-        assert_eq!(unchanged.to_string(), "http://api.shop/api/items?id=1");
-    }
 
     #[test]
     fn a_client_without_tls13_is_refused_as_protocol_version() {
@@ -616,14 +576,5 @@ mod tests {
         );
         let no_cert = io(Error::NoCertificatesPresented);
         assert_eq!(handshake_refusal(&no_cert).0, VerifyError::from_io(&no_cert).unwrap().label());
-    }
-
-    #[test]
-    fn app_uri_falls_back_to_the_targets_authority_then_the_app_address() {
-        let absolute = app_uri("http://api.shop:81/x".parse().unwrap(), None, app());
-        assert_eq!(absolute.to_string(), "http://api.shop:81/x");
-        let bad_host = HeaderValue::from_static("not a host");
-        let fallback = app_uri("/x".parse().unwrap(), Some(&bad_host), app());
-        assert_eq!(fallback.to_string(), "http://127.0.0.1:8080/x");
     }
 }
