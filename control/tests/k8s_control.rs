@@ -196,6 +196,11 @@ async fn services_listed_from_the_api_reach_the_watch_stream() {
     assert_eq!(answer.endpoint.as_deref(), Some("10.244.1.5:8080"));
     assert_eq!(answer.decision["action"], "deny", "{:?}", answer.decision);
 
+    // A malformed answer is an error naming what was wrong, not an empty table.
+    *api.cluster.lock().unwrap() = Some((serde_json::json!({ "not": "a list" }), serde_json::json!([])));
+    let e = trellis_control::services::list_table(&api.reviewer()).await.unwrap_err().to_string();
+    assert!(e.contains("/api/v1/services") && e.contains("items is not a list"), "{e}");
+
     // Without permission to list: an error naming the refusal; a plane started so runs on.
     *api.cluster.lock().unwrap() = None;
     let e = trellis_control::services::list_table(&api.reviewer()).await.unwrap_err().to_string();

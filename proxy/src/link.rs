@@ -21,10 +21,6 @@ use crate::svid::Backoff;
 #[derive(Default)]
 struct Received {
     policies: Vec<Policy>,
-    /// The last endpoint registry and service table, each with its version: an event may
-    /// bring either, and the proxy's registry snapshot holds both.
-    endpoints: (u64, Vec<(String, trellis_identity::SpiffeId)>),
-    services: (u64, Vec<(String, Vec<String>)>),
 }
 
 pub async fn watch_loop(state: Arc<ProxyState>, client: ControlClient) {
@@ -105,21 +101,18 @@ fn apply(state: &ProxyState, event: WatchEvent, received: &mut Received) -> Resu
             tracing::info!("trust bundle updated");
         }
     }
-    let mut registry_changed = false;
-    if let (Some(version), Some(endpoints)) = (event.endpoints_version, event.endpoints) {
-        received.endpoints = (version, endpoints.into_iter().map(|e| (e.address, e.spiffe_id)).collect());
-        registry_changed = true;
-    }
-    if let (Some(version), Some(services)) = (event.services_version, event.services) {
-        received.services = (version, services.into_iter().map(|s| (s.address, s.endpoints)).collect());
-        registry_changed = true;
-    }
-    if registry_changed {
-        let (version, endpoints) = &received.endpoints;
-        let registry =
-            Registry::new(*version, endpoints.iter().cloned()).with_services(received.services.0, &received.services.1);
+    // The registry and the service table arrive separately but make one snapshot: an event
+    // bringing either swaps it whole, carrying the other over.
+    let endpoints = (event.endpoints_version.zip(event.endpoints))
+        .map(|(version, e)| Registry::new(version, e.into_iter().map(|e| (e.address, e.spiffe_id))));
+    let services = (event.services_version.zip(event.services)).map(|(version, s)| {
+        (version, Registry::parse_services(s.iter().map(|s| (s.address.as_str(), s.endpoints.as_slice()))))
+    });
+    if endpoints.is_some() || services.is_some() {
+        let registry = state.registry.load().updated(endpoints, services);
         tracing::debug!(
-            version,
+            version = registry.version,
+            services_version = registry.services_version,
             entries = registry.len(),
             services = registry.services_len(),
             "endpoint registry updated"

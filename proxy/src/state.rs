@@ -79,8 +79,11 @@ pub struct Registry {
     pub version: u64,
     exact: HashMap<SocketAddr, SpiffeId>,
     by_ip: HashMap<IpAddr, SpiffeId>,
-    /// A Service's virtual `ip:port` → its ready endpoints in the mesh (`podIP:targetPort`
-    /// and the identity there); Services with none are left out (their calls are egress).
+    /// The service table as the control plane sent it: a Service's virtual `ip:port` → its
+    /// ready endpoints (`podIP:targetPort`), kept to resolve again when the registry changes.
+    service_table: HashMap<SocketAddr, Vec<SocketAddr>>,
+    /// The same, resolved: each Service's endpoints in the mesh and the identity there;
+    /// Services with none are left out (their calls are egress).
     services: HashMap<SocketAddr, Vec<(SocketAddr, SpiffeId)>>,
     pub services_version: u64,
     /// Spreads new connections to a Service over its endpoints.
@@ -100,25 +103,51 @@ impl Registry {
         r
     }
 
-    /// This registry with the service table `services` (`ip:port` → `ip:port`s) of `version`,
-    /// each Service's endpoints resolved against the registry once, here; entries that are
-    /// not addresses are skipped.
-    pub fn with_services(mut self, version: u64, services: &[(String, Vec<String>)]) -> Self {
+    /// A service table as the watch stream carries it (`ip:port` → `ip:port`s); entries
+    /// that are not addresses are skipped.
+    pub fn parse_services<'a>(
+        services: impl IntoIterator<Item = (&'a str, &'a [String])>,
+    ) -> HashMap<SocketAddr, Vec<SocketAddr>> {
+        services
+            .into_iter()
+            .filter_map(|(vip, endpoints)| {
+                let endpoints = endpoints.iter().filter_map(|e| e.parse().ok()).collect();
+                Some((vip.parse().ok()?, endpoints))
+            })
+            .collect()
+    }
+
+    /// This registry with the service table `table` of `version`, each Service's endpoints
+    /// resolved against the registry once, here.
+    pub fn with_services(mut self, version: u64, table: HashMap<SocketAddr, Vec<SocketAddr>>) -> Self {
         self.services_version = version;
-        let mut table = HashMap::new();
-        for (vip, endpoints) in services {
-            let Ok(vip) = vip.parse::<SocketAddr>() else { continue };
-            let meshed: Vec<(SocketAddr, SpiffeId)> = endpoints
-                .iter()
-                .filter_map(|e| e.parse::<SocketAddr>().ok())
-                .filter_map(|e| Some((e, self.resolve(e)?.clone())))
-                .collect();
-            if !meshed.is_empty() {
-                table.insert(vip, meshed);
-            }
-        }
-        self.services = table;
+        self.services = table
+            .iter()
+            .filter_map(|(vip, endpoints)| {
+                let meshed: Vec<(SocketAddr, SpiffeId)> =
+                    endpoints.iter().filter_map(|e| Some((*e, self.resolve(*e)?.clone()))).collect();
+                (!meshed.is_empty()).then_some((*vip, meshed))
+            })
+            .collect();
+        self.service_table = table;
         self
+    }
+
+    /// The next snapshot after an update bringing a new registry, a new service table, or
+    /// both; what the update does not bring is carried over from this one.
+    pub fn updated(
+        &self,
+        endpoints: Option<Registry>,
+        services: Option<(u64, HashMap<SocketAddr, Vec<SocketAddr>>)>,
+    ) -> Registry {
+        let base = endpoints.unwrap_or_else(|| Registry {
+            version: self.version,
+            exact: self.exact.clone(),
+            by_ip: self.by_ip.clone(),
+            ..Registry::default()
+        });
+        let (version, table) = services.unwrap_or_else(|| (self.services_version, self.service_table.clone()));
+        base.with_services(version, table)
     }
 
     /// The mesh workload at `addr`, if it is in the mesh.
@@ -317,15 +346,12 @@ mod tests {
         )
         .with_services(
             1,
-            &[
-                (
-                    "10.96.0.10:80".into(),
-                    vec!["10.244.1.5:8080".into(), "10.244.3.3:8080".into(), "10.244.2.7:8080".into()],
-                ),
-                ("10.96.0.11:80".into(), vec!["10.244.3.3:8080".into()]),
-                ("10.96.0.12:80".into(), vec![]),
-                ("not an address".into(), vec!["10.244.1.5:8080".into()]),
-            ],
+            Registry::parse_services([
+                ("10.96.0.10:80", &["10.244.1.5:8080".into(), "10.244.3.3:8080".into(), "10.244.2.7:8080".into()][..]),
+                ("10.96.0.11:80", &["10.244.3.3:8080".into()][..]),
+                ("10.96.0.12:80", &[][..]),
+                ("not an address", &["10.244.1.5:8080".into()][..]),
+            ]),
         );
         let picks: Vec<SocketAddr> = (0..4).map(|_| registry.target(addr("10.96.0.10:80")).unwrap().0).collect();
         let (a, b) = (addr("10.244.1.5:8080"), addr("10.244.2.7:8080"));
@@ -340,5 +366,24 @@ mod tests {
         let others = registry.alternatives(addr("10.96.0.10:80"), addr("10.244.1.5:8080"), 2);
         assert_eq!(others, [(addr("10.244.2.7:8080"), api.clone())]);
         assert!(registry.alternatives(addr("10.96.0.11:80"), addr("10.244.1.5:8080"), 2).is_empty());
+    }
+
+    /// The registry and the service table arrive apart: each update keeps the other, and a
+    /// Service is resolved again when its endpoint's workload registers later.
+    #[test]
+    fn an_update_carries_over_what_it_does_not_bring() {
+        let api = id("spiffe://td/ns/shop/sa/api");
+        let vip = addr("10.96.0.10:80");
+        let table = || Some((4, Registry::parse_services([("10.96.0.10:80", &["10.244.1.5:8080".to_string()][..])])));
+        let empty = Registry::default();
+        let services_first = empty.updated(None, table());
+        assert_eq!(services_first.target(vip), None, "its endpoint is not in the mesh yet");
+        let registered = Registry::new(7, [("10.244.1.5".to_string(), api.clone())]);
+        let both = services_first.updated(Some(registered), None);
+        assert_eq!(both.target(vip), Some((addr("10.244.1.5:8080"), &api)), "resolved again");
+        assert_eq!((both.version, both.services_version), (7, 4));
+        let newer_table = both.updated(None, Some((5, Registry::parse_services([]))));
+        assert_eq!((newer_table.version, newer_table.len()), (7, 1), "the registry carried over");
+        assert_eq!(newer_table.target(vip), None, "the Service is gone");
     }
 }

@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::annotations::{PodOptions, annotations, is_disabled};
 use super::containers::{init_container, proxy_container, token_volume};
-use super::probes::rewrite_probes;
+use super::probes::probes_for_proxy;
 use super::{
     ADMIN_PORT, ANNOTATION_INJECTED, INBOUND_PORT, INIT_CONTAINER_NAME, InjectConfig, OUTBOUND_PORT, Outcome,
     PROXY_CONTAINER_NAME, PROXY_UID, PodError, SkipReason, TOKEN_VOLUME_NAME, VERSION,
@@ -106,7 +106,7 @@ pub(crate) fn is_injected(template: &Value) -> bool {
 fn edit_spec(template: &mut Value, cfg: &InjectConfig, opts: &PodOptions, path: &str) -> Result<String, PodError> {
     let spec = object_field(template, "spec", path)?;
     // Before the old proxy container goes: it holds the probes an earlier injection rewrote.
-    let probes = rewrite_probes(spec, opts.rewrite_app_probes, &opts.exclude_inbound_ports);
+    let probes = probes_for_proxy(spec, opts.rewrite_app_probes, &opts.exclude_inbound_ports);
     let containers = list_field(spec, "containers", path, "spec")?;
     containers.retain(|c| !is_named(c, PROXY_CONTAINER_NAME));
     let first_app = containers

@@ -40,7 +40,7 @@ const KINDS: [(&str, &str); 3] =
 /// `trellis.dev/rewrite-app-probes: "true"` annotation) every probe the proxy can run —
 /// `tcpSocket` and `grpc` too — is pointed at the admin port. Either way, a probe an earlier
 /// injection rewrote is first put back.
-pub(crate) fn rewrite_probes(
+pub(crate) fn probes_for_proxy(
     spec: &mut Map<String, Value>,
     rewrite: bool,
     excluded_ports: &[u16],
@@ -177,7 +177,7 @@ mod tests {
             "livenessProbe": { "tcpSocket": { "port": 8080 }, "timeoutSeconds": 3 },
             "startupProbe": { "grpc": { "port": 9000, "service": "shop.Catalog" }, "failureThreshold": 30 },
         }));
-        let given = rewrite_probes(&mut s, true, &[]);
+        let given = probes_for_proxy(&mut s, true, &[]);
         assert_eq!(
             probe(&s, "readinessProbe"),
             &json!({ "httpGet": { "path": "/app-health/web/readyz", "port": 15000 }, "periodSeconds": 5 })
@@ -208,7 +208,7 @@ mod tests {
             "startupProbe": { "grpc": { "port": 9000 } },
         });
         let mut s = spec(written.clone());
-        let given = rewrite_probes(&mut s, false, &[]);
+        let given = probes_for_proxy(&mut s, false, &[]);
         assert_eq!(s, spec(written), "the app container is untouched");
         assert_eq!(given.keys().collect::<Vec<_>>(), ["web/readyz"]);
         assert_eq!(given["web/readyz"]["port"], 8080);
@@ -222,11 +222,11 @@ mod tests {
             "startupProbe": { "exec": { "command": ["true"] } },
         });
         let mut s = spec(untouched.clone());
-        assert!(rewrite_probes(&mut s, true, &[]).is_empty());
+        assert!(probes_for_proxy(&mut s, true, &[]).is_empty());
         assert_eq!(spec(untouched), s);
         let excluded = json!({ "readinessProbe": { "tcpSocket": { "port": 9090 } } });
         let mut s = spec(excluded.clone());
-        assert!(rewrite_probes(&mut s, true, &[9090]).is_empty(), "a port excluded from capture works as it is");
+        assert!(probes_for_proxy(&mut s, true, &[9090]).is_empty(), "a port excluded from capture works as it is");
         assert_eq!(spec(excluded), s);
     }
 
@@ -236,13 +236,13 @@ mod tests {
     fn rewriting_again_is_the_same_and_switching_it_off_restores_the_originals() {
         let original = json!({ "livenessProbe": { "tcpSocket": { "port": 8080 }, "periodSeconds": 2 } });
         let mut s = spec(original.clone());
-        let given = rewrite_probes(&mut s, true, &[]);
+        let given = probes_for_proxy(&mut s, true, &[]);
         let env = json!([{ "name": APP_PROBES_ENV, "value": Value::Object(given.clone()).to_string() }]);
         s.insert("initContainers".into(), json!([{ "name": PROXY_CONTAINER_NAME, "env": env }]));
         let once = s.clone();
-        assert_eq!(rewrite_probes(&mut s, true, &[]), given);
+        assert_eq!(probes_for_proxy(&mut s, true, &[]), given);
         assert_eq!(s, once);
-        assert!(rewrite_probes(&mut s, false, &[]).is_empty());
+        assert!(probes_for_proxy(&mut s, false, &[]).is_empty());
         s.remove("initContainers");
         assert_eq!(s, spec(original));
     }

@@ -206,7 +206,8 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
             // endpoint's identity, at the port it listens on.
             let services = ctx.shared.services.load();
             let service_endpoint = || {
-                let entry = services.entries.iter().find(|e| e.address == addr.to_string())?;
+                let vip = addr.to_string();
+                let entry = services.entries.iter().find(|e| e.address == vip)?;
                 entry
                     .endpoints
                     .iter()
