@@ -279,6 +279,29 @@ async fn unknown_routes_and_methods_are_clear() {
     assert_eq!(&ok[..], b"ok\n");
 }
 
+/// Each policy change (apply, delete) hands the freed heap back: the hook the binary wires to
+/// `malloc_trim` runs once per change, after the new set is live; a refused apply changes nothing.
+#[tokio::test]
+async fn each_policy_change_releases_freed_memory() {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    fn count() -> bool {
+        CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        true
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = trellis_control::server::Hooks { release_memory: Some(count), ..Default::default() };
+    let running = trellis_control::start(config(dir.path()), hooks).await.unwrap();
+    let plane = Plane { running, dir };
+    let admin = plane.admin();
+    admin.apply_policies(POLICY.into()).await.unwrap();
+    assert_eq!(CALLS.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let (status, _) = api_error(admin.apply_policies("kind: Nope".into()).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(CALLS.load(std::sync::atomic::Ordering::SeqCst), 1, "a refused apply is not a change");
+    admin.delete_policy("api-from-web").await.unwrap();
+    assert_eq!(CALLS.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn oversized_bodies_are_refused() {
     let plane = Plane::start().await;

@@ -57,10 +57,10 @@ pub async fn trim_loop(state: Arc<ProxyState>) {
 }
 
 /// glibc's `malloc_trim(0)`: returns every whole free page of the heap to the kernel. True
-/// if anything was released.
+/// if anything was released. Also what the control plane calls after a policy change.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn release_free_memory() -> bool {
+pub fn release_free_memory() -> bool {
     // SAFETY: malloc_trim takes no pointers and has no preconditions; glibc serializes it
     // with every other allocator call through the arena locks.
     unsafe { libc::malloc_trim(0) != 0 }
@@ -68,7 +68,7 @@ fn release_free_memory() -> bool {
 
 /// Other C libraries (musl) have no `malloc_trim`; their allocators keep less to begin with.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() -> bool {
+pub fn release_free_memory() -> bool {
     false
 }
 

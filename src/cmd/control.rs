@@ -113,7 +113,7 @@ fn serve(args: RunArgs) -> Result<()> {
 
 /// Kubernetes attestation and the injection webhook, when asked for.
 fn hooks(args: &RunArgs) -> Result<Hooks> {
-    let mut hooks = Hooks::default();
+    let mut hooks = Hooks { release_memory: Some(trellis_proxy::trim::release_free_memory), ..Hooks::default() };
     if args.k8s_attestation {
         let reviewer = match &args.k8s_api {
             Some(url) => {
