@@ -178,7 +178,7 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
         .map_err(|e| StartError::Svid(e.to_string()))?;
     let creds = CredentialStore::new();
     let svid_not_after = mint_own_svid(&ca, &control_id, &creds)?;
-    let resolver = Arc::new(SniResolver::new(creds.clone(), &ca, &config.webhook_dns_names)?);
+    let resolver = Arc::new(SniResolver::new(creds.clone(), &ca, &control_id, &config.webhook_dns_names)?);
     let mut tls = server_config_with_resolver(
         resolver,
         &bundle,
@@ -429,7 +429,8 @@ async fn renew_own_svid(ctx: Arc<Ctx>, id: SpiffeId, creds: Arc<CredentialStore>
 
 /// Presents the control plane's SVID to everyone except callers asking (by SNI) for one of
 /// the webhook's DNS names: the Kubernetes API server verifies the webhook by DNS name, so
-/// it gets a DNS serving certificate from the same CA instead.
+/// it gets a DNS serving certificate from the same CA instead. Injected proxies ask by the
+/// same name (the Service's), so that certificate names the control plane's SPIFFE ID too.
 #[derive(Debug)]
 struct SniResolver {
     svid: Arc<CredentialStore>,
@@ -438,11 +439,16 @@ struct SniResolver {
 }
 
 impl SniResolver {
-    fn new(svid: Arc<CredentialStore>, ca: &CertificateAuthority, dns_names: &[String]) -> Result<Self, StartError> {
+    fn new(
+        svid: Arc<CredentialStore>,
+        ca: &CertificateAuthority,
+        id: &SpiffeId,
+        dns_names: &[String],
+    ) -> Result<Self, StartError> {
         let serving = if dns_names.is_empty() {
             None
         } else {
-            let (chain, key) = ca.issue_serving_cert(dns_names, CA_LIFETIME)?;
+            let (chain, key) = ca.issue_serving_cert(dns_names, id, CA_LIFETIME)?;
             let key = trellis_identity::crypto_provider()
                 .key_provider
                 .load_private_key(key)

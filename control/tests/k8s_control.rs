@@ -130,6 +130,27 @@ async fn the_webhook_answers_the_api_server_over_dns_verified_tls() {
     plane.admin().list_policies().await.unwrap();
 }
 
+/// Injected proxies reach the control plane by the webhook's DNS name (the Service's: the
+/// injected `TRELLIS_CONTROL` and the webhook's `--inject-control` default), so what it
+/// serves to that name must also pass their SPIFFE check: the bootstrap works by name.
+#[tokio::test]
+async fn proxies_reach_the_control_plane_by_the_webhooks_dns_name() {
+    let api = start_fake_api().await;
+    let hooks = Hooks {
+        k8s_attest: Some(k8s_attestation(api.reviewer(), td())),
+        webhook: Some(injection_webhook(None, None)),
+        ..Hooks::default()
+    };
+    // `localhost` stands in for the Service name: it resolves here without DNS.
+    let plane = plane_with(hooks, vec!["localhost".into()]).await;
+    let (status, _) = post_review(&plane, "localhost", b"{}".to_vec()).await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "the API server's view: DNS-verified TLS");
+    let url = format!("https://localhost:{}", plane.running.local_addr.port());
+    let by_name = trellis_control::ControlClient::new(&url, &plane.bundle(), None, None, None).unwrap();
+    let resp = by_name.bootstrap(&k8s_bootstrap("pod-token").1).await.unwrap();
+    assert_eq!(resp.spiffe_id, id("spiffe://cluster.local/ns/shop/sa/checkout"));
+}
+
 #[tokio::test]
 async fn the_webhook_is_off_unless_enabled() {
     let plane = Plane::start().await;

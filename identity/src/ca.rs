@@ -264,18 +264,22 @@ impl CertificateAuthority {
 }
 
 impl CertificateAuthority {
-    /// A plain TLS serving certificate for DNS names — not an SVID. The only caller is the
-    /// control plane's admission webhook: the Kubernetes API server checks the webhook's
-    /// certificate by DNS name (`trellis-control.trellis-system.svc`) against the bundle
-    /// in the webhook configuration. It carries serverAuth only, so no mTLS peer accepts
-    /// it as a workload.
+    /// A TLS serving certificate for DNS names that also names `id`. The only caller is the
+    /// control plane with its admission webhook: the Kubernetes API server checks the
+    /// webhook's certificate by DNS name (`trellis-control.trellis-system.svc`) against the
+    /// bundle in the webhook configuration, and the injected proxies reach the control plane
+    /// by that same name, checking its SPIFFE ID (`id`) — one certificate must satisfy both.
+    /// It carries serverAuth only, so no mTLS peer accepts it as a client.
     pub fn issue_serving_cert(
         &self,
         dns_names: &[String],
+        id: &SpiffeId,
         ttl: Duration,
     ) -> Result<(Vec<CertificateDer<'static>>, rustls_pki_types::PrivateKeyDer<'static>), CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
         let mut params = CertificateParams::new(dns_names.to_vec()).map_err(gen_err)?;
+        let uri = rcgen::string::Ia5String::try_from(id.as_str()).map_err(gen_err)?;
+        params.subject_alt_names.push(SanType::URI(uri));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "trellis");
         if let Some(first) = dns_names.first() {
@@ -487,10 +491,11 @@ mod tests {
         let ca = CertificateAuthority::create_root(&td(), YEAR).unwrap();
         let err = ca.create_intermediate(Duration::MAX).unwrap_err();
         assert!(matches!(err, CaError::LifetimeTooLong(_)), "{err:?}");
-        let err = ca.issue_serving_cert(&["svc.example".to_string()], Duration::MAX).unwrap_err();
+        let control = SpiffeId::parse("spiffe://cluster.local/trellis/control").unwrap();
+        let err = ca.issue_serving_cert(&["svc.example".to_string()], &control, Duration::MAX).unwrap_err();
         assert!(matches!(err, CaError::LifetimeTooLong(_)), "{err:?}");
         // Long but representable: capped at the CA's own end, as before.
-        assert!(ca.issue_serving_cert(&["svc.example".to_string()], 1000 * YEAR).is_ok());
+        assert!(ca.issue_serving_cert(&["svc.example".to_string()], &control, 1000 * YEAR).is_ok());
     }
 
     #[test]
