@@ -57,6 +57,21 @@ fi
 if command -v kubectl >/dev/null; then
   kubectl kustomize deploy/kubernetes > "$work/kustomize-deploy-kubernetes.yaml"
   files+=("$work/kustomize-deploy-kubernetes.yaml")
+  # An overlay moving the image to a private registry moves the injected sidecar's too.
+  mkdir "$work/overlay"
+  printf '%s\n' "resources:" "- $(realpath --relative-to="$work/overlay" deploy/kubernetes)" "images:" "- name: ghcr.io/trellis-mesh/trellis" \
+    "  newName: registry.example/mesh/trellis" "  newTag: 9.9.9" > "$work/overlay/kustomization.yaml"
+  rendered="$(kubectl kustomize "$work/overlay")"
+  for want in "image: registry.example/mesh/trellis:9.9.9" "value: registry.example/mesh/trellis:9.9.9"; do
+    if ! grep -qF "$want" <<<"$rendered"; then
+      echo "validate-k8s: an overlay's images: did not give '$want'" >&2
+      exit 1
+    fi
+  done
+  if grep -q "ghcr.io/trellis-mesh" <<<"$rendered"; then
+    echo "validate-k8s: the overlay still names ghcr.io/trellis-mesh somewhere" >&2
+    exit 1
+  fi
 else
   echo "validate-k8s: skipped: kubectl not installed, deploy/kubernetes not rendered"
 fi
