@@ -114,6 +114,7 @@
 
 pub mod limits;
 pub mod reference;
+pub mod yaml;
 
 mod decision;
 mod error;

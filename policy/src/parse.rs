@@ -6,7 +6,6 @@
 //! validates every document (`validate/`), then checks what spans documents: duplicate names
 //! and the rule limit. Any error refuses the whole file.
 
-use std::borrow::Cow;
 use std::cell::Cell;
 
 use serde::de::DeserializeSeed;
@@ -66,53 +65,28 @@ fn read_values(text: &str) -> Result<Vec<Value>, String> {
     read_yaml(text).map_err(|e| format!("invalid YAML: {}", yaml_message(&e)))
 }
 
-/// serde-saphyr's message (with its line and column), less its advice to the programmer, and
-/// with its limit errors in plain words naming the limit ([`LimitMessages`]).
+/// serde-saphyr's message in plain words ([`crate::yaml::message`]).
 fn yaml_message(e: &serde_saphyr::Error) -> String {
-    e.render_with_formatter(&LimitMessages).replace(", set DuplicateKeyPolicy in Options if acceptable", "")
+    crate::yaml::message(e, &YAML_LIMITS)
 }
 
 /// Each event of a YAML alias replayed, all aliases together (the "billion laughs" cap).
 const MAX_ALIAS_REPLAY_EVENTS: usize = 100_000;
 /// Aliases nested in aliases.
 const MAX_ALIAS_NESTING: usize = 16;
-/// Parser events: each node is at most a start and an end event; documents add two each.
-const MAX_EVENTS: usize = 2 * MAX_NODES + 2 * MAX_DOCUMENTS + 2;
 
-/// serde-saphyr's messages, except that a breached limit is named in plain words with its value
-/// (`nested deeper than 64 levels (the limit)`) instead of the library's debug text
-/// (`budget breached: Depth { depth: 65 }`). The renderer adds the location.
-struct LimitMessages;
-
-impl serde_saphyr::MessageFormatter for LimitMessages {
-    fn format_message<'a>(&self, err: &'a serde_saphyr::Error) -> Cow<'a, str> {
-        use serde_saphyr::Error;
-        use serde_saphyr::budget::BudgetBreach as B;
-        let message = match err {
-            Error::Budget { breach, .. } => match breach {
-                B::Depth { .. } => format!("nested deeper than {MAX_DEPTH} levels (the limit)"),
-                B::Nodes { .. } => format!("more than {MAX_NODES} values (the limit)"),
-                B::Events { .. } => format!("more than {MAX_EVENTS} YAML events (the limit; about two per value)"),
-                B::Documents { .. } => format!("more than {MAX_DOCUMENTS} documents (the limit)"),
-                B::Anchors { .. } => format!("more than {MAX_ALIASES} anchors (the limit)"),
-                B::Aliases { .. } => format!("more than {MAX_ALIASES} aliases (the limit)"),
-                B::ScalarBytes { .. } => format!("more than {MAX_INPUT_BYTES} bytes of scalar text (the limit)"),
-                _ => "the YAML is too large or too complex (a parser limit was reached)".to_owned(),
-            },
-            Error::AliasReplayLimitExceeded { max_total_replayed_events, .. } => {
-                format!("aliases expand to more than {max_total_replayed_events} events (the limit)")
-            }
-            Error::AliasReplayStackDepthExceeded { max_depth, .. } => {
-                format!("aliases nested more than {max_depth} levels deep (the limit)")
-            }
-            Error::AliasExpansionLimitExceeded { max_expansions_per_anchor, .. } => {
-                format!("an anchor is used more than {max_expansions_per_anchor} times (the limit)")
-            }
-            _ => return serde_saphyr::DefaultMessageFormatter.format_message(err),
-        };
-        Cow::Owned(message)
-    }
-}
+const YAML_LIMITS: crate::yaml::Limits = crate::yaml::Limits {
+    nodes: MAX_NODES,
+    depth: MAX_DEPTH,
+    documents: MAX_DOCUMENTS,
+    aliases: MAX_ALIASES,
+    scalar_bytes: MAX_INPUT_BYTES,
+    alias_replay_events: MAX_ALIAS_REPLAY_EVENTS,
+    alias_nesting: MAX_ALIAS_NESTING,
+};
+/// Parser events: about two per value.
+#[cfg(test)]
+const MAX_EVENTS: usize = YAML_LIMITS.events();
 
 /// serde_json's message (with its line and column), its nesting limit named in plain words.
 fn json_message(e: &serde_json::Error) -> String {
@@ -132,23 +106,7 @@ fn read_json(text: &str) -> Result<Value, serde_json::Error> {
 }
 
 fn read_yaml(text: &str) -> Result<Vec<Value>, serde_saphyr::Error> {
-    let options = serde_saphyr::options! {
-        budget: serde_saphyr::budget! {
-            max_nodes: MAX_NODES,
-            max_events: MAX_EVENTS,
-            max_depth: MAX_DEPTH,
-            max_documents: MAX_DOCUMENTS,
-            max_aliases: MAX_ALIASES,
-            max_anchors: MAX_ALIASES,
-            max_total_scalar_bytes: MAX_INPUT_BYTES,
-        },
-        alias_limits: serde_saphyr::alias_limits! {
-            max_total_replayed_events: MAX_ALIAS_REPLAY_EVENTS,
-            max_replay_stack_depth: MAX_ALIAS_NESTING,
-        },
-        with_snippet: false,
-    };
-    serde_saphyr::from_multiple_with_options::<Value>(text, options)
+    serde_saphyr::from_multiple_with_options::<Value>(text, YAML_LIMITS.options())
 }
 
 /// Splits top-level values into policy documents: lists and `kind: List` are opened one level.

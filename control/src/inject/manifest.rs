@@ -107,17 +107,33 @@ pub fn parse_manifests(input: &str) -> Result<Vec<Value>, InjectError> {
     if input.trim_start().starts_with(['{', '[']) {
         return parse_json(input);
     }
-    let options = serde_saphyr::options! {
-        // Kubernetes reads manifests as YAML 1.1: `0644` is octal (a file mode).
-        legacy_octal_numbers: true,
-        ignore_binary_tag_for_string: true,
-        with_snippet: false,
-    };
+    let mut options = YAML_LIMITS.options();
+    // Kubernetes reads manifests as YAML 1.1: `0644` is octal (a file mode).
+    options.legacy_octal_numbers = true;
+    options.ignore_binary_tag_for_string = true;
     serde_saphyr::from_multiple_with_options::<Value>(input, options).map_err(|e| {
         let line = e.location().map(|l| l.line()).filter(|l| *l > 0);
-        InjectError::Yaml { document: document_at(input, line.unwrap_or(1)), line, message: e.to_string() }
+        let message = trellis_policy::yaml::message(&e, &YAML_LIMITS);
+        InjectError::Yaml { document: document_at(input, line.unwrap_or(1)), line, message }
     })
 }
+
+/// What a manifest stream may hold. Far above real output (`kubectl get pods -A -o yaml` of
+/// a 30,000-pod cluster, a large `helm template`): only there to bound a hostile input's
+/// memory and stack. serde-saphyr's defaults (250,000 values, 1,024 documents) refused a
+/// 3,000-pod List that the same tool reads as JSON.
+const YAML_LIMITS: trellis_policy::yaml::Limits = trellis_policy::yaml::Limits {
+    nodes: 8_000_000,
+    // serde-saphyr's default: reading nests a stack frame per level, and 128 levels
+    // overflowed a 2 MiB thread stack (a tokio worker's; the webhook reads there) in a
+    // debug build. Real manifests, CRD schemas included, stay far below.
+    depth: 64,
+    documents: 100_000,
+    aliases: 50_000,
+    scalar_bytes: 256 << 20,
+    alias_replay_events: 1_000_000,
+    alias_nesting: 64,
+};
 
 fn parse_json(input: &str) -> Result<Vec<Value>, InjectError> {
     serde_json::Deserializer::from_str(input)
@@ -173,6 +189,24 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// `kubectl get pods -A -o yaml` of a large cluster: one List of thousands of pods
+    /// (serde-saphyr's default of 250,000 values refused 3,000 pods), and more documents than its 1,024.
+    #[test]
+    fn large_real_outputs_are_read_and_limits_are_named() {
+        let pod = "- apiVersion: v1\n  kind: Pod\n  metadata: {name: p, labels: {a: b, c: d}}\n  spec:\n    containers:\n    - {name: app, image: nginx, ports: [{containerPort: 80}], env: [{name: A, value: b}]}\n";
+        let list = format!("apiVersion: v1\nkind: List\nitems:\n{}", pod.repeat(8_000));
+        let docs = parse_manifests(&list).unwrap();
+        assert_eq!(docs[0]["items"].as_array().unwrap().len(), 8_000);
+        let many = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\n".repeat(2_000);
+        assert_eq!(parse_manifests(&many).unwrap().len(), 2_000);
+
+        let too_deep = format!("a: {}1{}\n", "[".repeat(65), "]".repeat(65));
+        let err = parse_manifests(&too_deep).unwrap_err().to_string();
+        assert!(err.starts_with("document 1: YAML not read: nested deeper than 64 levels (the limit)"), "{err}");
+        let err = parse_manifests("a: 1\na: 2\n").unwrap_err().to_string();
+        assert_eq!(err, "document 1: YAML not read: duplicate mapping key: a at line 2, column 1");
     }
 
     #[test]

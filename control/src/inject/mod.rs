@@ -191,8 +191,8 @@ pub enum PodError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InjectError {
-    /// YAML that does not parse; `document` counts from 1 in the input.
-    #[error("document {document}: malformed YAML: {message}")]
+    /// YAML that does not parse, or over a limit; `document` counts from 1 in the input.
+    #[error("document {document}: YAML not read: {message}")]
     Yaml { document: usize, line: Option<u64>, message: String },
     /// JSON that does not parse.
     #[error("malformed JSON: {message}")]
