@@ -630,3 +630,30 @@ async fn app_probes_run_on_the_admin_port() {
     assert_eq!(bad.status.code(), Some(2), "{err}");
     assert!(err.contains("--app-probes") && err.contains("exactly one of httpGet, tcpSocket and grpc"), "{err}");
 }
+
+/// Under a ports-only ALLOW, a request whose line is longer than the sniff buffer (a long
+/// query string) is still HTTP: it crosses as a request the proxies parsed, so the app sees
+/// the verified peer ID, never one the client wrote. (It used to cross as opaque bytes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_request_line_is_http_and_cannot_forge_the_peer_id() {
+    let tcp = backends::tcp_echo().await;
+    let policy = |backend: SocketAddr, _tcp: SocketAddr| {
+        allow("api-port-from-web", API, WEB, &format!("      to:\n        - ports: [{}]\n", backend.port()))
+    };
+    let m =
+        start_mesh(MeshOptions { control_args: &[], policy: &policy, tcp_backend: tcp, extra: &|_| Vec::new() }).await;
+    // curl, as a user would: it sends the request line in pieces the sniffer sees apart.
+    for len in [100, 9_000, 30_000] {
+        let url = format!("http://{}/admin/x?q={}", m.http, "a".repeat(len));
+        let out = std::process::Command::new("curl")
+            .args(["-s", "--max-time", "5", "-H", "x-trellis-peer-id: spiffe://cluster.local/ns/kube-system/sa/admin"])
+            .arg(&url)
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout);
+        let seen: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("query of {len}: {e}: {body:.300}"));
+        assert_eq!(seen["headers"]["x-trellis-peer-id"], WEB, "query of {len}");
+        assert_eq!(seen["query"].as_str().map(str::len), Some(len + 2), "query of {len}");
+    }
+}

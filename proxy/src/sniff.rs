@@ -8,6 +8,13 @@
 //! they could still begin an HTTP/1.1 request line or the HTTP/2 preface, the rest gets up
 //! to [`REST_TIMEOUT`] (a slow client's `GET ` then its path a second later is still HTTP,
 //! and calling it TCP would have the inbound deny it at L4).
+//!
+//! A stream that starts like a request line (`METHOD target`) is never passed on as opaque
+//! bytes just because the line is long, slow or names an odd version: under a ports-only
+//! rule the app would get a request the proxy never parsed, with a client-written
+//! `x-trellis-peer-id`, no L7 policy and no span. It is HTTP, and the HTTP server answers it
+//! (`414`, `431`, `505`, `400`, or its header timeout). Only a complete first line without
+//! ` HTTP/` (an uppercase text protocol such as a Redis inline command) is opaque.
 
 use std::time::Duration;
 
@@ -60,7 +67,7 @@ pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> std:
             return Ok(Detected { protocol: p, prefix: buf.freeze(), timed_out: false });
         }
         if buf.len() >= MAX_SNIFF {
-            return Ok(Detected { protocol: Protocol::Opaque, prefix: buf.freeze(), timed_out: false });
+            return Ok(Detected { protocol: undecided(&buf), prefix: buf.freeze(), timed_out: false });
         }
         // `classify` said "undecided", so anything read so far is a possible HTTP prefix.
         let deadline = if buf.is_empty() { first_bytes } else { rest };
@@ -70,12 +77,21 @@ pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> std:
             Ok(Err(e)) => return Err(e),
             Err(_) => {
                 let timed_out = buf.is_empty();
-                if !timed_out {
-                    tracing::debug!(bytes = buf.len(), "request line still incomplete; treating the stream as opaque");
-                }
-                return Ok(Detected { protocol: Protocol::Opaque, prefix: buf.freeze(), timed_out });
+                let protocol = if timed_out { Protocol::Opaque } else { undecided(&buf) };
+                tracing::debug!(bytes = buf.len(), protocol = protocol.label(), "first line still incomplete");
+                return Ok(Detected { protocol, prefix: buf.freeze(), timed_out });
             }
         }
+    }
+}
+
+/// What bytes `classify` left undecided are when no more may come: a started request line
+/// (`METHOD ` and more) is HTTP/1 (see the module docs); a partial HTTP/2 preface or a lone
+/// method token is not.
+fn undecided(b: &[u8]) -> Protocol {
+    match b.iter().position(|&c| c == b' ') {
+        Some(i) if i > 0 && b.len() > i + 1 && !b.starts_with(&H2_PREFACE[..3]) => Protocol::Http1,
+        _ => Protocol::Opaque,
     }
 }
 
@@ -98,8 +114,11 @@ pub fn classify(b: &[u8]) -> Option<Protocol> {
         Some(i) if !token_ok(&b[..i]) => Some(Protocol::Opaque),
         Some(_) => match b.iter().position(|&c| c == b'\n') {
             Some(eol) => {
+                // Any ` HTTP/` version is HTTP: the server refuses the ones it does not speak
+                // (505) rather than the app getting an unparsed request.
                 let line = b[..eol].strip_suffix(b"\r").unwrap_or(&b[..eol]);
-                if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+                let version = line.iter().rposition(|&c| c == b' ').map(|sp| &line[sp + 1..]);
+                if version.is_some_and(|v| v.starts_with(b"HTTP/")) {
                     Some(Protocol::Http1)
                 } else {
                     Some(Protocol::Opaque)
@@ -127,6 +146,11 @@ mod tests {
         assert_eq!(classify(b"hello world\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / FOO/1.1\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"PING\r\n"), Some(Protocol::Opaque), "redis inline command");
+        assert_eq!(classify(b"SET key value\r\n"), Some(Protocol::Opaque), "redis inline command");
+        // Versions hyper refuses are still HTTP: refused by the proxy, never passed on raw.
+        assert_eq!(classify(b"GET /admin HTTP/1.2\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"GET /admin HTTP/2.0\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"GET /admin\r\n"), Some(Protocol::Opaque), "HTTP/0.9 has no headers to forge");
     }
 
     #[tokio::test]
@@ -164,16 +188,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stalled_request_line_is_opaque_after_the_longer_bound() {
+    async fn a_stalled_request_line_is_http_after_the_longer_bound() {
         use tokio::io::AsyncWriteExt;
         let (mut a, mut b) = tokio::io::duplex(64);
         b.write_all(b"GET /never-finished").await.unwrap();
         let start = tokio::time::Instant::now();
         let d = detect(&mut a, Duration::from_secs(1)).await.unwrap();
-        assert_eq!((d.protocol, d.timed_out), (Protocol::Opaque, false), "bytes came: not a detect timeout");
+        assert_eq!((d.protocol, d.timed_out), (Protocol::Http1, false), "a started request line is HTTP");
         assert_eq!(start.elapsed(), REST_TIMEOUT);
         assert_eq!(&d.prefix[..], b"GET /never-finished");
+        // What never started a request line is opaque then.
+        for stalled in [&b"GET"[..], b"GET ", &H2_PREFACE[..8]] {
+            let (mut a, mut b) = tokio::io::duplex(64);
+            b.write_all(stalled).await.unwrap();
+            let d = detect(&mut a, Duration::from_secs(1)).await.unwrap();
+            assert_eq!(d.protocol, Protocol::Opaque, "{stalled:?}");
+        }
         drop(b);
+    }
+
+    /// A request line longer than the sniff buffer is HTTP (the server answers 414), not
+    /// opaque bytes for the app.
+    #[tokio::test]
+    async fn a_request_line_longer_than_the_sniff_buffer_is_http() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let line = format!("GET /api/x?q={} HTTP/1.1\r\n", "a".repeat(2 * MAX_SNIFF));
+        tokio::spawn(async move { b.write_all(line.as_bytes()).await });
+        let d = detect(&mut a, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(d.protocol, Protocol::Http1);
+        assert!(d.prefix.len() >= MAX_SNIFF);
     }
 
     #[tokio::test(start_paused = true)]
