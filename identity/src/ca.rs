@@ -459,6 +459,28 @@ mod tests {
         WorkloadKey::generate().unwrap().csr(id).unwrap()
     }
 
+    /// Leaf certificates say "not a CA" as DER requires: `cA` is `DEFAULT FALSE`, so the
+    /// basicConstraints value is an empty SEQUENCE. An explicit `FALSE` (rcgen before 0.14.10)
+    /// made strict parsers — Python's `cryptography`, so sslyze and any Python app looking at
+    /// its peer's certificate — refuse every SVID.
+    #[test]
+    fn leaves_encode_basic_constraints_as_der_requires() {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let ca = CertificateAuthority::create_root(&td(), YEAR).unwrap();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        let svid = ca.sign_csr(&csr_for(&id), &id, Duration::from_secs(3600)).unwrap().chain.remove(0);
+        let control = SpiffeId::parse("spiffe://cluster.local/trellis/control").unwrap();
+        let serving = ca.issue_serving_cert(&["svc.example".to_string()], &control, YEAR).unwrap().0.remove(0);
+        for der in [svid, serving] {
+            let (_, cert) = X509Certificate::from_der(der.as_ref()).unwrap();
+            let bc =
+                cert.extensions().iter().find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_BASIC_CONSTRAINTS);
+            let bc = bc.expect("basicConstraints present (SPIFFE: leaves say they are no CA)");
+            assert!(bc.critical);
+            assert_eq!(bc.value, [0x30, 0x00]);
+        }
+    }
+
     /// `--svid-ttl 18446744073709551615s` used to panic here ("overflow when adding duration
     /// to instant") on the first bootstrap.
     #[test]
