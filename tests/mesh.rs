@@ -657,3 +657,37 @@ async fn a_long_request_line_is_http_and_cannot_forge_the_peer_id() {
         assert_eq!(seen["query"].as_str().map(str::len), Some(len + 2), "query of {len}");
     }
 }
+
+/// A policy change that revokes one request ends that request alone: the sidecars carry
+/// every app connection's requests over one pooled HTTP/2 connection, and closing it (as a
+/// revoked connection) cut the downloads the new policy still allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_one_request_leaves_the_others_on_the_connection() {
+    use http_body_util::BodyExt;
+    let pair = AppPair::start(backends::drip().await).await;
+    let download = |path: &'static str| {
+        let url: http::Uri = format!("http://{}{path}", pair.route).parse().unwrap();
+        tokio::spawn(async move {
+            let resp = http_client().get(url).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(|e| format!("{status}, then {e}"))?;
+            Ok::<_, String>((status, body.to_bytes().len()))
+        })
+    };
+    let kept = download("/kept/30");
+    let revoked = download("/revoked/30");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deny = "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-revoked\nspec:\n  selector: spiffe://cluster.local/ns/shop/sa/api\n  action: DENY\n  rules:\n    - to:\n        - paths: [\"/revoked/*\"]\n";
+    let v = pair.control.apply(deny).await;
+    pair.api.wait_version(v, Duration::from_secs(5));
+    let revoked = tokio::time::timeout(Duration::from_secs(2), revoked).await.expect("revoked within 2 s").unwrap();
+    assert!(revoked.is_err(), "the revoked download was cut: {revoked:?}");
+    let kept = tokio::time::timeout(Duration::from_secs(10), kept).await.unwrap().unwrap();
+    assert_eq!(kept, Ok((http::StatusCode::OK, 30 * 1024)), "the allowed download went on");
+    assert!(pair.api.metrics().contains("trellis_connections_revoked_total 1"), "{}", pair.api.metrics());
+    // New requests are judged by the new policy, on the same pooled connection.
+    let (status, _, _) = get(&http_client(), &format!("http://{}/revoked/1", pair.route), "GET", &[]).await;
+    assert_eq!(status, 403);
+    let (status, _, _) = get(&http_client(), &format!("http://{}/kept/1", pair.route), "GET", &[]).await;
+    assert_eq!(status, 200);
+}

@@ -1,30 +1,42 @@
 //! Open connections and the flows they were allowed for, so a policy change that revokes a
 //! permission can close the connections it no longer allows (DESIGN.md §5).
 //!
-//! Each allowed connection registers its flow and a cancellation token; an HTTP connection
-//! updates its flow with each allowed request. When a new snapshot is swapped in,
-//! [`ConnTracker::recheck`] evaluates every registered flow against it and cancels the
-//! ones now denied; the connection's task sees the cancellation and closes.
+//! Each allowed TCP connection registers its flow and a cancellation token. On an HTTP
+//! connection each request in flight registers instead (until its response body ends), under
+//! the connection's family: one connection carries many callers' requests (the sidecars'
+//! pooled HTTP/2 connection), so a revoked request ends alone — its stream reset, on HTTP/1.1
+//! its connection closed — while the requests still allowed go on; later requests are judged
+//! by the new policy as they come. An upgraded WebSocket keeps its request's registration
+//! for its life. When a new snapshot is swapped in, [`ConnTracker::recheck`] evaluates every
+//! registered flow against it and cancels the ones now denied.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
-use tokio_util::sync::CancellationToken;
+use bytes::Bytes;
+use http::Method;
+use http::uri::PathAndQuery;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use trellis_identity::SpiffeId;
 use trellis_policy::{EgressFlow, Flow, HttpRequest, PolicySnapshot};
 
 /// The flow a connection was allowed for, owned so it can be re-evaluated later.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TrackedFlow {
-    /// Into this workload (inbound); `http` is the last allowed request's method and path.
+    /// Into this workload (inbound); `http` is the request's method and target (shared with
+    /// the request: no copy).
     Mesh {
         source: Option<SpiffeId>,
         source_ip: IpAddr,
         destination: SpiffeId,
         port: u16,
-        http: Option<(String, String)>,
+        http: Option<(Method, PathAndQuery)>,
     },
     /// Out of the mesh (outbound egress).
     Egress { source: SpiffeId, destination_ip: IpAddr, port: u16 },
@@ -34,7 +46,7 @@ impl TrackedFlow {
     fn allowed_by(&self, snapshot: &PolicySnapshot) -> bool {
         match self {
             TrackedFlow::Mesh { source, source_ip, destination, port, http } => {
-                let http = http.as_ref().map(|(m, p)| HttpRequest { method: m, path: p });
+                let http = http.as_ref().map(|(m, p)| HttpRequest { method: m.as_str(), path: p.as_str() });
                 let flow = Flow { source: source.as_ref(), source_ip: *source_ip, destination, port: *port, http };
                 snapshot.evaluate(&flow).is_allowed()
             }
@@ -70,11 +82,16 @@ impl ConnTracker {
         self.register(flow, cancel, None)
     }
 
-    /// Registers another flow carried by the connection `part_of` is registered for (an
-    /// upgraded WebSocket on its HTTP connection): judged on its own, counted as that one
-    /// connection when both are revoked.
-    pub fn track_within(self: &Arc<Self>, part_of: &Tracked, flow: TrackedFlow, cancel: CancellationToken) -> Tracked {
-        self.register(flow, cancel, Some(part_of.family))
+    /// A family for the flows one connection carries (an HTTP connection's requests).
+    pub fn new_family(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a flow carried by the connection of `family` (a request in flight, or an
+    /// upgraded WebSocket): judged on its own, counted as that one connection when several
+    /// of its flows are revoked.
+    pub fn track_in(self: &Arc<Self>, family: u64, flow: TrackedFlow, cancel: CancellationToken) -> Tracked {
+        self.register(flow, cancel, Some(family))
     }
 
     fn register(self: &Arc<Self>, flow: TrackedFlow, cancel: CancellationToken, family: Option<u64>) -> Tracked {
@@ -82,7 +99,7 @@ impl ConnTracker {
         let family = family.unwrap_or(id);
         let flow = Arc::new(Mutex::new(flow));
         self.lock().insert(id, Entry { flow: flow.clone(), cancel: cancel.clone(), family });
-        Tracked { id, family, cancel, flow, tracker: self.clone() }
+        Tracked { id, cancel, flow, tracker: self.clone() }
     }
 
     /// Cancels every connection `snapshot` no longer allows; returns how many connections
@@ -120,7 +137,6 @@ impl ConnTracker {
 #[derive(Debug)]
 pub struct Tracked {
     id: u64,
-    family: u64,
     pub cancel: CancellationToken,
     flow: Arc<Mutex<TrackedFlow>>,
     tracker: Arc<ConnTracker>,
@@ -138,16 +154,51 @@ impl Tracked {
         }
         false
     }
+}
 
-    /// Records the latest allowed request on an HTTP connection.
-    pub fn set_http(&self, method: &str, path: &str) {
-        let mut flow = self.flow.lock().unwrap_or_else(|p| p.into_inner());
-        if let TrackedFlow::Mesh { http, .. } = &mut *flow {
-            match http {
-                Some((m, p)) if m == method && p == path => {}
-                _ => *http = Some((method.to_string(), path.to_string())),
-            }
+pin_project_lite::pin_project! {
+    /// A relayed response body that stays registered (its request revocable) until it ends,
+    /// and fails when a policy change revokes its request: hyper then resets the HTTP/2
+    /// stream, or closes the HTTP/1.1 connection, instead of finishing the response.
+    pub struct Revocable {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        revoked: WaitForCancellationFutureOwned,
+        request: Tracked,
+    }
+}
+
+impl Revocable {
+    pub fn new(inner: Incoming, request: Tracked) -> Self {
+        let revoked = request.cancel.clone().cancelled_owned();
+        Revocable { inner, revoked, request }
+    }
+}
+
+/// Why a revoked response ended early (what hyper logs, and the caller's stream reset).
+#[derive(Debug, thiserror::Error)]
+#[error("a policy change revoked this request while its response was being relayed")]
+pub struct Revoked;
+
+impl Body for Revocable {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if this.revoked.poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(Revoked))));
         }
+        this.inner.poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -208,10 +259,11 @@ mod tests {
         let tracker = Arc::new(ConnTracker::default());
         let with_ws = |parent_first: bool| {
             let token = CancellationToken::new();
-            let http = tracker.track(flow(81), token.clone());
+            let family = tracker.new_family();
+            let http = tracker.track_in(family, flow(81), token.clone());
             // Tokens independent of each other, so the visiting order decides which is seen
             // first, as with a child token cancelled by its parent or not.
-            let ws = tracker.track_within(&http, flow(81), if parent_first { token } else { CancellationToken::new() });
+            let ws = tracker.track_in(family, flow(81), if parent_first { token } else { CancellationToken::new() });
             (http, ws)
         };
         let pairs = [with_ws(true), with_ws(false), with_ws(false)];

@@ -20,9 +20,10 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -35,9 +36,9 @@ use trellis_policy::{Flow, HttpRequest};
 use crate::app::AppClient;
 use crate::authz::{Denial, Permit, authorize};
 use crate::config::InboundSpec;
-use crate::conns::{Tracked, TrackedFlow};
+use crate::conns::{Revocable, Tracked, TrackedFlow};
 use crate::http::{
-    ORIG_PROTO, PEER_ID, ReqBody, RespBody, app_uri, is_websocket_upgrade, proxy_error, relayed, strip_hop_by_hop,
+    ORIG_PROTO, PEER_ID, ReqBody, RespBody, app_uri, is_websocket_upgrade, proxy_error, revocable, strip_hop_by_hop,
     strip_trellis_headers,
 };
 use crate::io::Prefixed;
@@ -196,6 +197,7 @@ fn dispatch(
     let io = Prefixed::new(prefix, io);
     let facts = state.telemetry.is_on().then(|| inbound_facts(remote, app, Some(peer.clone()), Some(me.clone())));
     let peer_header = HeaderValue::from_str(peer.as_str()).ok();
+    let state_family = state.conns.new_family();
     let ctx = Arc::new(ConnCtx {
         state,
         peer,
@@ -206,7 +208,7 @@ fn dispatch(
         facts,
         cancel: CancellationToken::new(),
         peer_header,
-        tracked: Mutex::new(None),
+        family: state_family,
     });
     match protocol {
         Protocol::Opaque => Box::pin(tcp_stage(ctx, io)),
@@ -316,11 +318,13 @@ pub struct ConnCtx {
     pub started: Started,
     /// What the connection's spans share (`None` when telemetry is off).
     pub facts: Option<Arc<ConnFacts>>,
-    /// Fired when a policy change revokes this connection.
+    /// Fired when a policy change revokes this connection (opaque TCP; on HTTP, each request
+    /// has its own).
     pub cancel: CancellationToken,
     /// `x-trellis-peer-id` for every request on this connection, built once.
     peer_header: Option<HeaderValue>,
-    tracked: Mutex<Option<Tracked>>,
+    /// What the registrations of this connection's requests share ([`crate::conns`]).
+    family: u64,
 }
 
 impl ConnCtx {
@@ -345,52 +349,22 @@ impl ConnCtx {
         }
     }
 
-    /// Decides one request and remembers the latest allowed one for revocation checks.
-    pub fn authorize<B>(&self, req: &Request<B>) -> Result<Permit, Denial> {
-        let method = req.method().as_str();
-        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    /// Decides one request; an allowed one is registered, revocable, while it is in flight.
+    pub fn authorize<B>(&self, req: &Request<B>) -> Result<(Permit, Tracked), Denial> {
+        let method = req.method();
+        let target = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         let view = self.state.policy.load();
-        let permit = authorize(&view, &self.flow(Some(HttpRequest { method, path })))?;
-        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
-        match tracked.as_ref() {
-            Some(t) => {
-                t.set_http(method, path);
-                self.state.recheck_if_moved(t, permit.version());
-            }
-            None => {
-                let flow = TrackedFlow::Mesh {
-                    source: Some(self.peer.clone()),
-                    source_ip: self.remote.ip(),
-                    destination: self.me.clone(),
-                    port: self.app.port(),
-                    http: Some((method.to_string(), path.to_string())),
-                };
-                *tracked = Some(self.state.track(flow, self.cancel.clone(), permit.version()));
-            }
-        }
-        Ok(permit)
-    }
-}
-
-impl ConnCtx {
-    /// Registers an upgraded (WebSocket) connection with the request that authorized it, so
-    /// a policy change that no longer allows that request closes it. Its token is a child of
-    /// the connection's: a revocation that reaches the HTTP connection before the upgrade
-    /// completes reaches the upgraded one too.
-    fn track_upgrade<B>(&self, req: &Request<B>) -> Tracked {
-        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let permit =
+            authorize(&view, &self.flow(Some(HttpRequest { method: method.as_str(), path: target.as_str() })))?;
         let flow = TrackedFlow::Mesh {
             source: Some(self.peer.clone()),
             source_ip: self.remote.ip(),
             destination: self.me.clone(),
             port: self.app.port(),
-            http: Some((req.method().as_str().to_string(), path.to_string())),
+            http: Some((method.clone(), target)),
         };
-        let token = self.cancel.child_token();
-        match self.tracked.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(http) => self.state.conns.track_within(http, flow, token),
-            None => self.state.conns.track(flow, token),
-        }
+        let tracked = self.state.track_in(self.family, flow, CancellationToken::new(), permit.version());
+        Ok((permit, tracked))
     }
 }
 
@@ -484,18 +458,24 @@ impl tower::Service<Permitted> for ForwardToApp {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, Permitted { permit, request }: Permitted) -> Self::Future {
+    fn call(&mut self, Permitted { permit, request, tracked }: Permitted) -> Self::Future {
         let (ctx, app) = (self.ctx.clone(), self.app.clone());
-        Box::pin(async move { Ok(forward_http(&ctx, &app, permit, request).await) })
+        Box::pin(async move { Ok(forward_http(&ctx, &app, permit, request, tracked).await) })
     }
 }
 
 /// Rewrites a permitted request for the app (verified peer ID, normalized path, hop-by-hop
-/// headers removed) and relays the app's answer.
-async fn forward_http(ctx: &ConnCtx, app: &AppClient, permit: Permit, mut req: Request<ReqBody>) -> Response<RespBody> {
+/// headers removed) and relays the app's answer; `tracked` ends it early if a policy change
+/// revokes it.
+async fn forward_http(
+    ctx: &ConnCtx,
+    app: &AppClient,
+    permit: Permit,
+    mut req: Request<ReqBody>,
+    tracked: Tracked,
+) -> Response<RespBody> {
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
     if is_websocket_upgrade(&req) {
-        let tracked = ctx.track_upgrade(&req);
         // As for any request: the app gets the path the policy judged (normalized), and the
         // verified peer header after the hop-by-hop ones (which the client names) are gone.
         prepare_for_app(ctx, &mut req, false);
@@ -505,7 +485,14 @@ async fn forward_http(ctx: &ConnCtx, app: &AppClient, permit: Permit, mut req: R
     let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some() || req.version() != http::Version::HTTP_2;
     prepare_for_app(ctx, &mut req, !downgrade);
     *req.version_mut() = if downgrade { http::Version::HTTP_11 } else { http::Version::HTTP_2 };
-    let sent = if downgrade { app.h1.send(req).await } else { app.send_h2(req).await };
+    let sent = tokio::select! {
+        biased;
+        sent = async { if downgrade { app.h1.send(req).await } else { app.send_h2(req).await } } => sent,
+        () = tracked.cancel.cancelled() => {
+            let detail = "a policy change revoked this request before the app answered";
+            return proxy_error(StatusCode::FORBIDDEN, "revoked", detail);
+        }
+    };
     match sent {
         // No upgrade was asked for (any other upgrade offer was stripped above): an app that
         // switches protocols anyway would have the caller's connection become a tunnel.
@@ -518,7 +505,7 @@ async fn forward_http(ctx: &ConnCtx, app: &AppClient, permit: Permit, mut req: R
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             strip_trellis_headers(&mut parts.headers);
-            Response::from_parts(parts, relayed(body))
+            Response::from_parts(parts, revocable(Revocable::new(body, tracked)))
         }
         Err(e) => {
             tracing::warn!(app = %ctx.app, error = %e, "app request failed");

@@ -168,8 +168,11 @@ impl RequestSpan {
 }
 
 impl Finish for RequestSpan {
-    fn finish(self: Box<Self>, response_bytes: u64) {
-        let s = *self;
+    fn finish(self: Box<Self>, response_bytes: u64, cut: Option<String>) {
+        let mut s = *self;
+        if s.error.is_none() {
+            s.error = cut.map(Cow::Owned);
+        }
         s.conn.request_done(s.verdict.is_denied());
         let record = FlowRecord {
             ids: s.ids,
@@ -284,10 +287,11 @@ pub struct PolicyService<S> {
 }
 
 /// A request the policy allowed, with its permit: what the forwarding service takes, so
-/// nothing unauthorized can reach it.
+/// nothing unauthorized can reach it. `tracked` keeps it revocable while it is in flight.
 pub struct Permitted {
     pub permit: Permit,
     pub request: Request<ReqBody>,
+    pub tracked: crate::conns::Tracked,
 }
 
 impl<S> Service<Request<ReqBody>> for PolicyService<S>
@@ -305,10 +309,10 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         match self.ctx.authorize(&request) {
-            Ok(permit) => {
+            Ok((permit, tracked)) => {
                 let decided = Some(Decided(permit.verdict()));
                 let audit = audit_header(&permit);
-                PolicyFuture::Allowed { inner: self.inner.call(Permitted { permit, request }), decided, audit }
+                PolicyFuture::Allowed { inner: self.inner.call(Permitted { permit, request, tracked }), decided, audit }
             }
             Err(denial) => {
                 let mut resp = deny_response(&denial);

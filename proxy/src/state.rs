@@ -289,6 +289,14 @@ impl ProxyState {
         tracked
     }
 
+    /// [`ProxyState::track`] for a flow carried by the connection of `family` (an HTTP
+    /// request in flight).
+    pub fn track_in(&self, family: u64, flow: TrackedFlow, cancel: CancellationToken, decided_by: u64) -> Tracked {
+        let tracked = self.conns.track_in(family, flow, cancel);
+        self.recheck_if_moved(&tracked, decided_by);
+        tracked
+    }
+
     /// [`ProxyState::track`]'s recheck, for a registration updated with a newer decision.
     pub fn recheck_if_moved(&self, tracked: &Tracked, decided_by: u64) {
         let view = self.policy.load();

@@ -224,3 +224,37 @@ async fn health_check(req: Request<h2::RecvStream>, mut respond: h2::server::Sen
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
     let _ = send.send_trailers(trailers);
 }
+
+/// An HTTP/1.1 app streaming slow responses: `/…/<n>` answers `n` chunks of 1 KiB, one every
+/// 100 ms (a download, a server-sent event stream), so a response can be in flight when
+/// something changes.
+pub async fn drip() -> SocketAddr {
+    struct Drip {
+        left: usize,
+        tick: tokio::time::Interval,
+    }
+    impl hyper::body::Body for Drip {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            if self.left == 0 {
+                return std::task::Poll::Ready(None);
+            }
+            std::task::ready!(self.tick.poll_tick(cx));
+            self.left -= 1;
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(vec![b'd'; 1024])))))
+        }
+    }
+    serve_each(|tcp| async move {
+        let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+            let n = req.uri().path().rsplit('/').next().and_then(|n| n.parse().ok()).unwrap_or(1);
+            let tick = tokio::time::interval(Duration::from_millis(100));
+            Ok::<_, Infallible>(Response::new(Drip { left: n, tick }))
+        });
+        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+    })
+    .await
+}

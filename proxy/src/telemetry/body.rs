@@ -57,10 +57,15 @@ impl<B: Body> Body for Counted<B> {
     }
 }
 
-/// Called once with the response body's byte count when the body ends or is dropped.
+/// Called once with the response body's byte count when the body ends or is dropped, and
+/// why it ended early if it did (an error while relaying, or dropped before its end: the
+/// client went away, the stream was reset, a policy change revoked it, the proxy drained).
 pub trait Finish: Send + Sync {
-    fn finish(self: Box<Self>, response_bytes: u64);
+    fn finish(self: Box<Self>, response_bytes: u64, cut: Option<String>);
 }
+
+/// What a response body dropped before its end is recorded with.
+pub const CUT: &str = "the response ended before its last byte was relayed";
 
 pin_project! {
     /// A response body that finishes its span when it is done.
@@ -69,50 +74,58 @@ pin_project! {
         inner: B,
         span: Option<Box<dyn Finish>>,
         bytes: u64,
+        // The body said it had nothing more (hyper then need not poll it to its end).
+        ended: bool,
     }
 
     impl<B> PinnedDrop for Traced<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(span) = this.span.take() {
-                span.finish(*this.bytes);
+                span.finish(*this.bytes, (!*this.ended).then(|| CUT.to_owned()));
             }
         }
     }
 }
 
-impl<B> Traced<B> {
+impl<B: Body> Traced<B> {
     pub fn plain(inner: B) -> Self {
-        Traced { inner, span: None, bytes: 0 }
+        Traced { inner, span: None, bytes: 0, ended: false }
     }
 
     pub fn with_span(inner: B, span: Box<dyn Finish>) -> Self {
-        Traced { inner, span: Some(span), bytes: 0 }
+        let ended = inner.is_end_stream();
+        Traced { inner, span: Some(span), bytes: 0, ended }
     }
 }
 
-impl<B: Body> Body for Traced<B> {
+impl<B: Body> Body for Traced<B>
+where
+    B::Error: std::fmt::Display,
+{
     type Data = B::Data;
     type Error = B::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
         if this.span.is_none() {
             return polled;
         }
-        match &polled {
+        let cut = match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     *this.bytes += data.remaining() as u64;
                 }
+                *this.ended = this.inner.is_end_stream();
+                return polled;
             }
-            Poll::Ready(_) => {
-                if let Some(span) = this.span.take() {
-                    span.finish(*this.bytes);
-                }
-            }
-            Poll::Pending => {}
+            Poll::Ready(Some(Err(e))) => Some(e.to_string()),
+            Poll::Ready(None) => None,
+            Poll::Pending => return polled,
+        };
+        if let Some(span) = this.span.take() {
+            span.finish(*this.bytes, cut);
         }
         polled
     }
@@ -133,10 +146,12 @@ mod tests {
     use http_body_util::{BodyExt, Full};
     use std::sync::Mutex;
 
-    struct Probe(Arc<Mutex<Vec<u64>>>);
+    /// Each finish: the response bytes, and why the body was cut.
+    type Finished = Arc<Mutex<Vec<(u64, Option<String>)>>>;
+    struct Probe(Finished);
     impl Finish for Probe {
-        fn finish(self: Box<Self>, n: u64) {
-            self.0.lock().unwrap().push(n);
+        fn finish(self: Box<Self>, n: u64, cut: Option<String>) {
+            self.0.lock().unwrap().push((n, cut));
         }
     }
 
@@ -150,10 +165,32 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let body = Traced::with_span(Full::new(Bytes::from_static(b"abc")), Box::new(Probe(seen.clone())));
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 3);
-        assert_eq!(*seen.lock().unwrap(), vec![3]);
+        assert_eq!(*seen.lock().unwrap(), vec![(3, None)]);
 
-        // Dropped before it was read: finished on drop, with what was sent so far.
+        // Dropped before it was read: finished on drop, with what was sent so far, as cut.
         drop(Traced::with_span(Full::new(Bytes::from_static(b"abc")), Box::new(Probe(seen.clone()))));
-        assert_eq!(*seen.lock().unwrap(), vec![3, 0]);
+        assert_eq!(seen.lock().unwrap()[1], (0, Some(CUT.to_owned())));
+        // An empty body hyper never polls, dropped: complete.
+        drop(Traced::with_span(Full::new(Bytes::new()), Box::new(Probe(seen.clone()))));
+        assert_eq!(seen.lock().unwrap()[2], (0, None));
+    }
+
+    /// A body that fails midway (a revoked request, a peer's reset) finishes its span with
+    /// the error, after the bytes that did go through.
+    #[tokio::test]
+    async fn a_failing_body_finishes_its_span_with_the_error() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        struct Failing(Vec<Result<Frame<Bytes>, String>>);
+        impl Body for Failing {
+            type Data = Bytes;
+            type Error = String;
+            fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, String>>> {
+                Poll::Ready(self.0.pop())
+            }
+        }
+        let frames = vec![Err("stream reset".to_owned()), Ok(Frame::data(Bytes::from_static(b"abcd")))];
+        let body = Traced::with_span(Failing(frames), Box::new(Probe(seen.clone())));
+        assert!(body.collect().await.is_err());
+        assert_eq!(*seen.lock().unwrap(), vec![(4, Some("stream reset".to_owned()))]);
     }
 }
