@@ -183,13 +183,44 @@ fn a_directory_is_held_to_the_limits_of_one_apply_as_a_whole() {
 }
 
 #[test]
-fn validate_refuses_a_file_without_policies_as_apply_does() {
+fn validate_and_check_refuse_a_file_without_policies_as_apply_does() {
+    let check = ["--to", "spiffe://cluster.local/ns/shop/sa/api", "--port", "8080", "--default", "allow"];
     for text in ["", "# only a comment\n", "---\n", "[]"] {
         let f = file(text);
         let o = run(&["policy", "validate", "-f", f.path().to_str().unwrap()]);
         assert_exit(&o, 2);
         assert!(stderr(&o).contains("no policy documents"), "{text:?}: {}", stderr(&o));
+        // Not a decision from no policies: that would pass a CI assertion on a truncated file.
+        let o = run(&[&["policy", "check", "-f", f.path().to_str().unwrap()][..], &check].concat());
+        assert_exit(&o, 2);
+        assert!(stderr(&o).contains("no policy documents"), "{text:?}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "");
     }
+}
+
+/// `TRELLIS_POLICY_FILE`, exported for `validate` and `apply`, does not turn a live check
+/// into an offline one; a check given a file says it does not ask the control plane.
+#[test]
+fn check_asks_the_control_plane_unless_given_its_own_file() {
+    let f = file(POLICIES);
+    let path = f.path().to_str().unwrap();
+    let flow = ["policy", "check", "--to", "spiffe://cluster.local/ns/shop/sa/api", "--port", "8080"];
+    let o = trellis()
+        .args(flow)
+        .env("TRELLIS_POLICY_FILE", path)
+        .env("TRELLIS_CONTROL", "https://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("no trust bundle"), "the live path was taken: {}", stderr(&o));
+    let o = trellis()
+        .args(flow)
+        .env("TRELLIS_CHECK_FILE", path)
+        .env("TRELLIS_CONTROL", "https://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_exit(&o, 1);
+    assert!(stderr(&o).contains("offline; --control https://127.0.0.1:1 is not asked"), "{}", stderr(&o));
 }
 
 #[test]

@@ -58,9 +58,11 @@ pub struct PolicySourceArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Policy file to check against offline; without it, the live control plane answers
-    /// (`--control`, `--ca-bundle`, admin token).
-    #[arg(short = 'f', long = "file", value_name = "FILE", env = "TRELLIS_POLICY_FILE")]
+    /// Policy file (or directory) to check against offline; without it, the live control
+    /// plane answers (`--control`, `--ca-bundle`, admin token). Its own variable, not
+    /// `TRELLIS_POLICY_FILE`: exported for `validate` and `apply`, that would quietly turn
+    /// every live check into an offline one.
+    #[arg(short = 'f', long = "file", value_name = "FILE", env = "TRELLIS_CHECK_FILE")]
     pub file: Option<PathBuf>,
 
     #[command(flatten)]
@@ -179,7 +181,15 @@ fn check(args: &CheckArgs) -> Result<ExitCode, ExitCode> {
         let decision = super::policy_remote::check_live(args)?;
         return finish(&decision, args.output);
     };
+    if args.control.control.url != super::remote::DEFAULT_CONTROL {
+        errln!("note: answering from {} offline; --control {} is not asked", file.display(), args.control.control.url);
+    }
     let policies = load(&PolicySourceArgs { file: file.clone() })?;
+    // As `validate` and `apply`: an empty file is a mistake (a wrong path in CI), and a
+    // decision from no policies would make a `! trellis policy check` assertion pass.
+    if policies.is_empty() {
+        return Err(no_documents(file));
+    }
     let mesh = match args.default {
         DefaultAction::Allow => Action::Allow,
         DefaultAction::Deny => Action::Deny,
