@@ -563,6 +563,41 @@ fn a_trust_bundle_that_does_not_vouch_for_the_control_plane_is_fatal() {
     assert!(logs.contains("does not verify against the trust bundle") && logs.contains("unknown issuer"), "{logs}");
 }
 
+/// A state dir where the SVID cannot be kept is refused before the single-use join token is
+/// spent (the next start would need a new one); the token still works afterwards.
+#[test]
+fn an_unusable_state_dir_is_fatal_before_the_token_is_spent() {
+    let control = Control::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), b"").unwrap();
+    let bad = dir.path().join("file/state").display().to_string();
+    let inbound = format!("{}=127.0.0.1:9", addr(free_port()));
+    let mut proxy = Sidecar::spawn(&control, API, &["--state-dir".into(), bad, "--inbound".into(), inbound]);
+    let code = proxy.proc.wait_exit(Duration::from_secs(10));
+    let logs = proxy.proc.logs();
+    assert!(matches!(code, Some(c) if c != 0), "exit {code:?}:\n{logs}");
+    assert!(logs.contains("is not usable") && logs.contains("nothing was asked of the control plane"), "{logs}");
+    assert!(!control.proc.logs().contains("SVID bootstrapped"), "{}", control.proc.logs());
+}
+
+/// An SVID kept from a control plane whose data was rebuilt (another CA) is not used: the
+/// proxy bootstraps with its token instead of failing every renewal, never ready.
+#[test]
+fn a_kept_svid_from_another_ca_gives_way_to_the_token() {
+    let state = tempfile::tempdir().unwrap();
+    let inbound = format!("{}=127.0.0.1:9", addr(free_port()));
+    let state_arg = ["--state-dir".to_string(), state.path().display().to_string(), "--inbound".into(), inbound];
+    let old = Control::start(&[]);
+    let first = Sidecar::start(&old, API, &state_arg);
+    assert!(state.path().join("svid.pem").exists());
+    drop(first);
+    let rebuilt = Control::start(&[]);
+    let proxy = Sidecar::start(&rebuilt, API, &state_arg);
+    let logs = proxy.proc.logs();
+    assert!(logs.contains("not using the SVID kept in the state dir"), "{logs}");
+    assert!(logs.contains("SVID issued"), "{logs}");
+}
+
 /// The app's kubelet probes, pointed at the admin port by `trellis inject`, are run by the
 /// proxy against the app: HTTP probes answer with the app's status, TCP probes with whether
 /// the port accepts, a slow app is a 503 within the probe's timeout, and nothing but the

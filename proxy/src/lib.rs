@@ -157,7 +157,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
     tokio::pin!(shutdown);
 
     tokio::select! {
-        r = svid::obtain(&state, &anon) => r?,
+        r = svid::obtain(&state, &anon, &bundle) => r?,
         () = &mut shutdown => {
             state.shutdown.cancel();
             return Ok(());

@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use trellis_control::api::{BootstrapRequest, RenewRequest, SvidResponse};
 use trellis_control::{ClientError, ControlClient};
 use trellis_identity::pem::{self, write_private};
-use trellis_identity::{Svid, VerifyError, WorkloadKey};
+use trellis_identity::verify::SpiffeClientVerifier;
+use trellis_identity::{Svid, TrustBundle, VerifyError, WorkloadKey};
 
 use crate::ProxyError;
 use crate::config::Attestation;
@@ -24,12 +25,26 @@ const KEY_FILE: &str = "svid-key.pem";
 /// Gets the first SVID: from the state dir if a valid one is there, else by attestation.
 /// Transport failures are retried with backoff; a refused token is fatal (it will not
 /// get better by retrying).
-pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient) -> Result<(), ProxyError> {
-    if let Some(dir) = &state.config.state_dir
-        && let Some(svid) = load_persisted(dir)
-    {
-        tracing::info!(spiffe_id = %svid.id(), "using the SVID kept in the state dir");
-        return install(state, svid);
+pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient, bundle: &TrustBundle) -> Result<(), ProxyError> {
+    if let Some(dir) = &state.config.state_dir {
+        match load_persisted(dir).map(|svid| vouched_for(svid, bundle)) {
+            Some(Ok(svid)) => {
+                tracing::info!(spiffe_id = %svid.id(), "using the SVID kept in the state dir");
+                return install(state, svid);
+            }
+            // Issued by a CA this bundle does not hold (the control plane's data was
+            // rebuilt): it would be refused at every renewal, and the proxy never ready.
+            Some(Err(why)) => tracing::warn!(dir = %dir.display(), %why, "not using the SVID kept in the state dir"),
+            None => {}
+        }
+        // Before a single-use join token is spent: an SVID that cannot be kept would need
+        // a new token at the next start.
+        writable(dir).map_err(|e| {
+            ProxyError::Bootstrap(format!(
+                "the state dir {} is not usable ({e}); nothing was asked of the control plane",
+                dir.display()
+            ))
+        })?;
     }
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
     loop {
@@ -128,6 +143,26 @@ fn persist(dir: &Path, svid: &Svid) {
     if let Err(e) = ok {
         tracing::warn!(dir = %dir.display(), error = %e, "could not keep the SVID in the state dir");
     }
+}
+
+/// The kept SVID, if it chains to `bundle` with an ID in the bundle's trust domain.
+fn vouched_for(svid: Svid, bundle: &TrustBundle) -> Result<Svid, String> {
+    let domains = bundle.trust_domain().into_iter().collect();
+    let verifier = SpiffeClientVerifier::new(bundle.root_store(), trellis_identity::crypto_provider(), domains, true)
+        .map_err(|e| e.to_string())?;
+    let now = trellis_identity::pki_types::UnixTime::now();
+    verifier
+        .verify_chain(svid.chain(), now)
+        .map_err(|e| format!("it does not verify against the trust bundle: {e}"))?;
+    Ok(svid)
+}
+
+/// Creates `dir` if needed and proves a file can be written there.
+fn writable(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(".trellis-write-check");
+    write_private(&probe, b"", 0o600)?;
+    std::fs::remove_file(probe)
 }
 
 fn load_persisted(dir: &Path) -> Option<Svid> {
