@@ -67,6 +67,13 @@ pub enum StartError {
         "data dir {data_dir} holds a {what} for trust domain {found}, but --trust-domain is {configured}: start with --trust-domain {found}, or give trust domain {configured} its own --data-dir"
     )]
     TrustDomainMismatch { data_dir: PathBuf, what: &'static str, found: String, configured: TrustDomain },
+    #[error(
+        "data dir {data_dir} has a {found} from an earlier start but its store ({STORE_FILE}) is missing or empty: \
+         restore {STORE_FILE} from a backup (policies, tokens, the registry and the audit log are in it); \
+         to start over on purpose, empty the data dir (keep ca.pem and ca-key.pem elsewhere and pass them \
+         with --ca-cert/--ca-key to keep the proxies' trust)"
+    )]
+    StoreLost { data_dir: PathBuf, found: &'static str },
     #[error("CA: {0}")]
     Ca(trellis_identity::CaError),
     #[error("trust bundle: {0}")]
@@ -160,6 +167,7 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
 
     let dir = &config.data_dir;
     create_private_dir(dir)?;
+    check_store_not_lost(dir)?;
     let store = Store::open(&dir.join(STORE_FILE))?;
     let recorded_td = store.trust_domain()?;
     if let Some(found) = recorded_td.as_deref().filter(|td| *td != config.trust_domain.as_str()) {
@@ -300,6 +308,24 @@ fn make_private(path: &Path, mode: u32) -> Result<(), StartError> {
             Ok(())
         }
         Err(e) => Err(err(e)),
+    }
+}
+
+/// A data dir a control plane has run in (it writes its CA and admin token only after the
+/// store exists) whose store is missing or empty lost its store: starting would open a new,
+/// empty one — every policy gone, and the proxies, told version 0, would enforce nothing
+/// but the default. Refused; the operator restores the file or says to start over.
+fn check_store_not_lost(dir: &Path) -> Result<(), StartError> {
+    let store = dir.join(STORE_FILE);
+    let empty = match std::fs::metadata(&store) {
+        Ok(m) => m.len() == 0,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(error) => return Err(StartError::DataDir { path: store, error }),
+    };
+    let ran_before = [ca::CA_CERT_FILE, ADMIN_TOKEN_FILE].into_iter().find(|f| dir.join(f).exists());
+    match ran_before {
+        Some(found) if empty => Err(StartError::StoreLost { data_dir: dir.to_path_buf(), found }),
+        _ => Ok(()),
     }
 }
 

@@ -267,6 +267,35 @@ async fn restart_keeps_ca_policies_version_tokens_and_audit() {
     plane.anonymous().bootstrap(&bootstrap_request(&unused, WEB).1).await.unwrap();
 }
 
+/// A data dir whose store was lost (deleted, or truncated to nothing) beside the CA and
+/// admin token of an earlier start is refused, not silently replaced by an empty store that
+/// would tell every proxy "version 0, no policies"; with the file restored it starts as before.
+#[tokio::test]
+async fn a_lost_store_beside_an_earlier_ca_is_refused() {
+    let plane = Plane::start().await;
+    plane.admin().apply_policies(POLICY.into()).await.unwrap();
+    let Plane { running, dir } = plane;
+    running.shutdown().await;
+    let store = dir.path().join(trellis_control::store::STORE_FILE);
+    let saved = dir.path().join("saved.redb");
+    std::fs::rename(&store, &saved).unwrap();
+    for lost in ["missing", "empty"] {
+        if lost == "empty" {
+            std::fs::write(&store, b"").unwrap();
+        }
+        let err = trellis_control::start(config(dir.path()), trellis_control::server::Hooks::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store (trellis.redb) is missing or empty") && err.contains("restore"), "{lost}: {err}");
+        assert_eq!(std::fs::metadata(&store).map(|m| m.len()).unwrap_or(0), 0, "{lost}: no new store was created");
+    }
+    std::fs::rename(&saved, &store).unwrap();
+    let running = trellis_control::start(config(dir.path()), trellis_control::server::Hooks::default()).await.unwrap();
+    let plane = Plane { running, dir };
+    assert_eq!(plane.admin().list_policies().await.unwrap().version, 1);
+}
+
 #[tokio::test]
 async fn unknown_routes_and_methods_are_clear() {
     let plane = Plane::start().await;
