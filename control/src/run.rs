@@ -50,6 +50,9 @@ pub struct ControlConfig {
     /// DNS names the admission webhook is called by (the Kubernetes API server checks
     /// them); empty when the webhook is off.
     pub webhook_dns_names: Vec<String>,
+    /// How long a client may take to send a request's headers, and an HTTP/1.1 connection
+    /// may sit idle between requests (slowloris guard; the API listens on every interface).
+    pub header_timeout: Duration,
 }
 
 /// Why the control plane did not start.
@@ -217,7 +220,7 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
             tokio::spawn(crate::services::sync_loop(shared.clone(), client, crate::services::SYNC_EVERY))
         });
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server::serve(listener, Arc::new(tls), ctx, async {
+    let task = tokio::spawn(server::serve(listener, Arc::new(tls), ctx, config.header_timeout, async {
         let _ = stopped.await;
     }));
     Ok(Running {

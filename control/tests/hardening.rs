@@ -381,3 +381,40 @@ async fn a_shared_data_dir_keeps_its_mode() {
     }
     running.shutdown().await;
 }
+
+/// The API listens on every interface: a client that sends part of its headers and stalls
+/// (slowloris), or an HTTP/1.1 connection left idle, is closed after `--header-timeout`;
+/// a watch stream (a long response, not a slow request) is not.
+#[tokio::test]
+async fn slow_headers_and_idle_connections_are_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.header_timeout = Duration::from_millis(500);
+    let running = trellis_control::start(cfg, Hooks::default()).await.unwrap();
+    let plane = Plane { running, dir };
+    let connect = || async {
+        let expected = SpiffeId::parse(CONTROL).unwrap();
+        let tls = trellis_identity::client_config(None, &plane.bundle(), expected).unwrap();
+        let tcp = tokio::net::TcpStream::connect(plane.running.local_addr).await.unwrap();
+        let name = trellis_identity::pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.unwrap()
+    };
+    let mut partial = connect().await;
+    partial.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n").await.unwrap();
+    let mut idle = connect().await;
+    for (what, stream) in [("partial headers", &mut partial), ("an idle connection", &mut idle)] {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+        let n = read.unwrap_or_else(|_| panic!("{what}: still open after 5 s"));
+        // Closed: EOF (or a 408 first), never a normal answer.
+        let got = String::from_utf8_lossy(&buf[..n.unwrap_or(0)]).into_owned();
+        assert!(!got.contains("200 OK"), "{what}: {got}");
+    }
+    let mut watch = plane.workload(WEB).watch().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), watch.next()).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    plane.admin().apply_policies(POLICY.into()).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(2), watch.next()).await.expect("the watch stream lives on");
+    assert_eq!(event.unwrap().version, 1);
+}

@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// Lifetime of the SVIDs issued to proxies (renewed at half-life); at most 30 days.
     #[arg(long, env = "TRELLIS_SVID_TTL", default_value = "1h", value_parser = parse_duration)]
     pub svid_ttl: Duration,
+    /// How long an API client may take to send a request's headers, or leave an HTTP/1.1
+    /// connection idle between requests (slowloris guard).
+    #[arg(long, env = "TRELLIS_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
     /// Use this CA certificate (PEM chain up to the root) instead of creating one.
     #[arg(long, env = "TRELLIS_CA_CERT", requires = "ca_key")]
     pub ca_cert: Option<PathBuf>,
@@ -90,6 +94,7 @@ fn serve(args: RunArgs) -> Result<()> {
             svid_ttl: args.svid_ttl,
             ca_files: args.ca_cert.zip(args.ca_key),
             webhook_dns_names: if args.webhook { args.webhook_dns_name } else { vec![] },
+            header_timeout: args.header_timeout,
         };
         let running = start(config, hooks).await?;
         // A closed stdout (`| head -1`) must not take the control plane down: ignore write errors.

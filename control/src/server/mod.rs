@@ -25,7 +25,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -168,6 +168,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<trellis_identity::rustls::ServerConfig>,
     ctx: Arc<Ctx>,
+    header_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
@@ -208,7 +209,18 @@ pub async fn serve(
                 let (ctx, conn) = (ctx.clone(), conn.clone());
                 async move { Ok::<_, Infallible>(route(ctx, conn, req).await) }
             });
-            let builder = auto::Builder::new(TokioExecutor::new());
+            // The protocol is the one ALPN chose (HTTP/1.1 without ALPN): no waiting, with no
+            // timeout, for a client to say which. HTTP/1.1 gets the header timeout, which also
+            // ends a connection idle between requests; HTTP/2, keep-alive pings.
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10));
+            let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
             let fut = builder.serve_connection(TokioIo::new(tls), svc);
             if let Err(e) = watcher.watch(fut.into_owned()).await {
                 tracing::debug!(%remote, error = %e, "connection ended with error");
