@@ -132,6 +132,9 @@ pub struct Shared {
 struct Sessions {
     next: u64,
     live: HashMap<u64, WorkloadStatus>,
+    /// The serial of the SVID each session's proxy connected with, so a renewal (on another
+    /// connection) updates the session of the proxy that renewed, not its replicas'.
+    serials: HashMap<u64, String>,
 }
 
 impl Shared {
@@ -192,10 +195,14 @@ impl Shared {
     }
 
     /// A new watch session for a proxy; dropped with the returned guard.
-    pub fn open_session(self: &Arc<Self>, id: SpiffeId, address: String, svid_expires_at: Option<u64>) -> SessionGuard {
+    pub fn open_session(self: &Arc<Self>, id: SpiffeId, address: String, svid: Option<(u64, String)>) -> SessionGuard {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         s.next += 1;
         let session = s.next;
+        let svid_expires_at = svid.as_ref().map(|(expires, _)| *expires);
+        if let Some((_, serial)) = svid {
+            s.serials.insert(session, serial);
+        }
         let now = now_unix();
         s.live.insert(
             session,
@@ -230,6 +237,19 @@ impl Shared {
         }
     }
 
+    /// A proxy renewed the SVID of serial `old`: its session shows the new expiry.
+    pub fn svid_renewed(&self, old: &str, new: String, expires_at: u64) {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let Sessions { live, serials, .. } = &mut *s;
+        for (session, serial) in serials.iter_mut().filter(|(_, serial)| serial.as_str() == old) {
+            if let Some(w) = live.get_mut(session) {
+                w.svid_expires_at = Some(expires_at);
+                w.last_seen = now_unix();
+            }
+            serial.clone_from(&new);
+        }
+    }
+
     pub fn touch(&self, session: u64) {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = s.live.get_mut(&session) {
@@ -256,5 +276,6 @@ impl Drop for SessionGuard {
     fn drop(&mut self) {
         let mut s = self.shared.sessions.lock().unwrap_or_else(|p| p.into_inner());
         s.live.remove(&self.session);
+        s.serials.remove(&self.session);
     }
 }

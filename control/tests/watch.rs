@@ -145,3 +145,32 @@ async fn registry_changes_are_pushed() {
     assert_eq!(endpoints[0].address, "10.9.8.7");
     assert!(next.policies.is_none(), "policies unchanged, not resent");
 }
+
+/// `workloads list` shows each proxy's current SVID expiry: a renewal (on its own
+/// connection) updates the session of the proxy that renewed, not its replicas' (same ID).
+#[tokio::test]
+async fn a_renewal_shows_in_its_own_session_only() {
+    use trellis_control::api::RenewRequest;
+    let plane = Plane::start().await;
+    let who = "spiffe://cluster.local/ns/shop/sa/web";
+    let short = |ttl| {
+        let creds = trellis_identity::CredentialStore::with(plane.svid_at(who, ttl, std::time::SystemTime::now()));
+        plane.client_with(Some(creds.unwrap()), None)
+    };
+    let (renewing, replica) = (short(Duration::from_secs(600)), short(Duration::from_secs(900)));
+    let mut a = renewing.watch().await.unwrap();
+    let session_a = a.next().await.unwrap().session;
+    let mut b = replica.watch().await.unwrap();
+    let session_b = b.next().await.unwrap().session;
+    let expiry = |listed: &[trellis_control::api::WorkloadStatus], session| {
+        listed.iter().find(|w| w.session == session).and_then(|w| w.svid_expires_at).unwrap()
+    };
+    let before = plane.admin().workloads().await.unwrap();
+    let key = trellis_identity::WorkloadKey::generate().unwrap();
+    let csr_pem = trellis_identity::pem::csr_to_pem(&key.csr(&id(who)).unwrap());
+    let renewed = renewing.renew(&RenewRequest { csr_pem, addresses: vec![] }).await.unwrap();
+    let after = plane.admin().workloads().await.unwrap();
+    assert_eq!(expiry(&after, session_a), renewed.expires_at);
+    assert!(expiry(&after, session_a) > expiry(&before, session_a) + 2_000, "about an hour, not ten minutes");
+    assert_eq!(expiry(&after, session_b), expiry(&before, session_b), "the replica did not renew");
+}

@@ -348,8 +348,9 @@ fn bearer_token(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim_matches(' '))
 }
 
-/// The client's SPIFFE ID, after running the full SVID checks on its certificate chain.
-pub fn require_svid(ctx: &Ctx, conn: &Conn) -> Result<(SpiffeId, u64), ApiError> {
+/// The client's SVID after the full checks on its certificate chain: its SPIFFE ID, expiry
+/// (Unix seconds) and serial (hex).
+pub fn require_svid(ctx: &Ctx, conn: &Conn) -> Result<(SpiffeId, u64, String), ApiError> {
     let chain = conn
         .peer_chain
         .as_deref()
@@ -363,8 +364,9 @@ pub fn require_svid(ctx: &Ctx, conn: &Conn) -> Result<(SpiffeId, u64), ApiError>
         tracing::warn!(remote = %conn.remote, reason = e.label(), "SVID refused");
         ApiError::unauthorized(msg)
     })?;
-    let expires = trellis_identity::CertInfo::parse(&chain[0]).map(|i| i.not_after_unix()).unwrap_or(0);
-    Ok((id, expires))
+    let info = trellis_identity::CertInfo::parse(&chain[0]).ok();
+    let expires = info.as_ref().map_or(0, |i| i.not_after_unix());
+    Ok((id, expires, info.map(|i| i.serial_hex).unwrap_or_default()))
 }
 
 pub fn full(b: impl Into<Bytes>) -> Body {

@@ -45,7 +45,7 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
         (Some(_), Some(_)) => return Err(ApiError::bad_request("send either `token` or `k8s_token`, not both")),
         (None, None) => return Err(ApiError::bad_request("missing `token` (a join token) or `k8s_token`")),
     };
-    let response = sign(ctx, &body.csr_pem, &id)?;
+    let (response, _) = sign(ctx, &body.csr_pem, &id)?;
     if let Some(hash) = token_hash {
         let store = ctx.shared.store.clone();
         let actor = actor.clone();
@@ -57,10 +57,11 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
 }
 
 pub async fn renew(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult {
-    let (id, _) = require_svid(ctx, conn)?;
+    let (id, _, old_serial) = require_svid(ctx, conn)?;
     let body: RenewRequest = read_json(req).await?;
     let addresses = check_addresses(&body.addresses)?;
-    let response = sign(ctx, &body.csr_pem, &id)?;
+    let (response, new_serial) = sign(ctx, &body.csr_pem, &id)?;
+    ctx.shared.svid_renewed(&old_serial, new_serial, response.expires_at);
     register(ctx, &id, addresses).await?;
     let store = ctx.shared.store.clone();
     let actor = Actor { principal: id.to_string(), remote: conn.remote.to_string() };
@@ -72,7 +73,8 @@ pub async fn renew(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult 
     Ok(json(StatusCode::OK, &response))
 }
 
-fn sign(ctx: &Ctx, csr_pem: &str, id: &SpiffeId) -> Result<SvidResponse, ApiError> {
+/// The SVID for `id`, and its serial (hex).
+fn sign(ctx: &Ctx, csr_pem: &str, id: &SpiffeId) -> Result<(SvidResponse, String), ApiError> {
     crate::workload_id::check_issuable(id).map_err(|e| {
         tracing::warn!(spiffe_id = %id, reason = %e, "refused to sign an SVID for a reserved ID");
         ApiError::forbidden(format!("no SVID is issued for this ID: {e}"))
@@ -80,12 +82,14 @@ fn sign(ctx: &Ctx, csr_pem: &str, id: &SpiffeId) -> Result<SvidResponse, ApiErro
     let csr =
         pem::csr_from_pem("csr_pem", csr_pem.as_bytes()).map_err(|e: PemError| ApiError::bad_request(e.to_string()))?;
     let issued = ctx.ca.sign_csr(&csr, id, ctx.svid_ttl).map_err(csr_error)?;
-    Ok(SvidResponse {
+    let serial = trellis_identity::CertInfo::parse(&issued.chain[0]).map(|i| i.serial_hex).unwrap_or_default();
+    let response = SvidResponse {
         spiffe_id: id.clone(),
         chain_pem: pem::certs_to_pem(&issued.chain),
         bundle_pem: ctx.shared.bundle.load().to_pem(),
         expires_at: issued.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-    })
+    };
+    Ok((response, serial))
 }
 
 async fn register(ctx: &Ctx, id: &SpiffeId, addresses: Vec<String>) -> Result<(), ApiError> {

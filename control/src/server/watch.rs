@@ -29,9 +29,9 @@ use crate::state::{AckError, SessionGuard, Shared};
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
 pub async fn watch(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult {
-    let (id, expires) = require_svid(ctx, conn)?;
+    let (id, expires, serial) = require_svid(ctx, conn)?;
     drop(req);
-    let guard = ctx.shared.open_session(id.clone(), conn.remote.ip().to_string(), Some(expires));
+    let guard = ctx.shared.open_session(id.clone(), conn.remote.ip().to_string(), Some((expires, serial)));
     tracing::info!(spiffe_id = %id, remote = %conn.remote, session = guard.session, "proxy connected");
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
     tokio::spawn(stream_updates(ctx.shared.clone(), id, guard, tx));
@@ -123,7 +123,7 @@ fn next_event(shared: &Shared, id: &SpiffeId, session: u64, sent: &mut Sent) -> 
 }
 
 pub async fn ack(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult {
-    let (id, _) = require_svid(ctx, conn)?;
+    let (id, _, _) = require_svid(ctx, conn)?;
     let body: AckRequest = read_json(req).await?;
     match ctx.shared.ack(body.session, &id, body.version) {
         Ok(()) => {}
