@@ -62,6 +62,13 @@ pub enum StoreError {
     TokenExpired,
     #[error("join token has already been used")]
     TokenUsed,
+    /// Another identity registered the address recently, and the claim does not come from it.
+    #[error(
+        "address {address} is registered to {holder}, which renewed it within the last SVID lifetime, and this \
+         request does not come from that address; it can be claimed from the address itself, or once {holder} \
+         stops renewing"
+    )]
+    AddressHeld { address: String, holder: SpiffeId },
 }
 
 /// A stored policy record: JSON that does not parse is corruption; a document that parses but
@@ -119,6 +126,33 @@ pub struct Endpoint {
     pub address: String,
     pub spiffe_id: SpiffeId,
     pub updated: u64,
+}
+
+/// Who claims endpoint addresses. A workload may take an address another identity holds
+/// only if that one stopped renewing it (`updated` before `fresh_after`: its SVID has expired
+/// or is about to) or the claim comes from the address itself (a pod that got a recycled IP).
+/// Otherwise any workload with an SVID could take over another's address: proxies calling
+/// it would then require the taker's identity — a denial of service, or a man in the middle
+/// for whoever can also receive that address's traffic.
+#[derive(Debug, Clone, Copy)]
+pub struct Claim {
+    /// The address the request came from.
+    pub from: std::net::IpAddr,
+    pub fresh_after: u64,
+}
+
+impl Claim {
+    fn check(&self, id: &SpiffeId, address: &str, current: Option<&Endpoint>) -> Result<(), StoreError> {
+        let Some(holder) = current.filter(|e| &e.spiffe_id != id && e.updated >= self.fresh_after) else {
+            return Ok(());
+        };
+        let ip =
+            address.parse::<std::net::IpAddr>().or_else(|_| address.parse::<std::net::SocketAddr>().map(|s| s.ip()));
+        if ip.is_ok_and(|ip| ip.to_canonical() == self.from.to_canonical()) {
+            return Ok(());
+        }
+        Err(StoreError::AddressHeld { address: address.to_string(), holder: holder.spiffe_id.clone() })
+    }
 }
 
 /// What an apply changed.
@@ -301,7 +335,7 @@ impl Store {
     /// which [`Store::expire_endpoints`] reads: proxies register at bootstrap and at each
     /// renewal. A refresh that changes no owner is committed without an fsync — losing it in
     /// a crash only makes the entry look one renewal older.
-    pub fn register_endpoints(&self, id: &SpiffeId, addresses: &[String]) -> Result<u64, StoreError> {
+    pub fn register_endpoints(&self, id: &SpiffeId, addresses: &[String], claim: &Claim) -> Result<u64, StoreError> {
         let mut txn = self.db.begin_write()?;
         let now = now_unix();
         let (version, changed) = {
@@ -310,6 +344,11 @@ impl Store {
             for address in addresses {
                 let current =
                     table.get(address.as_str())?.and_then(|v| serde_json::from_slice::<Endpoint>(v.value()).ok());
+                // Refused whole: the transaction is dropped, nothing of this claim is kept.
+                claim.check(id, address, current.as_ref())?;
+                if let Some(old) = current.as_ref().filter(|e| &e.spiffe_id != id) {
+                    tracing::info!(%address, from = %old.spiffe_id, to = %id, "endpoint address moved to another workload");
+                }
                 changed |= current.is_none_or(|e| &e.spiffe_id != id);
                 let entry = Endpoint { address: address.clone(), spiffe_id: id.clone(), updated: now };
                 let json = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -327,6 +366,22 @@ impl Store {
         }
         txn.commit()?;
         Ok(version)
+    }
+
+    /// [`Store::register_endpoints`]'s claim check alone, changing nothing: run before a join
+    /// token is spent, so a refused claim does not burn it.
+    pub fn check_claim(&self, id: &SpiffeId, addresses: &[String], claim: &Claim) -> Result<(), StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = match txn.open_table(ENDPOINTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        for address in addresses {
+            let current = table.get(address.as_str())?.and_then(|v| serde_json::from_slice::<Endpoint>(v.value()).ok());
+            claim.check(id, address, current.as_ref())?;
+        }
+        Ok(())
     }
 
     /// Removes the endpoints nobody registered since `cutoff` (unix seconds) and returns the
@@ -463,6 +518,9 @@ mod tests {
         SpiffeId::parse(&format!("spiffe://cluster.local/ns/t/sa/{name}")).unwrap()
     }
 
+    /// A claim no holder blocks (every entry counts as stale).
+    const ANY: Claim = Claim { from: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), fresh_after: u64::MAX };
+
     fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join(STORE_FILE)).unwrap();
@@ -472,23 +530,50 @@ mod tests {
     #[test]
     fn registering_again_refreshes_without_a_new_version_and_a_new_owner_bumps_it() {
         let (_dir, store) = open();
-        let v1 = store.register_endpoints(&id("a"), &["10.0.0.1".into()]).unwrap();
+        let v1 = store.register_endpoints(&id("a"), &["10.0.0.1".into()], &ANY).unwrap();
         // Backdate the entry, as if registered long ago; a renewal must bring it to now.
         store.db_set_updated("10.0.0.1", 5);
         assert_eq!(store.endpoints().unwrap().1[0].updated, 5);
-        assert_eq!(store.register_endpoints(&id("a"), &["10.0.0.1".into()]).unwrap(), v1);
+        assert_eq!(store.register_endpoints(&id("a"), &["10.0.0.1".into()], &ANY).unwrap(), v1);
         assert!(store.endpoints().unwrap().1[0].updated >= now_unix() - 60);
         // The address reused by another workload is a change proxies must hear about.
-        let v2 = store.register_endpoints(&id("b"), &["10.0.0.1".into()]).unwrap();
+        let v2 = store.register_endpoints(&id("b"), &["10.0.0.1".into()], &ANY).unwrap();
         assert_eq!(v2, v1 + 1);
         assert_eq!(store.endpoints().unwrap().1[0].spiffe_id, id("b"));
+    }
+
+    /// An address another identity renewed recently is not taken from elsewhere; from the
+    /// address itself (a recycled pod IP), or once the holder stopped renewing, it is.
+    #[test]
+    fn a_fresh_address_of_another_identity_is_claimed_only_from_itself() {
+        let (_dir, store) = open();
+        let now = now_unix();
+        let claim = |from: &str| Claim { from: from.parse().unwrap(), fresh_after: now - 3600 };
+        store.register_endpoints(&id("db"), &["10.9.9.9".into(), "10.9.9.8:5432".into()], &claim("10.9.9.9")).unwrap();
+        let version = store.endpoints().unwrap().0;
+        for address in ["10.9.9.9", "10.9.9.8:5432"] {
+            let addresses = ["10.1.1.1".to_string(), address.to_string()];
+            let err = store.register_endpoints(&id("evil"), &addresses, &claim("10.6.6.6")).unwrap_err();
+            assert!(matches!(&err, StoreError::AddressHeld { holder, .. } if holder == &id("db")), "{err}");
+            assert!(store.check_claim(&id("evil"), &addresses, &claim("10.6.6.6")).is_err());
+        }
+        // Refused whole: not even the free address was taken.
+        assert_eq!(store.endpoints().unwrap(), (version, store.endpoints().unwrap().1));
+        assert!(store.endpoints().unwrap().1.iter().all(|e| e.spiffe_id == id("db")));
+        // From the address itself (IPv4-mapped too): a new pod on a recycled IP.
+        store.register_endpoints(&id("new-pod"), &["10.9.9.9".into()], &claim("::ffff:10.9.9.9")).unwrap();
+        // The holder stopped renewing: anyone may have it.
+        store.db_set_updated("10.9.9.8:5432", now - 7200);
+        store.register_endpoints(&id("other"), &["10.9.9.8:5432".into()], &claim("10.6.6.6")).unwrap();
+        let owners: Vec<_> = store.endpoints().unwrap().1.into_iter().map(|e| e.spiffe_id).collect();
+        assert_eq!(owners, [id("other"), id("new-pod")]);
     }
 
     #[test]
     fn expiring_removes_only_entries_nobody_renewed_and_bumps_the_version_once() {
         let (_dir, store) = open();
-        store.register_endpoints(&id("gone"), &["10.0.0.1".into(), "10.0.0.2:8080".into()]).unwrap();
-        let v = store.register_endpoints(&id("live"), &["10.0.0.3".into()]).unwrap();
+        store.register_endpoints(&id("gone"), &["10.0.0.1".into(), "10.0.0.2:8080".into()], &ANY).unwrap();
+        let v = store.register_endpoints(&id("live"), &["10.0.0.3".into()], &ANY).unwrap();
         store.db_set_updated("10.0.0.1", 100);
         store.db_set_updated("10.0.0.2:8080", 100);
         store.db_set_updated("10.0.0.3", 300);

@@ -28,6 +28,40 @@ async fn bootstrap_with_token_issues_svid_and_registers_addresses() {
     assert_eq!(registry.resolve("10.1.2.3", 9999), Some(&id(WEB)));
 }
 
+/// A workload cannot take the address of another that keeps renewing it, from elsewhere:
+/// the bootstrap is refused (409) before its token is spent, a renewal is signed but leaves
+/// the address out. (Every request here comes from 127.0.0.1, not from 10.9.9.9.)
+#[tokio::test]
+async fn an_address_another_workload_holds_is_not_taken_over() {
+    const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+    const EVIL: &str = "spiffe://cluster.local/ns/evil/sa/evil";
+    let plane = Plane::start().await;
+    let token = plane.token(DB).await;
+    let (_, mut req) = bootstrap_request(&token, DB);
+    req.addresses = vec!["10.9.9.9".into()];
+    plane.anonymous().bootstrap(&req).await.unwrap();
+
+    let token = plane.token(EVIL).await;
+    let (_, mut req) = bootstrap_request(&token, EVIL);
+    req.addresses = vec!["10.6.6.6".into(), "10.9.9.9".into()];
+    let (status, msg) = api_error(plane.anonymous().bootstrap(&req).await);
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(msg.contains("10.9.9.9 is registered to spiffe://cluster.local/ns/shop/sa/db"), "{msg}");
+    let registry = plane.running.shared.registry.load();
+    assert_eq!(registry.resolve("10.9.9.9", 5432), Some(&id(DB)));
+    assert_eq!(registry.resolve("10.6.6.6", 80), None, "refused whole");
+    // The token was not spent: without the address, it bootstraps.
+    req.addresses = vec!["10.6.6.6".into()];
+    plane.anonymous().bootstrap(&req).await.unwrap();
+
+    let csr_pem = trellis_identity::pem::csr_to_pem(&WorkloadKey::generate().unwrap().csr(&id(EVIL)).unwrap());
+    let renewal = RenewRequest { csr_pem, addresses: vec!["10.9.9.9".into(), "10.6.6.7".into()] };
+    plane.workload(EVIL).renew(&renewal).await.unwrap();
+    let registry = plane.running.shared.registry.load();
+    assert_eq!(registry.resolve("10.9.9.9", 5432), Some(&id(DB)));
+    assert_eq!(registry.resolve("10.6.6.7", 80), Some(&id(EVIL)));
+}
+
 #[tokio::test]
 async fn reused_token_is_refused() {
     let plane = Plane::start().await;
@@ -80,6 +114,19 @@ async fn malformed_bootstrap_bodies_get_400() {
     let (status, msg) = api_error(plane.anonymous().bootstrap(&req).await);
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(msg.contains("not-an-ip"), "{msg}");
+    for (bad, why) in [
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("255.255.255.255", "broadcast"),
+        ("10.0.0.1:0", "port 0"),
+    ] {
+        let (_, mut req) = bootstrap_request(&token, WEB);
+        req.addresses = vec![bad.into()];
+        let (status, msg) = api_error(plane.anonymous().bootstrap(&req).await);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(msg.contains(bad) && msg.contains(why), "{bad}: {msg}");
+    }
     let raw = plane
         .anonymous()
         .call(http::Method::POST, "/v1/svid/bootstrap", Some("{nope".into()), "application/json")
@@ -220,7 +267,7 @@ async fn live_check_matches_policy_and_registry() {
     let deny = admin.check(&check("spiffe://cluster.local/ns/shop/sa/evil", 8080)).await.unwrap();
     assert_eq!(deny.decision["action"], "deny");
     // An address in the registry resolves to its workload.
-    plane.running.shared.store.register_endpoints(&id(API), &["10.0.0.9".into()]).unwrap();
+    plane.running.shared.store.register_endpoints(&id(API), &["10.0.0.9".into()], &FROM_ITSELF).unwrap();
     plane.running.shared.reload_registry().unwrap();
     let via_addr = CheckRequest { from: Some(id(WEB)), to_address: Some("10.0.0.9:8080".into()), ..Default::default() };
     let r = admin.check(&via_addr).await.unwrap();
@@ -350,8 +397,8 @@ async fn endpoints_nobody_renews_expire_from_the_registry() {
     cfg.svid_ttl = Duration::from_secs(1);
     let running = trellis_control::start(cfg, trellis_control::server::Hooks::default()).await.unwrap();
     let shared = running.shared.clone();
-    shared.store.register_endpoints(&id(API), &["10.0.0.9".into()]).unwrap();
-    shared.store.register_endpoints(&id(WEB), &["10.0.0.7".into()]).unwrap();
+    shared.store.register_endpoints(&id(API), &["10.0.0.9".into()], &FROM_ITSELF).unwrap();
+    shared.store.register_endpoints(&id(WEB), &["10.0.0.7".into()], &FROM_ITSELF).unwrap();
     shared.reload_registry().unwrap();
     let registered = shared.registry.load().version;
     assert_eq!(shared.registry.load().resolve("10.0.0.9", 80), Some(&id(API)));
@@ -360,7 +407,7 @@ async fn endpoints_nobody_renews_expire_from_the_registry() {
     while shared.registry.load().resolve("10.0.0.9", 80).is_some() {
         assert!(std::time::Instant::now() < deadline, "the stale endpoint never expired");
         // WEB keeps renewing, as a live proxy does.
-        shared.store.register_endpoints(&id(WEB), &["10.0.0.7".into()]).unwrap();
+        shared.store.register_endpoints(&id(WEB), &["10.0.0.7".into()], &FROM_ITSELF).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let registry = shared.registry.load();

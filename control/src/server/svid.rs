@@ -20,7 +20,7 @@ use trellis_identity::{CsrError, SpiffeId};
 
 use super::{ApiError, ApiResult, Conn, Ctx, blocking, json, read_json, require_svid};
 use crate::api::{BootstrapRequest, RenewRequest, SvidResponse};
-use crate::store::{Actor, StoreError, now_unix};
+use crate::store::{Actor, Claim, StoreError, now_unix};
 use crate::tokens;
 
 pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult {
@@ -45,13 +45,18 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
         (Some(_), Some(_)) => return Err(ApiError::bad_request("send either `token` or `k8s_token`, not both")),
         (None, None) => return Err(ApiError::bad_request("missing `token` (a join token) or `k8s_token`")),
     };
+    // Before the token is spent: a refused claim must not burn it.
+    let claim = claim(ctx, conn);
+    let store = ctx.shared.store.clone();
+    let (owner, wanted) = (id.clone(), addresses.clone());
+    blocking(move || store.check_claim(&owner, &wanted, &claim)).await?.map_err(register_error)?;
     let (response, _) = sign(ctx, &body.csr_pem, &id)?;
     if let Some(hash) = token_hash {
         let store = ctx.shared.store.clone();
         let actor = actor.clone();
         blocking(move || store.consume_token(&hash, now_unix(), &actor)).await?.map_err(token_error)?;
     }
-    register(ctx, &id, addresses).await?;
+    register(ctx, conn, &id, addresses).await?;
     tracing::info!(spiffe_id = %id, remote = %conn.remote, "SVID bootstrapped");
     Ok(json(StatusCode::OK, &response))
 }
@@ -61,8 +66,22 @@ pub async fn renew(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult 
     let body: RenewRequest = read_json(req).await?;
     let addresses = check_addresses(&body.addresses)?;
     let (response, new_serial) = sign(ctx, &body.csr_pem, &id)?;
+    // A renewal is about identity: an address another workload now holds is left out (and
+    // logged), not a reason to let this proxy's SVID run out.
+    let (store, claim, owner) = (ctx.shared.store.clone(), claim(ctx, conn), id.clone());
+    let claimable = blocking(move || {
+        let claimable = |a: &String| match store.check_claim(&owner, std::slice::from_ref(a), &claim) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(spiffe_id = %owner, error = %e, "renewal: address left out of the registry");
+                false
+            }
+        };
+        addresses.into_iter().filter(claimable).collect()
+    })
+    .await?;
+    register(ctx, conn, &id, claimable).await?;
     ctx.shared.svid_renewed(&old_serial, new_serial, response.expires_at);
-    register(ctx, &id, addresses).await?;
     let store = ctx.shared.store.clone();
     let actor = Actor { principal: id.to_string(), remote: conn.remote.to_string() };
     let target = id.to_string();
@@ -92,28 +111,56 @@ fn sign(ctx: &Ctx, csr_pem: &str, id: &SpiffeId) -> Result<(SvidResponse, String
     Ok((response, serial))
 }
 
-async fn register(ctx: &Ctx, id: &SpiffeId, addresses: Vec<String>) -> Result<(), ApiError> {
+async fn register(ctx: &Ctx, conn: &Conn, id: &SpiffeId, addresses: Vec<String>) -> Result<(), ApiError> {
     if addresses.is_empty() {
         return Ok(());
     }
-    let store = ctx.shared.store.clone();
+    let (store, claim) = (ctx.shared.store.clone(), claim(ctx, conn));
     let owner = id.clone();
-    blocking(move || store.register_endpoints(&owner, &addresses)).await?.map_err(ApiError::internal)?;
+    blocking(move || store.register_endpoints(&owner, &addresses, &claim)).await?.map_err(register_error)?;
     ctx.shared.reload_registry().map_err(ApiError::internal)
 }
 
+/// This request's claim on addresses (see [`Claim`]): a holder that renewed within the last
+/// SVID lifetime keeps its addresses against claims from elsewhere.
+fn claim(ctx: &Ctx, conn: &Conn) -> Claim {
+    let fresh_after = now_unix().saturating_sub(ctx.svid_ttl.as_secs());
+    Claim { from: conn.remote.ip(), fresh_after }
+}
+
+fn register_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::AddressHeld { .. } => {
+            tracing::warn!(error = %e, "refused an endpoint address claim");
+            ApiError::new(StatusCode::CONFLICT, e.to_string())
+        }
+        other => ApiError::internal(other),
+    }
+}
+
 /// Registry addresses are `ip` or `ip:port`, stored in their canonical text form.
+/// Addresses a workload can be reached at: one unicast IP, with or without a port.
 fn check_addresses(addresses: &[String]) -> Result<Vec<String>, ApiError> {
     addresses
         .iter()
         .map(|a| {
-            if let Ok(ip) = a.parse::<IpAddr>() {
-                Ok(ip.to_string())
+            let (ip, canonical) = if let Ok(ip) = a.parse::<IpAddr>() {
+                (ip, ip.to_string())
             } else if let Ok(sa) = a.parse::<SocketAddr>() {
-                Ok(sa.to_string())
+                if sa.port() == 0 {
+                    return Err(ApiError::bad_request(format!("address {a:?}: port 0 is no port")));
+                }
+                (sa.ip(), sa.to_string())
             } else {
-                Err(ApiError::bad_request(format!("address {a:?} is not `ip` or `ip:port`")))
+                return Err(ApiError::bad_request(format!("address {a:?} is not `ip` or `ip:port`")));
+            };
+            let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+            if ip.is_unspecified() || ip.is_multicast() || broadcast {
+                return Err(ApiError::bad_request(format!(
+                    "address {a:?} is not one workload's address (unspecified, multicast or broadcast)"
+                )));
             }
+            Ok(canonical)
         })
         .collect()
 }

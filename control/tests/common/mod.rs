@@ -18,6 +18,13 @@ pub struct Plane {
     pub dir: tempfile::TempDir,
 }
 
+/// A claim no earlier holder blocks (every entry counts as stale), for tests that set the
+/// registry up directly.
+pub const FROM_ITSELF: trellis_control::store::Claim = trellis_control::store::Claim {
+    from: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    fresh_after: u64::MAX,
+};
+
 pub fn td() -> TrustDomain {
     TrustDomain::parse("cluster.local").unwrap()
 }
