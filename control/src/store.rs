@@ -71,6 +71,35 @@ pub enum StoreError {
     AddressHeld { address: String, holder: SpiffeId },
 }
 
+/// Whether `new` may replace `old` (same name). Names are the store's key, cluster-wide:
+/// `metadata.namespace` is not part of them, so a same-named policy from another namespace
+/// (every namespace's `deny-all`, as Istio users write them) would silently replace the
+/// first; and a different kind would swap authorization rules for egress rules. Both are
+/// refused, naming what is stored.
+fn same_policy(old: &Policy, new: &Policy) -> Result<(), String> {
+    let ns = |p: &Policy| {
+        p.metadata().namespace.clone().map_or_else(|| "no namespace".to_string(), |n| format!("namespace {n:?}"))
+    };
+    if old.metadata().namespace != new.metadata().namespace {
+        return Err(format!(
+            "policy {:?} is stored with {}, and this one has {}: policy names are cluster-wide \
+             (metadata.namespace is not part of them), so it would replace that policy — give it another name",
+            new.name(),
+            ns(old),
+            ns(new)
+        ));
+    }
+    if old.kind() != new.kind() {
+        return Err(format!(
+            "policy {:?} is stored as an {}, and this one is an {}: delete the stored one first to replace it",
+            new.name(),
+            old.kind(),
+            new.kind()
+        ));
+    }
+    Ok(())
+}
+
 /// A stored policy record: JSON that does not parse is corruption; a document that parses but
 /// fails validation was written under older rules.
 fn stored_policy(name: &str, json: &[u8]) -> Result<Policy, StoreError> {
@@ -249,7 +278,10 @@ impl Store {
                 match merged.insert(doc.name().to_string(), doc.clone()) {
                     None => created.push(doc.name().to_string()),
                     Some(old) if old == *doc => unchanged.push(doc.name().to_string()),
-                    Some(_) => configured.push(doc.name().to_string()),
+                    Some(old) => {
+                        same_policy(&old, doc).map_err(StoreError::Rejected)?;
+                        configured.push(doc.name().to_string());
+                    }
                 }
             }
             let all: Vec<Policy> = merged.into_values().collect();

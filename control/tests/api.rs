@@ -62,6 +62,34 @@ async fn an_address_another_workload_holds_is_not_taken_over() {
     assert_eq!(registry.resolve("10.6.6.7", 80), Some(&id(EVIL)));
 }
 
+/// Policy names are cluster-wide: a same-named policy from another namespace, or of another
+/// kind, does not silently replace the stored one (each namespace's `deny-all`).
+#[tokio::test]
+async fn a_same_named_policy_of_another_namespace_or_kind_is_refused() {
+    let plane = Plane::start().await;
+    let admin = plane.admin();
+    let deny_all = |ns: &str| {
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-all, namespace: {ns}}}\n\
+             spec: {{selector: 'spiffe://cluster.local/ns/{ns}/*', action: DENY, rules: [{{}}]}}\n"
+        )
+    };
+    admin.apply_policies(deny_all("a")).await.unwrap();
+    let (status, msg) = api_error(admin.apply_policies(deny_all("b")).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains(r#"policy "deny-all" is stored with namespace "a", and this one has namespace "b""#), "{msg}");
+    assert!(msg.contains("nothing was applied"), "{msg}");
+    let egress = "apiVersion: trellis.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: deny-all, namespace: a}\n\
+                  spec: {selector: 'spiffe://cluster.local/ns/a/*', rules: [{to: [{ports: [53]}]}]}\n";
+    let (status, msg) = api_error(admin.apply_policies(egress.into()).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("stored as an AuthorizationPolicy, and this one is an EgressPolicy"), "{msg}");
+    let list = admin.list_policies().await.unwrap();
+    assert_eq!((list.version, list.policies[0].selector.as_str()), (1, "spiffe://cluster.local/ns/a/*"));
+    // The same namespace and kind is an ordinary update.
+    assert_eq!(admin.apply_policies(deny_all("a").replace("DENY", "ALLOW")).await.unwrap().version, 2);
+}
+
 #[tokio::test]
 async fn reused_token_is_refused() {
     let plane = Plane::start().await;
