@@ -103,6 +103,64 @@ fn skipped_workloads_come_out_as_they_went_in() {
     assert_eq!(outcomes, vec![Outcome::Skipped(SkipReason::Disabled); 2]);
 }
 
+/// A manifest injected before that now opts out (`trellis.dev/inject: disabled`) or uses
+/// hostNetwork comes out without the sidecar — containers, volume, mark, rewritten probes
+/// restored — byte for byte as it was before injection (plus the change that opted out).
+#[test]
+fn opting_out_after_injection_takes_the_sidecar_out_again() {
+    for (name, classic) in
+        [("app-probes.yaml", false), ("deployment-multi-container.yaml", false), ("classic-deployment.yaml", true)]
+    {
+        let original = std::fs::read_to_string(fixtures().join(name)).unwrap();
+        let injected = inject::inject_manifests(&original, &config(classic)).unwrap().yaml;
+        for (opt_out, reason) in [
+            ("trellis.dev/inject: disabled", inject::SkipReason::Disabled),
+            ("hostNetwork", inject::SkipReason::HostNetwork),
+        ] {
+            let opted = |text: &str| {
+                let mut docs = inject::parse_manifests(text).unwrap();
+                for doc in &mut docs {
+                    let Some(template) = doc.pointer_mut("/spec/template") else { continue };
+                    if opt_out == "hostNetwork" {
+                        template["spec"]["hostNetwork"] = serde_json::json!(true);
+                    } else {
+                        template["metadata"]["annotations"]["trellis.dev/inject"] = serde_json::json!("disabled");
+                    }
+                }
+                inject::to_yaml(&docs).unwrap()
+            };
+            let out = inject::inject_manifests(&opted(&injected), &config(classic)).unwrap();
+            assert!(
+                out.outcomes.iter().any(|o| *o == inject::Outcome::Removed(reason.clone())),
+                "{name}: {:?}",
+                out.outcomes
+            );
+            // The same as opting out of the never-injected manifest, annotations aside: an
+            // `annotations: {}` the injection created stays, and so does classic mode's
+            // `kubectl.kubernetes.io/default-container` (a user may have set it; it names
+            // an app container either way).
+            let never = inject::inject_manifests(&opted(&original), &config(classic)).unwrap().yaml;
+            let strip = |y: &str| {
+                let mut docs = inject::parse_manifests(y).unwrap();
+                for doc in &mut docs {
+                    let Some(meta) = doc.pointer_mut("/spec/template/metadata").and_then(|m| m.as_object_mut()) else {
+                        continue;
+                    };
+                    if let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+                        a.shift_remove("kubectl.kubernetes.io/default-container");
+                    }
+                    if meta.get("annotations").is_some_and(|a| a.as_object().is_some_and(|a| a.is_empty())) {
+                        meta.shift_remove("annotations");
+                    }
+                }
+                inject::to_yaml(&docs).unwrap()
+            };
+            assert_eq!(strip(&out.yaml), strip(&never), "{name} / {opt_out}");
+            assert!(!out.yaml.contains("trellis-proxy") && !out.yaml.contains("trellis.dev/injected"), "{name}");
+        }
+    }
+}
+
 #[test]
 fn non_workloads_pass_through_and_lists_are_injected_item_by_item() {
     let injected = inject_file(&fixtures().join("multi-document.yaml"));

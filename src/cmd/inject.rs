@@ -89,27 +89,35 @@ fn report(outcomes: &[Outcome]) {
     let mut injected = 0;
     let mut skipped = Vec::new();
     collect(outcomes, &mut injected, &mut skipped);
-    for (document, reason) in &skipped {
+    for (document, reason, removed) in &skipped {
         let why = match reason {
             SkipReason::Disabled => "annotated trellis.dev/inject: disabled".to_string(),
             SkipReason::HostNetwork => "uses hostNetwork".to_string(),
             SkipReason::AlreadyInjected => "already injected".to_string(),
             SkipReason::Namespace(ns) => format!("namespace {ns} is skipped"),
         };
-        tracing::info!("document {document}: not injected: {why}");
+        if *removed {
+            tracing::info!("document {document}: the sidecar injected earlier was removed: {why}");
+        } else {
+            tracing::info!("document {document}: not injected: {why}");
+        }
     }
     tracing::debug!(injected, skipped = skipped.len(), "trellis inject done");
 }
 
-fn collect(outcomes: &[Outcome], injected: &mut usize, skipped: &mut Vec<(usize, SkipReason)>) {
+/// Skipped workloads: document number, why, and whether an earlier injection was removed.
+type Skipped = Vec<(usize, SkipReason, bool)>;
+
+fn collect(outcomes: &[Outcome], injected: &mut usize, skipped: &mut Skipped) {
     for (i, outcome) in outcomes.iter().enumerate() {
         match outcome {
             Outcome::Injected => *injected += 1,
-            Outcome::Skipped(reason) => skipped.push((i + 1, reason.clone())),
+            Outcome::Skipped(reason) => skipped.push((i + 1, reason.clone(), false)),
+            Outcome::Removed(reason) => skipped.push((i + 1, reason.clone(), true)),
             Outcome::List(items) => {
                 let mut inner = Vec::new();
                 collect(items, injected, &mut inner);
-                skipped.extend(inner.into_iter().map(|(_, r)| (i + 1, r)));
+                skipped.extend(inner.into_iter().map(|(_, r, removed)| (i + 1, r, removed)));
             }
             Outcome::NotAWorkload => {}
         }

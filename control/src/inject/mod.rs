@@ -149,6 +149,9 @@ pub enum Outcome {
     Injected,
     /// A workload left as it was, and why.
     Skipped(SkipReason),
+    /// A workload injected before that now opts out (or uses hostNetwork): Trellis' parts
+    /// were taken out again, its probes restored.
+    Removed(SkipReason),
     /// Not a workload (Service, ConfigMap, ...): passed through.
     NotAWorkload,
     /// A `List`: one outcome per item.

@@ -28,12 +28,21 @@ pub(crate) fn inject_template(
     if !template.is_object() {
         return Err(malformed(path, "", "expected a pod template (a map)"));
     }
-    if owner_disabled || is_disabled(template)? {
-        return Ok(Outcome::Skipped(SkipReason::Disabled));
-    }
-    let spec = template.get("spec").ok_or_else(|| malformed(path, "spec", "missing"))?;
-    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
-        return Ok(Outcome::Skipped(SkipReason::HostNetwork));
+    let skip = if owner_disabled || is_disabled(template)? {
+        Some(SkipReason::Disabled)
+    } else if template.pointer("/spec/hostNetwork").and_then(Value::as_bool) == Some(true) {
+        Some(SkipReason::HostNetwork)
+    } else {
+        None
+    };
+    if let Some(reason) = skip {
+        // What the manifest now says is what runs: a sidecar left in a pod that opts out (or
+        // its init container's capture rules in the node's network, with hostNetwork) is not.
+        if is_injected(template) {
+            remove_injection(template, path)?;
+            return Ok(Outcome::Removed(reason));
+        }
+        return Ok(Outcome::Skipped(reason));
     }
     let opts = PodOptions::from_template(template)?;
     check_conflicts(template, path)?;
@@ -52,11 +61,20 @@ fn check_conflicts(template: &Value, path: &str) -> Result<(), PodError> {
     if pod_uid == Some(u64::from(PROXY_UID)) {
         return Err(conflict(path, "spec.securityContext.runAsUser", uid_reason()));
     }
+    let injected = is_injected(template);
     for list in ["initContainers", "containers"] {
         let Some(containers) = spec[list].as_array() else { continue };
         for (i, c) in containers.iter().enumerate() {
             if is_named(c, INIT_CONTAINER_NAME) || is_named(c, PROXY_CONTAINER_NAME) {
-                continue;
+                if injected {
+                    continue;
+                }
+                // Not ours (no earlier injection): replacing it would delete the user's container.
+                let reason = format!(
+                    "the container names {INIT_CONTAINER_NAME:?} and {PROXY_CONTAINER_NAME:?} are Trellis'; \
+                     rename this container"
+                );
+                return Err(conflict(path, &format!("spec.{list}[{i}].name"), reason));
             }
             if c["securityContext"]["runAsUser"].as_u64() == Some(u64::from(PROXY_UID)) {
                 return Err(conflict(path, &format!("spec.{list}[{i}].securityContext.runAsUser"), uid_reason()));
@@ -73,7 +91,6 @@ fn check_conflicts(template: &Value, path: &str) -> Result<(), PodError> {
             }
         }
     }
-    let injected = is_injected(template);
     for (i, v) in spec["volumes"].as_array().into_iter().flatten().enumerate() {
         if is_named(v, TOKEN_VOLUME_NAME) && !injected {
             let reason = format!(
@@ -100,6 +117,35 @@ fn conflict(path: &str, field: &str, reason: String) -> PodError {
 /// Whether the template carries `trellis.dev/injected` (the webhook skips such pods).
 pub(crate) fn is_injected(template: &Value) -> bool {
     annotations(template).is_some_and(|a| a.contains_key(ANNOTATION_INJECTED))
+}
+
+/// Takes an earlier injection out: the proxy and init containers, the token volume (and the
+/// lists if that leaves them empty), the `injected` mark; probes it rewrote are restored.
+fn remove_injection(template: &mut Value, path: &str) -> Result<(), PodError> {
+    let spec = object_field(template, "spec", path)?;
+    let _ = probes_for_proxy(spec, false, &[]);
+    for (list, ours) in [
+        ("containers", &[PROXY_CONTAINER_NAME][..]),
+        ("initContainers", &[INIT_CONTAINER_NAME, PROXY_CONTAINER_NAME][..]),
+        ("volumes", &[TOKEN_VOLUME_NAME][..]),
+    ] {
+        if let Some(items) = spec.get_mut(list).and_then(Value::as_array_mut) {
+            items.retain(|item| !ours.iter().any(|name| is_named(item, name)));
+            if items.is_empty() && list != "containers" {
+                spec.shift_remove(list);
+            }
+        }
+    }
+    if let Some(metadata) = template.get_mut("metadata").and_then(Value::as_object_mut) {
+        let annotations = metadata.get_mut("annotations").and_then(Value::as_object_mut);
+        if annotations.is_some_and(|a| {
+            a.shift_remove(ANNOTATION_INJECTED);
+            a.is_empty()
+        }) {
+            metadata.shift_remove("annotations");
+        }
+    }
+    Ok(())
 }
 
 /// Adds the containers and the volume; returns the name of the first app container.
@@ -241,10 +287,28 @@ mod tests {
         let e = refused(pod(json!({ "initContainers": [{ "name": "i", "securityContext": { "runAsUser": 1337 } }],
             "containers": [{ "name": "a" }] })));
         assert!(e.starts_with("spec.initContainers[0]"), "{e}");
-        // Another uid, or the proxy's own containers, are fine.
-        let ok = pod(json!({ "securityContext": { "runAsUser": 1000 }, "containers": [{ "name": "a" },
+        // Another uid, or the proxy's own containers (of an earlier injection), are fine.
+        let mut ok = pod(json!({ "securityContext": { "runAsUser": 1000 }, "containers": [{ "name": "a" },
             { "name": "trellis-proxy", "securityContext": { "runAsUser": 1337 } }] }));
+        ok["metadata"]["annotations"] = json!({ ANNOTATION_INJECTED: VERSION });
         assert!(check_conflicts(&ok, "").is_ok());
+    }
+
+    /// A user's own container named like Trellis' would be replaced (deleted) by injection.
+    #[test]
+    fn a_users_container_named_like_ours_is_refused_unless_injected_before() {
+        for (list, name) in [("initContainers", "trellis-init"), ("containers", "trellis-proxy")] {
+            let mut spec = json!({ "containers": [{ "name": "app" }] });
+            spec[list] = json!([{ "name": name, "image": "mycorp/setup" }]);
+            if list == "containers" {
+                spec[list].as_array_mut().unwrap().insert(0, json!({ "name": "app" }));
+            }
+            let e = refused(pod(spec));
+            assert!(
+                e.contains(".name: the container names \"trellis-init\" and \"trellis-proxy\" are Trellis'"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
