@@ -188,6 +188,31 @@ fn wrong_or_missing_credentials_are_clear_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Each mistake named by what was given, before anything is sent.
+    let dir = tempfile::tempdir().unwrap();
+    let pem = write(dir.path(), "bundle-as-token.pem", &std::fs::read_to_string(control.bundle_path()).unwrap());
+    for (args, want) in [
+        (&["policy", "list", "--admin-token", "x"][..], "the admin token is given twice"),
+        (&["policy", "list", "--admin-token-file", &pem][..], "is not an admin token"),
+        (&["policy", "list", "--control", &format!("{}/trellis", control.url)][..], "(no path)"),
+        (
+            &["token", "create", "--spiffe-id", "spiffe://cluster.local/ns/a/sa/b", "--ttl", "31d"][..],
+            "longer than the 30 days",
+        ),
+    ] {
+        let (code, _, err) = control.cli(args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let empty = write(dir.path(), "empty.token", "\n");
+    let out = std::process::Command::new(bin())
+        .args(["proxy", "run", "--control", &control.url, "--ca-bundle"])
+        .arg(control.bundle_path())
+        .args(["--token-file", &empty, "--inbound", &format!("127.0.0.1:{}=127.0.0.1:9", free_port())])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is empty"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -230,4 +255,45 @@ fn token_create_prints_only_the_token_and_workloads_list_shows_proxies() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     drop(api);
+}
+
+/// A CA key as `openssl ecparam -genkey` writes it (SEC1, `EC PRIVATE KEY`) is refused with
+/// the conversion to PKCS#8 named, not only "could not parse key pair".
+#[test]
+fn a_sec1_ca_key_is_refused_with_the_conversion_to_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, cert) = (dir.path().join("ca.key"), dir.path().join("ca.pem"));
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key.to_str().unwrap()]);
+    openssl(&[
+        "req",
+        "-x509",
+        "-key",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=keyCertSign",
+        "-addext",
+        "subjectAltName=URI:spiffe://cluster.local",
+    ]);
+    assert!(std::fs::read_to_string(&key).unwrap().contains("BEGIN EC PRIVATE KEY"));
+    let out = std::process::Command::new(bin())
+        .args(["control", "run", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--ca-cert", cert.to_str().unwrap(), "--ca-key", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("CA key is not usable") && err.contains("openssl pkcs8 -topk8"), "{err}");
 }

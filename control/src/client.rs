@@ -30,7 +30,7 @@ pub const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("bad control plane URL {0:?}: expected https://HOST:PORT")]
+    #[error("bad control plane URL {0:?}: expected https://HOST:PORT (no path)")]
     Url(String),
     #[error(
         "the trust bundle's root has no spiffe:// URI SAN, so it names no trust domain: use the control plane's bundle.pem"
@@ -85,7 +85,10 @@ impl ControlClient {
         admin_token: Option<String>,
     ) -> Result<Self, ClientError> {
         let uri: Uri = url.parse().map_err(|_| ClientError::Url(url.into()))?;
-        if uri.scheme_str() != Some("https") {
+        // A path (`https://host:7443/trellis`) would be silently dropped: every API path is
+        // absolute from the root.
+        let extra = !matches!(uri.path(), "" | "/") || uri.query().is_some();
+        if uri.scheme_str() != Some("https") || extra {
             return Err(ClientError::Url(url.into()));
         }
         let host = uri.host().ok_or_else(|| ClientError::Url(url.into()))?.trim_matches(['[', ']']).to_string();

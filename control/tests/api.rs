@@ -292,6 +292,9 @@ async fn live_check_matches_policy_and_registry() {
     let allow = admin.check(&check(WEB, 8080)).await.unwrap();
     assert_eq!(allow.decision["action"], "allow");
     assert_eq!(allow.version, 1);
+    let (status, msg) = api_error(admin.check(&check(WEB, 0)).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("port 0"), "{msg}");
     let deny = admin.check(&check("spiffe://cluster.local/ns/shop/sa/evil", 8080)).await.unwrap();
     assert_eq!(deny.decision["action"], "deny");
     // An address in the registry resolves to its workload.

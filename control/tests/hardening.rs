@@ -245,7 +245,7 @@ async fn undocumented_methods_get_405_with_allow_and_change_nothing() {
 
     for (method, path, allow) in [
         (Method::DELETE, "/v1/svid/bootstrap", "POST"),
-        (Method::POST, "/healthz", "GET"),
+        (Method::POST, "/healthz", "GET, HEAD"),
         (Method::GET, "/v1/watch/ack", "POST"),
     ] {
         let (status, headers, _) = raw(&plane, method.clone(), path, None, "").await;
@@ -263,6 +263,9 @@ async fn undocumented_methods_get_405_with_allow_and_change_nothing() {
     }
     let (status, _, _) = raw(&plane, Method::GET, "/v1/tokens/nothing", Some(&bearer), "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // Load balancers probe liveness with HEAD.
+    let (status, _, body) = raw(&plane, Method::HEAD, "/healthz", None, "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
 }
 
 #[tokio::test]

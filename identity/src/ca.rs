@@ -144,7 +144,16 @@ impl CertificateAuthority {
     pub fn from_pem(trust_domain: &TrustDomain, cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, CaError> {
         let chain = pem::certs_from_pem("CA certificate", cert_pem)?;
         let key_der = pem::key_from_pem("CA key", key_pem)?;
-        let key = KeyPair::try_from(&key_der).map_err(|e| CaError::BadKey(e.to_string()))?;
+        let key = KeyPair::try_from(&key_der).map_err(|e| {
+            // ring reads PKCS#8 only; `openssl ecparam -genkey` writes SEC1 (`EC PRIVATE KEY`).
+            let hint = match &key_der {
+                rustls_pki_types::PrivateKeyDer::Sec1(_) | rustls_pki_types::PrivateKeyDer::Pkcs1(_) => {
+                    " (a PKCS#8 key is needed: `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pk8` converts it)"
+                }
+                _ => "",
+            };
+            CaError::BadKey(format!("{e}{hint}"))
+        })?;
         Self::from_parts(trust_domain.clone(), chain, key)
     }
 

@@ -154,9 +154,19 @@ fn config(args: RunArgs) -> Result<(ProxyConfig, usize)> {
     };
     let attestation = match (args.token, args.token_file, args.k8s_token_file) {
         (Some(t), _, _) => Attestation::JoinToken(t),
-        (None, Some(path), _) => Attestation::JoinToken(
-            std::fs::read_to_string(&path).with_context(|| format!("reading --token-file {}", path.display()))?,
-        ),
+        (None, Some(path), _) => {
+            let token =
+                std::fs::read_to_string(&path).with_context(|| format!("reading --token-file {}", path.display()))?;
+            // With a state dir an emptied file is fine (the kept SVID is used); without one the
+            // control plane would only say "unknown token".
+            if token.trim().is_empty() && args.state_dir.is_none() {
+                bail!(
+                    "--token-file {} is empty: write the join token from `trellis token create` into it",
+                    path.display()
+                );
+            }
+            Attestation::JoinToken(token)
+        }
         (None, None, Some(path)) => Attestation::KubernetesTokenFile(path),
         (None, None, None) if args.state_dir.is_some() => Attestation::JoinToken(String::new()),
         (None, None, None) => {

@@ -56,8 +56,15 @@ impl ControlArgs {
 
 impl AdminArgs {
     pub fn token(&self) -> Result<String> {
+        if let (Some(_), Some(file)) = (&self.admin_token, &self.admin_token_file) {
+            bail!(
+                "the admin token is given twice: --admin-token (TRELLIS_ADMIN_TOKEN) and --admin-token-file {} \
+                 (TRELLIS_ADMIN_TOKEN_FILE); give one",
+                file.display()
+            );
+        }
         if let Some(t) = &self.admin_token {
-            return Ok(t.trim().to_string());
+            return checked_token(t.trim(), "--admin-token");
         }
         let path = match &self.admin_token_file {
             Some(p) => p.clone(),
@@ -76,12 +83,24 @@ impl AdminArgs {
         if token.trim().is_empty() {
             bail!("admin token file {} is empty", path.display());
         }
-        Ok(token.trim().to_string())
+        checked_token(token.trim(), &format!("admin token file {}", path.display()))
     }
 
     pub fn client(&self) -> Result<ControlClient> {
         Ok(ControlClient::new(&self.control.url, &self.control.bundle()?, None, None, Some(self.token()?))?)
     }
+}
+
+/// A token goes into an HTTP header: printable ASCII without spaces, as the control plane
+/// writes them. Anything else is the wrong file (a PEM, a binary), said so here rather than
+/// as an HTTP library's "failed to parse header value".
+fn checked_token(token: &str, source: &str) -> Result<String> {
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        bail!(
+            "{source} is not an admin token (it holds spaces, line breaks or non-ASCII characters): is it the control plane's admin.token?"
+        );
+    }
+    Ok(token.to_string())
 }
 
 /// A small runtime for one CLI call.

@@ -27,12 +27,18 @@ pub struct CreateArgs {
     pub admin: AdminArgs,
 }
 
+const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// A token's lifetime goes to the control plane in whole seconds; rounding `0` or `500ms` up
 /// to a second would hand out a token the user did not ask for.
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     let ttl = parse_duration(s)?;
     if ttl.is_zero() || ttl.subsec_nanos() != 0 {
         return Err(format!("{s:?}: a token lives a whole number of seconds, at least 1s"));
+    }
+    // The control plane's limit, said in the flag's own terms (its API names `ttl_seconds`).
+    if ttl > MAX_TTL {
+        return Err(format!("{s:?} is longer than the 30 days a join token may live"));
     }
     Ok(ttl)
 }

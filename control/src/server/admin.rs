@@ -205,6 +205,10 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
         (None, None) => None,
         _ => return Err(ApiError::bad_request("method and path go together")),
     };
+    // As the CLI and policy files: no flow is to port 0, so no answer would mean anything.
+    if q.port == Some(0) {
+        return Err(ApiError::bad_request("port 0 is not a port a flow can go to (1-65535)"));
+    }
     let mut endpoint = None;
     let (decision, resolved): (Decision, Option<SpiffeId>) = match (&q.to, q.port, &q.to_address) {
         (Some(to), Some(port), None) => {
