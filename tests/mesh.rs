@@ -431,6 +431,11 @@ async fn direct_clients_to_the_inbound_port_are_refused() {
     let (code, out) = curl(&[&url]);
     assert_ne!(code, 0, "no-cert client got through: {out}");
     assert!(!out.contains("HTTP/"), "{out}");
+    // Plaintext HTTP to the mTLS port: refused, and counted as what it is.
+    let (code, out) = curl(&[&format!("http://{}/api/x", m.api_http_inbound)]);
+    assert_ne!(code, 0, "plaintext got through: {out}");
+    let metrics = m.api.metrics();
+    assert!(metrics.contains("trellis_handshake_failures_total{reason=\"plaintext\"} 1"), "{metrics}");
     // A certificate from a foreign CA: refused at the handshake.
     let foreign = trellis_identity::CertificateAuthority::create_root(
         &trellis_identity::TrustDomain::parse("cluster.local").unwrap(),

@@ -42,6 +42,28 @@ pub enum TrackedFlow {
     Egress { source: SpiffeId, destination_ip: IpAddr, port: u16 },
 }
 
+/// For the log line of a revocation: who, to what, and the request if it is one.
+impl std::fmt::Display for TrackedFlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrackedFlow::Mesh { source, source_ip, destination, port, http } => {
+                match source {
+                    Some(id) => write!(f, "{id} ({source_ip})")?,
+                    None => write!(f, "unauthenticated {source_ip}")?,
+                }
+                write!(f, " -> {destination} port {port}")?;
+                match http {
+                    Some((method, target)) => write!(f, ", {method} {target}"),
+                    None => Ok(()),
+                }
+            }
+            TrackedFlow::Egress { source, destination_ip, port } => {
+                write!(f, "{source} -> {} (egress)", std::net::SocketAddr::new(*destination_ip, *port))
+            }
+        }
+    }
+}
+
 impl TrackedFlow {
     fn allowed_by(&self, snapshot: &PolicySnapshot) -> bool {
         match self {
@@ -110,7 +132,7 @@ impl ConnTracker {
         for entry in live.values() {
             let flow = entry.flow.lock().unwrap_or_else(|p| p.into_inner());
             if !entry.cancel.is_cancelled() && !flow.allowed_by(snapshot) {
-                tracing::info!(flow = ?*flow, "policy change revoked an open connection; closing it");
+                tracing::info!(flow = %*flow, "a policy change revoked an open flow; ending it");
                 entry.cancel.cancel();
                 if !closed.contains(&entry.family) {
                     closed.push(entry.family);
@@ -230,6 +252,21 @@ mod tests {
             port,
             http: None,
         }
+    }
+
+    #[test]
+    fn flows_read_as_who_to_what() {
+        let mut request = flow(8080);
+        if let TrackedFlow::Mesh { http, .. } = &mut request {
+            *http = Some((Method::GET, PathAndQuery::from_static("/api/x?y=1")));
+        }
+        assert_eq!(request.to_string(), "spiffe://td/web (10.0.0.1) -> spiffe://td/api port 8080, GET /api/x?y=1");
+        let egress = TrackedFlow::Egress {
+            source: SpiffeId::parse("spiffe://td/web").unwrap(),
+            destination_ip: "203.0.113.9".parse().unwrap(),
+            port: 443,
+        };
+        assert_eq!(egress.to_string(), "spiffe://td/web -> 203.0.113.9:443 (egress)");
     }
 
     /// A connection admitted by an older snapshot is judged again by the newer one it missed.

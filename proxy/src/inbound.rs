@@ -249,12 +249,18 @@ async fn handshake(state: &ProxyState, accepted: Accepted) -> Option<Authenticat
     Some(Authenticated { io, remote, app, peer, me, started })
 }
 
-/// The failure class and message of a refused handshake: the verifier's for a certificate
+/// The failure class and message of a refused handshake: `plaintext` for bytes that are no
+/// TLS at all; the verifier's for a certificate
 /// problem, and `protocol_version` for a client that does not offer TLS 1.3 (an old
 /// client, `openssl s_client -tls1_2`), which never gets as far as a certificate.
 fn handshake_refusal(e: &std::io::Error) -> (&'static str, String) {
-    use trellis_identity::rustls::{Error, PeerIncompatible};
+    use trellis_identity::rustls::{Error, InvalidMessage, PeerIncompatible};
     let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>());
+    // The first bytes are no TLS record at all: most often plaintext HTTP (`curl http://` to
+    // the inbound port, an app or probe that bypassed its own sidecar).
+    if let Some(Error::InvalidMessage(InvalidMessage::InvalidContentType)) = tls {
+        return ("plaintext", "the client sent plaintext, not a TLS handshake".into());
+    }
     if let Some(Error::PeerIncompatible(
         PeerIncompatible::Tls12NotOffered
         | PeerIncompatible::Tls12NotOfferedOrEnabled

@@ -69,7 +69,7 @@ impl Metrics {
         let flows = Family::<FlowLabels, Counter>::default();
         registry.register(
             "flows",
-            "Flows by direction, decision (allow, deny, audit-deny) and protocol",
+            "Flows by direction, decision (allow, deny, audit-deny, error: nothing decided, e.g. the peer was unreachable) and protocol",
             flows.clone(),
         );
         let request_duration = Family::<DirectionLabels, Histogram>::new_with_constructor(|| {

@@ -184,14 +184,17 @@ impl Transport {
                 grpc.ready().await.map_err(|e| format!("gRPC channel: {e}"))?;
                 let path = http::uri::PathAndQuery::from_static(GRPC_PATH);
                 let r = grpc.unary(tonic::Request::new(body), path, RawCodec).await;
-                r.map(|_| ()).map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))
+                // The usual mistake: a collector's OTLP/HTTP port given for the default gRPC.
+                let hint = "(sent as OTLP/gRPC; a collector's OTLP/HTTP endpoint, usually port 4318, needs --otlp-protocol http)";
+                r.map(|_| ()).map_err(|s| format!("gRPC {:?}: {} {hint}", s.code(), s.message()))
             }
             Transport::Http { client, url } => {
                 let req = http::Request::post(url.clone())
                     .header(http::header::CONTENT_TYPE, "application/x-protobuf")
                     .body(Full::new(body))
                     .map_err(|e| e.to_string())?;
-                let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                let hint = "(sent as OTLP/HTTP; a collector's OTLP/gRPC endpoint, usually port 4317, needs --otlp-protocol grpc)";
+                let resp = client.request(req).await.map_err(|e| format!("{e} {hint}"))?;
                 let status = resp.status();
                 // Read the (small) answer so the connection is reused.
                 let _ = resp.into_body().collect().await;
