@@ -549,7 +549,7 @@ async fn an_http2_app_refusing_a_stream_gets_idempotent_requests_again() {
     // A POST is not idempotent: the refusal reaches the client as the sidecar's 502...
     let (status, headers, body) = get(&client, &format!("http://{route}/orders"), "POST", &[]).await;
     assert_eq!(status, 502, "{body}");
-    assert_eq!(headers.get("x-trellis-error").unwrap(), "app_unreachable");
+    assert_eq!(headers.get("x-trellis-error").unwrap(), "app_failed");
     // ...and the app did take the next one, so the 502 was the sidecar declining to retry.
     let (status, _, body) = get(&client, &format!("http://{route}/orders"), "POST", &[]).await;
     assert_eq!((status, body.as_str()), (200, "attempt 2"));
@@ -730,4 +730,29 @@ async fn revoking_one_request_leaves_the_others_on_the_connection() {
     assert_eq!(status, 403);
     let (status, _, _) = get(&http_client(), &format!("http://{}/kept/1", pair.route), "GET", &[]).await;
     assert_eq!(status, 200);
+}
+
+/// The inbound's 502s say which failure it was: nothing listening at the app's address
+/// (`app_unreachable`), or an app that took the request and broke the exchange — here an
+/// HTTP/1.1-only app sent HTTP/2, the caller's protocol (`app_failed`, saying so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_failures_are_told_apart() {
+    let pair = AppPair::start(backends::drip().await).await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::client::legacy::connect::HttpConnector::new());
+    let (status, headers, body) = get(&h2, &format!("http://{}/x/1", pair.route), "GET", &[]).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(headers.get("x-trellis-error").unwrap(), "app_failed");
+    assert!(body.contains("sent as HTTP/2, the caller's protocol"), "{body}");
+    // The same app over HTTP/1.1 answers.
+    let (status, _, _) = get(&http_client(), &format!("http://{}/x/1", pair.route), "GET", &[]).await;
+    assert_eq!(status, 200);
+
+    let nothing = addr(free_port());
+    let gone = AppPair::start(nothing).await;
+    let (status, headers, body) = get(&http_client(), &format!("http://{}/x", gone.route), "GET", &[]).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(headers.get("x-trellis-error").unwrap(), "app_unreachable");
+    assert!(body.contains("is unreachable"), "{body}");
 }
