@@ -756,3 +756,29 @@ async fn app_failures_are_told_apart() {
     assert_eq!(headers.get("x-trellis-error").unwrap(), "app_unreachable");
     assert!(body.contains("is unreachable"), "{body}");
 }
+
+/// A request body the app's own client broke (an invalid chunk, fewer bytes than its
+/// Content-Length) is the app's fault: its sidecar answers 400, not a 502 blaming the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_request_body_is_the_callers_400_not_the_peers_502() {
+    let pair = AppPair::start(backends::drip().await).await;
+    for (what, request, half_close) in [
+        (
+            "an invalid chunk",
+            "POST /x/1 HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+            false,
+        ),
+        ("a short body", "POST /x/1 HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\nabc", true),
+    ] {
+        let mut s = TcpStream::connect(pair.route).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        if half_close {
+            s.shutdown().await.unwrap();
+        }
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+        assert!(answer.contains("x-trellis-error: bad_request_body"), "{what}: {answer}");
+    }
+}

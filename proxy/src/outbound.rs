@@ -387,6 +387,15 @@ impl ForwardToPeer {
                     retried = true;
                     req = *back;
                 }
+                // The stream was cancelled here, because the app's request body failed (a bad
+                // chunk, a body shorter than its Content-Length): the app's fault, not the peer's.
+                Err(SendError::Failed(e))
+                    if e.is_reset() && !e.is_remote() && e.reason() == Some(h2::Reason::CANCEL) =>
+                {
+                    tracing::info!("the app's request body was malformed or ended early; the request was cancelled");
+                    let detail = "the request body was malformed or ended before its declared length";
+                    return Err(failed(proxy_error(StatusCode::BAD_REQUEST, "bad_request_body", detail)));
+                }
                 Err(SendError::Unsent(e, _) | SendError::Failed(e)) => {
                     tracing::warn!(error = %e, "request to peer failed");
                     let detail = format!("request to peer {addr} failed: {e}");
