@@ -252,6 +252,31 @@ async fn invalid_policy_file_is_refused_whole_with_field_errors() {
     assert_eq!(plane.running.shared.store.version().unwrap(), 1);
     let stored = plane.admin().get_policy("api-from-web").await.unwrap();
     assert!(serde_json::to_string(&stored).unwrap().contains("8080"));
+
+    // Patterns outside the mesh's trust domain (a typo) could never match: refused, named.
+    let typo = POLICY.replace("spiffe://cluster.local/ns/shop/sa/web", "spiffe://cluster.locl/ns/shop/sa/web");
+    let err = plane
+        .admin()
+        .apply_policies(typo.replace("spiffe://cluster.local/ns/shop/sa/api", "spiffe://other.td/ns/a/*"))
+        .await
+        .unwrap_err();
+    let ClientError::Api { status, body } = err else { panic!("{err:?}") };
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let details: Vec<_> = body.details.iter().map(|d| (d.path.as_str(), d.message.as_str())).collect();
+    assert_eq!(
+        details,
+        [
+            (
+                "spec.selector",
+                "spiffe://other.td/ns/a/* is not in this mesh's trust domain cluster.local, so it can never match"
+            ),
+            (
+                "spec.rules[0].from[0].identity",
+                "spiffe://cluster.locl/ns/shop/sa/web is not in this mesh's trust domain cluster.local, so it can never match"
+            ),
+        ]
+    );
+    assert_eq!(plane.running.shared.store.version().unwrap(), 1);
 }
 
 #[tokio::test]

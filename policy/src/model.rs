@@ -191,6 +191,30 @@ pub struct Destination {
 }
 
 impl Policy {
+    /// The SPIFFE ID patterns (selector, `from` identities) outside `trust_domain`, as
+    /// (field, pattern). A mesh has one trust domain: such a pattern can never match, and is
+    /// almost always a typo (`cluster.locl`) that would leave a rule dead without a word.
+    pub fn foreign_patterns(&self, trust_domain: &str) -> Vec<(String, String)> {
+        let foreign = |p: &SpiffePattern| match p {
+            SpiffePattern::Any => false,
+            SpiffePattern::Exact(id) | SpiffePattern::Prefix(id) => id.trust_domain_str() != trust_domain,
+        };
+        let mut out = Vec::new();
+        if foreign(self.selector()) {
+            out.push(("spec.selector".to_string(), self.selector().to_string()));
+        }
+        if let Policy::Authorization(p) = self {
+            for (i, rule) in p.spec.rules.iter().enumerate() {
+                for (j, source) in rule.from.iter().enumerate() {
+                    if let Some(id) = source.identity.as_ref().filter(|id| foreign(id)) {
+                        out.push((format!("spec.rules[{i}].from[{j}].identity"), id.to_string()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn name(&self) -> &str {
         &self.metadata().name
     }

@@ -114,6 +114,27 @@ async fn apply_policies(ctx: &Ctx, actor: crate::store::Actor, req: Request<Inco
     if docs.is_empty() {
         return Err(ApiError::bad_request("policy file holds no documents"));
     }
+    let td = ctx.trust_domain.as_str();
+    let foreign: Vec<ErrorDetail> = docs
+        .iter()
+        .flat_map(|p| {
+            p.foreign_patterns(td).into_iter().map(|(path, pattern)| ErrorDetail {
+                document: p.name().to_string(),
+                path,
+                message: format!("{pattern} is not in this mesh's trust domain {td}, so it can never match"),
+            })
+        })
+        .collect();
+    if !foreign.is_empty() {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            headers: Vec::new(),
+            body: ErrorBody {
+                error: format!("policy file refused: {} problem(s); nothing was applied", foreign.len()),
+                details: foreign,
+            },
+        });
+    }
     let store = ctx.shared.store.clone();
     let outcome = blocking(move || {
         store.apply(&docs, &actor, |all| {
