@@ -388,3 +388,16 @@ fn check_missing_file_and_bad_policies_exit_2() {
     assert_exit(&o, 2);
     assert_eq!(stderr(&o), "document \"x\": spec.selector: required field is missing\n");
 }
+
+/// A name no policy can have is refused by the CLI itself (it was sent URL-encoded and
+/// answered `policy "Bad%20Name" not found`).
+#[test]
+fn get_and_delete_refuse_names_no_policy_can_have() {
+    for cmd in ["get", "delete"] {
+        for name in ["Bad Name", "../policies", "a..b"] {
+            let o = run(&["policy", cmd, name]);
+            assert_exit(&o, 2);
+            assert!(stderr(&o).contains(&format!("invalid name {name:?}")), "{cmd} {name}: {}", stderr(&o));
+        }
+    }
+}

@@ -138,3 +138,4 @@ pub use path::{PathError, normalize_path};
 pub use pattern::{IpBlock, Method, PathPattern, PatternError, PortRange, SpiffePattern, canonical_ip, parse_cidr};
 pub use snapshot::PolicySnapshot;
 pub use trellis_identity::SpiffeId;
+pub use validate::check_name;

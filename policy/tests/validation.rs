@@ -222,6 +222,15 @@ fn empty_lists_and_entries() {
     assert_error(&t, "p", "spec.rules[0].to[0].ports", "must not be an empty list");
     let t = egress("e", &with_rules("  - to: [{}]\n"));
     assert_error(&t, "e", "spec.rules[0].to[0]", "entry has no condition");
+    // A misspelt condition is reported as itself, without the advice to widen the rule.
+    for (rules, at) in [
+        ("  - from: [{identiy: 'spiffe://td/a'}]\n", "spec.rules[0].from[0]"),
+        ("  - to: [{port: [1]}]\n", "spec.rules[0].to[0]"),
+    ] {
+        let errors = errors_of(&authz("p", &with_rules(rules)));
+        assert!(errors.iter().any(|e| e.path.starts_with(at) && e.message.contains("unknown field")), "{errors}");
+        assert!(!errors.iter().any(|e| e.message.contains("entry has no condition")), "{errors}");
+    }
 }
 
 #[test]

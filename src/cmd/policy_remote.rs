@@ -16,7 +16,8 @@ use super::remote::{AdminArgs, block_on};
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
-    /// Policy file, YAML or JSON, several documents allowed; `-` reads standard input.
+    /// Policy file, YAML or JSON, several documents allowed; `-` reads standard input; a
+    /// directory applies every `*.yaml`, `*.yml` and `*.json` in it together, or nothing.
     #[arg(short = 'f', long = "file", value_name = "FILE", env = "TRELLIS_POLICY_FILE")]
     pub file: PathBuf,
     #[command(flatten)]
@@ -26,6 +27,7 @@ pub struct ApplyArgs {
 #[derive(Debug, Args)]
 pub struct GetArgs {
     /// The policy's `metadata.name`.
+    #[arg(value_parser = policy_name)]
     pub name: String,
     #[arg(short, long, value_enum, default_value = "yaml", env = "TRELLIS_OUTPUT")]
     pub output: DocFormat,
@@ -44,6 +46,7 @@ pub struct ListArgs {
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
     /// The policy's `metadata.name`.
+    #[arg(value_parser = policy_name)]
     pub name: String,
     #[command(flatten)]
     pub admin: AdminArgs,
@@ -92,6 +95,11 @@ pub fn apply(args: &ApplyArgs) -> Result<ExitCode, ExitCode> {
     }
     outln!("version {}", outcome.version);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A name no policy can have is said so here, not answered "not found" by the control plane.
+fn policy_name(s: &str) -> Result<String, String> {
+    trellis_policy::check_name(s).map(str::to_owned)
 }
 
 pub fn get(args: &GetArgs) -> Result<ExitCode, ExitCode> {

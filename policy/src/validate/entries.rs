@@ -42,11 +42,18 @@ fn egress_rule_hint(key: &str) -> Option<&'static str> {
     }
 }
 
+/// An entry with no keys at all (`{}`): only then is "no condition" the problem. Keys that are
+/// all unknown (a typo: `identiy`) already have their own errors, and the hint to widen the
+/// rule ("omit `from`") would point the wrong way.
+fn is_empty_map(v: &Value) -> bool {
+    matches!(v, Value::Map(entries) if entries.is_empty())
+}
+
 fn source(c: &mut Checker<'_>, v: &Value, path: &Path<'_>) -> Option<Source> {
     let keys = ["identity", "namespace", "ipBlock", "except"];
     let [identity, namespace, ip_block, except] = c.object(v, path, keys, source_hint)?;
     // A lone `except` gets its own, more precise error from `ip_block_field`.
-    if identity.is_none() && namespace.is_none() && ip_block.is_none() && except.is_none() {
+    if identity.is_none() && namespace.is_none() && ip_block.is_none() && except.is_none() && is_empty_map(v) {
         c.error(path, "entry has no condition (identity, namespace or ipBlock); omit `from` to match any source");
     }
     let identity = identity.map(|v| c.parsed(v, &path.key("identity"), SpiffePattern::parse));
@@ -65,7 +72,7 @@ fn source_hint(key: &str) -> Option<&'static str> {
 
 fn operation(c: &mut Checker<'_>, v: &Value, path: &Path<'_>) -> Option<Operation> {
     let [ports, methods, paths] = c.object(v, path, ["ports", "methods", "paths"], operation_hint)?;
-    if ports.is_none() && methods.is_none() && paths.is_none() {
+    if ports.is_none() && methods.is_none() && paths.is_none() && is_empty_map(v) {
         c.error(path, "entry has no condition (ports, methods or paths); omit `to` to match any port, method and path");
     }
     let ports = c.optional_list(ports, &path.key("ports"), "any port", port);
@@ -88,7 +95,7 @@ fn operation_hint(key: &str) -> Option<&'static str> {
 fn destination(c: &mut Checker<'_>, v: &Value, path: &Path<'_>) -> Option<Destination> {
     let keys = ["ipBlock", "except", "ports"];
     let [ip_block, except, ports] = c.object(v, path, keys, destination_hint)?;
-    if ip_block.is_none() && ports.is_none() && except.is_none() {
+    if ip_block.is_none() && ports.is_none() && except.is_none() && is_empty_map(v) {
         c.error(path, "entry has no condition (ipBlock or ports); omit `to` to match any address and port");
     }
     let ip_block = ip_block_field(c, ip_block, except, path);

@@ -125,7 +125,7 @@ fn check_metadata(c: &mut Checker<'_>, v: Option<&Value>, path: &Path<'_>) -> Op
 /// A DNS-1123 subdomain, as Kubernetes object names are: at most 253 characters, labels of
 /// lowercase letters, digits and '-' separated by single dots, each starting and ending with a
 /// letter or digit (so no `a..b`, `.a`, `a.-b`).
-pub(crate) fn check_name(s: &str) -> Result<&str, String> {
+pub fn check_name(s: &str) -> Result<&str, String> {
     let ok = s.len() <= MAX_NAME_LEN && s.split('.').all(is_dns_label_text);
     if ok { Ok(s) } else { Err(format!("invalid name {s:?}: {NAME_RULE}")) }
 }
