@@ -11,9 +11,10 @@ use serde_json::{Map, Value};
 use super::quantity::Quantity;
 use super::{
     ANNOTATION_EXCLUDE_INBOUND_PORTS, ANNOTATION_EXCLUDE_OUTBOUND_CIDRS, ANNOTATION_EXCLUDE_OUTBOUND_PORTS,
-    ANNOTATION_INJECT, ANNOTATION_OPAQUE_PORTS, ANNOTATION_PROXY_CPU_LIMIT, ANNOTATION_PROXY_CPU_REQUEST,
-    ANNOTATION_PROXY_MEMORY_LIMIT, ANNOTATION_PROXY_MEMORY_REQUEST, ANNOTATION_REWRITE_APP_PROBES,
-    DEFAULT_PROXY_CPU_REQUEST, DEFAULT_PROXY_MEMORY_LIMIT, DEFAULT_PROXY_MEMORY_REQUEST, PodError,
+    ANNOTATION_INJECT, ANNOTATION_INJECTED, ANNOTATION_OPAQUE_PORTS, ANNOTATION_PROXY_CPU_LIMIT,
+    ANNOTATION_PROXY_CPU_REQUEST, ANNOTATION_PROXY_MEMORY_LIMIT, ANNOTATION_PROXY_MEMORY_REQUEST,
+    ANNOTATION_REWRITE_APP_PROBES, DEFAULT_PROXY_CPU_REQUEST, DEFAULT_PROXY_MEMORY_LIMIT, DEFAULT_PROXY_MEMORY_REQUEST,
+    PodError,
 };
 
 /// The capture and sniffing exceptions and the proxy resources one pod asked for.
@@ -68,6 +69,45 @@ fn string_annotation<'a>(annotations: Option<&'a Map<String, Value>>, key: &str)
     }
 }
 
+/// Every `trellis.dev/` annotation Trellis reads or writes.
+const KNOWN: [&str; 11] = [
+    ANNOTATION_INJECT,
+    ANNOTATION_INJECTED,
+    ANNOTATION_EXCLUDE_INBOUND_PORTS,
+    ANNOTATION_EXCLUDE_OUTBOUND_PORTS,
+    ANNOTATION_EXCLUDE_OUTBOUND_CIDRS,
+    ANNOTATION_OPAQUE_PORTS,
+    ANNOTATION_PROXY_CPU_REQUEST,
+    ANNOTATION_PROXY_CPU_LIMIT,
+    ANNOTATION_PROXY_MEMORY_REQUEST,
+    ANNOTATION_PROXY_MEMORY_LIMIT,
+    ANNOTATION_REWRITE_APP_PROBES,
+];
+
+/// A `trellis.dev/` annotation Trellis does not know is a typo (`opaque-port`): refused like
+/// a bad value, or the setting it meant would silently not apply.
+fn check_known(annotations: Option<&Map<String, Value>>) -> Result<(), PodError> {
+    let unknown = annotations
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .find(|k| k.strip_prefix("trellis.dev/").is_some() && !KNOWN.contains(&k.as_str()));
+    match unknown {
+        None => Ok(()),
+        Some(key) => {
+            let known: Vec<&str> = KNOWN.iter().filter(|k| **k != ANNOTATION_INJECTED).copied().collect();
+            Err(PodError::BadAnnotation {
+                annotation: key.clone(),
+                value: annotations
+                    .and_then(|a| a.get(key))
+                    .map(|v| v.as_str().unwrap_or_default().to_string())
+                    .unwrap_or_default(),
+                reason: format!("not an annotation Trellis knows (a typo?); the known ones are {}", known.join(", ")),
+            })
+        }
+    }
+}
+
 /// Whether `trellis.dev/inject` on this object opts it out. `enabled` and absence mean no;
 /// any other value is refused, so that `disable` or `false` do not silently inject.
 pub(crate) fn is_disabled(object: &Value) -> Result<bool, PodError> {
@@ -87,6 +127,7 @@ impl PodOptions {
     /// Reads the options from the pod (template) metadata.
     pub(crate) fn from_template(template: &Value) -> Result<Self, PodError> {
         let a = annotations(template);
+        check_known(a)?;
         let ports = |key: &str| -> Result<Vec<u16>, PodError> {
             string_annotation(a, key)?.map_or(Ok(Vec::new()), |v| parse_ports(v).map_err(|r| bad(key, v, r)))
         };
@@ -100,9 +141,11 @@ impl PodOptions {
             exclude_outbound_cidrs: cidrs,
             opaque_ports: ports(ANNOTATION_OPAQUE_PORTS)?,
             resources: ProxyResources::from_annotations(a)?,
-            rewrite_app_probes: match string_annotation(a, ANNOTATION_REWRITE_APP_PROBES)? {
-                Some("true") => true,
-                None | Some("false") => false,
+            // Case-insensitive, as `trellis.dev/inject: Disabled` is.
+            rewrite_app_probes: match string_annotation(a, ANNOTATION_REWRITE_APP_PROBES)?.map(str::trim) {
+                Some(v) if v.eq_ignore_ascii_case("true") => true,
+                None => false,
+                Some(v) if v.eq_ignore_ascii_case("false") => false,
                 Some(v) => return Err(bad(ANNOTATION_REWRITE_APP_PROBES, v, "expected \"true\" or \"false\"".into())),
             },
         })
@@ -227,8 +270,21 @@ mod tests {
         assert!(!rewrite(serde_json::json!({})).unwrap());
         assert!(rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: "true" })).unwrap());
         assert!(!rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: "false" })).unwrap());
+        assert!(rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: " True" })).unwrap(), "as inject: Disabled");
         let e = rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: "no" })).unwrap_err().to_string();
         assert!(e.contains(ANNOTATION_REWRITE_APP_PROBES) && e.contains("\"true\" or \"false\""), "{e}");
+    }
+
+    /// A misspelt `trellis.dev/` annotation would silently not apply: refused, naming it and
+    /// the known ones. Other prefixes are none of Trellis' business.
+    #[test]
+    fn an_unknown_trellis_annotation_is_refused() {
+        let options = |a: Value| PodOptions::from_template(&serde_json::json!({ "metadata": { "annotations": a } }));
+        let e = options(serde_json::json!({ "trellis.dev/opaque-port": "3306" })).unwrap_err().to_string();
+        assert!(e.starts_with("annotation trellis.dev/opaque-port: not an annotation Trellis knows"), "{e}");
+        assert!(e.contains(ANNOTATION_OPAQUE_PORTS) && !e.contains(ANNOTATION_INJECTED), "{e}");
+        let ok = serde_json::json!({ ANNOTATION_INJECTED: "0.1.0", "example.com/trellis.dev": "x", "app.kubernetes.io/x": "y" });
+        assert!(options(ok).is_ok());
     }
 
     fn resources(annotations: Value) -> Result<ProxyResources, PodError> {
