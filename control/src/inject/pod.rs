@@ -58,7 +58,14 @@ pub(crate) fn inject_template(
 fn check_conflicts(template: &Value, path: &str) -> Result<(), PodError> {
     let spec = &template["spec"];
     let pod_uid = spec["securityContext"]["runAsUser"].as_u64();
-    if pod_uid == Some(u64::from(PROXY_UID)) {
+    // The pod's uid matters only for a container that does not set its own.
+    let inherits =
+        ["initContainers", "containers"].iter().flat_map(|l| spec[*l].as_array().into_iter().flatten()).any(|c| {
+            !is_named(c, INIT_CONTAINER_NAME)
+                && !is_named(c, PROXY_CONTAINER_NAME)
+                && c["securityContext"]["runAsUser"].is_null()
+        });
+    if pod_uid == Some(u64::from(PROXY_UID)) && inherits {
         return Err(conflict(path, "spec.securityContext.runAsUser", uid_reason()));
     }
     let injected = is_injected(template);
@@ -287,6 +294,10 @@ mod tests {
         let e = refused(pod(json!({ "initContainers": [{ "name": "i", "securityContext": { "runAsUser": 1337 } }],
             "containers": [{ "name": "a" }] })));
         assert!(e.starts_with("spec.initContainers[0]"), "{e}");
+        // The pod's uid when every app container sets its own: none runs as 1337.
+        let ok = pod(json!({ "securityContext": { "runAsUser": 1337 }, "containers": [{ "name": "a",
+            "securityContext": { "runAsUser": 1000 } }] }));
+        assert!(check_conflicts(&ok, "").is_ok());
         // Another uid, or the proxy's own containers (of an earlier injection), are fine.
         let mut ok = pod(json!({ "securityContext": { "runAsUser": 1000 }, "containers": [{ "name": "a" },
             { "name": "trellis-proxy", "securityContext": { "runAsUser": 1337 } }] }));
