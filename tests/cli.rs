@@ -38,6 +38,24 @@ fn a_bad_log_filter_is_a_usage_error_naming_it() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Every variable `trellis inject` gives the proxy container is one `trellis proxy run` reads
+/// (a variable it ignores would be a setting that silently does nothing).
+#[test]
+fn every_injected_variable_is_one_the_proxy_reads() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("control/tests/fixtures/inject");
+    let injected = std::fs::read_to_string(fixtures.join("app-probes.expected.yaml")).unwrap();
+    let help = trellis().args(["proxy", "run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let names: Vec<&str> = injected.lines().filter_map(|l| l.trim().strip_prefix("- name: TRELLIS_")).collect();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        assert!(
+            help.contains(&format!("[env: TRELLIS_{name}")),
+            "TRELLIS_{name} is injected but `proxy run` does not read it"
+        );
+    }
+}
+
 /// `trellis inject` as an operator runs it: the proxy resources annotations land in the
 /// proxy container, and a bad one is refused naming it, with nothing printed to apply.
 #[test]

@@ -327,6 +327,11 @@ fn file_args(dir: &Path, ratio: &str, stdout_flows: &str) -> impl Fn(&str) -> Ve
             flows,
             "--trace-sample-ratio".into(),
             ratio.clone(),
+            // As `trellis inject` sets them from the downward API.
+            "--pod-name".into(),
+            format!("{name}-7d9f8-x2x"),
+            "--pod-namespace".into(),
+            "shop".into(),
         ]
     }
 }
@@ -384,6 +389,10 @@ async fn trace_file_and_flow_log_are_json_lines_and_sampling_keeps_denials() {
     assert_eq!(denied["status"]["code"], "error");
     assert_eq!(denied["attributes"]["trellis.decision"], "deny");
     assert_eq!(denied["resource"]["service.name"], "trellis-proxy");
+    assert_eq!(
+        (&denied["resource"]["k8s.pod.name"], &denied["resource"]["k8s.namespace.name"]),
+        (&"api-7d9f8-x2x".into(), &"shop".into())
+    );
     assert!(denied["end_time_unix_nano"].as_u64().unwrap() >= denied["start_time_unix_nano"].as_u64().unwrap());
     let sampled = wait_lines(&api_spans, "sampled span", |v| v["attributes"]["url.path"] == "/api/sampled").await;
     assert_eq!(

@@ -220,7 +220,11 @@ fn injected_pod_spec_follows_the_proxy_contract() {
     assert_eq!(env("TRELLIS_CA_BUNDLE_PEM")["value"], config(false).ca_bundle_pem.as_str());
     assert_eq!(env("TRELLIS_OPAQUE_PORTS")["value"], "6379");
     assert_eq!(env("TRELLIS_ADVERTISE_IP")["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
-    assert_eq!(env("TRELLIS_SERVICE_ACCOUNT")["valueFrom"]["fieldRef"]["fieldPath"], "spec.serviceAccountName");
+    // Read by `proxy run` (--pod-name, --pod-namespace) for the spans' resource; nothing
+    // the proxy does not read is injected.
+    assert_eq!(env("TRELLIS_POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    assert_eq!(env("TRELLIS_POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+    assert_eq!(env("TRELLIS_SERVICE_ACCOUNT"), Value::Null);
     assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
     let volumes = spec["volumes"].as_array().unwrap();
     let token = volumes.last().unwrap();

@@ -110,6 +110,13 @@ pub struct RunArgs {
     #[arg(long, env = "TRELLIS_TRACE_QUEUE_SIZE", default_value_t = 16384,
           value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     trace_queue_size: u32,
+    /// In Kubernetes, the pod's name: the spans' `k8s.pod.name` resource attribute (`trellis
+    /// inject` sets the variable from the downward API).
+    #[arg(long, env = "TRELLIS_POD_NAME")]
+    pod_name: Option<String>,
+    /// In Kubernetes, the pod's namespace: the spans' `k8s.namespace.name`.
+    #[arg(long, env = "TRELLIS_POD_NAMESPACE")]
+    pod_namespace: Option<String>,
 }
 
 fn telemetry(args: &RunArgs) -> TelemetryConfig {
@@ -123,6 +130,10 @@ fn telemetry(args: &RunArgs) -> TelemetryConfig {
             .as_ref()
             .map(|p| if p.as_os_str() == "-" { FlowLogTarget::Stdout } else { FlowLogTarget::File(p.clone()) }),
         queue_size: args.trace_queue_size as usize,
+        resource: [("k8s.pod.name", &args.pod_name), ("k8s.namespace.name", &args.pod_namespace)]
+            .into_iter()
+            .filter_map(|(key, value)| Some((key, value.clone().filter(|v| !v.is_empty())?)))
+            .collect(),
     }
 }
 

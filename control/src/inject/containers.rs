@@ -137,9 +137,9 @@ fn proxy_env(cfg: &InjectConfig, opts: &PodOptions, probes: &Map<String, Value>)
         // On the pod IP so the kubelet can probe it; port 15000 is excluded from capture.
         value("TRELLIS_ADMIN", &format!("0.0.0.0:{ADMIN_PORT}")),
         field("TRELLIS_ADVERTISE_IP", "status.podIP"),
+        // The spans' k8s.pod.name and k8s.namespace.name resource attributes.
         field("TRELLIS_POD_NAME", "metadata.name"),
         field("TRELLIS_POD_NAMESPACE", "metadata.namespace"),
-        field("TRELLIS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
     ];
     if !opts.opaque_ports.is_empty() {
         env.push(value("TRELLIS_OPAQUE_PORTS", &join(&opts.opaque_ports)));

@@ -90,6 +90,8 @@ pub struct Plan {
     pub spans: Option<(SinkSpec, Arc<Queue>)>,
     pub flows: Option<(Box<dyn std::io::Write + Send>, Arc<Queue>)>,
     pub identity: Arc<OnceLock<SpiffeId>>,
+    /// Resource attributes beyond [`resource`]'s own.
+    pub resource: Vec<(&'static str, String)>,
     pub counters: ExportCounters,
 }
 
@@ -137,10 +139,10 @@ impl Worker {
 }
 
 async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender<Result<(), TelemetryError>>) {
-    let Plan { spans, flows, identity, counters } = plan;
+    let Plan { spans, flows, identity, resource, counters } = plan;
     let mut spans = match spans {
         Some((spec, queue)) => match Sink::build(spec) {
-            Ok(sink) => Some((SpanLoop::new(sink, identity, counters), queue)),
+            Ok(sink) => Some((SpanLoop::new(sink, identity, resource, counters), queue)),
             Err(e) => return drop(ready.send(Err(e))),
         },
         None => None,
@@ -175,6 +177,7 @@ async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender
 struct SpanLoop {
     sink: Sink,
     identity: Arc<OnceLock<SpiffeId>>,
+    extra_resource: Vec<(&'static str, String)>,
     counters: ExportCounters,
     resource_set: bool,
     /// Set after a failed export: until then, batches are dropped without an attempt.
@@ -182,8 +185,13 @@ struct SpanLoop {
 }
 
 impl SpanLoop {
-    fn new(sink: Sink, identity: Arc<OnceLock<SpiffeId>>, counters: ExportCounters) -> Self {
-        SpanLoop { sink, identity, counters, resource_set: false, hold_until: None }
+    fn new(
+        sink: Sink,
+        identity: Arc<OnceLock<SpiffeId>>,
+        extra_resource: Vec<(&'static str, String)>,
+        counters: ExportCounters,
+    ) -> Self {
+        SpanLoop { sink, identity, extra_resource, counters, resource_set: false, hold_until: None }
     }
 
     /// Exports everything in `buf`, batch by batch, and empties it.
@@ -202,7 +210,9 @@ impl SpanLoop {
         if !self.resource_set
             && let Some(id) = self.identity.get()
         {
-            self.sink.set_resource(&resource(id));
+            let mut attrs = resource(id).to_vec();
+            attrs.extend(self.extra_resource.iter().cloned());
+            self.sink.set_resource(&attrs);
             self.resource_set = true;
         }
         let n = batch.len() as u64;

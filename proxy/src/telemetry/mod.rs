@@ -66,6 +66,9 @@ pub struct TelemetryConfig {
     pub flow_log: Option<FlowLogTarget>,
     /// Records waiting for the telemetry thread, per queue, before new ones are dropped.
     pub queue_size: usize,
+    /// More resource attributes for the spans (in Kubernetes: `k8s.pod.name`,
+    /// `k8s.namespace.name`, from the downward API variables `trellis inject` sets).
+    pub resource: Vec<(&'static str, String)>,
 }
 
 impl Default for TelemetryConfig {
@@ -77,6 +80,7 @@ impl Default for TelemetryConfig {
             sample_ratio: 1.0,
             flow_log: None,
             queue_size: 16384,
+            resource: Vec::new(),
         }
     }
 }
@@ -155,6 +159,7 @@ impl Telemetry {
             spans: span_sink.zip(spans.clone()),
             flows: flow_out.zip(flows.clone()),
             identity: identity.clone(),
+            resource: config.resource.clone(),
             counters: ExportCounters {
                 exported: metrics.spans_exported.clone(),
                 export_failed: metrics.spans_dropped_export_failed(),
