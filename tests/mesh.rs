@@ -510,6 +510,23 @@ async fn large_request_and_response_headers_cross_the_mesh() {
     assert_eq!(status, 431);
     let (status, _, body) = get(&http_client(), &url, "GET", &[("x-echo-filler", "70000")]).await;
     assert_eq!(status, 502, "{body}");
+    // The same limit on an HTTP/1.1 hop straight to the inbound (a mesh client of its own).
+    let ca = trellis_identity::CertificateAuthority::load(
+        &trellis_identity::TrustDomain::parse("cluster.local").unwrap(),
+        &m.control.data().join("ca.pem"),
+        &m.control.data().join("ca-key.pem"),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = client_cert(&ca, WEB, dir.path());
+    let direct = format!("https://{}/api/big", m.api_http_inbound);
+    let header = |name: &str, value: &str| format!("{name}: {value}");
+    let (_, out) = curl(&["--http1.1", "--cert", &cert, "--key", &key, "-H", &header("x-big-cookie", &big), &direct]);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:.200}");
+    let (_, out) = curl(&["--http1.1", "--cert", &cert, "--key", &key, "-H", &header("x-big-cookie", &huge), &direct]);
+    assert!(out.starts_with("HTTP/1.1 431"), "{out:.200}");
+    let (_, out) = curl(&["--http1.1", "--cert", &cert, "--key", &key, "-H", "x-echo-filler: 70000", &direct]);
+    assert!(out.starts_with("HTTP/1.1 502") && out.contains("app_failed"), "{out:.300}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,7 +214,11 @@ where
             .map_err(|_| AppError::ConnectTimeout)?
             .map_err(AppError::Connect)?;
         let _ = tcp.set_nodelay(true);
-        let (send, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(AppError::Handshake)?;
+        let (send, conn) = http1::Builder::new()
+            .max_buf_size(crate::serve::MAX_H1_BUF)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(AppError::Handshake)?;
         let app = self.app;
         tokio::spawn(async move {
             if let Err(e) = conn.await {

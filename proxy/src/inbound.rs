@@ -44,7 +44,7 @@ use crate::http::{
 use crate::io::Prefixed;
 use crate::layers::{MetricsLayer, Permitted, PolicyLayer, TraceLayer};
 use crate::metrics::OpenGuard;
-use crate::serve::serve_http;
+use crate::serve::{MAX_HEADER_LIST, header_list_size, serve_http};
 use crate::sniff::{Protocol, detect};
 use crate::state::{ALPN_H2, ALPN_HTTP11, ALPN_OPAQUE, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, HttpConnSpan, Metered, Started, Verdict};
@@ -481,6 +481,11 @@ async fn forward_http(
     tracked: Tracked,
 ) -> Response<RespBody> {
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
+    // HTTP/2 hops enforce the limit in h2; an HTTP/1.1 client straight to this port does not.
+    if header_list_size(req.headers()) > MAX_HEADER_LIST as usize {
+        let detail = format!("the request's header block is larger than {MAX_HEADER_LIST} bytes");
+        return proxy_error(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header_too_large", &detail);
+    }
     if is_websocket_upgrade(&req) {
         // As for any request: the app gets the path the policy judged (normalized), and the
         // verified peer header after the hop-by-hop ones (which the client names) are gone.
@@ -506,6 +511,12 @@ async fn forward_http(
             tracing::info!(app = %ctx.app, "the app answered 101 to a request that asked for no upgrade");
             let detail = "the app switched protocols on a request that asked for no upgrade";
             proxy_error(StatusCode::BAD_GATEWAY, "upgrade_refused", detail)
+        }
+        // Over the limit the peer's sidecar would refuse it mid-stream, after this side had
+        // recorded a success: refused here, where the cause is known.
+        Ok(resp) if header_list_size(resp.headers()) > MAX_HEADER_LIST as usize => {
+            let detail = format!("the app's response header block is larger than {MAX_HEADER_LIST} bytes");
+            proxy_error(StatusCode::BAD_GATEWAY, "app_failed", &detail)
         }
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();

@@ -25,7 +25,15 @@ const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// The largest header block accepted, in either direction: the servers' limit on requests and
 /// the pooled clients' on responses, so a header that passes one hop passes the next.
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
-const MAX_H1_BUF: usize = 256 * 1024;
+/// hyper's HTTP/1.1 read buffer; it bounds a head only loosely (it reads in growing chunks),
+/// so HTTP/1.1 heads are also measured against [`MAX_HEADER_LIST`] ([`header_list_size`]).
+pub const MAX_H1_BUF: usize = 256 * 1024;
+
+/// A header block's size as HTTP/2 counts it for `SETTINGS_MAX_HEADER_LIST_SIZE` (name, value
+/// and 32 bytes per field), so one limit means the same on every hop, HTTP/1.1 or HTTP/2.
+pub fn header_list_size(headers: &http::HeaderMap) -> usize {
+    headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 32).sum()
+}
 
 /// A hyper server connection that can be asked to finish what is in flight and close.
 trait Drain: Future<Output = Result<(), hyper::Error>> {
