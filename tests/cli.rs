@@ -56,6 +56,43 @@ fn every_injected_variable_is_one_the_proxy_reads() {
     }
 }
 
+/// `trellis inject -f DIR`, as `kubectl apply -f DIR`: every manifest file in it (YAML and
+/// JSON alike), joined; one bad file and nothing is printed.
+#[test]
+fn inject_reads_a_directory_of_manifests() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("control/tests/fixtures/inject");
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["pod.yaml", "kubectl-get.json", "job.yaml"] {
+        std::fs::copy(fixtures.join(name), dir.path().join(name)).unwrap();
+    }
+    std::fs::write(dir.path().join("README.md"), "not a manifest").unwrap();
+    let inject = || {
+        trellis()
+            .arg("inject")
+            .arg("-f")
+            .arg(dir.path())
+            .arg("--ca-bundle")
+            .arg(fixtures.join("bundle.pem"))
+            .output()
+            .unwrap()
+    };
+    let out = inject();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    let each: String = ["job", "kubectl-get", "pod"]
+        .iter()
+        .map(|n| std::fs::read_to_string(fixtures.join(format!("{n}.expected.yaml"))).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    assert_eq!(yaml, each, "the files' own injections, in name order");
+
+    std::fs::write(dir.path().join("z-bad.yaml"), "kind: [").unwrap();
+    let out = inject();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("z-bad.yaml"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// `trellis inject` as an operator runs it: the proxy resources annotations land in the
 /// proxy container, and a bad one is refused naming it, with nothing printed to apply.
 #[test]

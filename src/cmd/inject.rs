@@ -13,7 +13,8 @@ use trellis_control::inject::{self, InjectConfig, Outcome, SkipReason};
 
 #[derive(Debug, clap::Args)]
 pub struct InjectArgs {
-    /// Manifests to inject (YAML with `---` documents, a `kind: List`, or JSON); `-` reads stdin.
+    /// Manifests to inject (YAML with `---` documents, a `kind: List`, or JSON); `-` reads stdin;
+    /// a directory injects each `*.yaml`, `*.yml` and `*.json` in it, in name order.
     #[arg(short = 'f', long = "filename", value_name = "FILE|-", env = "TRELLIS_INJECT_FILE")]
     pub file: PathBuf,
     /// The trust bundle (PEM) the injected proxies verify the control plane with; it is
@@ -68,11 +69,44 @@ fn inject_to_string(args: &InjectArgs) -> anyhow::Result<String> {
         inject::InjectError::BadBundle(_) => anyhow::Error::new(e).context(bundle_path.display().to_string()),
         other => other.into(),
     })?;
+    if args.file.is_dir() {
+        return inject_dir(&args.file, &cfg);
+    }
     let input = read_input(&args.file)?;
     let source = if args.file.as_os_str() == "-" { "<stdin>".to_string() } else { args.file.display().to_string() };
     let injected = inject::inject_manifests(&input, &cfg).context(source)?;
     report(&injected.outcomes);
     Ok(injected.yaml)
+}
+
+/// Like `kubectl apply -f DIR` (not recursive): each file injected on its own (a JSON file
+/// stays JSON to its parser), their YAML joined with `---`; any error, and nothing is printed.
+fn inject_dir(dir: &Path, cfg: &InjectConfig) -> anyhow::Result<String> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = entry.with_context(|| format!("cannot read {}", dir.display()))?.path();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        if matches!(ext, "yaml" | "yml" | "json") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        anyhow::bail!("{}: no *.yaml, *.yml or *.json files", dir.display());
+    }
+    let mut out = String::new();
+    for file in files {
+        let injected = inject::inject_manifests(&read_input(&file)?, cfg).context(file.display().to_string())?;
+        if injected.yaml.is_empty() {
+            continue;
+        }
+        report(&injected.outcomes);
+        if !out.is_empty() {
+            out.push_str("---\n");
+        }
+        out.push_str(&injected.yaml);
+    }
+    Ok(out)
 }
 
 fn read_input(file: &Path) -> anyhow::Result<String> {
