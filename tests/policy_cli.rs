@@ -205,20 +205,14 @@ fn check_asks_the_control_plane_unless_given_its_own_file() {
     let f = file(POLICIES);
     let path = f.path().to_str().unwrap();
     let flow = ["policy", "check", "--to", "spiffe://cluster.local/ns/shop/sa/api", "--port", "8080"];
-    let o = trellis()
-        .args(flow)
-        .env("TRELLIS_POLICY_FILE", path)
-        .env("TRELLIS_CONTROL", "https://127.0.0.1:1")
-        .output()
-        .unwrap();
+    let check_with = |file_var: &str| {
+        let control = ("TRELLIS_CONTROL", "https://127.0.0.1:1");
+        trellis().args(flow).env(file_var, path).env(control.0, control.1).output().unwrap()
+    };
+    let o = check_with("TRELLIS_POLICY_FILE");
     assert_exit(&o, 2);
     assert!(stderr(&o).contains("no trust bundle"), "the live path was taken: {}", stderr(&o));
-    let o = trellis()
-        .args(flow)
-        .env("TRELLIS_CHECK_FILE", path)
-        .env("TRELLIS_CONTROL", "https://127.0.0.1:1")
-        .output()
-        .unwrap();
+    let o = check_with("TRELLIS_CHECK_FILE");
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("offline; --control https://127.0.0.1:1 is not asked"), "{}", stderr(&o));
 }
