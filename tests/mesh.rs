@@ -799,3 +799,30 @@ async fn a_broken_request_body_is_the_callers_400_not_the_peers_502() {
         assert!(answer.contains("x-trellis-error: bad_request_body"), "{what}: {answer}");
     }
 }
+
+/// A client silent past the detect timeout gets an opaque stream; if what it then sends is an
+/// HTTP request, the inbound closes the stream rather than hand the app a request it never
+/// parsed (with an `x-trellis-peer-id` the client wrote). Other late bytes go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sent_after_the_detect_timeout_is_refused_not_forwarded_raw() {
+    let tcp = backends::tcp_echo().await;
+    let policy = |backend: SocketAddr, _tcp: SocketAddr| {
+        allow("api-port-from-web", API, WEB, &format!("      to:\n        - ports: [{}]\n", backend.port()))
+    };
+    let extra = |_: &str| vec!["--detect-timeout".to_string(), "100ms".to_string()];
+    let m = start_mesh(MeshOptions { control_args: &[], policy: &policy, tcp_backend: tcp, extra: &extra }).await;
+    let late = |bytes: &'static [u8]| async move {
+        let mut s = TcpStream::connect(m.http).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(bytes).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let forged = late(b"GET /x HTTP/1.1\r\nhost: a\r\nx-trellis-peer-id: spiffe://cluster.local/ns/shop/sa/admin\r\nconnection: close\r\n\r\n").await;
+    assert_eq!(forged, "", "the late request reached the app");
+    assert!(m.api.proc.logs().contains("after the protocol detection timeout"), "{}", m.api.proc.logs());
+    // Not HTTP: carried as before (the HTTP app answers the garbage with its own 400).
+    let other = late(b"hello there\r\n\r\n").await;
+    assert!(other.starts_with("HTTP/1.1 400"), "{other}");
+}

@@ -45,7 +45,7 @@ use crate::io::Prefixed;
 use crate::layers::{MetricsLayer, Permitted, PolicyLayer, TraceLayer};
 use crate::metrics::OpenGuard;
 use crate::serve::{MAX_HEADER_LIST, header_list_size, serve_http};
-use crate::sniff::{Protocol, detect};
+use crate::sniff::{LATE_HTTP, LateHttpGuard, Protocol, detect};
 use crate::state::{ALPN_H2, ALPN_HTTP11, ALPN_OPAQUE, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, HttpConnSpan, Metered, Started, Verdict};
 use crate::tunnel::{Transferred, tunnel};
@@ -420,9 +420,23 @@ async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) -> (Transfer
     };
     let _ = app.set_nodelay(true);
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "connection allowed");
-    let t = tunnel(&mut io, &mut app, &tracked.cancel).await;
+    // Opaque only because the client was silent (a port not declared opaque): an HTTP request
+    // arriving late must not reach the app unparsed (`LateHttpGuard`).
+    let t = if ctx.state.config.is_opaque(ctx.app.port()) {
+        tunnel(&mut io, &mut app, &tracked.cancel).await
+    } else {
+        tunnel(&mut LateHttpGuard::new(io), &mut app, &tracked.cancel).await
+    };
     tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, error = ?t.error, "connection closed");
-    (t, None)
+    let error = match t.error {
+        Some(std::io::ErrorKind::PermissionDenied) => {
+            tracing::info!("{LATE_HTTP}; closed");
+            Some(Cow::Owned(format!("late_http: {LATE_HTTP}")))
+        }
+        _ if t.cancelled => Some(Cow::Borrowed("revoked: a policy change ended this connection")),
+        _ => None,
+    };
+    (t, error)
 }
 
 /// Serves HTTP on the connection through the tower stack, until the peer closes, the

@@ -16,10 +16,12 @@
 //! (`414`, `431`, `505`, `400`, or its header timeout). Only a complete first line without
 //! ` HTTP/` (an uppercase text protocol such as a Redis inline command) is opaque.
 
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// What the first bytes say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +84,90 @@ pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> std:
                 return Ok(Detected { protocol, prefix: buf.freeze(), timed_out });
             }
         }
+    }
+}
+
+/// Guards an opaque stream on a port not declared opaque (it became opaque because its
+/// client said nothing within the detect timeout): if the client's first bytes turn out to be
+/// an HTTP request after all, the stream fails instead of carrying it. Passed on raw, such a
+/// request would reach the app unparsed — with an `x-trellis-peer-id` the client wrote, under
+/// a ports-only rule. The first bytes are held back until they decide; the other direction
+/// flows meanwhile (a server that speaks first is not held up), and once decided the guard
+/// is a pass-through.
+pub struct LateHttpGuard<IO> {
+    inner: IO,
+    state: Guard,
+}
+
+enum Guard {
+    Sniffing(BytesMut),
+    Releasing(Bytes),
+    Open,
+}
+
+/// The error a guarded stream fails with.
+pub const LATE_HTTP: &str = "an HTTP request sent after the protocol detection timeout, on a stream already \
+    treated as opaque; send it promptly, or declare the port opaque if it is not HTTP";
+
+impl<IO> LateHttpGuard<IO> {
+    pub fn new(inner: IO) -> Self {
+        LateHttpGuard { inner, state: Guard::Sniffing(BytesMut::new()) }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for LateHttpGuard<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                Guard::Open => return Pin::new(&mut this.inner).poll_read(cx, buf),
+                Guard::Releasing(held) => {
+                    let n = held.len().min(buf.remaining());
+                    buf.put_slice(&held[..n]);
+                    held.advance(n);
+                    if held.is_empty() {
+                        this.state = Guard::Open;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Guard::Sniffing(seen) => {
+                    let mut chunk = [0u8; 1024];
+                    let mut chunk = ReadBuf::new(&mut chunk);
+                    ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
+                    let eof = chunk.filled().is_empty();
+                    seen.extend_from_slice(chunk.filled());
+                    let decided = match classify(seen) {
+                        None if eof || seen.len() >= MAX_SNIFF => Some(undecided(seen)),
+                        other => other,
+                    };
+                    match decided {
+                        Some(Protocol::Http1 | Protocol::Http2) => {
+                            return Poll::Ready(Err(std::io::Error::new(
+                                std::io::ErrorKind::PermissionDenied,
+                                LATE_HTTP,
+                            )));
+                        }
+                        Some(Protocol::Opaque) if seen.is_empty() => this.state = Guard::Open,
+                        Some(Protocol::Opaque) => this.state = Guard::Releasing(std::mem::take(seen).freeze()),
+                        None => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for LateHttpGuard<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
