@@ -171,17 +171,45 @@ pub struct Claim {
 }
 
 impl Claim {
-    fn check(&self, id: &SpiffeId, address: &str, current: Option<&Endpoint>) -> Result<(), StoreError> {
-        let Some(holder) = current.filter(|e| &e.spiffe_id != id && e.updated >= self.fresh_after) else {
-            return Ok(());
-        };
-        let ip =
-            address.parse::<std::net::IpAddr>().or_else(|_| address.parse::<std::net::SocketAddr>().map(|s| s.ip()));
-        if ip.is_ok_and(|ip| ip.to_canonical() == self.from.to_canonical()) {
+    /// Whether `id` may have `address`, given every registered entry: an entry on the same
+    /// host blocks it whatever its form (`10.9.9.9`, `10.9.9.9:80`, `[::ffff:10.9.9.9]:80`
+    /// are one host — callers resolve them to the same workload).
+    fn check<'e>(
+        &self,
+        id: &SpiffeId,
+        address: &str,
+        entries: impl IntoIterator<Item = &'e Endpoint>,
+    ) -> Result<(), StoreError> {
+        let Some(host) = host_of(address) else { return Ok(()) };
+        if host == self.from.to_canonical() {
             return Ok(());
         }
-        Err(StoreError::AddressHeld { address: address.to_string(), holder: holder.spiffe_id.clone() })
+        let held = entries
+            .into_iter()
+            .find(|e| &e.spiffe_id != id && e.updated >= self.fresh_after && host_of(&e.address) == Some(host));
+        match held {
+            Some(holder) => {
+                Err(StoreError::AddressHeld { address: address.to_string(), holder: holder.spiffe_id.clone() })
+            }
+            None => Ok(()),
+        }
     }
+}
+
+/// Every registered endpoint (a registration checks its claim against all of them).
+fn all_endpoints(table: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Vec<Endpoint>, StoreError> {
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (_, json) = row?;
+        out.push(serde_json::from_slice(json.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+    }
+    Ok(out)
+}
+
+/// The host of an endpoint address (`ip` or `ip:port`), IPv4-mapped IPv6 as IPv4.
+fn host_of(address: &str) -> Option<std::net::IpAddr> {
+    let ip = address.parse::<std::net::IpAddr>().or_else(|_| address.parse::<std::net::SocketAddr>().map(|s| s.ip()));
+    ip.ok().map(|ip| ip.to_canonical())
 }
 
 /// What an apply changed.
@@ -373,11 +401,12 @@ impl Store {
         let (version, changed) = {
             let mut table = txn.open_table(ENDPOINTS)?;
             let mut changed = false;
+            let existing = all_endpoints(&table)?;
             for address in addresses {
                 let current =
                     table.get(address.as_str())?.and_then(|v| serde_json::from_slice::<Endpoint>(v.value()).ok());
                 // Refused whole: the transaction is dropped, nothing of this claim is kept.
-                claim.check(id, address, current.as_ref())?;
+                claim.check(id, address, &existing)?;
                 if let Some(old) = current.as_ref().filter(|e| &e.spiffe_id != id) {
                     tracing::info!(%address, from = %old.spiffe_id, to = %id, "endpoint address moved to another workload");
                 }
@@ -409,9 +438,9 @@ impl Store {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
+        let existing = all_endpoints(&table)?;
         for address in addresses {
-            let current = table.get(address.as_str())?.and_then(|v| serde_json::from_slice::<Endpoint>(v.value()).ok());
-            claim.check(id, address, current.as_ref())?;
+            claim.check(id, address, &existing)?;
         }
         Ok(())
     }
@@ -588,6 +617,11 @@ mod tests {
             let err = store.register_endpoints(&id("evil"), &addresses, &claim("10.6.6.6")).unwrap_err();
             assert!(matches!(&err, StoreError::AddressHeld { holder, .. } if holder == &id("db")), "{err}");
             assert!(store.check_claim(&id("evil"), &addresses, &claim("10.6.6.6")).is_err());
+        }
+        // Any other spelling of a held host is the same host.
+        for other_form in ["10.9.9.9:80", "[::ffff:10.9.9.9]:80", "10.9.9.8", "10.9.9.8:15006"] {
+            let err = store.register_endpoints(&id("evil"), &[other_form.to_string()], &claim("10.6.6.6"));
+            assert!(matches!(err, Err(StoreError::AddressHeld { .. })), "{other_form}: {err:?}");
         }
         // Refused whole: not even the free address was taken.
         assert_eq!(store.endpoints().unwrap(), (version, store.endpoints().unwrap().1));

@@ -144,13 +144,14 @@ fn check_addresses(addresses: &[String]) -> Result<Vec<String>, ApiError> {
     addresses
         .iter()
         .map(|a| {
+            // IPv4-mapped IPv6 is written as the IPv4 address it is: one host, one spelling.
             let (ip, canonical) = if let Ok(ip) = a.parse::<IpAddr>() {
-                (ip, ip.to_string())
+                (ip, ip.to_canonical().to_string())
             } else if let Ok(sa) = a.parse::<SocketAddr>() {
                 if sa.port() == 0 {
                     return Err(ApiError::bad_request(format!("address {a:?}: port 0 is no port")));
                 }
-                (sa.ip(), sa.to_string())
+                (sa.ip(), SocketAddr::new(sa.ip().to_canonical(), sa.port()).to_string())
             } else {
                 return Err(ApiError::bad_request(format!("address {a:?} is not `ip` or `ip:port`")));
             };
