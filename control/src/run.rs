@@ -77,6 +77,13 @@ pub enum StartError {
          with --ca-cert/--ca-key to keep the proxies' trust)"
     )]
     StoreLost { data_dir: PathBuf, found: &'static str },
+    #[error(
+        "data dir {data_dir}: its store belongs to the mesh whose CA root has the fingerprint SHA256 {fingerprint}, \
+         and no CA is given (no ca.pem there, no --ca-cert/--ca-key): restore ca.pem and ca-key.pem, or pass \
+         --ca-cert/--ca-key as at the earlier starts; a new CA would leave every proxy's bundle.pem unable to \
+         verify this control plane"
+    )]
+    CaLost { data_dir: PathBuf, fingerprint: String },
     #[error("CA: {0}")]
     Ca(trellis_identity::CaError),
     #[error("trust bundle: {0}")]
@@ -176,9 +183,23 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     if let Some(found) = recorded_td.as_deref().filter(|td| *td != config.trust_domain.as_str()) {
         return Err(mismatch(&config, "store", found.to_string()));
     }
+    let recorded_ca = store.ca_fingerprint()?;
+    let has_ca = config.ca_files.is_some() || dir.join(ca::CA_CERT_FILE).exists() || dir.join(ca::CA_KEY_FILE).exists();
+    // A mesh whose CA went missing (a forgotten --ca-cert, deleted files) must not quietly get
+    // a new one: every proxy's bundle would stop vouching for this control plane.
+    if let (Some(fingerprint), false) = (&recorded_ca, has_ca) {
+        return Err(StartError::CaLost { data_dir: dir.clone(), fingerprint: fingerprint.clone() });
+    }
     let ca = load_or_create_ca(&config)?;
     if recorded_td.is_none() {
         store.set_trust_domain(config.trust_domain.as_str())?;
+    }
+    let fingerprint = fingerprint_sha256(ca.root());
+    if recorded_ca.as_deref() != Some(fingerprint.as_str()) {
+        if let Some(before) = &recorded_ca {
+            tracing::warn!(before = %before, now = %fingerprint, "the mesh's CA root changed; bundle.pem holds both roots");
+        }
+        store.set_ca_fingerprint(&fingerprint)?;
     }
     let bundle = write_bundle(dir, &ca)?;
     let admin_token = load_or_create_admin_token(dir)?;

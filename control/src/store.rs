@@ -30,6 +30,7 @@ const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
 const K_VERSION: &str = "policy_version";
 const K_ENDPOINTS_VERSION: &str = "endpoints_version";
 const K_TRUST_DOMAIN: &str = "trust_domain";
+const K_CA_FINGERPRINT: &str = "ca_fingerprint";
 
 /// Store file name inside the data dir.
 pub const STORE_FILE: &str = "trellis.redb";
@@ -265,6 +266,19 @@ impl Store {
     pub fn set_trust_domain(&self, trust_domain: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         txn.open_table(SETTINGS)?.insert(K_TRUST_DOMAIN, trust_domain)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The SHA-256 fingerprint of the CA root this store's mesh was last started with.
+    pub fn ca_fingerprint(&self) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(SETTINGS)?.get(K_CA_FINGERPRINT)?.map(|v| v.value().to_string()))
+    }
+
+    pub fn set_ca_fingerprint(&self, fingerprint: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(SETTINGS)?.insert(K_CA_FINGERPRINT, fingerprint)?;
         txn.commit()?;
         Ok(())
     }

@@ -399,6 +399,31 @@ async fn a_lost_store_beside_an_earlier_ca_is_refused() {
     assert_eq!(plane.admin().list_policies().await.unwrap().version, 1);
 }
 
+/// The mirror case: the store is there but the CA is gone (files deleted, or a start without
+/// the --ca-cert of the earlier ones). A new CA would leave every proxy's bundle unable to
+/// verify the control plane: refused, naming the CA it needs.
+#[tokio::test]
+async fn a_lost_ca_beside_an_earlier_store_is_refused() {
+    let plane = Plane::start().await;
+    let fingerprint = plane.running.ca_fingerprint.clone();
+    let Plane { running, dir } = plane;
+    running.shutdown().await;
+    let keep = tempfile::tempdir().unwrap();
+    for f in ["ca.pem", "ca-key.pem"] {
+        std::fs::rename(dir.path().join(f), keep.path().join(f)).unwrap();
+    }
+    let err = trellis_control::start(config(dir.path()), trellis_control::server::Hooks::default()).await.unwrap_err();
+    let err = err.to_string();
+    assert!(err.contains("no CA is given") && err.contains(&fingerprint), "{err}");
+    assert!(!dir.path().join("ca.pem").exists(), "no new CA was made");
+    for f in ["ca.pem", "ca-key.pem"] {
+        std::fs::rename(keep.path().join(f), dir.path().join(f)).unwrap();
+    }
+    let running = trellis_control::start(config(dir.path()), trellis_control::server::Hooks::default()).await.unwrap();
+    assert_eq!(running.ca_fingerprint, fingerprint);
+    running.shutdown().await;
+}
+
 #[tokio::test]
 async fn unknown_routes_and_methods_are_clear() {
     let plane = Plane::start().await;
