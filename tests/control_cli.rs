@@ -212,6 +212,19 @@ fn wrong_or_missing_credentials_are_clear_errors() {
         .output()
         .unwrap();
     assert_ne!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // No token at all, and a state dir with nothing usable in it: said so, not "unknown token".
+    let state = tempfile::tempdir().unwrap();
+    let none = std::process::Command::new(bin())
+        .args(["proxy", "run", "--control", &control.url, "--ca-bundle"])
+        .arg(control.bundle_path())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["--inbound", &format!("127.0.0.1:{}=127.0.0.1:9", free_port())])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert_ne!(none.status.code(), Some(0), "{err}");
+    assert!(err.contains("no join token given") && err.contains("no SVID is kept there"), "{err}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("is empty"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 

@@ -26,16 +26,34 @@ const KEY_FILE: &str = "svid-key.pem";
 /// Transport failures are retried with backoff; a refused token is fatal (it will not
 /// get better by retrying).
 pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient, bundle: &TrustBundle) -> Result<(), ProxyError> {
+    let no_token = matches!(&state.config.attestation, Attestation::JoinToken(t) if t.trim().is_empty());
+    let mut unusable = "no SVID is kept there".to_string();
     if let Some(dir) = &state.config.state_dir {
-        match load_persisted(dir).map(|svid| vouched_for(svid, bundle)) {
+        match load_persisted(dir).map(|svid| svid.and_then(|svid| vouched_for(svid, bundle))) {
             Some(Ok(svid)) => {
                 tracing::info!(spiffe_id = %svid.id(), "using the SVID kept in the state dir");
+                if !no_token {
+                    tracing::info!(
+                        "the join token given is not used (the kept SVID is); empty the state dir to use it"
+                    );
+                }
                 return install(state, svid);
             }
             // Issued by a CA this bundle does not hold (the control plane's data was
-            // rebuilt): it would be refused at every renewal, and the proxy never ready.
-            Some(Err(why)) => tracing::warn!(dir = %dir.display(), %why, "not using the SVID kept in the state dir"),
+            // rebuilt): it would be refused at every renewal, and the proxy never ready. Or
+            // about to expire: too late to renew with it.
+            Some(Err(why)) => {
+                tracing::warn!(dir = %dir.display(), %why, "not using the SVID kept in the state dir");
+                unusable = format!("the SVID kept there is not usable: {why}");
+            }
             None => {}
+        }
+        if no_token {
+            return Err(ProxyError::Bootstrap(format!(
+                "no join token given, and the state dir {} cannot stand in for one: {unusable}; pass --token or \
+                 --token-file (see `trellis token create`)",
+                dir.display()
+            )));
         }
         // Before a single-use join token is spent: an SVID that cannot be kept would need
         // a new token at the next start.
@@ -165,13 +183,27 @@ fn writable(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(probe)
 }
 
-fn load_persisted(dir: &Path) -> Option<Svid> {
+/// The SVID kept in `dir`: `None` if there is none, `Err` if it cannot be used.
+fn load_persisted(dir: &Path) -> Option<Result<Svid, String>> {
     let chain = std::fs::read(dir.join(SVID_FILE)).ok()?;
     let key = std::fs::read(dir.join(KEY_FILE)).ok()?;
-    let svid = Svid::from_pem(&chain, &key).ok()?;
+    let svid = match Svid::from_pem(&chain, &key) {
+        Ok(svid) => svid,
+        Err(e) => return Some(Err(format!("it does not load: {e}"))),
+    };
     // Only worth keeping if there is time left to renew it over mTLS.
-    (svid.not_after() > SystemTime::now() + Duration::from_secs(30)).then_some(svid)
+    if svid.not_after() <= SystemTime::now() + KEPT_SVID_MIN_LIFE {
+        let at = svid.not_after().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        return Some(Err(format!(
+            "it expires at {at} (Unix seconds), less than {}s from now",
+            KEPT_SVID_MIN_LIFE.as_secs()
+        )));
+    }
+    Some(Ok(svid))
 }
+
+/// A kept SVID closer to its end than this is not used: too little time to renew with it.
+const KEPT_SVID_MIN_LIFE: Duration = Duration::from_secs(30);
 
 /// Renews at half the remaining life (±10% jitter so a fleet does not renew in lockstep),
 /// forever. `client` presents the current SVID.
