@@ -263,9 +263,23 @@ async fn undocumented_methods_get_405_with_allow_and_change_nothing() {
     }
     let (status, _, _) = raw(&plane, Method::GET, "/v1/tokens/nothing", Some(&bearer), "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    // Load balancers probe liveness with HEAD.
+    // Load balancers probe liveness with HEAD, over either protocol (curl negotiates h2).
     let (status, _, body) = raw(&plane, Method::HEAD, "/healthz", None, "").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+    for (path, code) in [("/healthz", "200"), ("/v1/bundle", "405")] {
+        let url = format!("https://{}{path}", plane.running.local_addr);
+        // On a blocking thread: this test's runtime serves the control plane meanwhile.
+        let args = ["-sk", "--max-time", "5", "--http2", "-I", "-o", "/dev/null", "-w", "%{http_code} %{http_version}"];
+        let curl = move || std::process::Command::new("curl").args(args).arg(&url).output().unwrap();
+        let out = tokio::task::spawn_blocking(curl).await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{code} 2"),
+            "HEAD {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "HEAD {path}: curl exit {:?}", out.status.code());
+    }
 }
 
 #[tokio::test]

@@ -254,6 +254,11 @@ async fn route(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Respon
         r
     });
     tracing::debug!(%method, %path, status = response.status().as_u16(), remote = %conn.remote, "request");
+    // hyper drops a HEAD response's body on HTTP/1.1 but sends it on HTTP/2, where DATA on a
+    // HEAD stream is a protocol error (curl: "PROTOCOL_ERROR"): no body, whatever the protocol.
+    if method == Method::HEAD {
+        return response.map(|_| full(Bytes::new()));
+    }
     response
 }
 
