@@ -76,6 +76,13 @@ impl serde_saphyr::MessageFormatter for PlainWords<'_> {
                 B::Anchors { .. } => format!("more than {} anchors (the limit)", l.aliases),
                 B::Aliases { .. } => format!("more than {} aliases (the limit)", l.aliases),
                 B::ScalarBytes { .. } => format!("more than {} bytes of scalar text (the limit)", l.scalar_bytes),
+                B::AliasAnchorRatio { aliases, anchors } => format!(
+                    "{aliases} aliases of {anchors} anchors: more than 10 uses per anchor, as in an alias bomb (the limit)"
+                ),
+                B::MergeKeys { .. } => "more than 10000 merge keys (`<<`) (the limit)".to_owned(),
+                B::RecordedAnchorEvents { .. } => {
+                    "anchors hold more than 1000000 events (the limit; aliases of aliases multiply them)".to_owned()
+                }
                 _ => "the YAML is too large or too complex (a parser limit was reached)".to_owned(),
             },
             Error::AliasReplayLimitExceeded { max_total_replayed_events, .. } => {
@@ -127,6 +134,14 @@ mod tests {
             (B::Anchors { anchors: 6 }, "more than 5 anchors (the limit)"),
             (B::Aliases { aliases: 6 }, "more than 5 aliases (the limit)"),
             (B::ScalarBytes { total_scalar_bytes: 1001 }, "more than 1000 bytes of scalar text (the limit)"),
+            (
+                B::RecordedAnchorEvents { recorded_anchor_events: 1_000_001 },
+                "anchors hold more than 1000000 events (the limit; aliases of aliases multiply them)",
+            ),
+            (
+                B::AliasAnchorRatio { aliases: 200, anchors: 2 },
+                "200 aliases of 2 anchors: more than 10 uses per anchor, as in an alias bomb (the limit)",
+            ),
             (B::SequenceUnbalanced, "the YAML is too large or too complex (a parser limit was reached)"),
         ];
         for (breach, want) in cases {
