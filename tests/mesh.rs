@@ -620,6 +620,36 @@ fn a_kept_svid_from_another_ca_gives_way_to_the_token() {
     assert!(logs.contains("SVID issued"), "{logs}");
 }
 
+/// A proxy restarted from its state dir renews (and so registers its addresses) at once: an
+/// address changed since the last run is known to the mesh right away, not at half-life.
+#[test]
+fn a_restart_from_the_state_dir_registers_its_addresses_at_once() {
+    let control = Control::start(&[]);
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let args = |ip: &str| {
+        vec![
+            "--state-dir".to_string(),
+            state.path().display().to_string(),
+            "--inbound".into(),
+            format!("127.0.0.1:{port}=127.0.0.1:9"),
+            "--advertise-ip".into(),
+            ip.to_string(),
+        ]
+    };
+    drop(Sidecar::start(&control, API, &args("127.0.0.2")));
+    let _restarted = Sidecar::start(&control, API, &args("127.0.0.3"));
+    let check = |ip: &str| {
+        let to = format!("{ip}:{port}");
+        control.cli(&["policy", "check", "--from", WEB, "--to-address", &to]).2
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check("127.0.0.3").contains(API) {
+        assert!(Instant::now() < deadline, "the new address was not registered: {}", check("127.0.0.3"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The app's kubelet probes, pointed at the admin port by `trellis inject`, are run by the
 /// proxy against the app: HTTP probes answer with the app's status, TCP probes with whether
 /// the port accepts, a slow app is a 503 within the probe's timeout, and nothing but the

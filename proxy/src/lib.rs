@@ -156,18 +156,18 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
     tokio::spawn(trim::trim_loop(state.clone()));
     tokio::pin!(shutdown);
 
-    tokio::select! {
+    let origin = tokio::select! {
         r = svid::obtain(&state, &anon, &bundle) => r?,
         () = &mut shutdown => {
             state.shutdown.cancel();
             return Ok(());
         }
-    }
+    };
     let id = state.id().ok_or_else(|| ProxyError::Bootstrap("no SVID".into()))?;
     let td = id.trust_domain();
     state.telemetry.set_identity(id);
     state.tls.store(Some(Arc::new(TlsState::new(bundle, td, state.creds.clone())?)));
-    tokio::spawn(svid::renew_loop(state.clone(), authed.clone(), anon));
+    tokio::spawn(svid::renew_loop(state.clone(), authed.clone(), anon, origin));
     tokio::spawn(link::watch_loop(state.clone(), authed));
     for (spec, l) in listeners.inbound {
         tracing::info!(listen = %spec.listen, app = ?spec.app, "inbound listener");

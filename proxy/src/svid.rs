@@ -25,7 +25,16 @@ const KEY_FILE: &str = "svid-key.pem";
 /// Gets the first SVID: from the state dir if a valid one is there, else by attestation.
 /// Transport failures are retried with backoff; a refused token is fatal (it will not
 /// get better by retrying).
-pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient, bundle: &TrustBundle) -> Result<(), ProxyError> {
+/// Where the first SVID came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Issued now, with this start's addresses registered.
+    Issued,
+    /// Kept from an earlier run: the control plane has not heard this start's addresses.
+    Kept,
+}
+
+pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient, bundle: &TrustBundle) -> Result<Origin, ProxyError> {
     let no_token = matches!(&state.config.attestation, Attestation::JoinToken(t) if t.trim().is_empty());
     let mut unusable = "no SVID is kept there".to_string();
     if let Some(dir) = &state.config.state_dir {
@@ -37,7 +46,7 @@ pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient, bundle: &Trus
                         "the join token given is not used (the kept SVID is); empty the state dir to use it"
                     );
                 }
-                return install(state, svid);
+                return install(state, svid).map(|()| Origin::Kept);
             }
             // Issued by a CA this bundle does not hold (the control plane's data was
             // rebuilt): it would be refused at every renewal, and the proxy never ready. Or
@@ -69,7 +78,7 @@ pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient, bundle: &Trus
         match bootstrap(state, anon).await {
             Ok(svid) => {
                 tracing::info!(spiffe_id = %svid.id(), "SVID issued");
-                return install(state, svid);
+                return install(state, svid).map(|()| Origin::Issued);
             }
             Err(ClientError::Api { status, body }) if status.is_client_error() => {
                 return Err(ProxyError::Bootstrap(format!(
@@ -207,11 +216,19 @@ const KEPT_SVID_MIN_LIFE: Duration = Duration::from_secs(30);
 
 /// Renews at half the remaining life (±10% jitter so a fleet does not renew in lockstep),
 /// forever. `client` presents the current SVID.
-pub async fn renew_loop(state: Arc<ProxyState>, client: ControlClient, anon: ControlClient) {
+pub async fn renew_loop(state: Arc<ProxyState>, client: ControlClient, anon: ControlClient, origin: Origin) {
+    // A kept SVID is renewed at once: the renewal registers this start's addresses (an
+    // `--advertise-ip` changed since), which the control plane otherwise learns only at
+    // half-life.
+    let mut now = origin == Origin::Kept;
     loop {
         let Some(current) = state.creds.current() else { return };
         let at = current.svid.renew_at(current.received);
-        let wait = jitter(at.duration_since(SystemTime::now()).unwrap_or_default());
+        let wait = if std::mem::take(&mut now) {
+            Duration::ZERO
+        } else {
+            jitter(at.duration_since(SystemTime::now()).unwrap_or_default())
+        };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = state.shutdown.cancelled() => return,
