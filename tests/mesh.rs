@@ -856,3 +856,22 @@ async fn http_sent_after_the_detect_timeout_is_refused_not_forwarded_raw() {
     let other = late(b"hello there\r\n\r\n").await;
     assert!(other.starts_with("HTTP/1.1 400"), "{other}");
 }
+
+/// Downloads whose clients stopped reading do not stall other callers' requests to the same
+/// peer: all of them share the sidecars' pooled HTTP/2 connection and its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_do_not_stall_the_pooled_connection() {
+    let pair = AppPair::start(backends::body_echo().await).await;
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(pair.route).await.unwrap();
+        s.write_all(b"GET /bytes/16000000 HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+        stalled.push(s); // never read
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let url = format!("http://{}/bytes/1000", pair.route);
+    let answered = tokio::time::timeout(Duration::from_secs(5), get(&http_client(), &url, "GET", &[])).await;
+    let (status, headers, _) = answered.expect("a request behind ten stalled downloads did not complete");
+    assert_eq!((status, headers.get("content-length").and_then(|v| v.to_str().ok())), (200, Some("1000")));
+    drop(stalled);
+}

@@ -164,8 +164,8 @@ async fn open_h2(state: &ProxyState, addr: SocketAddr, expected: &SpiffeId) -> R
         return Err(PeerError::Alpn { addr, wanted: "h2" });
     }
     let settings = Settings {
-        stream_window: 1024 * 1024,
-        connection_window: 4 * 1024 * 1024,
+        stream_window: crate::serve::STREAM_WINDOW,
+        connection_window: crate::serve::CONNECTION_WINDOW,
         // h2's default (16 KiB) would turn an app's larger response headers into a 502.
         max_header_list: crate::serve::MAX_HEADER_LIST,
     };

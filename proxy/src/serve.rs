@@ -20,8 +20,14 @@ use crate::http::TracedBody;
 
 /// The HTTP/2 limits Trellis serves with (both directions).
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
-const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// Many times the stream window: on the pooled connection between two sidecars every app
+/// connection's requests share this window, and each stream whose reader stalls (a client
+/// that stopped reading a download, an app that does not read an upload) keeps up to a stream
+/// window of it. At 4 MiB, five such streams stopped every other caller's traffic to that
+/// peer; at 32 MiB it takes 32. It is credit, not memory: only data a stalled reader has not
+/// taken is held.
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// The largest header block accepted, in either direction: the servers' limit on requests and
 /// the pooled clients' on responses, so a header that passes one hop passes the next.
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
