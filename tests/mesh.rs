@@ -875,3 +875,30 @@ async fn stalled_readers_do_not_stall_the_pooled_connection() {
     assert_eq!((status, headers.get("content-length").and_then(|v| v.to_str().ok())), (200, Some("1000")));
     drop(stalled);
 }
+
+/// `CONNECT host:port` has no path: it is judged as written (an invalid path, denied, as
+/// `policy check` says), not as `/` — a rule allowing `/` let it reach the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_judged_as_written_not_as_the_root_path() {
+    let tcp = backends::tcp_echo().await;
+    let policy = |backend: SocketAddr, _tcp: SocketAddr| {
+        allow(
+            "root-only",
+            API,
+            WEB,
+            &format!("      to:\n        - ports: [{}]\n          paths: [\"/\"]\n", backend.port()),
+        )
+    };
+    let m =
+        start_mesh(MeshOptions { control_args: &[], policy: &policy, tcp_backend: tcp, extra: &|_| Vec::new() }).await;
+    let mut s = TcpStream::connect(m.http).await.unwrap();
+    s.write_all(b"CONNECT 10.1.2.3:22 HTTP/1.1\r\nhost: 10.1.2.3:22\r\n\r\n").await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("x-trellis-denied: invalid-path"), "{answer}");
+    // The root path itself is still allowed.
+    let (status, _, _) = get(&http_client(), &format!("http://{}/", m.http), "GET", &[]).await;
+    assert_eq!(status, 200);
+}

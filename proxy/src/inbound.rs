@@ -358,7 +358,18 @@ impl ConnCtx {
     /// Decides one request; an allowed one is registered, revocable, while it is in flight.
     pub fn authorize<B>(&self, req: &Request<B>) -> Result<(Permit, Tracked), Denial> {
         let method = req.method();
-        let target = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        // A target with no path (`CONNECT host:port`, authority-form) is judged as written —
+        // an invalid path, denied, as `policy check` says — not as `/`.
+        let target = match req.uri().path_and_query() {
+            Some(target) => target.clone(),
+            None => {
+                let written = req.uri().to_string();
+                let view = self.state.policy.load();
+                authorize(&view, &self.flow(Some(HttpRequest { method: method.as_str(), path: &written })))?;
+                // Not reached: a path not starting with `/` never normalizes.
+                PathAndQuery::from_static("/")
+            }
+        };
         let view = self.state.policy.load();
         let permit =
             authorize(&view, &self.flow(Some(HttpRequest { method: method.as_str(), path: target.as_str() })))?;
