@@ -200,7 +200,7 @@ impl Revocable {
 
 /// Why a revoked response ended early (what hyper logs, and the caller's stream reset).
 #[derive(Debug, thiserror::Error)]
-#[error("a policy change revoked this request while its response was being relayed")]
+#[error("revoked: a policy change ended this request while its response was being relayed")]
 pub struct Revoked;
 
 impl Body for Revocable {

@@ -65,7 +65,8 @@ pub trait Finish: Send + Sync {
 }
 
 /// What a response body dropped before its end is recorded with.
-pub const CUT: &str = "the response ended before its last byte was relayed";
+/// `label: detail`, as every span error is (the label becomes `error.type`).
+pub const CUT: &str = "response_cut: the response ended before its last byte was relayed";
 
 pin_project! {
     /// A response body that finishes its span when it is done.
@@ -120,7 +121,11 @@ where
                 *this.ended = this.inner.is_end_stream();
                 return polled;
             }
-            Poll::Ready(Some(Err(e))) => Some(e.to_string()),
+            // Labelled when the error is not already (`revoked: …`): `error.type` is the label.
+            Poll::Ready(Some(Err(e))) => {
+                let e = e.to_string();
+                Some(if e.starts_with("revoked:") { e } else { format!("response_cut: {e}") })
+            }
             Poll::Ready(None) => None,
             Poll::Pending => return polled,
         };
@@ -191,6 +196,6 @@ mod tests {
         let frames = vec![Err("stream reset".to_owned()), Ok(Frame::data(Bytes::from_static(b"abcd")))];
         let body = Traced::with_span(Failing(frames), Box::new(Probe(seen.clone())));
         assert!(body.collect().await.is_err());
-        assert_eq!(*seen.lock().unwrap(), vec![(4, Some("stream reset".to_owned()))]);
+        assert_eq!(*seen.lock().unwrap(), vec![(4, Some("response_cut: stream reset".to_owned()))]);
     }
 }
