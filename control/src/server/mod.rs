@@ -205,7 +205,10 @@ pub async fn serve(
             let peer_chain =
                 tls.get_ref().1.peer_certificates().map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
             let conn = Arc::new(Conn { remote, peer_chain });
+            let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let seen = asked.clone();
             let svc = hyper::service::service_fn(move |req| {
+                seen.store(true, std::sync::atomic::Ordering::Relaxed);
                 let (ctx, conn) = (ctx.clone(), conn.clone());
                 async move { Ok::<_, Infallible>(route(ctx, conn, req).await) }
             });
@@ -221,8 +224,24 @@ pub async fn serve(
                 .keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(10));
             let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
-            let fut = builder.serve_connection(TokioIo::new(tls), svc);
-            if let Err(e) = watcher.watch(fut.into_owned()).await {
+            let fut = watcher.watch(builder.serve_connection(TokioIo::new(tls), svc).into_owned());
+            tokio::pin!(fut);
+            // hyper's HTTP/2 server has no header timeout: an h2 connection that asks nothing
+            // within it is closed, as a silent HTTP/1.1 one is (slowloris over h2).
+            let first = tokio::time::sleep(header_timeout);
+            let ended = tokio::select! {
+                r = &mut fut => Some(r),
+                () = first, if h2 => None,
+            };
+            let ended = match ended {
+                Some(r) => r,
+                None if !asked.load(std::sync::atomic::Ordering::Relaxed) => {
+                    tracing::debug!(%remote, "HTTP/2 connection asked nothing within the header timeout; closed");
+                    return;
+                }
+                None => fut.await,
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%remote, error = %e, "connection ended with error");
             }
         });
