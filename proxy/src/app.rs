@@ -128,6 +128,34 @@ pub enum AppError {
     H2(#[from] legacy::Error),
 }
 
+impl AppError {
+    /// `app_unreachable` when nothing accepted the connection, `app_failed` when the app took it
+    /// and the exchange broke (a reset, a refused stream, a protocol the app does not speak), with
+    /// the whole error chain: hyper's outer message alone ("client error (SendRequest)") names
+    /// nothing an operator can act on.
+    pub fn label_and_detail(&self, app: std::net::SocketAddr, h1: bool) -> (&'static str, String) {
+        let mut chain = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !chain.contains(&text) {
+                chain = format!("{chain}: {text}");
+            }
+            source = s.source();
+        }
+        let unreachable = match self {
+            AppError::Connect(_) | AppError::ConnectTimeout => true,
+            AppError::H2(e) => e.is_connect(),
+            AppError::Handshake(_) | AppError::Http(_) => false,
+        };
+        if unreachable {
+            return ("app_unreachable", format!("the app at {app} is unreachable: {chain}"));
+        }
+        let spoke = if h1 { "HTTP/1.1" } else { "HTTP/2" };
+        ("app_failed", format!("the app at {app} failed the request (sent as {spoke}, the caller's protocol): {chain}"))
+    }
+}
+
 /// HTTP/1.1 connections to one app, each carrying one request at a time.
 ///
 /// Each connection's hyper task reads and writes; the pool only keeps the handles. A handle

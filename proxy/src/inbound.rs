@@ -550,38 +550,11 @@ async fn forward_http(
             Response::from_parts(parts, revocable(Revocable::new(body, tracked)))
         }
         Err(e) => {
-            let (label, detail) = app_failure(&e, ctx.app, downgrade);
+            let (label, detail) = e.label_and_detail(ctx.app, downgrade);
             tracing::warn!(app = %ctx.app, error = %detail, "app request failed");
             proxy_error(StatusCode::BAD_GATEWAY, label, &detail)
         }
     }
-}
-
-/// `app_unreachable` when nothing accepted the connection, `app_failed` when the app took it
-/// and the exchange broke (a reset, a refused stream, a protocol the app does not speak), with
-/// the whole error chain: hyper's outer message alone ("client error (SendRequest)") names
-/// nothing an operator can act on.
-fn app_failure(e: &crate::app::AppError, app: SocketAddr, h1: bool) -> (&'static str, String) {
-    use crate::app::AppError;
-    let mut chain = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !chain.contains(&text) {
-            chain = format!("{chain}: {text}");
-        }
-        source = s.source();
-    }
-    let unreachable = match e {
-        AppError::Connect(_) | AppError::ConnectTimeout => true,
-        AppError::H2(e) => e.is_connect(),
-        AppError::Handshake(_) | AppError::Http(_) => false,
-    };
-    if unreachable {
-        return ("app_unreachable", format!("the app at {app} is unreachable: {chain}"));
-    }
-    let spoke = if h1 { "HTTP/1.1" } else { "HTTP/2" };
-    ("app_failed", format!("the app at {app} failed the request (sent as {spoke}, the caller's protocol): {chain}"))
 }
 
 pub use crate::upgrade::UpgradeTarget;

@@ -23,7 +23,25 @@ pub fn bin() -> &'static str {
 }
 
 /// A port that was free a moment ago (for listeners the test must know in advance).
+///
+/// Taken below the kernel's ephemeral range (32768–60999 by default), each one once per test
+/// process: a port from `bind(0)` comes from that range, and between closing it and the proxy
+/// binding it any outgoing connection of a concurrent test could take it as its local port (a
+/// rare "Address already in use" in CI).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test binaries run one after another; the pid spreads them anyway.
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
