@@ -395,3 +395,24 @@ fn get_and_delete_refuse_names_no_policy_can_have() {
         }
     }
 }
+
+/// `validate --trust-domain` refuses what `apply` would for that mesh (patterns outside it can
+/// never match), so a CI job that only validates catches it; without it any trust domain passes.
+#[test]
+fn validate_with_a_trust_domain_refuses_patterns_outside_it() {
+    let foreign = POLICIES.replacen("spiffe://cluster.local/ns/shop/sa/api", "spiffe://cluster.locl/ns/shop/sa/api", 1);
+    let f = file(&foreign);
+    let path = f.path().to_str().unwrap();
+    assert_exit(&run(&["policy", "validate", "-f", path]), 0);
+    let o = run(&["policy", "validate", "-f", path, "--trust-domain", "cluster.local"]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("spec.selector: spiffe://cluster.locl/ns/shop/sa/api is not in trust domain cluster.local"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stdout(&o), "");
+    assert_exit(&run(&["policy", "validate", "-f", path, "--trust-domain", "cluster.locl"]), 2);
+    let ok = file(POLICIES);
+    assert_exit(&run(&["policy", "validate", "-f", ok.path().to_str().unwrap(), "--trust-domain", "cluster.local"]), 0);
+}

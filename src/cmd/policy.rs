@@ -45,6 +45,10 @@ pub enum PolicyCommand {
 pub struct ValidateArgs {
     #[command(flatten)]
     pub policies: PolicySourceArgs,
+    /// The mesh's trust domain: also refuse selectors and `from` identities outside it, as
+    /// `policy apply` does (they could never match). Without it, any trust domain passes.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", value_name = "TD")]
+    pub trust_domain: Option<trellis_identity::TrustDomain>,
 }
 
 /// A policy file.
@@ -159,6 +163,25 @@ fn validate(args: &ValidateArgs) -> Result<ExitCode, ExitCode> {
     // (a wrong path in CI, a template that rendered nothing) than a wish to apply nothing.
     if policies.is_empty() {
         return Err(no_documents(&args.policies.file));
+    }
+    if let Some(td) = &args.trust_domain {
+        let foreign: Vec<String> = policies
+            .iter()
+            .flat_map(|p| {
+                p.foreign_patterns(td.as_str()).into_iter().map(move |(path, pattern)| {
+                    format!(
+                        "document {:?}: {path}: {pattern} is not in trust domain {td}, so it can never match",
+                        p.name()
+                    )
+                })
+            })
+            .collect();
+        if !foreign.is_empty() {
+            for line in &foreign {
+                errln!("{line}");
+            }
+            return Err(ExitCode::from(EXIT_ERROR));
+        }
     }
     outln!("{}", summary(&policies));
     Ok(ExitCode::SUCCESS)
