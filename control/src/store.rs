@@ -258,27 +258,31 @@ impl Store {
     /// The trust domain this store was created for; `None` for a store from before it was
     /// recorded (the caller records it with [`Store::set_trust_domain`]).
     pub fn trust_domain(&self) -> Result<Option<String>, StoreError> {
-        let txn = self.db.begin_read()?;
-        Ok(txn.open_table(SETTINGS)?.get(K_TRUST_DOMAIN)?.map(|v| v.value().to_string()))
+        self.setting(K_TRUST_DOMAIN)
     }
 
     /// Records the trust domain this store serves.
     pub fn set_trust_domain(&self, trust_domain: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(SETTINGS)?.insert(K_TRUST_DOMAIN, trust_domain)?;
-        txn.commit()?;
-        Ok(())
+        self.set_setting(K_TRUST_DOMAIN, trust_domain)
     }
 
     /// The SHA-256 fingerprint of the CA root this store's mesh was last started with.
     pub fn ca_fingerprint(&self) -> Result<Option<String>, StoreError> {
-        let txn = self.db.begin_read()?;
-        Ok(txn.open_table(SETTINGS)?.get(K_CA_FINGERPRINT)?.map(|v| v.value().to_string()))
+        self.setting(K_CA_FINGERPRINT)
     }
 
     pub fn set_ca_fingerprint(&self, fingerprint: &str) -> Result<(), StoreError> {
+        self.set_setting(K_CA_FINGERPRINT, fingerprint)
+    }
+
+    fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(SETTINGS)?.get(key)?.map(|v| v.value().to_string()))
+    }
+
+    fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(SETTINGS)?.insert(K_CA_FINGERPRINT, fingerprint)?;
+        txn.open_table(SETTINGS)?.insert(key, value)?;
         txn.commit()?;
         Ok(())
     }
