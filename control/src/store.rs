@@ -169,6 +169,9 @@ pub struct Claim {
     /// The address the request came from.
     pub from: std::net::IpAddr,
     pub fresh_after: u64,
+    /// Register what may be claimed and leave held addresses out (logged) instead of refusing
+    /// the whole claim: a renewal is about identity, and must not fail over an address.
+    pub leave_out_held: bool,
 }
 
 impl Claim {
@@ -423,8 +426,16 @@ impl Store {
             for address in addresses {
                 let current =
                     table.get(address.as_str())?.and_then(|v| serde_json::from_slice::<Endpoint>(v.value()).ok());
-                // Refused whole: the transaction is dropped, nothing of this claim is kept.
-                claim.check(id, address, &existing)?;
+                // Refused whole (the transaction is dropped, nothing of this claim is kept), or
+                // this one address left out.
+                match claim.check(id, address, &existing) {
+                    Ok(()) => {}
+                    Err(e) if claim.leave_out_held => {
+                        tracing::warn!(spiffe_id = %id, error = %e, "address left out of the registry");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
                 if let Some(old) = current.as_ref().filter(|e| &e.spiffe_id != id) {
                     tracing::info!(%address, from = %old.spiffe_id, to = %id, "endpoint address moved to another workload");
                 }
@@ -598,7 +609,11 @@ mod tests {
     }
 
     /// A claim no holder blocks (every entry counts as stale).
-    const ANY: Claim = Claim { from: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), fresh_after: u64::MAX };
+    const ANY: Claim = Claim {
+        from: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        fresh_after: u64::MAX,
+        leave_out_held: false,
+    };
 
     fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -627,7 +642,7 @@ mod tests {
     fn a_fresh_address_of_another_identity_is_claimed_only_from_itself() {
         let (_dir, store) = open();
         let now = now_unix();
-        let claim = |from: &str| Claim { from: from.parse().unwrap(), fresh_after: now - 3600 };
+        let claim = |from: &str| Claim { from: from.parse().unwrap(), fresh_after: now - 3600, leave_out_held: false };
         store.register_endpoints(&id("db"), &["10.9.9.9".into(), "10.9.9.8:5432".into()], &claim("10.9.9.9")).unwrap();
         let version = store.endpoints().unwrap().0;
         for address in ["10.9.9.9", "10.9.9.8:5432"] {

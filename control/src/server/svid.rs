@@ -56,7 +56,7 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
         let actor = actor.clone();
         blocking(move || store.consume_token(&hash, now_unix(), &actor)).await?.map_err(token_error)?;
     }
-    register(ctx, conn, &id, addresses).await?;
+    register(ctx, &id, addresses, claim).await?;
     tracing::info!(spiffe_id = %id, remote = %conn.remote, "SVID bootstrapped");
     Ok(json(StatusCode::OK, &response))
 }
@@ -68,19 +68,7 @@ pub async fn renew(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult 
     let (response, new_serial) = sign(ctx, &body.csr_pem, &id)?;
     // A renewal is about identity: an address another workload now holds is left out (and
     // logged), not a reason to let this proxy's SVID run out.
-    let (store, claim, owner) = (ctx.shared.store.clone(), claim(ctx, conn), id.clone());
-    let claimable = blocking(move || {
-        let claimable = |a: &String| match store.check_claim(&owner, std::slice::from_ref(a), &claim) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(spiffe_id = %owner, error = %e, "renewal: address left out of the registry");
-                false
-            }
-        };
-        addresses.into_iter().filter(claimable).collect()
-    })
-    .await?;
-    register(ctx, conn, &id, claimable).await?;
+    register(ctx, &id, addresses, Claim { leave_out_held: true, ..claim(ctx, conn) }).await?;
     ctx.shared.svid_renewed(&old_serial, new_serial, response.expires_at);
     let store = ctx.shared.store.clone();
     let actor = Actor { principal: id.to_string(), remote: conn.remote.to_string() };
@@ -111,11 +99,11 @@ fn sign(ctx: &Ctx, csr_pem: &str, id: &SpiffeId) -> Result<(SvidResponse, String
     Ok((response, serial))
 }
 
-async fn register(ctx: &Ctx, conn: &Conn, id: &SpiffeId, addresses: Vec<String>) -> Result<(), ApiError> {
+async fn register(ctx: &Ctx, id: &SpiffeId, addresses: Vec<String>, claim: Claim) -> Result<(), ApiError> {
     if addresses.is_empty() {
         return Ok(());
     }
-    let (store, claim) = (ctx.shared.store.clone(), claim(ctx, conn));
+    let store = ctx.shared.store.clone();
     let owner = id.clone();
     blocking(move || store.register_endpoints(&owner, &addresses, &claim)).await?.map_err(register_error)?;
     ctx.shared.reload_registry().map_err(ApiError::internal)
@@ -125,7 +113,7 @@ async fn register(ctx: &Ctx, conn: &Conn, id: &SpiffeId, addresses: Vec<String>)
 /// SVID lifetime keeps its addresses against claims from elsewhere.
 fn claim(ctx: &Ctx, conn: &Conn) -> Claim {
     let fresh_after = now_unix().saturating_sub(ctx.svid_ttl.as_secs());
-    Claim { from: conn.remote.ip(), fresh_after }
+    Claim { from: conn.remote.ip(), fresh_after, leave_out_held: false }
 }
 
 fn register_error(e: StoreError) -> ApiError {

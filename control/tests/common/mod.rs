@@ -23,6 +23,7 @@ pub struct Plane {
 pub const FROM_ITSELF: trellis_control::store::Claim = trellis_control::store::Claim {
     from: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
     fresh_after: u64::MAX,
+    leave_out_held: false,
 };
 
 pub fn td() -> TrustDomain {
