@@ -45,6 +45,9 @@ const MAX_PAGE_BYTES: usize = 32 << 20;
 /// Objects asked for per page of a list: the API server then answers in chunks with a
 /// `continue` token, so a large cluster is never one huge response.
 const LIST_PAGE: u32 = 500;
+/// 1,000,000 objects: far above any cluster, only there so a server that never stops
+/// sending `continue` tokens cannot grow the list without end.
+const MAX_LIST_PAGES: usize = 2_000;
 
 /// Who a verified token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +103,8 @@ pub struct TokenReviewer {
     /// `host:port` as written in the URL, for the Host header.
     authority: String,
     server_name: ServerName<'static>,
+    /// The URL's path (`https://host/k8s/clusters/c1`), before every API path.
+    prefix: String,
     review_path: String,
     tls: TlsConnector,
     bearer: Bearer,
@@ -170,6 +175,7 @@ impl TokenReviewer {
             host,
             server_name,
             review_path: format!("{prefix}{REVIEW_PATH}"),
+            prefix: prefix.to_string(),
             tls: TlsConnector::from(Arc::new(tls_config(ca_pem)?)),
             bearer,
             timeout: DEFAULT_TIMEOUT,
@@ -199,10 +205,11 @@ impl TokenReviewer {
     pub async fn list(&self, path: &str) -> Result<Vec<Value>, KubeError> {
         let mut items = Vec::new();
         let mut next: Option<String> = None;
-        loop {
+        let prefix = &self.prefix;
+        for _ in 0..MAX_LIST_PAGES {
             let page_path = match &next {
-                None => format!("{path}?limit={LIST_PAGE}"),
-                Some(token) => format!("{path}?limit={LIST_PAGE}&continue={}", percent_encode(token)),
+                None => format!("{prefix}{path}?limit={LIST_PAGE}"),
+                Some(token) => format!("{prefix}{path}?limit={LIST_PAGE}&continue={}", percent_encode(token)),
             };
             let send = self.send(Method::GET, &page_path, None, MAX_PAGE_BYTES);
             let (status, answer) = tokio::time::timeout(self.timeout, send).await.map_err(|_| {
@@ -221,6 +228,9 @@ impl TokenReviewer {
                 return Ok(items);
             }
         }
+        Err(KubeError::BadResponse(format!(
+            "GET {path}: more than {MAX_LIST_PAGES} pages of {LIST_PAGE} (the limit): the list did not end"
+        )))
     }
 
     async fn post(&self, body: String) -> Result<(StatusCode, Bytes), KubeError> {

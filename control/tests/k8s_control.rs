@@ -185,6 +185,18 @@ async fn services_listed_from_the_api_reach_the_watch_stream() {
     *api.cluster.lock().unwrap() = Some((services, slices));
     // The fake answers one object per page: three pages of Services, joined by `continue`.
     let table = trellis_control::services::list_table(&api.reviewer()).await.unwrap();
+    // Behind a path prefix (`--k8s-api https://host/k8s/clusters/c1`) lists go there too, as
+    // token reviews always did: they asked the bare path and got 404.
+    let behind = common::fake_kube::start_fake_api_at(common::fake_kube::PREFIX).await;
+    *behind.cluster.lock().unwrap() = api.cluster.lock().unwrap().clone();
+    let prefixed = trellis_control::kube::TokenReviewer::new(
+        &format!("{}{}", behind.url(), common::fake_kube::PREFIX),
+        behind.ca_pem.as_bytes(),
+        common::fake_kube::CONTROL_PLANE_TOKEN,
+    )
+    .unwrap();
+    assert_eq!(trellis_control::services::list_table(&prefixed).await.unwrap(), table);
+    assert_eq!(prefixed.review("pod-token").await.unwrap().namespace, "shop");
     let addresses: Vec<&str> = table.iter().map(|e| e.address.as_str()).collect();
     assert_eq!(addresses, ["10.96.0.10:80", "10.96.0.11:5432", "10.96.0.12:6379"]);
     assert_eq!(table[0].endpoints, ["10.244.1.5:8080"]);

@@ -21,6 +21,8 @@ use trellis_control::kube::TokenReviewer;
 use trellis_identity::rustls;
 
 pub const CONTROL_PLANE_TOKEN: &str = "control-plane-sa-token";
+/// A path an API server behind a proxy is reached under (`--k8s-api https://host/k8s/clusters/c1`).
+pub const PREFIX: &str = "/k8s/clusters/c1";
 
 pub struct FakeApi {
     pub addr: SocketAddr,
@@ -68,6 +70,11 @@ pub fn mint_server_cert() -> (String, rustls::ServerConfig) {
 }
 
 pub async fn start_fake_api() -> FakeApi {
+    start_fake_api_at("").await
+}
+
+/// A fake API server that answers only under `prefix` (404 elsewhere).
+pub async fn start_fake_api_at(prefix: &'static str) -> FakeApi {
     let (ca_pem, tls) = mint_server_cert();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -83,7 +90,7 @@ pub async fn start_fake_api() -> FakeApi {
             let (bearer, lists) = (bearer.clone(), lists.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let service = hyper::service::service_fn(move |req| answer(req, bearer.clone(), lists.clone()));
+                let service = hyper::service::service_fn(move |req| answer(req, bearer.clone(), lists.clone(), prefix));
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
             });
         }
@@ -94,8 +101,11 @@ pub async fn start_fake_api() -> FakeApi {
 /// A `ServiceList` or `EndpointSliceList`, as the API server shapes them — one object per
 /// page (an API server may send fewer than `limit`), with a `continue` token holding
 /// characters that must be escaped in a query (`=`, `/`, `+`).
-fn list(uri: &hyper::Uri, cluster: &Mutex<Option<(Value, Value)>>) -> Result<Response<Full<Bytes>>, hyper::Error> {
-    let path = uri.path();
+fn list(
+    path: &str,
+    query: Option<&str>,
+    cluster: &Mutex<Option<(Value, Value)>>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let Some((services, slices)) = cluster.lock().expect("lock").clone() else {
         let message = format!("services is forbidden: cannot list resource at {path}");
         return reply(StatusCode::FORBIDDEN, status_object(403, "Forbidden", &message));
@@ -108,7 +118,7 @@ fn list(uri: &hyper::Uri, cluster: &Mutex<Option<(Value, Value)>>) -> Result<Res
             return reply(StatusCode::NOT_FOUND, status);
         }
     };
-    let query = uri.query().unwrap_or("");
+    let query = query.unwrap_or("");
     if !query.split('&').any(|kv| kv.starts_with("limit=")) {
         return reply(StatusCode::BAD_REQUEST, status_object(400, "BadRequest", "this fake wants paged lists"));
     }
@@ -156,16 +166,20 @@ pub async fn answer(
     req: Request<hyper::body::Incoming>,
     bearer: Arc<Mutex<String>>,
     cluster: Arc<Mutex<Option<(Value, Value)>>>,
+    prefix: &str,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let Some(path) = req.uri().path().strip_prefix(prefix) else {
+        return reply(StatusCode::NOT_FOUND, status_object(404, "NotFound", "the server could not find the resource"));
+    };
     let expected = format!("Bearer {}", bearer.lock().expect("lock"));
     let authorized = req.headers().get("authorization").and_then(|v| v.to_str().ok()) == Some(expected.as_str());
     if !authorized {
         return reply(StatusCode::UNAUTHORIZED, status_object(401, "Unauthorized", "Unauthorized"));
     }
     if req.method() == hyper::Method::GET {
-        return list(req.uri(), &cluster);
+        return list(path, req.uri().query(), &cluster);
     }
-    if req.method() != hyper::Method::POST || req.uri().path() != "/apis/authentication.k8s.io/v1/tokenreviews" {
+    if req.method() != hyper::Method::POST || path != "/apis/authentication.k8s.io/v1/tokenreviews" {
         return reply(StatusCode::NOT_FOUND, status_object(404, "NotFound", "the server could not find the resource"));
     }
     let body = req.into_body().collect().await?.to_bytes();
