@@ -155,10 +155,10 @@ impl<V> IdIndex<V> {
         let uri = id.as_str();
         let path_start = uri.len() - id.path().len();
         for (depth, (slash, _)) in uri[path_start..].match_indices('/').enumerate() {
-            if self.depths.contains(depth) {
-                if let Some(v) = self.prefix.get(&uri[..path_start + slash]) {
-                    f(v);
-                }
+            if self.depths.contains(depth)
+                && let Some(v) = self.prefix.get(&uri[..path_start + slash])
+            {
+                f(v);
             }
         }
     }

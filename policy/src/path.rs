@@ -442,11 +442,11 @@ mod tests {
         /// can appear, since dot segments with parameters are refused).
         #[test]
         fn paths_without_parameters_are_normal(raw in "(/(\\.|\\.\\.|a|;|;x|\\.;|\\.\\.;|%3[bB]|%2[eE])*){1,6}") {
-            if let Ok(normal) = normalize_path(&raw) {
-                if let Some(bare) = without_parameters(&normal) {
-                    proptest::prop_assert_eq!(ok(&bare), bare.clone());
-                    proptest::prop_assert!(!bare.contains(';') && !bare.contains("%3B"), "{}", bare);
-                }
+            if let Ok(normal) = normalize_path(&raw)
+                && let Some(bare) = without_parameters(&normal)
+            {
+                proptest::prop_assert_eq!(ok(&bare), bare.clone());
+                proptest::prop_assert!(!bare.contains(';') && !bare.contains("%3B"), "{}", bare);
             }
         }
     }

@@ -296,10 +296,10 @@ fn to_origin_form<B>(req: &mut Request<B>) {
     if req.method() == http::Method::CONNECT {
         return;
     }
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            req.headers_mut().insert(header::HOST, host);
-        }
+    if !req.headers().contains_key(header::HOST)
+        && let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, host);
     }
     let mut parts = http::uri::Parts::default();
     parts.path_and_query = Some(req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
