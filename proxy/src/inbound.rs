@@ -194,6 +194,9 @@ fn dispatch(
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     tracing::Span::current().record("protocol", protocol.label());
     let Authenticated { io, remote, app, peer, me, started } = auth;
+    // Opaque with no bytes read: by ALPN or because the client was silent, so what it sends
+    // first has not been looked at (`LateHttpGuard`); bytes that decided "opaque" have.
+    let unsniffed = prefix.is_empty();
     let io = Prefixed::new(prefix, io);
     let facts = state.telemetry.is_on().then(|| inbound_facts(remote, app, Some(peer.clone()), Some(me.clone())));
     let peer_header = HeaderValue::from_str(peer.as_str()).ok();
@@ -211,7 +214,7 @@ fn dispatch(
         family: state_family,
     });
     match protocol {
-        Protocol::Opaque => Box::pin(tcp_stage(ctx, io)),
+        Protocol::Opaque => Box::pin(tcp_stage(ctx, io, unsniffed)),
         Protocol::Http1 | Protocol::Http2 => Box::pin(http_stage(ctx, io, protocol)),
     }
 }
@@ -386,7 +389,7 @@ impl ConnCtx {
 }
 
 /// One L4 decision, then a byte tunnel to the app; the connection's span records both.
-async fn tcp_stage(ctx: Arc<ConnCtx>, mut io: PeerIo) {
+async fn tcp_stage(ctx: Arc<ConnCtx>, mut io: PeerIo, unsniffed: bool) {
     let view = ctx.state.policy.load();
     let permit = match authorize(&view, &ctx.flow(None)) {
         Ok(p) => p,
@@ -403,13 +406,18 @@ async fn tcp_stage(ctx: Arc<ConnCtx>, mut io: PeerIo) {
     drop(view);
     ctx.state.metrics.flow("inbound", permit.decision().label(), "tcp");
     let verdict = permit.verdict();
-    let (t, error) = forward_tcp(&ctx, permit, io).await;
+    let (t, error) = forward_tcp(&ctx, permit, io, unsniffed).await;
     ctx.record(ConnOutcome { verdict, sent: t.sent, received: t.received, error });
 }
 
 /// Tunnels an authorized connection to the app until either side closes or the policy
 /// revokes it; returns what it carried and why it could not, if it could not.
-async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) -> (Transferred, Option<Cow<'static, str>>) {
+async fn forward_tcp(
+    ctx: &ConnCtx,
+    permit: Permit,
+    mut io: PeerIo,
+    unsniffed: bool,
+) -> (Transferred, Option<Cow<'static, str>>) {
     let flow = TrackedFlow::Mesh {
         source: Some(ctx.peer.clone()),
         source_ip: ctx.remote.ip(),
@@ -433,7 +441,7 @@ async fn forward_tcp(ctx: &ConnCtx, permit: Permit, mut io: PeerIo) -> (Transfer
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "connection allowed");
     // Opaque only because the client was silent (a port not declared opaque): an HTTP request
     // arriving late must not reach the app unparsed (`LateHttpGuard`).
-    let t = if ctx.state.config.is_opaque(ctx.app.port()) {
+    let t = if !unsniffed || ctx.state.config.is_opaque(ctx.app.port()) {
         tunnel(&mut io, &mut app, &tracked.cancel).await
     } else {
         tunnel(&mut LateHttpGuard::new(io), &mut app, &tracked.cancel).await

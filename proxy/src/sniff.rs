@@ -53,12 +53,12 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Enough for any real request line's method and the start of its target.
 const MAX_SNIFF: usize = 8 * 1024;
 /// How long, from the start, a stream whose first bytes may still be HTTP gets to finish
-/// its request line (or preface) before it is treated as opaque.
+/// its request line (or preface) before it is decided anyway (a started request line: HTTP).
 pub const REST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads until the protocol is known, `MAX_SNIFF` bytes or EOF; gives up (opaque) when
-/// nothing came within `timeout`, or when what came is still undecided after
-/// [`REST_TIMEOUT`] (or `timeout`, if longer). `timed_out` means no bytes came at all.
+/// Reads until the protocol is known, `MAX_SNIFF` bytes or EOF; opaque when nothing came
+/// within `timeout`; what came and is still undecided after [`REST_TIMEOUT`] (or `timeout`,
+/// if longer) is decided by [`undecided`]. `timed_out` means no bytes came at all.
 pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> std::io::Result<Detected> {
     let mut buf = BytesMut::with_capacity(1024);
     let start = tokio::time::Instant::now();
@@ -87,8 +87,8 @@ pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> std:
     }
 }
 
-/// Guards an opaque stream on a port not declared opaque (it became opaque because its
-/// client said nothing within the detect timeout): if the client's first bytes turn out to be
+/// Guards an opaque stream on a port not declared opaque whose first bytes nobody has looked
+/// at (opaque by ALPN, or its client said nothing within the detect timeout): if the client's first bytes turn out to be
 /// an HTTP request after all, the stream fails instead of carrying it. Passed on raw, such a
 /// request would reach the app unparsed — with an `x-trellis-peer-id` the client wrote, under
 /// a ports-only rule. The first bytes are held back until they decide; the other direction
