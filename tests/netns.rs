@@ -260,6 +260,14 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
     assert!(answers.iter().all(|a| *a == "server 200" || *a == "replica 200"), "{body}\n{}", pod_logs(&logs));
     assert!(answers.contains(&"server 200") && answers.contains(&"replica 200"), "both replicas answered: {body}");
     assert!(trace.contains("Re-using existing connection"), "one client connection: {trace}");
+    // A new connection per request reaches both replicas too (each connection's own pick and
+    // its first request's used to be two turns of the round robin: always the same replica).
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let out = net.exec(0, &["curl", "-s", "--max-time", "10", &whoami]).output().unwrap();
+        seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    assert!(seen.iter().any(|a| a == "server") && seen.iter().any(|a| a == "replica"), "{seen:?}");
     drop(api);
 
     // The proxies' own connections were not captured again: no loop refusals, and a

@@ -148,7 +148,8 @@ async fn handle(state: Arc<ProxyState>, accepted: Accepted, target: Target) {
         Target::Mesh { addr, id, service } => {
             span.record("dst", field::display(addr));
             span.record("dst.id", field::display(&id));
-            mesh(accepted, ForwardToPeer { state, addr, id, service }).await
+            let first_taken = Arc::default();
+            mesh(accepted, ForwardToPeer { state, addr, id, service, first_taken }).await
         }
     }
 }
@@ -256,6 +257,10 @@ struct ForwardToPeer {
     /// The Service the app called, if it did: each request then takes the Service's next
     /// endpoint in the mesh (a long-lived HTTP/2 client would otherwise load one pod).
     service: Option<SocketAddr>,
+    /// Whether the connection's own pick (made at accept, a turn of the round robin) was
+    /// used: the first request takes it, so a client with one request per connection does
+    /// not skip every other endpoint.
+    first_taken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl tower::Service<Request<ReqBody>> for ForwardToPeer {
@@ -291,7 +296,11 @@ impl ForwardToPeer {
     /// Where this request goes: the Service's next endpoint, or the connection's peer (also
     /// when the Service has no endpoint in the mesh left).
     fn pick(&self) -> (SocketAddr, SpiffeId) {
-        let next = self.service.and_then(|vip| self.state.registry.load().target(vip).map(|(a, id)| (a, id.clone())));
+        let first = || !self.first_taken.swap(true, std::sync::atomic::Ordering::Relaxed);
+        let next = self
+            .service
+            .filter(|_| !first())
+            .and_then(|vip| self.state.registry.load().target(vip).map(|(a, id)| (a, id.clone())));
         next.unwrap_or_else(|| (self.addr, self.id.clone()))
     }
 
