@@ -183,3 +183,21 @@ fn the_kubernetes_api_flags_are_checked_at_start() {
     assert_ne!(code, Some(0), "{err}");
     assert!(err.contains("--k8s-api") && err.contains("no-such-dir/ca.crt"), "{err}");
 }
+
+/// A zero `--header-timeout` would cut off every client before its first request: refused.
+#[test]
+fn a_zero_header_timeout_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = trellis()
+        .args(["control", "run", "--listen", "127.0.0.1:0", "--header-timeout", "0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--header-timeout"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing created");
+}

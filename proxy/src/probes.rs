@@ -73,6 +73,13 @@ pub struct HttpGet {
     pub host: Option<String>,
 }
 
+impl HttpGet {
+    /// The path the kubelet asks for: `/` when none (or an empty one) is given.
+    pub fn path(&self) -> &str {
+        self.path.as_deref().filter(|p| !p.is_empty()).unwrap_or("/")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct ProbeHeader {
     pub name: String,
@@ -127,9 +134,7 @@ pub async fn answer_plaintext(
     let (Ok(httparse::Status::Complete(_)), Some(method), Some(path)) = (req.parse(&head), req.method, req.path) else {
         return FirstBytes::Refused("plaintext that is not HTTP".into());
     };
-    let probe = probes
-        .values()
-        .find(|p| p.port == app_port && p.http_get.as_ref().is_some_and(|g| g.path.as_deref().unwrap_or("/") == path));
+    let probe = probes.values().find(|p| p.port == app_port && p.http_get.as_ref().is_some_and(|g| g.path() == path));
     let Some(probe) = probe.filter(|_| method == "GET" || method == "HEAD") else {
         return FirstBytes::Refused(format!("plaintext {method} {path} is no app probe of port {app_port}"));
     };
@@ -245,8 +250,7 @@ async fn http_get(
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| format!("HTTP: {e}"))?;
     tokio::spawn(conn);
-    let path = get.path.as_deref().filter(|p| !p.is_empty()).unwrap_or("/");
-    let mut req = Request::get(path)
+    let mut req = Request::get(get.path())
         .header(http::header::HOST, format!("127.0.0.1:{port}"))
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("probe request: {e}"))?;
@@ -347,6 +351,16 @@ fn status_name(status: u64) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+
+    /// The kubelet asks for `/` when a probe's path is empty or absent; the plaintext
+    /// answer and the admin-port run must both look for that.
+    #[test]
+    fn an_empty_or_absent_probe_path_is_the_root() {
+        let get = |path: Option<&str>| HttpGet { path: path.map(str::to_owned), ..serde_json::from_str("{}").unwrap() };
+        assert_eq!(get(None).path(), "/");
+        assert_eq!(get(Some("")).path(), "/");
+        assert_eq!(get(Some("/ready")).path(), "/ready");
+    }
     use super::*;
 
     #[test]

@@ -34,7 +34,7 @@ pub struct RunArgs {
     pub svid_ttl: Duration,
     /// How long an API client may take to send a request's headers, or leave an HTTP/1.1
     /// connection idle between requests (slowloris guard).
-    #[arg(long, env = "TRELLIS_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "TRELLIS_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_header_timeout)]
     pub header_timeout: Duration,
     /// Use this CA certificate (PEM chain up to the root) instead of creating one.
     #[arg(long, env = "TRELLIS_CA_CERT", requires = "ca_key")]
@@ -67,6 +67,14 @@ pub struct RunArgs {
     /// Control plane URL the injected proxies use.
     #[arg(long, env = "TRELLIS_INJECT_CONTROL", default_value = "https://trellis-control.trellis-system.svc:7443")]
     pub inject_control: String,
+}
+
+/// A zero timeout would close every connection before its first request.
+fn parse_header_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: every client would be cut off before its first request; at least 1ms")),
+        d => Ok(d),
+    }
 }
 
 pub fn run(cmd: ControlCommand) -> ExitCode {

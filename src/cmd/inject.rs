@@ -82,15 +82,7 @@ fn inject_to_string(args: &InjectArgs) -> anyhow::Result<String> {
 /// Like `kubectl apply -f DIR` (not recursive): each file injected on its own (a JSON file
 /// stays JSON to its parser), their YAML joined with `---`; any error, and nothing is printed.
 fn inject_dir(dir: &Path, cfg: &InjectConfig) -> anyhow::Result<String> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let path = entry.with_context(|| format!("cannot read {}", dir.display()))?.path();
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
-        if matches!(ext, "yaml" | "yml" | "json") && path.is_file() {
-            files.push(path);
-        }
-    }
-    files.sort();
+    let files = super::policy::policy_files(dir).with_context(|| format!("cannot read {}", dir.display()))?;
     if files.is_empty() {
         anyhow::bail!("{}: no *.yaml, *.yml or *.json files", dir.display());
     }

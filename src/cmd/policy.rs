@@ -352,7 +352,9 @@ fn load_dir(dir: &Path) -> Result<Vec<Policy>, ExitCode> {
     if failed { Err(ExitCode::from(EXIT_ERROR)) } else { Ok(policies) }
 }
 
-fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// The `*.yaml`, `*.yml` and `*.json` files directly in `dir`, in name order (as `kubectl
+/// apply -f DIR` reads a directory); `inject -f DIR` reads the same.
+pub(super) fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();

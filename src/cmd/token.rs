@@ -27,7 +27,7 @@ pub struct CreateArgs {
     pub admin: AdminArgs,
 }
 
-const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+const MAX_TTL: Duration = Duration::from_secs(trellis_control::server::MAX_TOKEN_TTL);
 
 /// A token's lifetime goes to the control plane in whole seconds; rounding `0` or `500ms` up
 /// to a second would hand out a token the user did not ask for.

@@ -19,7 +19,8 @@ use crate::tokens;
 
 /// Join tokens live 15 minutes unless asked otherwise, and never more than 30 days.
 const DEFAULT_TOKEN_TTL: u64 = 15 * 60;
-const MAX_TOKEN_TTL: u64 = 30 * 24 * 3600;
+/// The longest a join token may live (the API refuses more; the CLI says so first).
+pub const MAX_TOKEN_TTL: u64 = 30 * 24 * 3600;
 /// Most audit entries one `GET /v1/audit` returns (`limit`'s maximum in the OpenAPI).
 const MAX_AUDIT_LIMIT: usize = 10_000;
 

@@ -12,6 +12,7 @@
 //! `WWW-Authenticate: Bearer`, and the `Bearer` scheme is matched case-insensitively.
 
 mod admin;
+pub use admin::MAX_TOKEN_TTL;
 mod svid;
 mod watch;
 
