@@ -1,6 +1,7 @@
 //! Reading YAML within limits, and its errors in words a user acts on. Used where Trellis
-//! reads YAML a user wrote: policy files (`parse.rs`) and the manifests `trellis inject` and
-//! the webhook read (the control crate). Pure: text in, values or a message out.
+//! reads YAML a user wrote: policy files (`parse.rs`) and the manifests `trellis inject` reads
+//! (the control crate; the webhook's AdmissionReviews are JSON). Pure: text in, values or a
+//! message out.
 //!
 //! serde-saphyr guards against hostile input with a budget (values, nesting, documents,
 //! aliases) and names a breach in its own debug text (`budget breached: Nodes { nodes:

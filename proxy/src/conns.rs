@@ -80,14 +80,14 @@ impl TrackedFlow {
     }
 }
 
-/// The flow sits behind its own lock so an HTTP connection updating it per request never
-/// contends with other connections.
+/// A registration: the flow never changes once registered (a request in flight is one
+/// registration), so it is shared, not locked.
 #[derive(Debug)]
 struct Entry {
-    flow: Arc<Mutex<TrackedFlow>>,
+    flow: Arc<TrackedFlow>,
     cancel: CancellationToken,
-    /// The connection this registration belongs to: its own id, or (an upgraded WebSocket)
-    /// the HTTP connection's. A revocation counts connections, not registrations.
+    /// The connection this registration belongs to: its own id, or the HTTP connection
+    /// whose request (or upgraded WebSocket) it is. A revocation counts connections.
     family: u64,
 }
 
@@ -119,7 +119,7 @@ impl ConnTracker {
     fn register(self: &Arc<Self>, flow: TrackedFlow, cancel: CancellationToken, family: Option<u64>) -> Tracked {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let family = family.unwrap_or(id);
-        let flow = Arc::new(Mutex::new(flow));
+        let flow = Arc::new(flow);
         self.lock().insert(id, Entry { flow: flow.clone(), cancel: cancel.clone(), family });
         Tracked { id, cancel, flow, tracker: self.clone() }
     }
@@ -130,7 +130,7 @@ impl ConnTracker {
         let live = self.lock();
         let mut closed: Vec<u64> = Vec::new();
         for entry in live.values() {
-            let flow = entry.flow.lock().unwrap_or_else(|p| p.into_inner());
+            let flow = &entry.flow;
             if !entry.cancel.is_cancelled() && !flow.allowed_by(snapshot) {
                 tracing::info!(flow = %*flow, "a policy change revoked an open flow; ending it");
                 entry.cancel.cancel();
@@ -160,7 +160,7 @@ impl ConnTracker {
 pub struct Tracked {
     id: u64,
     pub cancel: CancellationToken,
-    flow: Arc<Mutex<TrackedFlow>>,
+    flow: Arc<TrackedFlow>,
     tracker: Arc<ConnTracker>,
 }
 
@@ -168,7 +168,7 @@ impl Tracked {
     /// Judges the flow again against `snapshot` and closes the connection if it is no longer
     /// allowed; true if it closed it.
     pub fn recheck(&self, snapshot: &PolicySnapshot) -> bool {
-        let allowed = self.flow.lock().unwrap_or_else(|p| p.into_inner()).allowed_by(snapshot);
+        let allowed = self.flow.allowed_by(snapshot);
         if !allowed && !self.cancel.is_cancelled() {
             tracing::info!("policy changed while the connection was being admitted; closing it");
             self.cancel.cancel();

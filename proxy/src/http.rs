@@ -21,8 +21,8 @@ use crate::peer_h2::PeerBody;
 /// [`PeerBody`]) or generated here (`Full`).
 pub type RespBody = Either<Either<Incoming, PeerBody>, Either<Full<Bytes>, Revocable>>;
 
-/// A body relayed as hyper received it: an app's response, or the answer to an upgrade
-/// (from an app or a peer, each on its own connection).
+/// A body relayed as hyper received it: the answer to an upgrade (from an app or a peer,
+/// each on its own connection). An app's ordinary response is [`revocable`].
 pub fn relayed(body: Incoming) -> RespBody {
     Either::Left(Either::Left(body))
 }

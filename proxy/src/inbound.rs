@@ -11,8 +11,8 @@
 //! if it asks for a listed probe's path; other plaintext is refused (it could never pass the
 //! handshake), recorded like a refused handshake with the class `plaintext`.
 //!
-//! Allowed connections are registered with the connection tracker, so a later policy
-//! that revokes them closes them. Telemetry records a span for each connection (opaque:
+//! Allowed TCP connections, and HTTP requests while in flight, are registered with the
+//! connection tracker, so a later policy that revokes them ends them. Telemetry records a span for each connection (opaque:
 //! allowed or denied; HTTP: when it closes, with its request counts), each refused
 //! handshake, and (in the tower stack) each request.
 
@@ -469,13 +469,11 @@ fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) -> impl Future<
         .layer(PolicyLayer { ctx: ctx.clone() })
         .service(ForwardToApp { app: ctx.state.app.get(ctx.app), ctx: ctx.clone() });
     let svc = hyper_util::service::TowerToHyperService::new(svc);
-    // A revoked connection gets a short grace; a proxy shutting down, its drain timeout.
+    // A proxy shutting down drains it (revocation ends requests, not the connection).
     let header_timeout = state.config.header_timeout;
     let stop = async move {
-        tokio::select! {
-            () = ctx.cancel.cancelled() => Duration::from_millis(500),
-            () = state.shutdown.cancelled() => state.config.drain_timeout,
-        }
+        state.shutdown.cancelled().await;
+        state.config.drain_timeout
     };
     serve_http(Metered::new(io, conn), svc, protocol == Protocol::Http2, header_timeout, stop)
 }

@@ -22,9 +22,6 @@ use crate::state::ProxyState;
 const SVID_FILE: &str = "svid.pem";
 const KEY_FILE: &str = "svid-key.pem";
 
-/// Gets the first SVID: from the state dir if a valid one is there, else by attestation.
-/// Transport failures are retried with backoff; a refused token is fatal (it will not
-/// get better by retrying).
 /// Where the first SVID came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -34,6 +31,9 @@ pub enum Origin {
     Kept,
 }
 
+/// Gets the first SVID: from the state dir if a valid one is there, else by attestation.
+/// Transport failures are retried with backoff; a refused token is fatal (it will not
+/// get better by retrying).
 pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient, bundle: &TrustBundle) -> Result<Origin, ProxyError> {
     let no_token = matches!(&state.config.attestation, Attestation::JoinToken(t) if t.trim().is_empty());
     let mut unusable = "no SVID is kept there".to_string();

@@ -125,8 +125,8 @@ pub fn parse_manifests(input: &str) -> Result<Vec<Value>, InjectError> {
 const YAML_LIMITS: trellis_policy::yaml::Limits = trellis_policy::yaml::Limits {
     nodes: 8_000_000,
     // serde-saphyr's default: reading nests a stack frame per level, and 128 levels
-    // overflowed a 2 MiB thread stack (a tokio worker's; the webhook reads there) in a
-    // debug build. Real manifests, CRD schemas included, stay far below.
+    // overflowed the 2 MiB stack of a test thread in a debug build. Real manifests, CRD
+    // schemas included, stay far below.
     depth: 64,
     documents: 100_000,
     aliases: 50_000,

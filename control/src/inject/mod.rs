@@ -11,9 +11,12 @@
 //!   proxy presents to the control plane for TokenReview attestation;
 //! - the `trellis.dev/injected: <version>` annotation on the pod (template) metadata.
 //!
-//! Every other field keeps its value and its position. Re-injecting replaces the owned objects
-//! in place, so injecting an injected manifest with the same configuration changes nothing,
-//! and injecting it with a new image or control URL upgrades it.
+//! Every other field keeps its value and its position, with two exceptions the user asks for:
+//! `trellis.dev/rewrite-app-probes: "true"` points app probes at the admin port (restored on
+//! re-injection), and a manifest injected before that now opts out (disabled, hostNetwork)
+//! has the owned objects taken out again. Re-injecting replaces the owned objects in place,
+//! so injecting an injected manifest with the same configuration changes nothing, and
+//! injecting it with a new image or control URL upgrades it.
 //!
 //! Layout: [`manifest`] reads and writes multi-document YAML/JSON and finds the pod template
 //! of each workload kind; `pod` edits one pod template; `containers` builds the owned
