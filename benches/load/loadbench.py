@@ -10,6 +10,9 @@ Targets (each proxy limited to one worker thread):
   trellis  client -> web sidecar (route) -> pooled HTTP/2 over mTLS -> api sidecar -> backend
   nginx    client -> nginx -> HTTP/1.1 over mTLS (keep-alive pool) -> nginx -> backend
   haproxy  client -> HAProxy -> mTLS (reused server connections) -> HAProxy -> backend
+  relay    client -> HAProxy (mode tcp) -> plain TCP -> HAProxy (mode tcp) -> backend: a
+           reference, not a peer (no TLS, no HTTP): the least two extra hops cost here
+           (scenarios 1 and 2 only)
 
 Scenarios (each round measures every target once, in an order that rotates per round):
   http1  HTTP/1.1 keep-alive peak rps, p50/p99            wrk -tT -c32
@@ -54,7 +57,8 @@ WEB_ID = f"spiffe://{TRUST_DOMAIN}/ns/bench/sa/web"
 API_ID = f"spiffe://{TRUST_DOMAIN}/ns/bench/sa/api"
 BODY = b"hello from backend\n"
 
-TARGETS = ["direct", "trellis", "nginx", "haproxy"]
+TARGETS = ["direct", "trellis", "nginx", "haproxy", "relay"]
+MESH = ["direct", "trellis", "nginx", "haproxy"]  # the targets of scenarios 3-5
 PAIRS = ["trellis", "nginx", "haproxy"]
 ROLES = ["outbound", "inbound"]
 
@@ -62,8 +66,8 @@ ROLES = ["outbound", "inbound"]
 SCENARIOS = {
     "http1": ("1. HTTP/1.1 keep-alive, peak rps", "wrk", TARGETS),
     "rate": ("2. Fixed rate 2,000 rps, latency-corrected", "oha", TARGETS),
-    "close": ("3. A new connection per request (Connection: close)", "wrk", TARGETS),
-    "h2": ("4. HTTP/2 multiplexed (h2c prior knowledge)", "h2load", TARGETS),
+    "close": ("3. A new connection per request (Connection: close)", "wrk", MESH),
+    "h2": ("4. HTTP/2 multiplexed (h2c prior knowledge)", "h2load", MESH),
     "bulk": ("5. Single-stream bulk TCP through an opaque port", "iperf3", ["direct", "trellis", "haproxy"]),
     "idle": ("6. RSS holding idle connections", None, PAIRS),
 }
@@ -78,7 +82,7 @@ INSTALL = {
     "openssl": "apt-get install -y openssl",
 }
 
-COLORS = {"direct": "#8c8c8c", "trellis": "#3b6fd8", "nginx": "#2e9e4f", "haproxy": "#d0542a"}
+COLORS = {"direct": "#8c8c8c", "trellis": "#3b6fd8", "nginx": "#2e9e4f", "haproxy": "#d0542a", "relay": "#c8c8c8"}
 LIGHT = {"trellis": "#9db7ec", "nginx": "#96cfa7", "haproxy": "#e8a994"}
 
 
@@ -681,7 +685,7 @@ class Bench:
         P = dict(zip(
             ["B_H1", "B_H2C", "IPERF", "CONTROL", "T_OUT_H1", "T_OUT_H2", "T_OUT_TCP", "T_IN_H1", "T_IN_H2",
              "T_IN_TCP", "T_ADMIN_OUT", "T_ADMIN_IN", "N_OUT_H1", "N_OUT_H2", "N_IN_H1", "H_OUT_H1", "H_OUT_H2",
-             "H_OUT_TCP", "H_IN_H1", "H_IN_H2", "H_IN_TCP"], free_ports(21)))
+             "H_OUT_TCP", "H_IN_H1", "H_IN_H2", "H_IN_TCP", "R_OUT", "R_IN"], free_ports(23)))
         self.ports = P
         (self.work / "tmp").mkdir(exist_ok=True)
         have = lambda t: t in tools  # noqa: E731
@@ -704,7 +708,7 @@ class Bench:
             self.urls.setdefault("direct", {})["tcp"] = P["IPERF"]
 
         for pair, starter in (("trellis", self.start_trellis), ("nginx", self.start_nginx),
-                              ("haproxy", self.start_haproxy)):
+                              ("haproxy", self.start_haproxy), ("relay", self.start_relay)):
             if pair not in self.a.targets:
                 continue
             try:
@@ -794,6 +798,18 @@ class Bench:
         self.sidecars["haproxy"] = procs
         self.urls["haproxy"] = {"h1": f"http://127.0.0.1:{P['H_OUT_H1']}/",
                                 "h2": f"http://127.0.0.1:{P['H_OUT_H2']}/", "tcp": P["H_OUT_TCP"]}
+
+    def start_relay(self, P, tools):
+        if "haproxy" not in tools:
+            raise RuntimeError("haproxy is missing")
+        procs = {}
+        for role, listen, nxt in (("inbound", P["R_IN"], P["B_H1"]), ("outbound", P["R_OUT"], P["R_IN"])):
+            conf = self.template(HERE / "peers" / "relay.cfg", self.work / f"relay-{role}.cfg",
+                                 {"LISTEN": listen, "NEXT": nxt})
+            procs[role] = self.procs.start(f"relay-{role}", ["haproxy", "-db", "-f", conf])
+            wait_port(listen, self.procs, f"relay-{role}", procs[role])
+        self.sidecars["relay"] = procs
+        self.urls["relay"] = {"h1": f"http://127.0.0.1:{P['R_OUT']}/"}
 
     def sanity(self, tools):
         """Requests through every listener first, so a broken path is reported as broken rather
@@ -1186,6 +1202,10 @@ def scenario_md(scn, e, s, a):
                 for t, m in ((t, s[t]) for t in ts)]
         lines.append(table(["target", "Gbit/s", "range", "÷ direct", "trellis ÷ this", "sidecar CPU s/GiB",
                             "sidecar cores", "rounds", "other work, cores", "errors"], rows))
+    if "relay" in ts:
+        lines += ["", "*relay*: a reference, not a peer — two HAProxy processes in `mode tcp` with no TLS and no "
+                      "HTTP, only copying bytes: what two extra loopback hops cost on this machine at the least. The "
+                      "goals compare Trellis with the nginx and HAProxy pairs only."]
     others = [r["other_cpu_cores"] for d in e["targets"].values() for r in d["rounds"] if "other_cpu_cores" in r]
     lines += ["", "Medians (and *range*) over the *rounds* shown: the *clean* ones, in which other work on the machine "
                   f"used at most {a.max_other_cpu:g} cores during every target's measurement, so the ratios compare "

@@ -3,7 +3,7 @@
 # with wrk, oha, h2load and iperf3, all on loopback. See benches/README.md.
 #
 #   benches/load/run.sh [--quick] [--rounds N] [--duration S] [--out DIR] [--only SCENARIO,...]
-#                       [--targets direct,trellis,nginx,haproxy] [--help]
+#                       [--targets direct,trellis,nginx,haproxy,relay] [--help]
 #
 # Measures TRELLIS_BIN if set; otherwise ${CARGO_TARGET_DIR:-target}/release/trellis, built
 # first with `cargo build --release --bin trellis` (a no-op when it is up to date; set
