@@ -165,6 +165,12 @@ impl Shared {
         Ok(())
     }
 
+    /// After a registration that left the registry at `version`: reloads it only if that is
+    /// newer than what proxies were sent (a renewal that changed no owner reads nothing).
+    pub fn registry_at(&self, version: u64) -> Result<(), StoreError> {
+        if version > self.registry.load().version { self.reload_registry() } else { Ok(()) }
+    }
+
     pub fn reload_registry(&self) -> Result<(), StoreError> {
         let (version, endpoints) = self.store.endpoints()?;
         if version > self.registry.load().version {

@@ -200,6 +200,45 @@ impl Claim {
     }
 }
 
+/// Registers `addresses` for `id` inside `txn` under `claim`'s rules: returns the registry
+/// version and whether any address is new or changed hands. An error leaves `txn` to be
+/// dropped uncommitted (the claim is refused whole) unless the claim leaves held addresses out.
+fn put_endpoints(
+    txn: &redb::WriteTransaction,
+    id: &SpiffeId,
+    addresses: &[String],
+    claim: &Claim,
+    now: u64,
+) -> Result<(u64, bool), StoreError> {
+    let mut table = txn.open_table(ENDPOINTS)?;
+    let mut changed = false;
+    let existing = all_endpoints(&table)?;
+    for address in addresses {
+        let current = table.get(address.as_str())?.and_then(|v| serde_json::from_slice::<Endpoint>(v.value()).ok());
+        match claim.check(id, address, &existing) {
+            Ok(()) => {}
+            Err(e) if claim.leave_out_held => {
+                tracing::warn!(spiffe_id = %id, error = %e, "address left out of the registry");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        if let Some(old) = current.as_ref().filter(|e| &e.spiffe_id != id) {
+            tracing::info!(%address, from = %old.spiffe_id, to = %id, "endpoint address moved to another workload");
+        }
+        changed |= current.is_none_or(|e| &e.spiffe_id != id);
+        let entry = Endpoint { address: address.clone(), spiffe_id: id.clone(), updated: now };
+        let json = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        table.insert(address.as_str(), json.as_slice())?;
+    }
+    let version = if changed {
+        bump(txn, K_ENDPOINTS_VERSION)?
+    } else {
+        txn.open_table(META)?.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0)
+    };
+    Ok((version, changed))
+}
+
 /// Every registered endpoint (a registration checks its claim against all of them).
 fn all_endpoints(table: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Vec<Endpoint>, StoreError> {
     let mut out = Vec::new();
@@ -393,11 +432,21 @@ impl Store {
         usable_token(&txn.open_table(TOKENS)?, hash, now)
     }
 
-    /// Marks a token used and returns it, in one transaction, so two concurrent bootstraps
-    /// with the same token cannot both succeed.
-    pub fn consume_token(&self, hash: &[u8; 32], now: u64, actor: &Actor) -> Result<TokenRecord, StoreError> {
-        let txn = self.db.begin_write()?;
-        let record = {
+    /// A bootstrap's writes in one transaction: the join token (if it came with one) is spent
+    /// and the workload's addresses registered together. A refused claim — including one lost
+    /// to a workload that registered the address a moment earlier — commits nothing, so the
+    /// token stays usable; and two concurrent bootstraps with one token cannot both succeed.
+    /// Returns the registry version, as [`Store::register_endpoints`] does.
+    pub fn bootstrap(
+        &self,
+        token: Option<(&[u8; 32], &Actor)>,
+        id: &SpiffeId,
+        addresses: &[String],
+        claim: &Claim,
+    ) -> Result<u64, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        let now = now_unix();
+        if let Some((hash, actor)) = token {
             let mut table = txn.open_table(TOKENS)?;
             let mut record = usable_token(&table, hash, now)?;
             record.used = Some(now);
@@ -405,10 +454,13 @@ impl Store {
             table.insert(hash.as_slice(), json.as_slice())?;
             let version = txn.open_table(META)?.get(K_VERSION)?.map(|v| v.value()).unwrap_or(0);
             append_audit(&txn, actor, "svid.bootstrap", record.spiffe_id.as_str(), version)?;
-            record
-        };
+        }
+        let (version, changed) = put_endpoints(&txn, id, addresses, claim, now)?;
+        if !changed && token.is_none() {
+            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
+        }
         txn.commit()?;
-        Ok(record)
+        Ok(version)
     }
 
     /// Records that `addresses` are served by `id` as of now; returns the registry version
@@ -417,61 +469,7 @@ impl Store {
     /// renewal. A refresh that changes no owner is committed without an fsync — losing it in
     /// a crash only makes the entry look one renewal older.
     pub fn register_endpoints(&self, id: &SpiffeId, addresses: &[String], claim: &Claim) -> Result<u64, StoreError> {
-        let mut txn = self.db.begin_write()?;
-        let now = now_unix();
-        let (version, changed) = {
-            let mut table = txn.open_table(ENDPOINTS)?;
-            let mut changed = false;
-            let existing = all_endpoints(&table)?;
-            for address in addresses {
-                let current =
-                    table.get(address.as_str())?.and_then(|v| serde_json::from_slice::<Endpoint>(v.value()).ok());
-                // Refused whole (the transaction is dropped, nothing of this claim is kept), or
-                // this one address left out.
-                match claim.check(id, address, &existing) {
-                    Ok(()) => {}
-                    Err(e) if claim.leave_out_held => {
-                        tracing::warn!(spiffe_id = %id, error = %e, "address left out of the registry");
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
-                if let Some(old) = current.as_ref().filter(|e| &e.spiffe_id != id) {
-                    tracing::info!(%address, from = %old.spiffe_id, to = %id, "endpoint address moved to another workload");
-                }
-                changed |= current.is_none_or(|e| &e.spiffe_id != id);
-                let entry = Endpoint { address: address.clone(), spiffe_id: id.clone(), updated: now };
-                let json = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                table.insert(address.as_str(), json.as_slice())?;
-            }
-            let version = if changed {
-                bump(&txn, K_ENDPOINTS_VERSION)?
-            } else {
-                txn.open_table(META)?.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0)
-            };
-            (version, changed)
-        };
-        if !changed {
-            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
-        }
-        txn.commit()?;
-        Ok(version)
-    }
-
-    /// [`Store::register_endpoints`]'s claim check alone, changing nothing: run before a join
-    /// token is spent, so a refused claim does not burn it.
-    pub fn check_claim(&self, id: &SpiffeId, addresses: &[String], claim: &Claim) -> Result<(), StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = match txn.open_table(ENDPOINTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let existing = all_endpoints(&table)?;
-        for address in addresses {
-            claim.check(id, address, &existing)?;
-        }
-        Ok(())
+        self.bootstrap(None, id, addresses, claim)
     }
 
     /// Removes the endpoints nobody registered since `cutoff` (unix seconds) and returns the
@@ -649,7 +647,6 @@ mod tests {
             let addresses = ["10.1.1.1".to_string(), address.to_string()];
             let err = store.register_endpoints(&id("evil"), &addresses, &claim("10.6.6.6")).unwrap_err();
             assert!(matches!(&err, StoreError::AddressHeld { holder, .. } if holder == &id("db")), "{err}");
-            assert!(store.check_claim(&id("evil"), &addresses, &claim("10.6.6.6")).is_err());
         }
         // Any other spelling of a held host is the same host.
         for other_form in ["10.9.9.9:80", "[::ffff:10.9.9.9]:80", "10.9.9.8", "10.9.9.8:15006"] {
@@ -666,6 +663,32 @@ mod tests {
         store.register_endpoints(&id("other"), &["10.9.9.8:5432".into()], &claim("10.6.6.6")).unwrap();
         let owners: Vec<_> = store.endpoints().unwrap().1.into_iter().map(|e| e.spiffe_id).collect();
         assert_eq!(owners, [id("other"), id("new-pod")]);
+    }
+
+    /// A bootstrap whose claim is refused spends nothing: the token and the registry are as
+    /// they were, and the same token bootstraps once the claim is allowed — only once.
+    #[test]
+    fn a_refused_bootstrap_claim_leaves_the_token_unspent() {
+        let (_dir, store) = open();
+        let now = now_unix();
+        let claim = |from: &str| Claim { from: from.parse().unwrap(), fresh_after: now - 3600, leave_out_held: false };
+        let actor = Actor { principal: "bootstrap".into(), remote: "10.6.6.6:1".into() };
+        let hash = [7u8; 32];
+        let record = TokenRecord { spiffe_id: id("evil"), created: now, expires: now + 600, used: None };
+        store.insert_token(&hash, &record, &actor).unwrap();
+        store.register_endpoints(&id("db"), &["10.9.9.9".into()], &claim("10.9.9.9")).unwrap();
+        let before = store.endpoints().unwrap();
+
+        let err = store.bootstrap(Some((&hash, &actor)), &id("evil"), &["10.9.9.9".into()], &claim("10.6.6.6"));
+        assert!(matches!(err, Err(StoreError::AddressHeld { .. })), "{err:?}");
+        assert_eq!(store.peek_token(&hash, now).unwrap().used, None);
+        assert_eq!(store.endpoints().unwrap(), before);
+
+        store.bootstrap(Some((&hash, &actor)), &id("evil"), &["10.1.1.1".into()], &claim("10.6.6.6")).unwrap();
+        assert!(matches!(store.peek_token(&hash, now), Err(StoreError::TokenUsed)));
+        assert!(store.endpoints().unwrap().1.iter().any(|e| e.address == "10.1.1.1" && e.spiffe_id == id("evil")));
+        let again = store.bootstrap(Some((&hash, &actor)), &id("evil"), &[], &claim("10.6.6.6"));
+        assert!(matches!(again, Err(StoreError::TokenUsed)), "{again:?}");
     }
 
     #[test]

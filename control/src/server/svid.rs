@@ -45,18 +45,15 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
         (Some(_), Some(_)) => return Err(ApiError::bad_request("send either `token` or `k8s_token`, not both")),
         (None, None) => return Err(ApiError::bad_request("missing `token` (a join token) or `k8s_token`")),
     };
-    // Before the token is spent: a refused claim must not burn it.
-    let claim = claim(ctx, conn);
-    let store = ctx.shared.store.clone();
-    let (owner, wanted) = (id.clone(), addresses.clone());
-    blocking(move || store.check_claim(&owner, &wanted, &claim)).await?.map_err(register_error)?;
     let (response, _) = sign(ctx, &body.csr_pem, &id)?;
-    if let Some(hash) = token_hash {
-        let store = ctx.shared.store.clone();
-        let actor = actor.clone();
-        blocking(move || store.consume_token(&hash, now_unix(), &actor)).await?.map_err(token_error)?;
-    }
-    register(ctx, &id, addresses, claim).await?;
+    // The token is spent and the addresses registered in one transaction: a refused claim
+    // (even one lost to a registration racing this one) leaves the token usable.
+    let (store, claim, owner) = (ctx.shared.store.clone(), claim(ctx, conn), id.clone());
+    let version =
+        blocking(move || store.bootstrap(token_hash.as_ref().map(|h| (h, &actor)), &owner, &addresses, &claim))
+            .await?
+            .map_err(bootstrap_error)?;
+    ctx.shared.registry_at(version).map_err(ApiError::internal)?;
     tracing::info!(spiffe_id = %id, remote = %conn.remote, "SVID bootstrapped");
     Ok(json(StatusCode::OK, &response))
 }
@@ -105,8 +102,9 @@ async fn register(ctx: &Ctx, id: &SpiffeId, addresses: Vec<String>, claim: Claim
     }
     let store = ctx.shared.store.clone();
     let owner = id.clone();
-    blocking(move || store.register_endpoints(&owner, &addresses, &claim)).await?.map_err(register_error)?;
-    ctx.shared.reload_registry().map_err(ApiError::internal)
+    let version =
+        blocking(move || store.register_endpoints(&owner, &addresses, &claim)).await?.map_err(register_error)?;
+    ctx.shared.registry_at(version).map_err(ApiError::internal)
 }
 
 /// This request's claim on addresses (see [`Claim`]): a holder that renewed within the last
@@ -114,6 +112,15 @@ async fn register(ctx: &Ctx, id: &SpiffeId, addresses: Vec<String>, claim: Claim
 fn claim(ctx: &Ctx, conn: &Conn) -> Claim {
     let fresh_after = now_unix().saturating_sub(ctx.svid_ttl.as_secs());
     Claim { from: conn.remote.ip(), fresh_after, leave_out_held: false }
+}
+
+/// A refused claim is the caller's conflict; a token found spent or expired at the write is
+/// what [`token_error`] says.
+fn bootstrap_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::AddressHeld { .. } => register_error(e),
+        other => token_error(other),
+    }
 }
 
 fn register_error(e: StoreError) -> ApiError {
