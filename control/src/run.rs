@@ -209,10 +209,10 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     let control_id = SpiffeId::from_segments(&config.trust_domain, &["trellis", "control"])
         .map_err(|e| StartError::Svid(e.to_string()))?;
     let creds = CredentialStore::new();
-    let svid_not_after = mint_own_svid(&ca, &control_id, &creds)?;
-    let resolver = Arc::new(SniResolver::new(creds.clone(), &ca, &control_id, &config.webhook_dns_names)?);
+    let resolver = Arc::new(SniResolver::new(creds.clone(), &config.webhook_dns_names));
+    let svid_not_after = mint_own(&ca, &control_id, &creds, &resolver)?;
     let mut tls = server_config_with_resolver(
-        resolver,
+        resolver.clone(),
         &bundle,
         std::slice::from_ref(&config.trust_domain),
         ClientAuth::Deferred,
@@ -234,7 +234,7 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
         svid_checker: checker,
         hooks,
     });
-    let renewer = tokio::spawn(renew_own_svid(ctx.clone(), control_id, creds, svid_not_after));
+    let renewer = tokio::spawn(renew_own_svid(ctx.clone(), control_id, creds, resolver, svid_not_after));
     let expirer = tokio::spawn(expire_endpoints(shared.clone(), config.svid_ttl));
     let services =
         ctx.hooks.k8s_services.clone().map(|client| {
@@ -411,12 +411,20 @@ fn load_or_create_admin_token(dir: &Path) -> Result<String, StartError> {
     }
 }
 
-fn mint_own_svid(ca: &CertificateAuthority, id: &SpiffeId, creds: &CredentialStore) -> Result<SystemTime, StartError> {
+/// The control plane's own certificates, both for [`CONTROL_SVID_TTL`] and renewed together:
+/// its SVID and, with the webhook on, the serving certificate for the webhook's DNS names.
+fn mint_own(
+    ca: &CertificateAuthority,
+    id: &SpiffeId,
+    creds: &CredentialStore,
+    resolver: &SniResolver,
+) -> Result<SystemTime, StartError> {
     let key = WorkloadKey::generate().map_err(|e| StartError::Svid(e.to_string()))?;
     let csr = key.csr(id).map_err(|e| StartError::Svid(e.to_string()))?;
     let issued = ca.sign_csr(&csr, id, CONTROL_SVID_TTL).map_err(|e| StartError::Svid(e.to_string()))?;
     let svid = key.into_svid(issued.chain).map_err(|e| StartError::Svid(e.to_string()))?;
     creds.set(svid).map_err(|e| StartError::Svid(e.to_string()))?;
+    resolver.renew_serving(ca, id)?;
     Ok(issued.not_after)
 }
 
@@ -463,11 +471,17 @@ async fn expire_endpoints(shared: Arc<Shared>, ttl: Duration) {
     }
 }
 
-async fn renew_own_svid(ctx: Arc<Ctx>, id: SpiffeId, creds: Arc<CredentialStore>, mut not_after: SystemTime) {
+async fn renew_own_svid(
+    ctx: Arc<Ctx>,
+    id: SpiffeId,
+    creds: Arc<CredentialStore>,
+    resolver: Arc<SniResolver>,
+    mut not_after: SystemTime,
+) {
     loop {
         let remaining = not_after.duration_since(SystemTime::now()).unwrap_or_default();
         tokio::time::sleep(remaining / 2).await;
-        match mint_own_svid(&ctx.ca, &id, &creds) {
+        match mint_own(&ctx.ca, &id, &creds, &resolver) {
             Ok(t) => not_after = t,
             Err(e) => {
                 tracing::error!(error = %e, "could not renew the control plane's SVID; retrying in 60s");
@@ -480,32 +494,32 @@ async fn renew_own_svid(ctx: Arc<Ctx>, id: SpiffeId, creds: Arc<CredentialStore>
 /// Presents the control plane's SVID to everyone except callers asking (by SNI) for one of
 /// the webhook's DNS names: the Kubernetes API server verifies the webhook by DNS name, so
 /// it gets a DNS serving certificate from the same CA instead. Injected proxies ask by the
-/// same name (the Service's), so that certificate names the control plane's SPIFFE ID too.
+/// same name (the Service's), so that certificate names the control plane's SPIFFE ID too —
+/// which is why it lives no longer than the SVID and is renewed with it.
 #[derive(Debug)]
 struct SniResolver {
     svid: Arc<CredentialStore>,
     dns_names: Vec<String>,
-    serving: Option<Arc<trellis_identity::rustls::sign::CertifiedKey>>,
+    serving: arc_swap::ArcSwapOption<trellis_identity::rustls::sign::CertifiedKey>,
 }
 
 impl SniResolver {
-    fn new(
-        svid: Arc<CredentialStore>,
-        ca: &CertificateAuthority,
-        id: &SpiffeId,
-        dns_names: &[String],
-    ) -> Result<Self, StartError> {
-        let serving = if dns_names.is_empty() {
-            None
-        } else {
-            let (chain, key) = ca.issue_serving_cert(dns_names, id, CA_LIFETIME)?;
-            let key = trellis_identity::crypto_provider()
-                .key_provider
-                .load_private_key(key)
-                .map_err(|e| StartError::Svid(e.to_string()))?;
-            Some(Arc::new(trellis_identity::rustls::sign::CertifiedKey::new(chain, key)))
-        };
-        Ok(SniResolver { svid, dns_names: dns_names.to_vec(), serving })
+    fn new(svid: Arc<CredentialStore>, dns_names: &[String]) -> Self {
+        SniResolver { svid, dns_names: dns_names.to_vec(), serving: Default::default() }
+    }
+
+    /// A new serving certificate for the webhook's names (none without the webhook).
+    fn renew_serving(&self, ca: &CertificateAuthority, id: &SpiffeId) -> Result<(), StartError> {
+        if self.dns_names.is_empty() {
+            return Ok(());
+        }
+        let (chain, key) = ca.issue_serving_cert(&self.dns_names, id, CONTROL_SVID_TTL)?;
+        let key = trellis_identity::crypto_provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| StartError::Svid(e.to_string()))?;
+        self.serving.store(Some(Arc::new(trellis_identity::rustls::sign::CertifiedKey::new(chain, key))));
+        Ok(())
     }
 }
 
@@ -514,10 +528,11 @@ impl trellis_identity::rustls::server::ResolvesServerCert for SniResolver {
         &self,
         hello: trellis_identity::rustls::server::ClientHello<'_>,
     ) -> Option<Arc<trellis_identity::rustls::sign::CertifiedKey>> {
-        if let (Some(sni), Some(serving)) = (hello.server_name(), &self.serving)
+        if let Some(sni) = hello.server_name()
             && self.dns_names.iter().any(|n| n.eq_ignore_ascii_case(sni))
+            && let Some(serving) = self.serving.load_full()
         {
-            return Some(serving.clone());
+            return Some(serving);
         }
         self.svid.certified_key()
     }

@@ -85,6 +85,15 @@ fn webpki_client(plane: &Plane) -> Arc<trellis_identity::rustls::ClientConfig> {
     Arc::new(cfg)
 }
 
+/// The certificate the control plane serves to a client asking for `name` by SNI.
+async fn served_cert(plane: &Plane, name: &str) -> trellis_identity::CertInfo {
+    let tcp = tokio::net::TcpStream::connect(plane.running.local_addr).await.unwrap();
+    let server_name = trellis_identity::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(webpki_client(plane)).connect(server_name, tcp).await.unwrap();
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    trellis_identity::CertInfo::parse(&leaf).unwrap()
+}
+
 async fn post_review(plane: &Plane, name: &str, body: Vec<u8>) -> Result<(StatusCode, serde_json::Value), String> {
     use http_body_util::BodyExt;
     let tcp = tokio::net::TcpStream::connect(plane.running.local_addr).await.unwrap();
@@ -128,6 +137,12 @@ async fn the_webhook_answers_the_api_server_over_dns_verified_tls() {
     let err = post_review(&plane, "evil.example.com", review).await.unwrap_err();
     assert!(err.to_lowercase().contains("certificate"), "{err}");
     plane.admin().list_policies().await.unwrap();
+    // It names the control plane's SPIFFE ID (proxies ask by this name too), so it lives no
+    // longer than the control plane's own SVID (24 h, renewed at half-life), not the CA's years.
+    let served = served_cert(&plane, &dns).await;
+    assert_eq!(served.uri_sans, ["spiffe://cluster.local/trellis/control"]);
+    let lifetime = served.not_after.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(lifetime <= std::time::Duration::from_secs(24 * 3600), "{lifetime:?}");
 }
 
 /// Injected proxies reach the control plane by the webhook's DNS name (the Service's: the
