@@ -215,9 +215,6 @@ fn config(args: RunArgs) -> Result<(ProxyConfig, usize)> {
     Ok((config, args.workers))
 }
 
-/// Ready sockets handled per poll of the event loop; see `run_proxy`.
-const IO_EVENTS_PER_TICK: usize = 8;
-
 fn run_proxy(args: RunArgs) -> Result<()> {
     let (config, workers) = config(args)?;
     let mut rt = if workers == 1 {
@@ -227,13 +224,12 @@ fn run_proxy(args: RunArgs) -> Result<()> {
         b.worker_threads(workers);
         b
     };
-    // At most 8 ready sockets per poll of the event loop (tokio's default: 1,024). Requests
-    // from many app connections arrive together; handled in one poll they leave over the
-    // pooled peer connection as one batch, and the processes along the path take turns, each
-    // idle while another works. In groups of 8 the next sidecar starts on the first group
-    // while this one reads the next: +7-9% peak req/s at 32 connections and much less
-    // run-to-run spread (benches/RESULTS.md); 4 was worse (more polls, -20%), 16 like 8.
-    let rt = rt.max_io_events_per_tick(IO_EVENTS_PER_TICK).enable_all().build().context("starting the runtime")?;
+    // tokio's default of up to 1,024 ready sockets per poll of the event loop. Capping it at 8
+    // once spread a burst of requests over several polls so the next sidecar could start on
+    // the first ones — a workaround for sidecars packed onto one CPU, which the vendored mio
+    // now prevents (vendor/README.md); without the cap a pair spends 5% less CPU per request
+    // (31.0 against 32.5 µs, 22 + 22 alternating runs) at the same or better throughput.
+    let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         trellis_proxy::run(config, async {
             super::wait_for_shutdown_signal().await;
