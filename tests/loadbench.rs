@@ -53,7 +53,8 @@ fn a_goal_is_not_judged_without_the_pairs_it_names() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let md = std::fs::read_to_string(dir.path().join("a/results.md")).unwrap();
     let peak = md.lines().find(|l| l.starts_with("| trellis peak rps")).expect("the peak goal's row");
-    assert!(peak.contains("**met**") && peak.contains("1.27×"), "{peak}");
+    // Judged, whichever way the kept run went.
+    assert!(peak.contains(" vs ") && (peak.contains("**met**") || peak.contains("**missed**")), "{peak}");
 
     for scenario in results["scenarios"].as_object_mut().unwrap().values_mut() {
         scenario["targets"].as_object_mut().unwrap().remove("haproxy");
