@@ -130,6 +130,31 @@ fn inject_sizes_the_proxy_from_annotations_and_refuses_bad_ones() {
     }
 }
 
+/// A probe that cannot pass once its port is captured is injected anyway, with a warning
+/// on stderr naming the document, the container, the probe and the way out.
+#[test]
+fn inject_warns_of_probes_that_fail_in_the_mesh() {
+    let bundle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("control/tests/fixtures/inject/bundle.pem");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pod.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 443}]}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec:\n  containers:\n  - name: web\n    image: web\n\
+         \x20   readinessProbe: {httpGet: {path: /, port: 8443, scheme: HTTPS}}\n",
+    )
+    .unwrap();
+    let out = trellis().arg("inject").arg("-f").arg(&file).arg("--ca-bundle").arg(&bundle).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("trellis-proxy"), "injected anyway");
+    assert!(
+        stderr.contains("document 2: container \"web\" readinessProbe: an HTTPS probe of port 8443")
+            && stderr.contains("trellis.dev/exclude-inbound-ports"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn boolean_flags_read_their_variables_as_operators_write_them() {
     // Any value but a false one is true: a dry run prints the rules instead of installing them.

@@ -166,7 +166,12 @@ fn non_workloads_pass_through_and_lists_are_injected_item_by_item() {
     let injected = inject_file(&fixtures().join("multi-document.yaml"));
     assert_eq!(
         injected.outcomes,
-        vec![Outcome::Injected, Outcome::NotAWorkload, Outcome::NotAWorkload, Outcome::Injected]
+        vec![
+            Outcome::Injected { warnings: vec![] },
+            Outcome::NotAWorkload,
+            Outcome::NotAWorkload,
+            Outcome::Injected { warnings: vec![] }
+        ]
     );
     let before = inject::parse_manifests(&std::fs::read_to_string(fixtures().join("multi-document.yaml")).unwrap())
         .expect("parse");
@@ -175,7 +180,14 @@ fn non_workloads_pass_through_and_lists_are_injected_item_by_item() {
     assert_eq!(before[2], after[2], "the ConfigMap changed");
 
     let list = inject_file(&fixtures().join("list.yaml"));
-    assert_eq!(list.outcomes, vec![Outcome::List(vec![Outcome::Injected, Outcome::NotAWorkload, Outcome::Injected])]);
+    assert_eq!(
+        list.outcomes,
+        vec![Outcome::List(vec![
+            Outcome::Injected { warnings: vec![] },
+            Outcome::NotAWorkload,
+            Outcome::Injected { warnings: vec![] }
+        ])]
+    );
 }
 
 /// The fields Trellis owns, checked by meaning rather than by bytes.

@@ -61,6 +61,23 @@ fn a_pod_is_patched_to_what_trellis_inject_writes() {
     assert_eq!(admitted["metadata"]["annotations"]["trellis.dev/exclude-inbound-ports"], "9090");
 }
 
+/// An app probe that will fail in the mesh is admitted with a warning `kubectl` shows; a pod
+/// with none gets no `warnings` at all.
+#[test]
+fn probes_that_fail_in_the_mesh_come_back_as_warnings() {
+    assert!(answer(&review()).get("warnings").is_none());
+    let mut review = review();
+    review["request"]["object"]["spec"]["containers"][0]["readinessProbe"] =
+        json!({ "httpGet": { "path": "/healthz", "port": 8443, "scheme": "HTTPS" } });
+    let response = answer(&review);
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    let warnings = response["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let w = warnings[0].as_str().unwrap();
+    assert!(w.starts_with("trellis: container ") && w.contains("an HTTPS probe of port 8443"), "{w}");
+}
+
 #[test]
 fn skipped_namespaces_are_allowed_unchanged() {
     for namespace in ["kube-system", "kube-public", "trellis-system"] {

@@ -110,11 +110,15 @@ fn read_input(file: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
 }
 
-/// One line per skipped workload on stderr, so a silent skip is never a surprise.
+/// One line per skipped workload on stderr, so a silent skip is never a surprise, and one
+/// per app probe that will fail in the mesh.
 fn report(outcomes: &[Outcome]) {
     let mut injected = 0;
-    let mut skipped = Vec::new();
-    collect(outcomes, &mut injected, &mut skipped);
+    let (mut skipped, mut warned) = (Vec::new(), Vec::new());
+    collect(outcomes, &mut injected, &mut skipped, &mut warned);
+    for (document, warning) in &warned {
+        tracing::warn!("document {document}: {warning}");
+    }
     for (document, reason, removed) in &skipped {
         let why = match reason {
             SkipReason::Disabled => "annotated trellis.dev/inject: disabled".to_string(),
@@ -133,17 +137,23 @@ fn report(outcomes: &[Outcome]) {
 
 /// Skipped workloads: document number, why, and whether an earlier injection was removed.
 type Skipped = Vec<(usize, SkipReason, bool)>;
+/// What will not work in the mesh as written: document number, warning.
+type Warned = Vec<(usize, String)>;
 
-fn collect(outcomes: &[Outcome], injected: &mut usize, skipped: &mut Skipped) {
+fn collect(outcomes: &[Outcome], injected: &mut usize, skipped: &mut Skipped, warned: &mut Warned) {
     for (i, outcome) in outcomes.iter().enumerate() {
         match outcome {
-            Outcome::Injected => *injected += 1,
+            Outcome::Injected { warnings } => {
+                *injected += 1;
+                warned.extend(warnings.iter().map(|w| (i + 1, w.clone())));
+            }
             Outcome::Skipped(reason) => skipped.push((i + 1, reason.clone(), false)),
             Outcome::Removed(reason) => skipped.push((i + 1, reason.clone(), true)),
             Outcome::List(items) => {
-                let mut inner = Vec::new();
-                collect(items, injected, &mut inner);
+                let (mut inner, mut inner_warned) = (Vec::new(), Vec::new());
+                collect(items, injected, &mut inner, &mut inner_warned);
                 skipped.extend(inner.into_iter().map(|(_, r, removed)| (i + 1, r, removed)));
+                warned.extend(inner_warned.into_iter().map(|(_, w)| (i + 1, w)));
             }
             Outcome::NotAWorkload => {}
         }

@@ -148,8 +148,9 @@ impl InjectConfig {
 /// What injection did to one document (or, for a `List`, to each item).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The pod (template) now carries the sidecar.
-    Injected,
+    /// The pod (template) now carries the sidecar. `warnings`: what will not work in the
+    /// mesh as written (app probes the kubelet cannot pass once their port is captured).
+    Injected { warnings: Vec<String> },
     /// A workload left as it was, and why.
     Skipped(SkipReason),
     /// A workload injected before that now opts out (or uses hostNetwork): Trellis' parts
@@ -165,7 +166,7 @@ impl Outcome {
     /// How many pod templates were injected, counting into lists.
     pub fn injected_count(&self) -> usize {
         match self {
-            Outcome::Injected => 1,
+            Outcome::Injected { .. } => 1,
             Outcome::List(items) => items.iter().map(Outcome::injected_count).sum(),
             _ => 0,
         }

@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::annotations::{PodOptions, annotations, is_disabled};
 use super::containers::{init_container, proxy_container, token_volume};
-use super::probes::probes_for_proxy;
+use super::probes::{failing_probes, probes_for_proxy};
 use super::{
     ADMIN_PORT, ANNOTATION_INJECTED, INBOUND_PORT, INIT_CONTAINER_NAME, InjectConfig, OUTBOUND_PORT, Outcome,
     PROXY_CONTAINER_NAME, PROXY_UID, PodError, SkipReason, TOKEN_VOLUME_NAME, VERSION,
@@ -46,9 +46,9 @@ pub(crate) fn inject_template(
     }
     let opts = PodOptions::from_template(template)?;
     check_conflicts(template, path)?;
-    let first_app = edit_spec(template, cfg, &opts, path)?;
+    let (first_app, warnings) = edit_spec(template, cfg, &opts, path)?;
     set_annotations(template, cfg, first_app, path)?;
-    Ok(Outcome::Injected)
+    Ok(Outcome::Injected { warnings })
 }
 
 /// What the app must not share with the proxy, refused rather than injected into a pod that
@@ -155,11 +155,18 @@ fn remove_injection(template: &mut Value, path: &str) -> Result<(), PodError> {
     Ok(())
 }
 
-/// Adds the containers and the volume; returns the name of the first app container.
-fn edit_spec(template: &mut Value, cfg: &InjectConfig, opts: &PodOptions, path: &str) -> Result<String, PodError> {
+/// Adds the containers and the volume; returns the name of the first app container and the
+/// app probes that will fail in the mesh.
+fn edit_spec(
+    template: &mut Value,
+    cfg: &InjectConfig,
+    opts: &PodOptions,
+    path: &str,
+) -> Result<(String, Vec<String>), PodError> {
     let spec = object_field(template, "spec", path)?;
     // Before the old proxy container goes: it holds the probes an earlier injection rewrote.
     let probes = probes_for_proxy(spec, opts.rewrite_app_probes, &opts.exclude_inbound_ports);
+    let warnings = failing_probes(spec, opts.rewrite_app_probes, &opts.exclude_inbound_ports);
     let containers = list_field(spec, "containers", path, "spec")?;
     containers.retain(|c| !is_named(c, PROXY_CONTAINER_NAME));
     let first_app = containers
@@ -190,7 +197,7 @@ fn edit_spec(template: &mut Value, cfg: &InjectConfig, opts: &PodOptions, path: 
         Some(existing) => *existing = token_volume(),
         None => volumes.push(token_volume()),
     }
-    Ok(first_app)
+    Ok((first_app, warnings))
 }
 
 /// Marks the template injected (in place if it already was, so the key keeps its position).

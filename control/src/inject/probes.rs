@@ -75,6 +75,50 @@ pub(crate) fn probes_for_proxy(
     given
 }
 
+/// The app's probes that will fail once their port is captured, as warnings for whoever
+/// injects: `HTTPS` ones (the kubelet's TLS carries no SVID, and the proxy does not run them
+/// for it: that would mean skipping the app certificate's verification), and `grpc` ones
+/// unless rewritten (the kubelet speaks plaintext HTTP/2 to a listener that wants TLS).
+/// Probes of excluded ports, with a `host`, or of a port the container does not declare by
+/// that name are not captured or not judged. Called after [`probes_for_proxy`].
+pub(crate) fn failing_probes(spec: &Map<String, Value>, rewrite: bool, excluded_ports: &[u16]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let containers = spec.get("containers").and_then(Value::as_array).into_iter().flatten();
+    for c in containers.filter(|c| c["name"] != PROXY_CONTAINER_NAME) {
+        let name = c["name"].as_str().unwrap_or("");
+        for (field, _) in KINDS {
+            let Some((action, probe)) = ACTIONS.into_iter().find_map(|a| c[field].get(a).map(|p| (a, p))) else {
+                continue;
+            };
+            let https = probe.get("scheme").and_then(Value::as_str).is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
+            let failing = match action {
+                "httpGet" => https,
+                "grpc" => !rewrite,
+                _ => false,
+            };
+            if !failing || probe.get("host").is_some_and(|h| h != "") {
+                continue;
+            }
+            let Some(port) = resolve_port(&probe["port"], &c["ports"]) else { continue };
+            if port == ADMIN_PORT || excluded_ports.contains(&port) {
+                continue;
+            }
+            warnings.push(if https {
+                format!(
+                    "container {name:?} {field}: an HTTPS probe of port {port} fails once the port is captured (the \
+                     kubelet has no SVID); list {port} in trellis.dev/exclude-inbound-ports or probe over HTTP"
+                )
+            } else {
+                format!(
+                    "container {name:?} {field}: a grpc probe of port {port} fails once the port is captured; \
+                     annotate the pod trellis.dev/rewrite-app-probes: \"true\" to have the proxy run it"
+                )
+            });
+        }
+    }
+    warnings
+}
+
 /// The originals the last injection gave its proxy, from the proxy container's environment.
 fn previous_probes(spec: &Map<String, Value>) -> Map<String, Value> {
     let lists = ["initContainers", "containers"].map(|l| spec.get(l).and_then(Value::as_array));
@@ -228,6 +272,35 @@ mod tests {
         let mut s = spec(excluded.clone());
         assert!(probes_for_proxy(&mut s, true, &[9090]).is_empty(), "a port excluded from capture works as it is");
         assert_eq!(spec(excluded), s);
+    }
+
+    /// Probes the kubelet cannot pass once their port is captured are named, with the way
+    /// out; the ones that work (HTTP, rewritten gRPC, excluded ports, a `host`) are not.
+    #[test]
+    fn probes_that_fail_in_the_mesh_are_named() {
+        let s = spec(json!({
+            "readinessProbe": { "httpGet": { "path": "/", "port": "http", "scheme": "HTTPS" } },
+            "livenessProbe": { "grpc": { "port": 9000 } },
+            "startupProbe": { "httpGet": { "path": "/", "port": 8080 } },
+        }));
+        let warnings = failing_probes(&s, false, &[]);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].starts_with("container \"web\" livenessProbe: a grpc probe of port 9000"), "{warnings:?}");
+        assert!(warnings[0].contains("trellis.dev/rewrite-app-probes"), "{warnings:?}");
+        assert!(
+            warnings[1].starts_with("container \"web\" readinessProbe: an HTTPS probe of port 8080"),
+            "{warnings:?}"
+        );
+        assert!(warnings[1].contains("list 8080 in trellis.dev/exclude-inbound-ports"), "{warnings:?}");
+
+        // Rewritten, the gRPC probe is the proxy's to run; excluded, the HTTPS port is not captured.
+        let mut rewritten = s.clone();
+        probes_for_proxy(&mut rewritten, true, &[]);
+        assert_eq!(failing_probes(&rewritten, true, &[]).len(), 1, "only the HTTPS one");
+        assert!(failing_probes(&s, false, &[8080, 9000]).is_empty());
+        let elsewhere =
+            spec(json!({ "readinessProbe": { "httpGet": { "port": 443, "host": "10.0.0.1", "scheme": "HTTPS" } } }));
+        assert!(failing_probes(&elsewhere, false, &[]).is_empty(), "a probe of another host is not captured here");
     }
 
     /// Re-injection restores from the proxy's environment and rewrites again: the same

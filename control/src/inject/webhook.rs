@@ -8,6 +8,8 @@
 //! opt out, use the host network, are already injected, or live in a skipped namespace are
 //! allowed with no patch. A pod whose `trellis.dev/*` annotations are invalid is refused with
 //! the reason, so the mistake is seen at `kubectl apply` rather than as a crash-looping pod.
+//! An app probe that will fail in the mesh is admitted with an admission warning, which
+//! `kubectl` prints, rather than found later as a pod that never becomes ready.
 
 use base64::Engine;
 use serde_json::{Value, json};
@@ -34,8 +36,9 @@ pub enum WebhookError {
 /// What the webhook decided for one pod (returned by [`review_pod`] for logging and tests).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Allowed with this JSONPatch.
-    Patched(json_patch::Patch),
+    /// Allowed with this JSONPatch; `warnings` are shown to the user who created the pod
+    /// (`kubectl` prints an admission response's warnings).
+    Patched { patch: json_patch::Patch, warnings: Vec<String> },
     /// Allowed unchanged.
     Skipped(SkipReason),
     /// Allowed unchanged: not a Pod CREATE (the webhook configuration should not send these).
@@ -55,14 +58,18 @@ pub fn admission_review(body: &[u8], cfg: &InjectConfig) -> Result<Vec<u8>, Webh
     let request = review.get("request").filter(|r| r.is_object()).ok_or(WebhookError::Missing("request"))?;
     let uid = request.get("uid").and_then(Value::as_str).ok_or(WebhookError::Missing("request.uid"))?;
     let response = match review_pod(request, cfg)? {
-        Decision::Patched(patch) => {
+        Decision::Patched { patch, warnings } => {
             let patch = serde_json::to_vec(&patch).map_err(|e| WebhookError::Encode(e.to_string()))?;
-            json!({
+            let mut response = json!({
                 "uid": uid,
                 "allowed": true,
                 "patchType": "JSONPatch",
                 "patch": base64::engine::general_purpose::STANDARD.encode(patch),
-            })
+            });
+            if !warnings.is_empty() {
+                response["warnings"] = json!(warnings.iter().map(|w| format!("trellis: {w}")).collect::<Vec<_>>());
+            }
+            response
         }
         Decision::Skipped(_) | Decision::NotApplicable => json!({ "uid": uid, "allowed": true }),
         Decision::Refused(reason) => json!({
@@ -102,7 +109,7 @@ pub fn review_pod(request: &Value, cfg: &InjectConfig) -> Result<Decision, Webho
     }
     let mut pod = object.clone();
     match inject_template(false, &mut pod, cfg, "") {
-        Ok(Outcome::Injected) => Ok(Decision::Patched(json_patch::diff(object, &pod))),
+        Ok(Outcome::Injected { warnings }) => Ok(Decision::Patched { patch: json_patch::diff(object, &pod), warnings }),
         Ok(Outcome::Skipped(reason)) => Ok(Decision::Skipped(reason)),
         Ok(_) => Ok(Decision::NotApplicable),
         Err(reason) => Ok(Decision::Refused(reason)),
