@@ -252,6 +252,23 @@ pub(crate) fn join<T: ToString>(items: &[T]) -> String {
 mod tests {
     use super::*;
 
+    /// Every `trellis.dev/` annotation constant is one the typo check accepts: one added to
+    /// `mod.rs` and forgotten in [`KNOWN`] would be refused on every pod that used it.
+    #[test]
+    fn every_annotation_constant_is_known() {
+        let source = include_str!("mod.rs");
+        let declared: Vec<&str> = source
+            .lines()
+            .filter(|l| l.starts_with("pub const ANNOTATION_"))
+            .filter_map(|l| l.split('"').nth(1))
+            .filter(|v| v.starts_with("trellis.dev/"))
+            .collect();
+        assert!(declared.len() >= 10, "{declared:?}");
+        for value in declared {
+            assert!(KNOWN.contains(&value), "{value} is declared in mod.rs but not in KNOWN");
+        }
+    }
+
     #[test]
     fn ports_are_trimmed_deduplicated_and_checked() {
         assert_eq!(parse_ports(" 8080, 9090,,8080 "), Ok(vec![8080, 9090]));
