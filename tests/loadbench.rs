@@ -52,8 +52,10 @@ fn a_goal_is_not_judged_without_the_pairs_it_names() {
     };
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let md = std::fs::read_to_string(dir.path().join("a/results.md")).unwrap();
+    // The kept report is what the harness renders from the kept data, byte for byte.
+    let kept_md = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/results/results.md");
+    assert!(md == std::fs::read_to_string(kept_md).unwrap(), "benches/load/results/results.md is stale: re-render it");
     let peak = md.lines().find(|l| l.starts_with("| trellis peak rps")).expect("the peak goal's row");
-    // Judged, whichever way the kept run went.
     assert!(peak.contains(" vs ") && (peak.contains("**met**") || peak.contains("**missed**")), "{peak}");
 
     for scenario in results["scenarios"].as_object_mut().unwrap().values_mut() {

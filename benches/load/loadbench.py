@@ -59,6 +59,7 @@ BODY = b"hello from backend\n"
 
 TARGETS = ["direct", "trellis", "nginx", "haproxy", "relay"]
 MESH = ["direct", "trellis", "nginx", "haproxy"]  # the targets of scenarios 3-5
+REFERENCE = ["relay"]  # measured beside the others, never judged: see peers/relay.cfg
 PAIRS = ["trellis", "nginx", "haproxy"]
 ROLES = ["outbound", "inbound"]
 
@@ -1056,8 +1057,9 @@ def table(headers, rows):
 
 def clean_rounds(e):
     """Rounds (0-based) in which every measured target of the scenario was measured without
-    error and undisturbed by other work on the machine."""
-    measured = [d["rounds"] for d in e["targets"].values() if d["rounds"]]
+    error and undisturbed by other work on the machine. The relay, a reference the goals do
+    not use, does not decide which rounds the others are judged on."""
+    measured = [d["rounds"] for t, d in e["targets"].items() if d["rounds"] and t not in REFERENCE]
     n = max((len(r) for r in measured), default=0)
     return [i for i in range(n) if measured and all(
         i < len(rs) and "error" not in rs[i] and not rs[i].get("disturbed") for rs in measured)]
@@ -1275,7 +1277,8 @@ def rss_md(results, a):
 
 def rounds_kind(summary):
     """What the chart's medians are over: clean rounds only if every measured target's were."""
-    kept = [m for scn in summary.values() if isinstance(scn, dict) for m in scn.values() if isinstance(m, dict)]
+    kept = [m for scn in summary.values() if isinstance(scn, dict)
+            for t, m in scn.items() if isinstance(m, dict) and t not in REFERENCE]
     return "kept (some disturbed)" if any(m.get("disturbed") for m in kept) else "clean"
 
 
@@ -1581,7 +1584,7 @@ def main():
         a.idle_conns = max(100, hard - 1000)
 
     # Tools: name every missing one, with how to install it; skip only what needs it.
-    need = {"openssl": "certificates", "nginx": "the backend and the nginx pair", "haproxy": "the HAProxy pair",
+    need = {"openssl": "certificates", "nginx": "the backend and the nginx pair", "haproxy": "the HAProxy pair and the relay",
             "wrk": "scenarios http1, close", "oha": "scenario rate", "h2load": "scenario h2", "iperf3": "scenario bulk"}
     tools = {t for t in need if shutil.which(t)}
     missing = [t for t in need if t not in tools]

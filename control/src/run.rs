@@ -476,19 +476,24 @@ async fn renew_own_svid(
     id: SpiffeId,
     creds: Arc<CredentialStore>,
     resolver: Arc<SniResolver>,
-    mut not_after: SystemTime,
+    not_after: SystemTime,
 ) {
+    let mut wait = half_life_left(not_after);
     loop {
-        let remaining = not_after.duration_since(SystemTime::now()).unwrap_or_default();
-        tokio::time::sleep(remaining / 2).await;
-        match mint_own(&ctx.ca, &id, &creds, &resolver) {
-            Ok(t) => not_after = t,
+        tokio::time::sleep(wait).await;
+        wait = match mint_own(&ctx.ca, &id, &creds, &resolver) {
+            Ok(not_after) => half_life_left(not_after),
             Err(e) => {
                 tracing::error!(error = %e, "could not renew the control plane's SVID; retrying in 60s");
-                tokio::time::sleep(Duration::from_secs(60)).await;
+                Duration::from_secs(60)
             }
-        }
+        };
     }
+}
+
+/// Half of what is left of a certificate's life: when to renew it.
+fn half_life_left(not_after: SystemTime) -> Duration {
+    not_after.duration_since(SystemTime::now()).unwrap_or_default() / 2
 }
 
 /// Presents the control plane's SVID to everyone except callers asking (by SNI) for one of
@@ -535,5 +540,44 @@ impl trellis_identity::rustls::server::ResolvesServerCert for SniResolver {
             return Some(serving);
         }
         self.svid.certified_key()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each renewal of the webhook's serving certificate is a new certificate for the same
+    /// names and ID, living no longer than the control plane's SVID; without the webhook
+    /// there is none.
+    #[test]
+    fn the_serving_certificate_is_renewed_whole() {
+        let td = TrustDomain::parse("cluster.local").unwrap();
+        let ca = CertificateAuthority::create_root(&td, CA_LIFETIME).unwrap();
+        let id = SpiffeId::from_segments(&td, &["trellis", "control"]).unwrap();
+        let resolver = SniResolver::new(CredentialStore::new(), &["trellis-control.trellis-system.svc".into()]);
+        let serving = |r: &SniResolver| {
+            let key = r.serving.load_full().expect("a serving certificate");
+            trellis_identity::CertInfo::parse(&key.cert[0]).unwrap()
+        };
+        resolver.renew_serving(&ca, &id).unwrap();
+        let first = serving(&resolver);
+        resolver.renew_serving(&ca, &id).unwrap();
+        let second = serving(&resolver);
+        assert_ne!(first.serial_hex, second.serial_hex);
+        assert_eq!(second.uri_sans, [id.to_string()]);
+        assert!(second.not_after <= SystemTime::now() + CONTROL_SVID_TTL);
+
+        let without = SniResolver::new(CredentialStore::new(), &[]);
+        without.renew_serving(&ca, &id).unwrap();
+        assert!(without.serving.load_full().is_none());
+    }
+
+    #[test]
+    fn renewal_is_due_at_half_the_life_left() {
+        let in_ten_hours = SystemTime::now() + Duration::from_secs(10 * 3600);
+        let wait = half_life_left(in_ten_hours);
+        assert!(wait <= Duration::from_secs(5 * 3600) && wait > Duration::from_secs(5 * 3600 - 60), "{wait:?}");
+        assert_eq!(half_life_left(SystemTime::now() - Duration::from_secs(1)), Duration::ZERO);
     }
 }

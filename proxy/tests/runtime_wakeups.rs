@@ -1,6 +1,6 @@
-//! The sidecar's event loop sleeps in the vendored mio (`vendor/mio-trellis.patch`) on an
-//! epoll instance nested around the one its sockets are registered with, so that socket
-//! wake-ups do not pull it onto the writer's CPU. Which CPU it wakes on is measured in the
+//! The sidecar's event loop sleeps in the vendored mio (`vendor/mio-trellis.patch`) in
+//! `poll(2)` on its epoll instance rather than in `epoll_wait`, so that socket wake-ups do not
+//! pull it onto the writer's CPU. Which CPU it wakes on is measured in the
 //! load benchmarks; what these check is that a sleeping single-threaded runtime, the kind
 //! every sidecar runs, still wakes for each reason it can sleep on: a socket becoming
 //! readable, a task handed to it from another thread, and a timer alone.
@@ -71,4 +71,13 @@ fn a_sleeping_runtime_wakes_for_a_timer_with_nothing_else_to_do() {
         })
     });
     assert!(slept >= Duration::from_millis(30), "{slept:?}");
+}
+
+/// The patch only works if Cargo uses it: a tokio update that needs another mio version would
+/// make Cargo build the registry's mio and merely warn that the `[patch]` went unused.
+#[test]
+fn mio_is_the_vendored_one() {
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
+    let entry = lock.split("[[package]]").find(|p| p.contains("\nname = \"mio\"\n")).expect("mio in Cargo.lock");
+    assert!(!entry.contains("source = "), "mio comes from a registry, not vendor/mio:{entry}");
 }

@@ -47,13 +47,16 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
     };
     let (response, _) = sign(ctx, &body.csr_pem, &id)?;
     // The token is spent and the addresses registered in one transaction: a refused claim
-    // (even one lost to a registration racing this one) leaves the token usable.
-    let (store, claim, owner) = (ctx.shared.store.clone(), claim(ctx, conn), id.clone());
-    let version =
-        blocking(move || store.bootstrap(token_hash.as_ref().map(|h| (h, &actor)), &owner, &addresses, &claim))
-            .await?
-            .map_err(bootstrap_error)?;
-    ctx.shared.registry_at(version).map_err(ApiError::internal)?;
+    // (even one lost to a registration racing this one) leaves the token usable. A Kubernetes
+    // bootstrap that names no address writes nothing.
+    if token_hash.is_some() || !addresses.is_empty() {
+        let (store, claim, owner) = (ctx.shared.store.clone(), claim(ctx, conn), id.clone());
+        let version =
+            blocking(move || store.bootstrap(token_hash.as_ref().map(|h| (h, &actor)), &owner, &addresses, &claim))
+                .await?
+                .map_err(bootstrap_error)?;
+        ctx.shared.registry_at(version).map_err(ApiError::internal)?;
+    }
     tracing::info!(spiffe_id = %id, remote = %conn.remote, "SVID bootstrapped");
     Ok(json(StatusCode::OK, &response))
 }

@@ -21,52 +21,25 @@ pub struct Selector {
     #[cfg(debug_assertions)]
     id: usize,
     ep: OwnedFd,
-    // Trellis patch: an epoll instance watching only `ep`, the one `select` sleeps on.
-    //
-    // A socket's readiness wakes a thread sleeping in `epoll_wait` on it with a *sync*
-    // wake-up (`sock_def_readable` -> `ep_poll_callback`), which tells the scheduler the
-    // waker is about to sleep, so the woken thread is placed on the waker's CPU. Two
-    // sidecars feeding each other over one loopback connection then end up sharing one CPU
-    // and preempting each other on every write, while the other CPU idles (measured on a
-    // 2-vCPU VM: ~30k instead of ~38k req/s through a pair, in half of the runs). An epoll
-    // instance becoming ready wakes the instances watching it with a plain wake-up
-    // (`ep_poll_safewake`), which the scheduler places like any other: sleeping here, behind
-    // one level of nesting, the thread is woken where the scheduler sees fit. The cost is a
-    // second `epoll_wait` per sleep; a poll that does not sleep (timeout 0, what a busy
-    // runtime does) still reads `ep` directly.
-    outer: OwnedFd,
 }
 
 impl Selector {
     pub fn new() -> io::Result<Selector> {
         // SAFETY: `epoll_create1(2)` ensures the fd is valid.
         let ep = unsafe { OwnedFd::from_raw_fd(syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?) };
-        // Trellis patch: the outer instance, level-triggered on `ep` having events.
-        // SAFETY: `epoll_create1(2)` ensures the fd is valid.
-        let outer = unsafe { OwnedFd::from_raw_fd(syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?) };
-        let mut event = libc::epoll_event {
-            events: EPOLLIN as u32,
-            u64: 0,
-            #[cfg(target_os = "redox")]
-            _pad: 0,
-        };
-        syscall!(epoll_ctl(outer.as_raw_fd(), libc::EPOLL_CTL_ADD, ep.as_raw_fd(), &mut event))?;
         Ok(Selector {
             #[cfg(debug_assertions)]
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             ep,
-            outer,
         })
     }
 
     pub fn try_clone(&self) -> io::Result<Selector> {
-        let outer = self.outer.try_clone()?; // Trellis patch
         self.ep.try_clone().map(|ep| Selector {
             // It's the same selector, so we use the same id.
             #[cfg(debug_assertions)]
             id: self.id,
             ep,
-            outer,
         })
     }
 
@@ -87,16 +60,24 @@ impl Selector {
             .unwrap_or(-1);
 
         events.clear();
-        // Trellis patch: sleep on the outer instance (see `Selector::outer`), which returns
-        // at once if `ep` already has events, then read `ep` without sleeping.
+        // Trellis patch: a poll that may sleep sleeps in `poll(2)` on the epoll fd (which
+        // returns at once if it already has events), then reads the events without sleeping.
+        //
+        // A socket's readiness wakes a thread sleeping in `epoll_wait` on it with a *sync*
+        // wake-up (`sock_def_readable` -> `ep_poll_callback`), which tells the scheduler the
+        // waker is about to sleep, so the woken thread is placed on the waker's CPU. Two
+        // sidecars feeding each other over one loopback connection then end up sharing one
+        // CPU and preempting each other on every write while the other CPU idles (measured on
+        // a 2-vCPU VM: ~30k instead of ~37k req/s through a pair, in half of the runs). An
+        // epoll instance that becomes ready wakes those polling *it* with a plain wake-up
+        // (`ep_poll_safewake`), which the scheduler places like any other. Unlike nesting the
+        // epoll instance inside another one (which gives the same wake-up), `poll` does not
+        // attach to it, so registering a socket stays as cheap as upstream (`EPOLL_CTL_ADD` on
+        // a nested instance takes a host-wide mutex). The cost is a second syscall per sleep;
+        // a poll that may not sleep (timeout 0, what a busy runtime does) is upstream's.
         if timeout != 0 {
-            let mut ready = libc::epoll_event {
-                events: 0,
-                u64: 0,
-                #[cfg(target_os = "redox")]
-                _pad: 0,
-            };
-            syscall!(epoll_wait(self.outer.as_raw_fd(), &mut ready, 1, timeout))?;
+            let mut pollfd = libc::pollfd { fd: self.ep.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            syscall!(poll(&mut pollfd, 1, timeout))?;
         }
         syscall!(epoll_wait(
             self.ep.as_raw_fd(),
