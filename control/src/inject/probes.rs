@@ -87,22 +87,14 @@ pub(crate) fn failing_probes(spec: &Map<String, Value>, rewrite: bool, excluded_
     for c in containers.filter(|c| c["name"] != PROXY_CONTAINER_NAME) {
         let name = c["name"].as_str().unwrap_or("");
         for (field, _) in KINDS {
-            let Some((action, probe)) = ACTIONS.into_iter().find_map(|a| c[field].get(a).map(|p| (a, p))) else {
-                continue;
-            };
-            let https = probe.get("scheme").and_then(Value::as_str).is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
-            let failing = match action {
+            let Some((name_of_action, probe)) = c[field].as_object().and_then(action) else { continue };
+            let https = is_https(probe);
+            let failing = match name_of_action {
                 "httpGet" => https,
                 "grpc" => !rewrite,
                 _ => false,
             };
-            if !failing || probe.get("host").is_some_and(|h| h != "") {
-                continue;
-            }
-            let Some(port) = resolve_port(&probe["port"], &c["ports"]) else { continue };
-            if port == ADMIN_PORT || excluded_ports.contains(&port) {
-                continue;
-            }
+            let Some(port) = captured_port(probe, &c["ports"], excluded_ports).filter(|_| failing) else { continue };
             warnings.push(if https {
                 format!(
                     "container {name:?} {field}: an HTTPS probe of port {port} fails once the port is captured (the \
@@ -150,15 +142,12 @@ fn restore(probe: &mut Map<String, Value>, original: &Value) {
 /// What the proxy needs to run `probe` for the kubelet — the original action, its port
 /// resolved to a number and its timeout — or `None` when it is not one to rewrite.
 fn original_for_proxy(probe: &Map<String, Value>, declared: &Value, excluded_ports: &[u16]) -> Option<Value> {
-    let (action, spec) = ACTIONS.into_iter().find_map(|a| probe.get(a).map(|spec| (a, spec)))?;
-    let scheme = spec.get("scheme").and_then(Value::as_str).unwrap_or("HTTP");
-    if !scheme.eq_ignore_ascii_case("HTTP") || spec.get("host").is_some_and(|h| h != "") {
+    let (action, spec) = action(probe)?;
+    // Plain HTTP only (the default scheme): the proxy does not speak the app's own TLS.
+    if !spec.get("scheme").and_then(Value::as_str).unwrap_or("HTTP").eq_ignore_ascii_case("HTTP") {
         return None;
     }
-    let port = resolve_port(&spec["port"], declared)?;
-    if port == ADMIN_PORT || excluded_ports.contains(&port) {
-        return None;
-    }
+    let port = captured_port(spec, declared, excluded_ports)?;
     // The kubelet's default timeout is 1 s.
     let timeout = probe.get("timeoutSeconds").and_then(Value::as_u64).unwrap_or(1);
     let mut entry = Map::new();
@@ -166,6 +155,26 @@ fn original_for_proxy(probe: &Map<String, Value>, declared: &Value, excluded_por
     entry.insert("timeoutSeconds".into(), json!(timeout));
     entry.insert(action.into(), spec.clone());
     Some(Value::Object(entry))
+}
+
+/// A probe's action (`httpGet`, `tcpSocket` or `grpc`) and its settings.
+fn action(probe: &Map<String, Value>) -> Option<(&'static str, &Value)> {
+    ACTIONS.into_iter().find_map(|a| probe.get(a).map(|spec| (a, spec)))
+}
+
+fn is_https(action: &Value) -> bool {
+    action.get("scheme").and_then(Value::as_str).is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"))
+}
+
+/// The port an action probes, if the capture rules hand it to the proxy: on the pod itself
+/// (no `host`), a number or a port the container declares, not the admin port or an
+/// excluded one.
+fn captured_port(action: &Value, declared: &Value, excluded_ports: &[u16]) -> Option<u16> {
+    if action.get("host").is_some_and(|h| h != "") {
+        return None;
+    }
+    let port = resolve_port(&action["port"], declared)?;
+    (port != ADMIN_PORT && !excluded_ports.contains(&port)).then_some(port)
 }
 
 /// A probe's port: a number, or the name of a port the container declares.
