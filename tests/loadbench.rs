@@ -71,3 +71,28 @@ fn a_goal_is_not_judged_without_the_pairs_it_names() {
     let bulk = md.lines().find(|l| l.starts_with("| bulk")).expect("the bulk goal's row");
     assert!(bulk.contains("not measured: haproxy (bulk)"), "{bulk}");
 }
+
+/// The relay is a reference, not judged: a round disturbed only while the relay was measured
+/// still counts for Trellis and the peers (the kept report with one relay round marked
+/// disturbed renders the same rounds and goals).
+#[test]
+fn a_disturbed_relay_round_does_not_drop_the_others() {
+    let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/results/results.json");
+    let mut results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kept).unwrap()).unwrap();
+    let round = &mut results["scenarios"]["http1"]["targets"]["relay"]["rounds"][0];
+    assert!(round.is_object(), "the kept report measured the relay");
+    round["disturbed"] = serde_json::Value::Bool(true);
+    round["other_cpu_cores"] = serde_json::json!(0.9);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay-disturbed.json");
+    std::fs::write(&file, results.to_string()).unwrap();
+    let Some(o) = run_sh(&["--render", file.to_str().unwrap(), "--out", dir.path().to_str().unwrap()]) else {
+        return;
+    };
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
+    let trellis = md.lines().find(|l| l.starts_with("| trellis | ")).expect("scenario 1's trellis row");
+    assert!(trellis.contains("rounds 1, 2, 3 of 3 (clean)"), "{trellis}");
+    let peak = md.lines().find(|l| l.starts_with("| trellis peak rps")).expect("the peak goal's row");
+    assert!(!peak.contains("disturbed"), "{peak}");
+}
