@@ -1,4 +1,4 @@
-//! `trellis-control`: the control plane (`trellis control run`), DESIGN.md §6.
+//! `trellis-control`: the control plane (`trellis control run`); docs/architecture.md (control).
 //!
 //! - [`run`] prepares the data dir (CA, `bundle.pem`, `admin.token`, the store) and serves;
 //! - [`server`] is the HTTPS API: SVID bootstrap and renewal, the watch stream, the admin

@@ -7,7 +7,7 @@
 //! is touched, so a start that fails (port in use, `--svid-ttl` out of range) leaves no
 //! half-made data dir behind; an existing data dir for another trust domain is refused
 //! before anything in it changes. The data dir is mode 0700 and every file written there
-//! 0600 (DESIGN.md §8), tightened on every start in case the umask or an operator
+//! 0600 (the CA key is in it), tightened on every start in case the umask or an operator
 //! loosened them.
 
 use std::net::SocketAddr;

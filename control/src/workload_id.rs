@@ -6,7 +6,7 @@
 //! workload's:
 //!
 //! - anything under `spiffe://<td>/trellis` — reserved for Trellis itself. The control
-//!   plane serves as `spiffe://<td>/trellis/control` (DESIGN.md §6) and proxies and the CLI
+//!   plane serves as `spiffe://<td>/trellis/control` (docs/architecture.md) and proxies and the CLI
 //!   accept whoever presents that ID as the control plane, so issuing it to a workload would
 //!   let that workload impersonate the control plane;
 //! - a trust-domain-only ID (`spiffe://<td>`, no path): the X509-SVID spec (§3.1) says a

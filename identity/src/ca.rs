@@ -165,7 +165,7 @@ impl CertificateAuthority {
     }
 
     /// Writes `ca.pem` and `ca-key.pem` into `dir`, both mode 0600: the data dir is private
-    /// (DESIGN.md §8), and the public root is handed out as `bundle.pem` and `/v1/bundle`.
+    /// (docs/architecture.md, control), and the public root is handed out as `bundle.pem` and `/v1/bundle`.
     pub fn save(&self, dir: &Path) -> Result<(), CaError> {
         let io = |path: PathBuf| move |cause| CaError::Io { path, cause };
         let cert_path = dir.join(CA_CERT_FILE);

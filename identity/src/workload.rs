@@ -155,7 +155,7 @@ impl Svid {
     }
 
     /// When to start renewing an SVID received at `received`: half its remaining life, as
-    /// DESIGN.md §3 says. Measured from receipt rather than `notBefore`, which the CA
+    /// docs/architecture.md (*Flow of one identity*) says. Measured from receipt rather than `notBefore`, which the CA
     /// backdates for clock skew and would make short-lived SVIDs renew at once.
     pub fn renew_at(&self, received: SystemTime) -> SystemTime {
         let remaining = self.not_after.duration_since(received).unwrap_or_default();

@@ -25,7 +25,7 @@ pub struct Flow<'a> {
     pub source: Option<&'a SpiffeId>,
     pub source_ip: IpAddr,
     pub destination: &'a SpiffeId,
-    /// The application's port (DESIGN.md §5).
+    /// The application's port (the inbound target's port, docs/policy.md).
     pub port: u16,
     /// `Some` for an HTTP request, `None` for a connection (or opaque TCP).
     pub http: Option<HttpRequest<'a>>,

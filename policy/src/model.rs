@@ -1,4 +1,4 @@
-//! The typed policy documents (DESIGN.md §4): what [`crate::parse_documents`] produces, what
+//! The typed policy documents (docs/policy.md): what [`crate::parse_documents`] produces, what
 //! [`crate::PolicySnapshot::compile`] consumes, and what the control plane stores and pushes as
 //! JSON.
 //!

@@ -1,5 +1,5 @@
 //! Open connections and the flows they were allowed for, so a policy change that revokes a
-//! permission can close the connections it no longer allows (DESIGN.md §5).
+//! permission can close the connections it no longer allows (docs/policy.md, *Matching*).
 //!
 //! Each allowed TCP connection registers its flow and a cancellation token. On an HTTP
 //! connection each request in flight registers instead (until its response body ends), under

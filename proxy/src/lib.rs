@@ -1,5 +1,5 @@
-//! `trellis-proxy`: the sidecar data plane (`trellis proxy run`, `trellis proxy init`),
-//! DESIGN.md §5.
+//! `trellis-proxy`: the sidecar data plane (`trellis proxy run`, `trellis proxy init`);
+//! docs/architecture.md (proxy).
 //!
 //! A connection's path reads top to bottom, one file per direction:
 //! - [`inbound`]: accept → TLS (mTLS required) → identify the peer → detect → authorize

@@ -1,6 +1,6 @@
 //! The CLI's output. `println!` and `eprintln!` panic when their stream fails — a closed
-//! pipe (`trellis policy list | head -1`), a full disk (`> /dev/full`) — and DESIGN.md §8
-//! allows no panic: here a failed write to stdout ends the command with exit 2 and a message,
+//! pipe (`trellis policy list | head -1`), a full disk (`> /dev/full`) — and the CLI
+//! must not panic: here a failed write to stdout ends the command with exit 2 and a message,
 //! and a failed write to stderr is ignored (a diagnostic nobody can read must not change the
 //! outcome). Every line is flushed at once so that a failure is seen where it happens.
 

@@ -1,9 +1,10 @@
 //! Flags shared by every command that talks to a control plane, and the client they build.
 //!
-//! Defaults follow DESIGN.md §8, plus one convenience: when `--ca-bundle` or the admin
-//! token is not given, the files a control plane started in the same directory wrote
-//! (`./trellis-data/bundle.pem`, `./trellis-data/admin.token`) are used if they exist, so
-//! `trellis control run` and `trellis token create` work side by side with no flags.
+//! Defaults are the ones the README and docs/vm.md use, plus one convenience: when
+//! `--ca-bundle` or the admin token is not given, the files a control plane started in the
+//! same directory wrote (`./trellis-data/bundle.pem`, `./trellis-data/admin.token`) are used
+//! if they exist, so `trellis control run` and `trellis token create` work side by side with
+//! no flags.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,4 @@
-//! An HTTP connection's own span (DESIGN.md §7: one span per connection *and* one per
+//! An HTTP connection's own span (docs/telemetry.md: one span per connection *and* one per
 //! request). Opaque TCP connections get theirs from `inbound`/`outbound` when the tunnel
 //! closes; an HTTP connection is served by hyper, which keeps its stream until the last
 //! request (or an upgraded WebSocket) is done, so its span is recorded when the last holder

@@ -1,4 +1,4 @@
-//! Telemetry (DESIGN.md §7): one span per connection (opaque or HTTP), per HTTP request and
+//! Telemetry (docs/telemetry.md): one span per connection (opaque or HTTP), per HTTP request and
 //! per refused TLS handshake, in both directions, allowed or denied; and an optional
 //! JSON-lines flow log.
 //!
