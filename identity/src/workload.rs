@@ -155,8 +155,9 @@ impl Svid {
     }
 
     /// When to start renewing an SVID received at `received`: half its remaining life, as
-    /// docs/architecture.md (*Flow of one identity*) says. Measured from receipt rather than `notBefore`, which the CA
-    /// backdates for clock skew and would make short-lived SVIDs renew at once.
+    /// docs/architecture.md (*Flow of one identity*) says. Measured from receipt rather than
+    /// `notBefore`, which the CA backdates for clock skew and would make short-lived SVIDs
+    /// renew at once.
     pub fn renew_at(&self, received: SystemTime) -> SystemTime {
         let remaining = self.not_after.duration_since(received).unwrap_or_default();
         received + remaining / 2
