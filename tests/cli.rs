@@ -2,6 +2,9 @@
 
 use std::process::Command;
 
+mod support;
+use support::assert_refused;
+
 fn trellis() -> Command {
     Command::new(env!("CARGO_BIN_EXE_trellis"))
 }
@@ -20,8 +23,7 @@ fn version_and_help() {
 #[test]
 fn unknown_subcommand_is_a_usage_error() {
     let out = trellis().arg("frobnicate").output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("frobnicate"));
+    assert_refused(&out, Some(2), "frobnicate");
 }
 
 #[test]
@@ -88,9 +90,8 @@ fn inject_reads_a_directory_of_manifests() {
 
     std::fs::write(dir.path().join("z-bad.yaml"), "kind: [").unwrap();
     let out = inject();
-    assert_eq!(out.status.code(), Some(2));
+    assert_refused(&out, Some(2), "z-bad.yaml");
     assert!(out.stdout.is_empty());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("z-bad.yaml"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// `trellis inject` as an operator runs it: the proxy resources annotations land in the
@@ -218,11 +219,6 @@ fn a_zero_header_timeout_is_refused() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--header-timeout"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_refused(&out, Some(2), "--header-timeout");
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing created");
 }

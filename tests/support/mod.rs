@@ -28,6 +28,17 @@ pub fn bin() -> &'static str {
 /// process: a port from `bind(0)` comes from that range, and between closing it and the proxy
 /// binding it any outgoing connection of a concurrent test could take it as its local port (a
 /// rare "Address already in use" in CI).
+/// Asserts that a finished command failed — with exit code `code`, or any failure when `None`
+/// — and named `needle` on stderr. The whole stderr is the message when it did not.
+pub fn assert_refused(out: &std::process::Output, code: Option<i32>, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    match code {
+        Some(code) => assert_eq!(out.status.code(), Some(code), "{err}"),
+        None => assert!(!out.status.success(), "succeeded: {err}"),
+    }
+    assert!(err.contains(needle), "stderr does not name {needle:?}: {err}");
+}
+
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     const LOW: u32 = 20_000;
