@@ -57,19 +57,7 @@ type PeerIo = Prefixed<TlsStream<TcpStream>>;
 
 /// Serves one inbound listener until shutdown.
 pub async fn serve(state: Arc<ProxyState>, spec: InboundSpec, listener: TcpListener) {
-    loop {
-        let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            () = state.shutdown.cancelled() => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, remote)) = state.accept(&listener, "inbound").await {
         let started = Started::now();
         let state = state.clone();
         let spec = spec.clone();

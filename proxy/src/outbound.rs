@@ -114,19 +114,7 @@ where
     F: Fn(&TcpStream, SocketAddr) -> Option<Target> + Send + Sync + 'static,
 {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    loop {
-        let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            () = state.shutdown.cancelled() => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, remote)) = state.accept(&listener, "outbound").await {
         let started = Started::now();
         let Some(target) = target(&tcp, remote) else { continue };
         let state = state.clone();

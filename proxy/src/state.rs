@@ -15,9 +15,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use trellis_identity::rustls::{ClientConfig, ServerConfig};
 use trellis_identity::{ClientAuth, CredentialStore, SpiffeId, TlsError, TrustBundle, TrustDomain};
@@ -279,6 +281,27 @@ impl std::fmt::Debug for ProxyState {
 }
 
 impl ProxyState {
+    /// The listener's next connection, with `TCP_NODELAY` set, or `None` once the proxy shuts
+    /// down. A failed accept (out of file descriptors, a connection reset while queued) is
+    /// logged and retried after a pause rather than ending the listener.
+    pub async fn accept(&self, listener: &TcpListener, direction: &'static str) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((tcp, remote)) => {
+                        let _ = tcp.set_nodelay(true);
+                        return Some((tcp, remote));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, direction, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+                () = self.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
     /// Registers a connection allowed by the snapshot of version `decided_by`. A policy change
     /// applied between that decision and this registration rechecked the open connections
     /// without this one (on a multi-threaded runtime, or across an await), so it is judged
