@@ -278,7 +278,9 @@ async fn an_app_that_switches_protocols_unasked_gets_no_tunnel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_policy_closes_an_open_websocket() {
-    let m = default_mesh().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spans = dir.path().join("api-spans.jsonl");
+    let m = mesh(&[], &["--trace-file", spans.to_str().unwrap()], backends::tcp_echo().await).await;
     let (mut s, head) = open_websocket(&m, "/ws", "Upgrade").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(echo_once(&mut s, b"still allowed").await.unwrap(), b"still allowed");
@@ -296,6 +298,25 @@ async fn revoking_a_policy_closes_an_open_websocket() {
     let metrics = support::prom::parse(&m.api.metrics()).unwrap();
     assert!(metrics.sum("trellis_connections_revoked_total", &[]) >= 1.0, "{:?}", m.api.metrics());
     assert!(m.api.proc.logs().contains("upgraded connection closed: revoked"));
+    // The HTTP connection that carried it says why it ended.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let conn = loop {
+        let text = std::fs::read_to_string(&spans).unwrap_or_default();
+        let found = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["name"] == "inbound connection");
+        if let Some(v) = found {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no inbound connection span: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (conn["status"]["code"].as_str(), conn["attributes"]["error.type"].as_str()),
+        (Some("error"), Some("revoked")),
+        "{conn}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -455,7 +455,7 @@ fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) -> impl Future<
         .layer(TraceLayer::new(conn.clone()))
         .layer(MetricsLayer { state: state.clone(), direction: "inbound" })
         .layer(PolicyLayer { ctx: ctx.clone() })
-        .service(ForwardToApp { app: ctx.state.app.get(ctx.app), ctx: ctx.clone() });
+        .service(ForwardToApp { app: ctx.state.app.get(ctx.app), ctx: ctx.clone(), conn: conn.clone() });
     let svc = hyper_util::service::TowerToHyperService::new(svc);
     // A proxy shutting down drains it (revocation ends requests, not the connection).
     let header_timeout = state.config.header_timeout;
@@ -472,6 +472,8 @@ pub struct ForwardToApp {
     ctx: Arc<ConnCtx>,
     /// Looked up once per connection, not per request.
     app: Arc<AppClient>,
+    /// The connection's span, for an upgrade to record a revocation on.
+    conn: Option<Arc<HttpConnSpan>>,
 }
 
 impl tower::Service<Permitted> for ForwardToApp {
@@ -485,19 +487,21 @@ impl tower::Service<Permitted> for ForwardToApp {
 
     fn call(&mut self, Permitted { permit, request, tracked }: Permitted) -> Self::Future {
         let (ctx, app) = (self.ctx.clone(), self.app.clone());
-        Box::pin(async move { Ok(forward_http(&ctx, &app, permit, request, tracked).await) })
+        let conn = if is_websocket_upgrade(&request) { self.conn.clone() } else { None };
+        Box::pin(async move { Ok(forward_http(&ctx, &app, permit, request, tracked, conn).await) })
     }
 }
 
 /// Rewrites a permitted request for the app (verified peer ID, normalized path, hop-by-hop
 /// headers removed) and relays the app's answer; `tracked` ends it early if a policy change
-/// revokes it.
+/// revokes it. `conn` (the connection's span) comes with WebSocket upgrades only.
 async fn forward_http(
     ctx: &ConnCtx,
     app: &AppClient,
     permit: Permit,
     mut req: Request<ReqBody>,
     tracked: Tracked,
+    conn: Option<Arc<HttpConnSpan>>,
 ) -> Response<RespBody> {
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
     // HTTP/2 hops enforce the limit in h2; an HTTP/1.1 client straight to this port does not.
@@ -510,7 +514,7 @@ async fn forward_http(
         // verified peer header after the hop-by-hop ones (which the client names) are gone.
         prepare_for_app(ctx, &mut req, false);
         // Boxed so the rare upgrade does not size (and slow) every request's future.
-        return Box::pin(crate::upgrade::forward_upgrade(req, UpgradeTarget::App(ctx.app), Some(tracked))).await;
+        return Box::pin(crate::upgrade::forward_upgrade(req, UpgradeTarget::App(ctx.app), Some(tracked), conn)).await;
     }
     let downgrade = req.headers_mut().remove(ORIG_PROTO).is_some() || req.version() != http::Version::HTTP_2;
     prepare_for_app(ctx, &mut req, !downgrade);

@@ -326,7 +326,7 @@ impl ForwardToPeer {
             let target = UpgradeTarget::Peer { state: self.state.clone(), addr, id };
             // Boxed so the rare upgrade does not size (and slow) every request's future. The
             // peer's inbound holds the revocable registration; its close ends this side too.
-            let mut resp = Box::pin(forward_upgrade(req, target, None)).await;
+            let mut resp = Box::pin(forward_upgrade(req, target, None, None)).await;
             let decided = peer_verdict(&mut resp);
             resp.extensions_mut().insert(decided);
             return resp;

@@ -23,6 +23,7 @@ use trellis_identity::SpiffeId;
 use crate::conns::Tracked;
 use crate::http::{ReqBody, RespBody, offers_only_websocket, proxy_error, relayed, strip_hop_by_hop};
 use crate::state::{PeerProtocol, ProxyState};
+use crate::telemetry::HttpConnSpan;
 
 /// Where an upgrade request goes.
 pub enum UpgradeTarget {
@@ -32,11 +33,13 @@ pub enum UpgradeTarget {
 
 /// Sends a WebSocket upgrade request on a new HTTP/1.1 connection and splices the upgraded
 /// streams on 101. `tracked` (inbound) is the registration a policy revocation cancels; it
-/// lives as long as the upgraded connection.
+/// lives as long as the upgraded connection, and a revocation is recorded on `conn`, the
+/// span of the HTTP connection that carried the upgrade.
 pub async fn forward_upgrade(
     mut req: Request<ReqBody>,
     target: UpgradeTarget,
     tracked: Option<Tracked>,
+    conn: Option<Arc<HttpConnSpan>>,
 ) -> Response<RespBody> {
     let client_side = hyper::upgrade::on(&mut req);
     *req.version_mut() = http::Version::HTTP_11;
@@ -81,7 +84,10 @@ pub async fn forward_upgrade(
                     let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
                     let t = crate::tunnel::tunnel(&mut a, &mut b, &cancel).await;
                     if t.cancelled {
-                        tracing::info!(sent = t.sent, received = t.received, "upgraded connection closed: revoked")
+                        tracing::info!(sent = t.sent, received = t.received, "upgraded connection closed: revoked");
+                        if let Some(conn) = &conn {
+                            conn.ended_by("revoked: a policy change ended this WebSocket");
+                        }
                     } else {
                         tracing::debug!(sent = t.sent, received = t.received, error = ?t.error, "upgraded connection closed")
                     }

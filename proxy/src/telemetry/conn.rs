@@ -10,10 +10,11 @@
 //! both ways, and give it to the `TraceLayer`, which counts each finished request and its
 //! decision.
 
+use std::borrow::Cow;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
@@ -35,6 +36,8 @@ pub struct HttpConnSpan {
     received: AtomicU64,
     requests: AtomicU64,
     denied: AtomicU64,
+    /// What ended the connection when it did not simply close (a revoked WebSocket).
+    ended_by: OnceLock<&'static str>,
 }
 
 impl HttpConnSpan {
@@ -55,6 +58,7 @@ impl HttpConnSpan {
             received: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             denied: AtomicU64::new(0),
+            ended_by: OnceLock::new(),
         }))
     }
 
@@ -64,6 +68,12 @@ impl HttpConnSpan {
 
     pub fn telemetry(&self) -> &Arc<Active> {
         &self.tel
+    }
+
+    /// Records what ended the connection (`label: detail`, the label becoming `error.type`);
+    /// the first cause set is kept.
+    pub fn ended_by(&self, error: &'static str) {
+        let _ = self.ended_by.set(error);
     }
 
     /// Counts one finished request; `denied` when it was refused (here or by the peer).
@@ -88,7 +98,7 @@ impl Drop for HttpConnSpan {
             verdict,
             bytes_sent: *self.sent.get_mut(),
             bytes_received: *self.received.get_mut(),
-            error: None,
+            error: self.ended_by.get().map(|e| Cow::Borrowed(*e)),
         });
     }
 }
