@@ -113,15 +113,22 @@ def tail(path, n=15):
 
 
 class Procs:
-    def __init__(self, work: Path):
+    """The servers the bench starts, in the driver's session unless `own_sessions`. With the
+    kernel's autogroup scheduling (on by default) each session is a scheduling group, as each
+    container is under Kubernetes and each daemonized nginx or HAProxy is (shared/peers'
+    scripts daemonize them); one group for the client, backend and both sidecars places
+    processes differently (see benches/README.md, *Scheduling groups*)."""
+
+    def __init__(self, work: Path, own_sessions=False):
         self.work = work
+        self.own_sessions = own_sessions
         self.procs = []  # (name, Popen)
         self.pidfile = work / "pids"
 
     def start(self, name, argv, env=None):
         logf = open(self.work / f"{name}.log", "wb")
         p = subprocess.Popen([str(a) for a in argv], stdout=logf, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env=env)
+                             stdin=subprocess.DEVNULL, env=env, start_new_session=self.own_sessions)
         logf.close()
         self.procs.append((name, p))
         with open(self.pidfile, "a") as f:
@@ -659,7 +666,7 @@ class Bench:
     def __init__(self, args, work: Path):
         self.a = args
         self.work = work
-        self.procs = Procs(work)
+        self.procs = Procs(work, own_sessions=args.own_sessions)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRELLIS_")}
         self.env["TRELLIS_LOG"] = "warn"
         self.sidecars = {}  # pair -> role -> Popen
@@ -1526,6 +1533,9 @@ def main():
     p.add_argument("--retries", type=int, default=None,
                    help="how often a disturbed measurement is repeated; the least disturbed attempt is kept "
                         "(default 2; --quick: 0)")
+    p.add_argument("--own-sessions", action="store_true",
+                   help="start each server (backend, each proxy) in a session of its own, a scheduling group "
+                        "of its own under autogroup, as containers are; see benches/README.md")
     p.add_argument("--trellis-bin", default=os.environ.get("TRELLIS_BIN", "target/release/trellis"))
     p.add_argument("--render", metavar="RESULTS_JSON",
                    help="measure nothing: write results.md and chart.svg again from a saved results.json "
@@ -1614,6 +1624,7 @@ def main():
     if sh(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"]):
         diff = subprocess.run(["git", "-C", str(REPO), "diff", "HEAD"], capture_output=True).stdout
         git += f" + uncommitted changes (diff sha256 {hashlib.sha256(diff).hexdigest()[:12]})"
+    sessions = "each server in a session of its own" if a.own_sessions else "servers in the driver's session"
     meta = {"command": a.command or shlex.join(sys.argv),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "cpu": mach["cpu"], "cpus": mach["cpus"], "mem": mach["mem"], "os": mach["os"], "uname": mach["uname"],
@@ -1624,7 +1635,7 @@ def main():
             "settings": f"rounds {a.rounds}, duration {a.duration}s, {a.connections} connections, wrk -t{a.wrk_threads}, "
                         f"rate {a.rate}/s, h2load -c{a.h2_clients} -m{a.h2_streams}, {a.idle_conns} idle connections, "
                         f"repeat a measurement up to {a.retries}× if other work took > {a.max_other_cpu:g} cores, "
-                        f"1 worker per proxy, scenarios {','.join(run_scn)}, targets {','.join(a.targets)}"}
+                        f"1 worker per proxy, {sessions}, scenarios {','.join(run_scn)}, targets {','.join(a.targets)}"}
     log(f"load average at start: {' '.join(meta['load_start'])}  (2 cores: >1 means other work is running)")
 
     global TOOL_PIDFILE
