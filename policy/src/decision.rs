@@ -25,7 +25,7 @@ pub struct Flow<'a> {
     pub source: Option<&'a SpiffeId>,
     pub source_ip: IpAddr,
     pub destination: &'a SpiffeId,
-    /// The application's port (the inbound target's port, docs/policy.md).
+    /// The application's port (the inbound target's, not the listener's: docs/telemetry.md, `server.port`).
     pub port: u16,
     /// `Some` for an HTTP request, `None` for a connection (or opaque TCP).
     pub http: Option<HttpRequest<'a>>,

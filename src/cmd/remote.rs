@@ -1,7 +1,8 @@
 //! Flags shared by every command that talks to a control plane, and the client they build.
 //!
-//! Defaults are the ones the README and docs/vm.md use, plus one convenience: when
-//! `--ca-bundle` or the admin token is not given, the files a control plane started in the
+//! The control plane defaults to `https://127.0.0.1:7443` ([`DEFAULT_CONTROL`]), a control
+//! plane on the same host; one convenience more: when `--ca-bundle` or the admin token is not
+//! given, the files a control plane started in the
 //! same directory wrote (`./trellis-data/bundle.pem`, `./trellis-data/admin.token`) are used
 //! if they exist, so `trellis control run` and `trellis token create` work side by side with
 //! no flags.

@@ -22,12 +22,6 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_trellis")
 }
 
-/// A port that was free a moment ago (for listeners the test must know in advance).
-///
-/// Taken below the kernel's ephemeral range (32768–60999 by default), each one once per test
-/// process: a port from `bind(0)` comes from that range, and between closing it and the proxy
-/// binding it any outgoing connection of a concurrent test could take it as its local port (a
-/// rare "Address already in use" in CI).
 /// Asserts that a finished command failed — with exit code `code`, or any failure when `None`
 /// — and named `needle` on stderr. The whole stderr is the message when it did not.
 pub fn assert_refused(out: &std::process::Output, code: Option<i32>, needle: &str) {
@@ -39,6 +33,12 @@ pub fn assert_refused(out: &std::process::Output, code: Option<i32>, needle: &st
     assert!(err.contains(needle), "stderr does not name {needle:?}: {err}");
 }
 
+/// A port that was free a moment ago (for listeners the test must know in advance).
+///
+/// Taken below the kernel's ephemeral range (32768–60999 by default), each one once per test
+/// process: a port from `bind(0)` comes from that range, and between closing it and the proxy
+/// binding it any outgoing connection of a concurrent test could take it as its local port (a
+/// rare "Address already in use" in CI).
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     const LOW: u32 = 20_000;
