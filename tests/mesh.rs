@@ -593,6 +593,24 @@ async fn an_http2_app_refusing_a_stream_gets_idempotent_requests_again() {
     assert_eq!((status, body.as_str()), (200, "attempt 2"));
 }
 
+/// An app whose chunked response is malformed before any of its body: the caller gets a 502
+/// from its sidecar, not an empty reply. Malformed after the first chunk: the 200 already
+/// left, so the caller sees the body end early, an error, never a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_response_is_a_502_or_a_cut_body() {
+    use http_body_util::BodyExt;
+    let pair = AppPair::start(backends::broken_chunks().await).await;
+    let client = http_client();
+    let (status, headers, body) = get(&client, &format!("http://{}/bad-chunk", pair.route), "GET", &[]).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(headers.get("x-trellis-error").map(|v| v.as_bytes()), Some(&b"peer_http"[..]), "{body}");
+    let req = http::Request::get(format!("http://{}/cut", pair.route)).body(Default::default()).unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = resp.into_body().collect().await;
+    assert!(got.is_err(), "a cut body ended cleanly: {:?}", got.map(|b| b.to_bytes()));
+}
+
 /// A `--ca-bundle` that does not vouch for the control plane will never get better by
 /// retrying: the proxy says so and exits instead of retrying forever behind a 503 `/ready`.
 #[test]

@@ -139,6 +139,31 @@ pub async fn tcp_echo() -> SocketAddr {
     tcp_server(None).await
 }
 
+/// An HTTP/1.1 app whose responses break: `/bad-chunk` answers a chunked `200` whose first
+/// chunk size is not hex; `/cut` sends one good chunk, then a bad one a moment later. It reads
+/// the request head and closes after answering.
+pub async fn broken_chunks() -> SocketAddr {
+    serve_each(|mut tcp| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let start = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if head.starts_with(b"GET /cut ") {
+            let _ = tcp.write_all(&[&start[..], b"5\r\nhello\r\n"].concat()).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = tcp.write_all(b"ZZZ\r\n").await;
+        } else {
+            let _ = tcp.write_all(&[&start[..], b"ZZZ\r\nhello\r\n"].concat()).await;
+        }
+    })
+    .await
+}
+
 /// A server that speaks first: it sends `banner` on accept, then echoes.
 pub async fn banner_server(banner: &'static [u8]) -> SocketAddr {
     tcp_server(Some(banner)).await
