@@ -487,21 +487,23 @@ impl tower::Service<Permitted> for ForwardToApp {
 
     fn call(&mut self, Permitted { permit, request, tracked }: Permitted) -> Self::Future {
         let (ctx, app) = (self.ctx.clone(), self.app.clone());
-        let conn = if is_websocket_upgrade(&request) { self.conn.clone() } else { None };
-        Box::pin(async move { Ok(forward_http(&ctx, &app, permit, request, tracked, conn).await) })
+        // Decided once here: an upgrade also takes the connection's span, to mark a revocation on.
+        let upgrade = is_websocket_upgrade(&request).then(|| self.conn.clone());
+        Box::pin(async move { Ok(forward_http(&ctx, &app, permit, request, tracked, upgrade).await) })
     }
 }
 
 /// Rewrites a permitted request for the app (verified peer ID, normalized path, hop-by-hop
 /// headers removed) and relays the app's answer; `tracked` ends it early if a policy change
-/// revokes it. `conn` (the connection's span) comes with WebSocket upgrades only.
+/// revokes it. `upgrade` is `Some` for a WebSocket upgrade, with the connection's span when
+/// telemetry is on.
 async fn forward_http(
     ctx: &ConnCtx,
     app: &AppClient,
     permit: Permit,
     mut req: Request<ReqBody>,
     tracked: Tracked,
-    conn: Option<Arc<HttpConnSpan>>,
+    upgrade: Option<Option<Arc<HttpConnSpan>>>,
 ) -> Response<RespBody> {
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
     // HTTP/2 hops enforce the limit in h2; an HTTP/1.1 client straight to this port does not.
@@ -509,7 +511,7 @@ async fn forward_http(
         let detail = format!("the request's header block is larger than {MAX_HEADER_LIST} bytes");
         return proxy_error(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header_too_large", &detail);
     }
-    if is_websocket_upgrade(&req) {
+    if let Some(conn) = upgrade {
         // As for any request: the app gets the path the policy judged (normalized), and the
         // verified peer header after the hop-by-hop ones (which the client names) are gone.
         prepare_for_app(ctx, &mut req, false);
