@@ -150,8 +150,10 @@ fn inject_warns_of_probes_that_fail_in_the_mesh() {
     assert!(out.status.success(), "{stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("trellis-proxy"), "injected anyway");
     assert!(
-        stderr.contains("document 2: container \"web\" readinessProbe: an HTTPS probe of port 8443")
-            && stderr.contains("trellis.dev/exclude-inbound-ports"),
+        stderr.contains(&format!(
+            "{}: document 2: container \"web\" readinessProbe: an HTTPS probe of port 8443",
+            file.display()
+        )) && stderr.contains("trellis.dev/exclude-inbound-ports"),
         "{stderr}"
     );
 }

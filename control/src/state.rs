@@ -126,6 +126,9 @@ pub struct Shared {
     pub bundle: ArcSwap<TrustBundle>,
     changes: watch::Sender<u64>,
     sessions: Mutex<Sessions>,
+    /// Held across a reload's store read and swap, so two reloads racing cannot leave the
+    /// older snapshot in place (read v5, read v6, store v6, store v5).
+    reloading: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -151,13 +154,14 @@ impl Shared {
             bundle: ArcSwap::from_pointee(bundle),
             changes,
             sessions: Mutex::default(),
+            reloading: Mutex::default(),
         }))
     }
 
     /// Re-reads policies from the store, swaps the snapshot and wakes watchers.
     pub fn reload_policies(&self) -> Result<(), StoreError> {
+        let _serial = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let (version, policies) = self.store.policies()?;
-        // Two concurrent applies may reload out of order; never go backwards.
         if version >= self.policy.load().version() {
             self.policy.store(Arc::new(PolicyState::build(version, policies)?));
         }
@@ -172,6 +176,7 @@ impl Shared {
     }
 
     pub fn reload_registry(&self) -> Result<(), StoreError> {
+        let _serial = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let (version, endpoints) = self.store.endpoints()?;
         if version > self.registry.load().version {
             self.registry.store(Arc::new(Registry::build(version, endpoints)));

@@ -210,6 +210,10 @@ fn put_endpoints(
     claim: &Claim,
     now: u64,
 ) -> Result<(u64, bool), StoreError> {
+    if addresses.is_empty() {
+        // Nothing to claim (a join-token bootstrap naming no address): no table scan.
+        return Ok((txn.open_table(META)?.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0), false));
+    }
     let mut table = txn.open_table(ENDPOINTS)?;
     let mut changed = false;
     let existing = all_endpoints(&table)?;
@@ -689,6 +693,23 @@ mod tests {
         assert!(store.endpoints().unwrap().1.iter().any(|e| e.address == "10.1.1.1" && e.spiffe_id == id("evil")));
         let again = store.bootstrap(Some((&hash, &actor)), &id("evil"), &[], &claim("10.6.6.6"));
         assert!(matches!(again, Err(StoreError::TokenUsed)), "{again:?}");
+    }
+
+    /// A join-token bootstrap that names no address spends the token and leaves the registry
+    /// and its version as they were.
+    #[test]
+    fn a_bootstrap_with_no_address_spends_the_token_and_touches_no_endpoint() {
+        let (_dir, store) = open();
+        let now = now_unix();
+        let actor = Actor { principal: "bootstrap".into(), remote: "10.6.6.6:1".into() };
+        let hash = [9u8; 32];
+        let record = TokenRecord { spiffe_id: id("web"), created: now, expires: now + 600, used: None };
+        store.insert_token(&hash, &record, &actor).unwrap();
+        let version = store.register_endpoints(&id("db"), &["10.9.9.9".into()], &ANY).unwrap();
+        let before = store.endpoints().unwrap();
+        assert_eq!(store.bootstrap(Some((&hash, &actor)), &id("web"), &[], &ANY).unwrap(), version);
+        assert!(matches!(store.peek_token(&hash, now), Err(StoreError::TokenUsed)));
+        assert_eq!(store.endpoints().unwrap(), before);
     }
 
     #[test]

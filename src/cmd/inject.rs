@@ -74,8 +74,8 @@ fn inject_to_string(args: &InjectArgs) -> anyhow::Result<String> {
     }
     let input = read_input(&args.file)?;
     let source = if args.file.as_os_str() == "-" { "<stdin>".to_string() } else { args.file.display().to_string() };
-    let injected = inject::inject_manifests(&input, &cfg).context(source)?;
-    report(&injected.outcomes);
+    let injected = inject::inject_manifests(&input, &cfg).context(source.clone())?;
+    report(&source, &injected.outcomes);
     Ok(injected.yaml)
 }
 
@@ -88,11 +88,12 @@ fn inject_dir(dir: &Path, cfg: &InjectConfig) -> anyhow::Result<String> {
     }
     let mut out = String::new();
     for file in files {
-        let injected = inject::inject_manifests(&read_input(&file)?, cfg).context(file.display().to_string())?;
+        let source = file.display().to_string();
+        let injected = inject::inject_manifests(&read_input(&file)?, cfg).context(source.clone())?;
         if injected.yaml.is_empty() {
             continue;
         }
-        report(&injected.outcomes);
+        report(&source, &injected.outcomes);
         if !out.is_empty() {
             out.push_str("---\n");
         }
@@ -111,13 +112,13 @@ fn read_input(file: &Path) -> anyhow::Result<String> {
 }
 
 /// One line per skipped workload on stderr, so a silent skip is never a surprise, and one
-/// per app probe that will fail in the mesh.
-fn report(outcomes: &[Outcome]) {
+/// per app probe that will fail in the mesh; each names its file (`source`) and document.
+fn report(source: &str, outcomes: &[Outcome]) {
     let mut injected = 0;
     let (mut skipped, mut warned) = (Vec::new(), Vec::new());
     collect(outcomes, &mut injected, &mut skipped, &mut warned);
     for (document, warning) in &warned {
-        tracing::warn!("document {document}: {warning}");
+        tracing::warn!("{source}: document {document}: {warning}");
     }
     for (document, reason, removed) in &skipped {
         let why = match reason {
@@ -127,9 +128,9 @@ fn report(outcomes: &[Outcome]) {
             SkipReason::Namespace(ns) => format!("namespace {ns} is skipped"),
         };
         if *removed {
-            tracing::info!("document {document}: the sidecar injected earlier was removed: {why}");
+            tracing::info!("{source}: document {document}: the sidecar injected earlier was removed: {why}");
         } else {
-            tracing::info!("document {document}: not injected: {why}");
+            tracing::info!("{source}: document {document}: not injected: {why}");
         }
     }
     tracing::debug!(injected, skipped = skipped.len(), "trellis inject done");

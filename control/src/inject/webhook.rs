@@ -67,6 +67,15 @@ pub fn admission_review(body: &[u8], cfg: &InjectConfig) -> Result<Vec<u8>, Webh
                 "patch": base64::engine::general_purpose::STANDARD.encode(patch),
             });
             if !warnings.is_empty() {
+                // kubectl shows admission warnings only for pods it creates itself; a
+                // Deployment's pods are created by its ReplicaSet, so the log is where an
+                // operator finds them.
+                let namespace = request.get("namespace").and_then(Value::as_str).unwrap_or("");
+                let meta = request.pointer("/object/metadata");
+                let name = meta.and_then(|m| m.get("name").or_else(|| m.get("generateName"))).and_then(Value::as_str);
+                for w in &warnings {
+                    tracing::warn!(namespace, pod = name.unwrap_or(""), warning = %w, "injected pod has a probe that will fail");
+                }
                 response["warnings"] = json!(warnings.iter().map(|w| format!("trellis: {w}")).collect::<Vec<_>>());
             }
             response
