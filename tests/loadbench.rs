@@ -21,10 +21,15 @@ fn bad_flags_are_one_line_errors_not_tracebacks() {
     let file = out_dir.path().join("a-file");
     std::fs::write(&file, "").unwrap();
     let under_a_file = file.join("sub").display().to_string();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--rounds", "0"], "--rounds must be at least 1 (got 0)"),
         (&["--duration", "-5"], "--duration must be at least 1 (got -5)"),
         (&["--targets", ","], "--targets names no target"),
+        (&["--targets", "relayy"], "unknown scenario/target ['relayy']"),
+        (
+            &["--targets", "relay", "--only", "close,bulk"],
+            "no scenario in --only measures any of --targets (each is measured in: relay: http1,rate)",
+        ),
         (&["--only", "http1", "--out", &under_a_file], "cannot write there"),
         (&["--render", "/nonexistent/results.json"], "not a results.json this benchmark wrote"),
     ];

@@ -1575,6 +1575,9 @@ def main():
         p.error(f"unknown scenario/target {bad}; scenarios: {','.join(SCENARIOS)}; targets: {','.join(TARGETS)}")
     if not a.targets:
         p.error("--targets names no target")
+    if not any(t in SCENARIOS[scn][2] for scn in only for t in a.targets):
+        where = "; ".join(f"{t}: {','.join(s for s in SCENARIOS if t in SCENARIOS[s][2])}" for t in a.targets)
+        p.error(f"no scenario in --only measures any of --targets (each is measured in: {where})")
     a.trellis_bin = str(Path(a.trellis_bin).resolve())
     out = Path(a.out).resolve()
     work = out / "work"

@@ -75,15 +75,21 @@ impl Selector {
         // attach to it, so registering a socket stays as cheap as upstream (`EPOLL_CTL_ADD` on
         // a nested instance takes a host-wide mutex). The cost is a second syscall per sleep;
         // a poll that may not sleep (timeout 0, what a busy runtime does) is upstream's.
-        if timeout != 0 {
-            let mut pollfd = libc::pollfd { fd: self.ep.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            syscall!(poll(&mut pollfd, 1, timeout))?;
-        }
+        // Linux and Android only: the reasoning is Linux's wake-ups; elsewhere (illumos and
+        // redox emulate epoll) the poll is upstream's.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let timeout = {
+            if timeout != 0 {
+                let mut pollfd = libc::pollfd { fd: self.ep.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                syscall!(poll(&mut pollfd, 1, timeout))?;
+            }
+            0
+        };
         syscall!(epoll_wait(
             self.ep.as_raw_fd(),
             events.as_mut_ptr(),
             events.capacity() as i32,
-            0,
+            timeout,
         ))
         .map(|n_events| {
             // This is safe because `epoll_wait` ensures that `n_events` are
