@@ -488,22 +488,31 @@ impl tower::Service<Permitted> for ForwardToApp {
     fn call(&mut self, Permitted { permit, request, tracked }: Permitted) -> Self::Future {
         let (ctx, app) = (self.ctx.clone(), self.app.clone());
         // Decided once here: an upgrade also takes the connection's span, to mark a revocation on.
-        let upgrade = is_websocket_upgrade(&request).then(|| self.conn.clone());
-        Box::pin(async move { Ok(forward_http(&ctx, &app, permit, request, tracked, upgrade).await) })
+        let exchange =
+            if is_websocket_upgrade(&request) { Exchange::WebSocket(self.conn.clone()) } else { Exchange::Request };
+        Box::pin(async move { Ok(forward_http(&ctx, &app, permit, request, tracked, exchange).await) })
     }
+}
+
+/// What a permitted request asks for, decided once per request.
+enum Exchange {
+    /// A request and its response.
+    Request,
+    /// A WebSocket upgrade, with the connection's span (when telemetry is on) to mark a
+    /// revocation on: the upgraded stream outlives the request.
+    WebSocket(Option<Arc<HttpConnSpan>>),
 }
 
 /// Rewrites a permitted request for the app (verified peer ID, normalized path, hop-by-hop
 /// headers removed) and relays the app's answer; `tracked` ends it early if a policy change
-/// revokes it. `upgrade` is `Some` for a WebSocket upgrade, with the connection's span when
-/// telemetry is on.
+/// revokes it.
 async fn forward_http(
     ctx: &ConnCtx,
     app: &AppClient,
     permit: Permit,
     mut req: Request<ReqBody>,
     tracked: Tracked,
-    upgrade: Option<Option<Arc<HttpConnSpan>>>,
+    exchange: Exchange,
 ) -> Response<RespBody> {
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
     // HTTP/2 hops enforce the limit in h2; an HTTP/1.1 client straight to this port does not.
@@ -511,7 +520,7 @@ async fn forward_http(
         let detail = format!("the request's header block is larger than {MAX_HEADER_LIST} bytes");
         return proxy_error(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header_too_large", &detail);
     }
-    if let Some(conn) = upgrade {
+    if let Exchange::WebSocket(conn) = exchange {
         // As for any request: the app gets the path the policy judged (normalized), and the
         // verified peer header after the hop-by-hop ones (which the client names) are gone.
         prepare_for_app(ctx, &mut req, false);
