@@ -160,6 +160,20 @@ fn validate_reads_a_directory_and_names_the_file_of_each_problem() {
     assert!(stderr(&o).contains("no policy files (*.yaml, *.yml, *.json)"), "{}", stderr(&o));
 }
 
+/// A file name comes from the directory, not from the user: printed escaped, so a name
+/// cannot fake an `ok:` line or send terminal escapes into a CI log.
+#[test]
+fn a_file_name_is_printed_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "a\nok: 1 policy (all good)\u{1b}[8m.yaml";
+    std::fs::write(dir.path().join(name), "kind: AuthorizationPolicy\n").unwrap();
+    let o = run(&["policy", "validate", "-f", dir.path().to_str().unwrap()]);
+    assert_exit(&o, 2);
+    let err = stderr(&o);
+    assert!(err.contains("a\\nok: 1 policy (all good)\\u{1b}[8m.yaml: "), "{err}");
+    assert!(!err.contains('\u{1b}') && err.lines().all(|l| !l.starts_with("ok:")), "{err}");
+}
+
 #[test]
 fn a_directory_is_held_to_the_limits_of_one_apply_as_a_whole() {
     let dir = tempfile::tempdir().unwrap();

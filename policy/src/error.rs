@@ -36,7 +36,7 @@ impl ValidationError {
 /// replaced by its escape (`\u{1b}`, `\n`); quotes and backslashes are kept. Messages quote
 /// user values with `{:?}` already; this is the last line of defence, so that no text from a
 /// policy file can move the cursor, recolor or fake lines in a terminal or CI log.
-pub(crate) fn escape_unprintable(s: &str) -> Cow<'_, str> {
+pub fn escape_unprintable(s: &str) -> Cow<'_, str> {
     let unprintable = |c: char| !matches!(c, '"' | '\'' | '\\') && c.escape_debug().nth(1).is_some();
     if !s.chars().any(unprintable) {
         return Cow::Borrowed(s);

@@ -128,7 +128,7 @@ mod tree;
 mod validate;
 
 pub use decision::{AuditOutcome, Decision, Defaults, EgressFlow, Flow, HttpRequest, Reason};
-pub use error::{CompileError, ValidationError, ValidationErrors};
+pub use error::{CompileError, ValidationError, ValidationErrors, escape_unprintable};
 pub use model::{
     API_VERSION, Action, AuthorizationPolicy, AuthorizationRule, AuthorizationSpec, Destination, EgressPolicy,
     EgressRule, EgressSpec, Metadata, Mode, Operation, Policy, PolicyKind, Source,

@@ -8,6 +8,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use super::out::shown;
+
 use anyhow::Context;
 use trellis_control::inject::{self, InjectConfig, Outcome, SkipReason};
 
@@ -73,7 +75,7 @@ fn inject_to_string(args: &InjectArgs) -> anyhow::Result<String> {
         return inject_dir(&args.file, &cfg);
     }
     let input = read_input(&args.file)?;
-    let source = if args.file.as_os_str() == "-" { "<stdin>".to_string() } else { args.file.display().to_string() };
+    let source = if args.file.as_os_str() == "-" { "<stdin>".to_string() } else { shown(&args.file) };
     let injected = inject::inject_manifests(&input, &cfg).context(source.clone())?;
     report(&source, &injected.outcomes);
     Ok(injected.yaml)
@@ -82,13 +84,13 @@ fn inject_to_string(args: &InjectArgs) -> anyhow::Result<String> {
 /// Like `kubectl apply -f DIR` (not recursive): each file injected on its own (a JSON file
 /// stays JSON to its parser), their YAML joined with `---`; any error, and nothing is printed.
 fn inject_dir(dir: &Path, cfg: &InjectConfig) -> anyhow::Result<String> {
-    let files = super::policy::policy_files(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    let files = super::policy::policy_files(dir).with_context(|| format!("cannot read {}", shown(dir)))?;
     if files.is_empty() {
-        anyhow::bail!("{}: no *.yaml, *.yml or *.json files", dir.display());
+        anyhow::bail!("{}: no *.yaml, *.yml or *.json files", shown(dir));
     }
     let mut out = String::new();
     for file in files {
-        let source = file.display().to_string();
+        let source = shown(&file);
         let injected = inject::inject_manifests(&read_input(&file)?, cfg).context(source.clone())?;
         if injected.yaml.is_empty() {
             continue;
@@ -108,7 +110,7 @@ fn read_input(file: &Path) -> anyhow::Result<String> {
         std::io::stdin().read_to_string(&mut text).context("cannot read stdin")?;
         return Ok(text);
     }
-    std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
+    std::fs::read_to_string(file).with_context(|| format!("cannot read {}", shown(file)))
 }
 
 /// One line per skipped workload on stderr, so a silent skip is never a surprise, and one

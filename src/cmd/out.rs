@@ -40,3 +40,9 @@ pub fn stdout(args: std::fmt::Arguments<'_>) {
 pub fn stderr(args: std::fmt::Arguments<'_>) {
     let _ = std::io::stderr().lock().write_fmt(args);
 }
+
+/// A path as the CLI prints it: a file name read from a directory is not the user's text, and
+/// must not write terminal escapes or fake lines (`a\nok: 1 policy.yaml`) into a log.
+pub fn shown(path: &std::path::Path) -> String {
+    trellis_policy::escape_unprintable(&path.display().to_string()).into_owned()
+}

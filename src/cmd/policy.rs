@@ -11,6 +11,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use super::out::shown;
+
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use trellis_policy::limits::MAX_INPUT_BYTES;
 use trellis_policy::{
@@ -290,11 +292,11 @@ pub(super) fn load_text(source: &PolicySourceArgs) -> Result<(String, Vec<Policy
     let path = &source.file;
     if path != Path::new("-") && path.is_dir() {
         let policies = load_dir(path)?;
-        let text = serde_json::to_string(&policies).map_err(|e| fail(format_args!("{}: {e}", path.display())))?;
+        let text = serde_json::to_string(&policies).map_err(|e| fail(format_args!("{}: {e}", shown(path))))?;
         if text.len() > MAX_INPUT_BYTES {
             return Err(fail(format_args!(
                 "{}: the directory's policies come to {} bytes together; one apply takes at most {} MiB",
-                path.display(),
+                shown(path),
                 text.len(),
                 MAX_INPUT_BYTES >> 20
             )));
@@ -303,7 +305,7 @@ pub(super) fn load_text(source: &PolicySourceArgs) -> Result<(String, Vec<Policy
         parse_documents(&text).map_err(|errors| report(Some(path), &errors))?;
         return Ok((text, policies));
     }
-    let text = read_input(path).map_err(|e| fail(format_args!("{}: {e}", path.display())))?;
+    let text = read_input(path).map_err(|e| fail(format_args!("{}: {e}", shown(path))))?;
     let policies = parse_documents(&text).map_err(|errors| report(None, &errors))?;
     Ok((text, policies))
 }
@@ -312,9 +314,9 @@ pub(super) fn load_text(source: &PolicySourceArgs) -> Result<(String, Vec<Policy
 /// in name order. Every file's problems are printed, each prefixed with its path; a policy
 /// name used in two files is an error like one used twice in a file.
 fn load_dir(dir: &Path) -> Result<Vec<Policy>, ExitCode> {
-    let files = policy_files(dir).map_err(|e| fail(format_args!("{}: {e}", dir.display())))?;
+    let files = policy_files(dir).map_err(|e| fail(format_args!("{}: {e}", shown(dir))))?;
     if files.is_empty() {
-        return Err(fail(format_args!("{}: no policy files (*.yaml, *.yml, *.json) in this directory", dir.display())));
+        return Err(fail(format_args!("{}: no policy files (*.yaml, *.yml, *.json) in this directory", shown(dir))));
     }
     let mut policies = Vec::new();
     let mut failed = false;
@@ -323,7 +325,7 @@ fn load_dir(dir: &Path) -> Result<Vec<Policy>, ExitCode> {
         let text = match read_input(file) {
             Ok(text) => text,
             Err(e) => {
-                errln!("error: {}: {e}", file.display());
+                errln!("error: {}: {e}", shown(file));
                 failed = true;
                 continue;
             }
@@ -338,9 +340,9 @@ fn load_dir(dir: &Path) -> Result<Vec<Policy>, ExitCode> {
                     if let Some(first) = seen.insert(p.name().to_owned(), file.clone()) {
                         errln!(
                             "{}: policy \"{}\": the name is already used in {}; names must be unique",
-                            file.display(),
+                            shown(file),
                             p.name(),
-                            first.display()
+                            shown(&first)
                         );
                         failed = true;
                     }
@@ -369,7 +371,7 @@ pub(super) fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// Prints every problem (prefixed with the file's path when reading a directory).
 fn report(file: Option<&Path>, errors: &ValidationErrors) -> ExitCode {
-    let prefix = file.map(|f| format!("{}: ", f.display())).unwrap_or_default();
+    let prefix = file.map(|f| format!("{}: ", shown(f))).unwrap_or_default();
     for e in errors {
         errln!("{prefix}{e}");
     }
@@ -396,7 +398,7 @@ fn read_input(path: &Path) -> Result<String, String> {
 }
 
 pub(super) fn no_documents(file: &Path) -> ExitCode {
-    fail(format_args!("{}: no policy documents", file.display()))
+    fail(format_args!("{}: no policy documents", shown(file)))
 }
 
 pub(super) fn fail(message: impl std::fmt::Display) -> ExitCode {
