@@ -89,8 +89,9 @@ pub struct ProbeHeader {
 /// The probes by `<container>/<kind>`.
 pub type AppProbes = BTreeMap<String, AppProbe>;
 
-/// Longest a probe may take, whatever its `timeoutSeconds` says (the kubelet's own maximum
-/// is far above any sane value; a probe is not a long poll).
+/// Longest a probe may take, whatever its `timeoutSeconds` says (Kubernetes sets no maximum;
+/// a probe is not a long poll). A longer timeout is cut to this, not refused: a sidecar that
+/// would not start over a probe setting Kubernetes accepts would hold the whole pod back.
 const MAX_TIMEOUT_SECONDS: u64 = 300;
 
 /// The first byte of every TLS connection (a handshake record).
@@ -172,9 +173,12 @@ async fn read_head(tcp: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 }
 
 /// Parses and checks `TRELLIS_APP_PROBES`; the error names the probe and what is wrong.
+/// What Kubernetes accepts is taken as the kubelet reads it: a path without its leading `/`
+/// gets one (the kubelet requests `/healthz` for `healthz`), a timeout of 0 is 1 s (the API
+/// server's default) and one over [`MAX_TIMEOUT_SECONDS`] is cut to it.
 pub fn parse(json: &str) -> Result<AppProbes, String> {
-    let probes: AppProbes = serde_json::from_str(json).map_err(|e| format!("not a JSON object of probes: {e}"))?;
-    for (key, p) in &probes {
+    let mut probes: AppProbes = serde_json::from_str(json).map_err(|e| format!("not a JSON object of probes: {e}"))?;
+    for (key, p) in &mut probes {
         let bad = |what: &str| Err(format!("probe {key:?}: {what}"));
         if key.split('/').count() != 2 || key.split('/').any(str::is_empty) {
             return bad("the key must be <container>/<kind>");
@@ -182,15 +186,13 @@ pub fn parse(json: &str) -> Result<AppProbes, String> {
         if p.port == 0 {
             return bad("port 0");
         }
-        if !(1..=MAX_TIMEOUT_SECONDS).contains(&p.timeout_seconds) {
-            return bad(&format!("timeoutSeconds must be 1..={MAX_TIMEOUT_SECONDS}"));
-        }
-        match (&p.http_get, &p.tcp_socket, &p.grpc) {
+        p.timeout_seconds = p.timeout_seconds.clamp(1, MAX_TIMEOUT_SECONDS);
+        match (&mut p.http_get, &p.tcp_socket, &p.grpc) {
             (Some(get), None, None) => {
-                if let Some(path) = &get.path
+                if let Some(path) = &mut get.path
                     && !(path.is_empty() || path.starts_with('/'))
                 {
-                    return bad(&format!("path {path:?} must start with '/'"));
+                    path.insert(0, '/');
                 }
                 for h in &get.headers {
                     if HeaderName::from_bytes(h.name.as_bytes()).is_err() || HeaderValue::from_str(&h.value).is_err() {
@@ -376,10 +378,8 @@ mod tests {
             ("[]", "not a JSON object"),
             (r#"{"web":{"port":1,"tcpSocket":{}}}"#, "<container>/<kind>"),
             (r#"{"web/x":{"port":0,"tcpSocket":{}}}"#, "port 0"),
-            (r#"{"web/x":{"port":1,"timeoutSeconds":0,"tcpSocket":{}}}"#, "timeoutSeconds"),
             (r#"{"web/x":{"port":1}}"#, "exactly one"),
             (r#"{"web/x":{"port":1,"tcpSocket":{},"grpc":{}}}"#, "exactly one"),
-            (r#"{"web/x":{"port":1,"httpGet":{"path":"x"}}}"#, "must start with '/'"),
             (
                 r#"{"web/x":{"port":1,"httpGet":{"httpHeaders":[{"name":"a b","value":"1"}]}}}"#,
                 "not a valid HTTP header",
@@ -389,6 +389,20 @@ mod tests {
             let e = parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+
+    /// What Kubernetes accepts must not stop the sidecar: such probes are read as the
+    /// kubelet reads them.
+    #[test]
+    fn probes_kubernetes_accepts_are_read_as_the_kubelet_reads_them() {
+        let probes = parse(
+            r#"{"web/readyz":{"port":1,"timeoutSeconds":0,"httpGet":{"path":"healthz"}},
+                "web/startupz":{"port":1,"timeoutSeconds":600,"tcpSocket":{}}}"#,
+        )
+        .unwrap();
+        assert_eq!(probes["web/readyz"].http_get.as_ref().unwrap().path(), "/healthz");
+        assert_eq!(probes["web/readyz"].timeout_seconds, 1);
+        assert_eq!(probes["web/startupz"].timeout_seconds, MAX_TIMEOUT_SECONDS);
     }
 
     #[test]
