@@ -20,11 +20,26 @@ mod cmd;
 struct Cli {
     /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`) and optional
     /// per-crate levels, e.g. `info` or `warn,trellis_proxy=debug`.
-    #[arg(long, global = true, env = "TRELLIS_LOG", default_value = "info")]
+    #[arg(long, global = true, env = "TRELLIS_LOG", default_value = "info", value_parser = parse_log_filter)]
     log: tracing_subscriber::filter::Targets,
 
     #[command(subcommand)]
     command: Command,
+}
+
+/// A log filter. A bare word is a level: `tracing`'s own syntax would read `inf` as "every
+/// level of the crate `inf`", turning all of Trellis' logging off without a word.
+fn parse_log_filter(s: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    for directive in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains('=') && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) {
+            return Err(format!(
+                "{directive:?} is not a level ({}); a crate's own level is written crate=level",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    s.parse().map_err(|e| format!("{e}"))
 }
 
 #[derive(Debug, Subcommand)]

@@ -38,6 +38,15 @@ fn a_bad_log_filter_is_a_usage_error_naming_it() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    // A mistyped level: tracing's syntax reads a bare word as a crate name, which would turn
+    // every log line off without a word.
+    for bad in ["inf", "verbose", "warn,nonsense"] {
+        let out = trellis().args(["--log", bad, "policy", "validate", "-f", "-"]).output().unwrap();
+        assert_refused(&out, Some(2), "is not a level");
+    }
+    let ok = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo/policies.yaml");
+    let out = trellis().args(["--log", "WARN,trellis_proxy=debug", "policy", "validate", "-f", ok]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Every variable `trellis inject` gives the proxy container is one `trellis proxy run` reads
@@ -223,4 +232,47 @@ fn a_zero_header_timeout_is_refused() {
         .unwrap();
     assert_refused(&out, Some(2), "--header-timeout");
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing created");
+}
+
+/// What a proxy would refuse at startup (and crash-loop on) is refused where it is written:
+/// by `trellis inject`, and by `trellis control run --webhook` before it serves — with the
+/// webhook's `failurePolicy: Ignore`, a setting refused per request would let every pod start
+/// without its sidecar, silently.
+#[test]
+fn injection_settings_a_proxy_would_refuse_are_refused_up_front() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("control/tests/fixtures/inject");
+    for (flag, value, says) in [
+        ("--control", "https://", "bad control plane URL"),
+        ("--control", "https://a b:7443", "bad control plane URL"),
+        ("--control", "https://h:7443/path", "bad control plane URL"),
+        ("--image", "UPPER CASE!", "whitespace"),
+    ] {
+        let out = trellis()
+            .args(["inject", "-f"])
+            .arg(fixtures.join("pod.yaml"))
+            .arg("--ca-bundle")
+            .arg(fixtures.join("bundle.pem"))
+            .args([flag, value])
+            .output()
+            .unwrap();
+        assert_refused(&out, Some(2), says);
+        assert!(out.stdout.is_empty(), "{flag} {value}: printed a manifest");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (flag, value, says) in [
+        ("--inject-image", "", "the image is empty"),
+        ("--inject-control", "not a url", "must start with https://"),
+        ("--webhook-dns-name", "bad_name!", "not a DNS name"),
+        ("--webhook-dns-name", "", "not a DNS name"),
+    ] {
+        let out = trellis()
+            .args(["control", "run", "--webhook", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .args([flag, value])
+            .output()
+            .unwrap();
+        assert_refused(&out, None, says);
+        assert!(!data.exists(), "{flag} {value:?}: a refused start left the data dir");
+    }
 }

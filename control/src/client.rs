@@ -74,6 +74,25 @@ impl std::fmt::Debug for ControlClient {
     }
 }
 
+/// The host and port of a control plane URL, `https://HOST[:PORT]` with no path: what a
+/// proxy will be able to use (injection checks the URL it writes into pods with this).
+pub fn parse_control_url(url: &str) -> Result<(String, u16), ClientError> {
+    let bad = || ClientError::Url(url.into());
+    let uri: Uri = url.parse().map_err(|_| bad())?;
+    // A path (`https://host:7443/trellis`) would be silently dropped: every API path is
+    // absolute from the root.
+    let extra = !matches!(uri.path(), "" | "/") || uri.query().is_some();
+    if uri.scheme_str() != Some("https") || extra {
+        return Err(bad());
+    }
+    let host = uri.host().ok_or_else(bad)?.trim_matches(['[', ']']).to_string();
+    // The TLS name the proxy will verify must be a DNS name or an IP address.
+    if host.is_empty() || ServerName::try_from(host.clone()).is_err() {
+        return Err(bad());
+    }
+    Ok((host, uri.port_u16().unwrap_or(443)))
+}
+
 impl ControlClient {
     /// `url` is `https://host:port`; the server must present
     /// `spiffe://<trust domain>/trellis/control` chaining to `bundle`.
@@ -84,15 +103,7 @@ impl ControlClient {
         creds: Option<Arc<CredentialStore>>,
         admin_token: Option<String>,
     ) -> Result<Self, ClientError> {
-        let uri: Uri = url.parse().map_err(|_| ClientError::Url(url.into()))?;
-        // A path (`https://host:7443/trellis`) would be silently dropped: every API path is
-        // absolute from the root.
-        let extra = !matches!(uri.path(), "" | "/") || uri.query().is_some();
-        if uri.scheme_str() != Some("https") || extra {
-            return Err(ClientError::Url(url.into()));
-        }
-        let host = uri.host().ok_or_else(|| ClientError::Url(url.into()))?.trim_matches(['[', ']']).to_string();
-        let port = uri.port_u16().unwrap_or(443);
+        let (host, port) = parse_control_url(url)?;
         let td = trust_domain.or_else(|| bundle.trust_domain()).ok_or(ClientError::NoTrustDomain)?;
         let expected =
             SpiffeId::from_segments(&td, &["trellis", "control"]).map_err(|e| ClientError::Url(e.to_string()))?;

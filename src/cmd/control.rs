@@ -142,6 +142,16 @@ fn hooks(args: &RunArgs) -> Result<Hooks> {
         hooks.k8s_attest = Some(trellis_control::hooks::k8s_attestation(reviewer, args.trust_domain.clone()));
     }
     if args.webhook {
+        // Refused here, not on every admission request: with the webhook's `failurePolicy:
+        // Ignore`, a bad setting would let every pod start without its sidecar, silently.
+        let image = args.inject_image.clone().unwrap_or_else(trellis_control::inject::default_image);
+        trellis_control::inject::check_settings(&image, &args.inject_control)
+            .context("--inject-image / --inject-control")?;
+        for name in &args.webhook_dns_name {
+            trellis_identity::pki_types::DnsName::try_from(name.as_str()).map_err(|_| {
+                anyhow::anyhow!("--webhook-dns-name {name:?} is not a DNS name the API server could call")
+            })?;
+        }
         hooks.webhook = Some(trellis_control::hooks::injection_webhook(
             args.inject_image.clone(),
             Some(args.inject_control.clone()),

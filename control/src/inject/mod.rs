@@ -132,17 +132,27 @@ impl InjectConfig {
         }
         trellis_identity::TrustBundle::from_pem(self.ca_bundle_pem.as_bytes())
             .map_err(|e| InjectError::BadBundle(e.to_string()))?;
-        if self.image.trim().is_empty() {
-            return Err(InjectError::BadConfig("the image is empty".into()));
-        }
-        if !self.control_url.starts_with("https://") {
-            return Err(InjectError::BadConfig(format!(
-                "the control URL {:?} must start with https:// (proxies only talk TLS to the control plane)",
-                self.control_url
-            )));
-        }
-        Ok(())
+        check_settings(&self.image, &self.control_url)
     }
+}
+
+/// Checks the image and control URL injection writes into pods, so that what a proxy would
+/// refuse at startup (and crash-loop on) is refused here: by `trellis inject` before it writes
+/// anything, by `trellis control run --webhook` before it serves.
+pub fn check_settings(image: &str, control_url: &str) -> Result<(), InjectError> {
+    if image.trim().is_empty() {
+        return Err(InjectError::BadConfig("the image is empty".into()));
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(InjectError::BadConfig(format!("the image {image:?} has whitespace or control characters")));
+    }
+    if !control_url.starts_with("https://") {
+        return Err(InjectError::BadConfig(format!(
+            "the control URL {control_url:?} must start with https:// (proxies only talk TLS to the control plane)"
+        )));
+    }
+    crate::client::parse_control_url(control_url).map_err(|e| InjectError::BadConfig(e.to_string()))?;
+    Ok(())
 }
 
 /// What injection did to one document (or, for a `List`, to each item).
