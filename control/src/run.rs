@@ -84,6 +84,17 @@ pub enum StartError {
          verify this control plane"
     )]
     CaLost { data_dir: PathBuf, fingerprint: String },
+    #[error(
+        "data dir {data_dir}: the mesh's CA root is SHA256 {recorded} (given with --ca-cert/--ca-key at an \
+         earlier start), but ca.pem there is SHA256 {found}: pass --ca-cert/--ca-key again; to go back to \
+         the data dir's CA on purpose, pass its ca.pem and ca-key.pem as --ca-cert/--ca-key"
+    )]
+    CaNotTheMeshs { data_dir: PathBuf, recorded: String, found: String },
+    #[error(
+        "--ca-cert {cert}: {problem}; a Trellis CA names its trust domain in a URI SAN spiffe://<trust domain> \
+         (proxies learn the trust domain from it), here spiffe://{configured}"
+    )]
+    CaTrustDomain { cert: PathBuf, problem: String, configured: TrustDomain },
     #[error("CA: {0}")]
     Ca(trellis_identity::CaError),
     #[error("trust bundle: {0}")]
@@ -175,6 +186,8 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
         TcpListener::bind(config.listen).await.map_err(|error| StartError::Listen { addr: config.listen, error })?;
     let local_addr = listener.local_addr().map_err(|error| StartError::Listen { addr: config.listen, error })?;
 
+    // A CA given in files is checked before the data dir is touched: refused, it leaves nothing.
+    let given_ca = config.ca_files.as_ref().map(|files| load_given_ca(&config.trust_domain, files)).transpose()?;
     let dir = &config.data_dir;
     create_private_dir(dir)?;
     check_store_not_lost(dir)?;
@@ -190,11 +203,23 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     if let (Some(fingerprint), false) = (&recorded_ca, has_ca) {
         return Err(StartError::CaLost { data_dir: dir.clone(), fingerprint: fingerprint.clone() });
     }
-    let ca = load_or_create_ca(&config)?;
+    let ca = match given_ca {
+        Some(ca) => ca,
+        None => load_or_create_ca(&config)?,
+    };
     if recorded_td.is_none() {
         store.set_trust_domain(config.trust_domain.as_str())?;
     }
     let fingerprint = fingerprint_sha256(ca.root());
+    // A change of CA is taken only when given: without --ca-cert/--ca-key after a start with
+    // them, the data dir's own (older) ca.pem would quietly become the mesh's CA again.
+    if let Some(recorded) = recorded_ca.as_ref().filter(|r| config.ca_files.is_none() && **r != fingerprint) {
+        return Err(StartError::CaNotTheMeshs {
+            data_dir: dir.clone(),
+            recorded: recorded.clone(),
+            found: fingerprint,
+        });
+    }
     if recorded_ca.as_deref() != Some(fingerprint.as_str()) {
         if let Some(before) = &recorded_ca {
             tracing::warn!(before = %before, now = %fingerprint, "the mesh's CA root changed; bundle.pem holds both roots");
@@ -353,11 +378,20 @@ fn check_store_not_lost(dir: &Path) -> Result<(), StartError> {
     }
 }
 
+/// The CA given with `--ca-cert`/`--ca-key`, which must name the configured trust domain: one
+/// that names none, or another, would start and then fail every proxy and CLI call.
+fn load_given_ca(td: &TrustDomain, (cert, key): &(PathBuf, PathBuf)) -> Result<CertificateAuthority, StartError> {
+    let ca = CertificateAuthority::load(td, cert, key)?;
+    let problem = match ca_trust_domain(&ca) {
+        Some(found) if found == td.as_str() => return Ok(ca),
+        Some(found) => format!("it is the CA of trust domain {found}, not of --trust-domain {td}"),
+        None => "it names no trust domain".to_string(),
+    };
+    Err(StartError::CaTrustDomain { cert: cert.clone(), problem, configured: td.clone() })
+}
+
 fn load_or_create_ca(config: &ControlConfig) -> Result<CertificateAuthority, StartError> {
     let td = &config.trust_domain;
-    if let Some((cert, key)) = &config.ca_files {
-        return Ok(CertificateAuthority::load(td, cert, key)?);
-    }
     let cert = config.data_dir.join(ca::CA_CERT_FILE);
     let key = config.data_dir.join(ca::CA_KEY_FILE);
     if cert.exists() || key.exists() {

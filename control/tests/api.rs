@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime};
 use common::*;
 use http::StatusCode;
 use trellis_control::api::{CheckRequest, RenewRequest, TokenRequest};
+use trellis_control::server::Hooks;
 use trellis_control::store::{Actor, TokenRecord, now_unix};
-use trellis_control::{ClientError, tokens};
+use trellis_control::{ClientError, ControlConfig, tokens};
 use trellis_identity::{CredentialStore, Svid, WorkloadKey};
 
 #[tokio::test]
@@ -421,6 +422,74 @@ async fn a_lost_ca_beside_an_earlier_store_is_refused() {
     }
     let running = trellis_control::start(config(dir.path()), trellis_control::server::Hooks::default()).await.unwrap();
     assert_eq!(running.ca_fingerprint, fingerprint);
+    running.shutdown().await;
+}
+
+/// A CA given in files must name the mesh's trust domain (proxies and the CLI learn it from
+/// the root): one naming none or another is refused before the data dir is touched. And once
+/// a CA was given, starting without it is refused rather than going back to the data dir's
+/// older ca.pem; giving that one on purpose is taken.
+#[tokio::test]
+async fn a_given_ca_must_be_the_meshs_and_is_not_dropped_silently() {
+    let files = tempfile::tempdir().unwrap();
+    let save = |ca: &trellis_identity::CertificateAuthority, name: &str| {
+        let dir = files.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        ca.save(&dir).unwrap();
+        (dir.join("ca.pem"), dir.join("ca-key.pem"))
+    };
+    let other = trellis_identity::TrustDomain::parse("other.td").unwrap();
+    let foreign = save(
+        &trellis_identity::CertificateAuthority::create_root(&other, Duration::from_secs(86_400)).unwrap(),
+        "foreign",
+    );
+    // No URI SAN at all: what `openssl req -x509` makes without -addext subjectAltName.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let plain = files.path().join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    std::fs::write(plain.join("ca.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
+    std::fs::write(plain.join("ca-key.pem"), key.serialize_pem()).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let fresh = data.path().join("data");
+    for (ca, says) in [
+        (foreign, "trust domain other.td"),
+        ((plain.join("ca.pem"), plain.join("ca-key.pem")), "names no trust domain"),
+    ] {
+        let config = ControlConfig { ca_files: Some(ca), ..config(&fresh) };
+        let err = trellis_control::start(config, Hooks::default()).await.unwrap_err().to_string();
+        assert!(err.contains(says) && err.contains("spiffe://cluster.local"), "{err}");
+        assert!(!fresh.exists(), "a refused CA left the data dir behind");
+    }
+
+    // Started on its own CA, then given another: taken (on purpose). Then started without it.
+    let plane = Plane::start().await;
+    let own = plane.running.ca_fingerprint.clone();
+    let Plane { running, dir } = plane;
+    running.shutdown().await;
+    let given = save(
+        &trellis_identity::CertificateAuthority::create_root(&td(), Duration::from_secs(86_400)).unwrap(),
+        "given",
+    );
+    let with = |files: Option<(std::path::PathBuf, std::path::PathBuf)>| ControlConfig {
+        ca_files: files,
+        ..config(dir.path())
+    };
+    let running = trellis_control::start(with(Some(given.clone())), Hooks::default()).await.unwrap();
+    let new = running.ca_fingerprint.clone();
+    assert_ne!(new, own);
+    running.shutdown().await;
+    let err = trellis_control::start(with(None), Hooks::default()).await.unwrap_err().to_string();
+    assert!(err.contains(&new) && err.contains(&own) && err.contains("--ca-cert"), "{err}");
+    // Going back to the data dir's own CA on purpose: given as files.
+    let back = (dir.path().join("ca.pem"), dir.path().join("ca-key.pem"));
+    let running = trellis_control::start(with(Some(back)), Hooks::default()).await.unwrap();
+    assert_eq!(running.ca_fingerprint, own);
+    running.shutdown().await;
+    let running = trellis_control::start(with(None), Hooks::default()).await.unwrap();
+    assert_eq!(running.ca_fingerprint, own, "the data dir's CA is the mesh's again");
     running.shutdown().await;
 }
 
