@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+mod support;
+
 #[test]
 fn demo_once_runs_every_flow_as_the_policy_says_and_cleans_up() {
     let out = Command::new(env!("CARGO_BIN_EXE_trellis")).args(["demo", "--once"]).output().unwrap();
@@ -38,4 +40,36 @@ fn demo_once_runs_every_flow_as_the_policy_says_and_cleans_up() {
     assert!(!dir.exists(), "{} was left behind", dir.display());
     let survivors = Command::new("pgrep").args(["-f", &dir.display().to_string()]).output().unwrap();
     assert!(survivors.stdout.is_empty(), "demo processes survived: {}", String::from_utf8_lossy(&survivors.stdout));
+}
+
+/// With `--otlp-endpoint`, the demo says what became of the spans: exported to a real OTLP
+/// receiver (OTLP/gRPC, as the demo sends; the spans arrive there), or — with no collector listening — that none reached it,
+/// and exits 1, instead of claiming an export that did not happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_once_says_whether_spans_reached_the_collector() {
+    let receiver = support::otlp::Receiver::grpc(std::time::Duration::ZERO).await;
+    let run = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_trellis"))
+                .args(["demo", "--once", "--otlp-endpoint", &url])
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(receiver.url()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let traces = stdout.lines().find(|l| l.starts_with("Traces:")).expect("a traces line");
+    assert!(traces.contains("was exported") && traces.contains(&receiver.url()), "{traces}");
+    assert!(receiver.spans().iter().any(|s| s.str("trellis.decision") == "deny"), "no denied span arrived");
+
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", nobody.local_addr().unwrap());
+    drop(nobody);
+    let out = run(url.clone()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let traces = stdout.lines().find(|l| l.starts_with("Traces:")).expect("a traces line");
+    assert!(traces.contains("did not take the spans") && traces.contains(&url), "{traces}");
+    assert!(stdout.contains("no span reached the collector"), "{stdout}");
 }

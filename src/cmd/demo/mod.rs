@@ -75,10 +75,16 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         say!("{}", row.line());
     }
     say!("");
-    report::traces(&mesh, args.otlp_endpoint.as_deref(), args.once).await;
+    let traced = report::traces(&mesh, args.otlp_endpoint.as_deref(), args.once).await;
 
     if args.once {
         mesh.stop().await;
+        if all_ok && !traced {
+            say!(
+                "\nEvery flow got the decision examples/demo/policies.yaml says it should, but no span reached the collector."
+            );
+            return Ok(ExitCode::FAILURE);
+        }
         if all_ok {
             say!("\nEvery flow got the decision examples/demo/policies.yaml says it should.");
             return Ok(ExitCode::SUCCESS);

@@ -159,10 +159,10 @@ fn first_words(s: &str, n: usize) -> String {
 
 /// Where the spans went, how many, and one denied span's attributes. `once`: the demo is about
 /// to stop and remove its temporary files, so the path is not one to go and look at.
-pub async fn traces(mesh: &Mesh, otlp: Option<&str>, once: bool) {
+/// Returns false if spans were to go to a collector and none reached it.
+pub async fn traces(mesh: &Mesh, otlp: Option<&str>, once: bool) -> bool {
     if let Some(url) = otlp {
-        say!("Traces: every flow above, allowed or denied, was exported as OpenTelemetry spans to {url}.");
-        return;
+        return exported(mesh, url).await;
     }
     // The exporters batch; wait briefly for the denied spans to land.
     let mut spans = Vec::new();
@@ -189,6 +189,7 @@ pub async fn traces(mesh: &Mesh, otlp: Option<&str>, once: bool) {
             }
         }
     }
+    true
 }
 
 fn is_denied(span: &serde_json::Value) -> bool {
@@ -234,6 +235,45 @@ pub fn try_it(mesh: &Mesh) {
     }
     say!("\n  traces: {}", mesh.trace_file.display());
     say!("\nCtrl-C stops everything and removes {}.", mesh.dir.path().display());
+}
+
+/// What the sidecars' exporters say became of the spans (`/metrics`): exported, or failed to
+/// reach the collector — said as it is, not assumed. The exporters send every 100 ms; a
+/// collector that does not answer is given their 5 s export timeout.
+async fn exported(mesh: &Mesh, url: &str) -> bool {
+    let count = |name: &str| -> f64 { mesh.sidecars.iter().filter_map(|s| metric(s.admin, name)).sum() };
+    let (mut done, mut failed) = (0.0, 0.0);
+    for _ in 0..120 {
+        (done, failed) = (count("trellis_spans_exported_total"), count(EXPORT_FAILED));
+        if done > 0.0 || failed > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if failed == 0.0 && done > 0.0 {
+        say!(
+            "Traces: every flow above, allowed or denied, was exported as OpenTelemetry spans to {url} ({done} spans)."
+        );
+        return true;
+    }
+    say!(
+        "Traces: the collector at {url} did not take the spans ({done} exported, {failed} failed: \
+         {EXPORT_FAILED} in each sidecar's /metrics; each sidecar's log says why)."
+    );
+    false
+}
+
+const EXPORT_FAILED: &str = "trellis_spans_dropped_total{reason=\"export_failed\"}";
+
+/// The value of the sample `name` (with its labels, as the exposition writes them) on an
+/// admin listener's `/metrics`.
+fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
 }
 
 /// The status of a plain `GET` on an admin listener.
