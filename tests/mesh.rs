@@ -687,6 +687,28 @@ fn a_restart_from_the_state_dir_registers_its_addresses_at_once() {
         assert!(Instant::now() < deadline, "the new address was not registered: {}", check("127.0.0.3"));
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // The listener hands its connections to the app's port (9), where the sidecar judges them:
+    // a live check of the listener's address is judged there too, not at the listener's port.
+    let policy = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        policy.path(),
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: app-port}}\n\
+             spec:\n  selector: {API}\n  rules:\n  - from: [{{identity: {WEB}}}]\n    to: [{{ports: [9]}}]\n"
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = control.cli(&["policy", "apply", "-f", policy.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let to = format!("127.0.0.3:{port}");
+    let (code, out, err) = control.cli(&["policy", "check", "--from", WEB, "--to-address", &to]);
+    assert_eq!((code, out.starts_with("allow")), (0, true), "{out}{err}");
+    assert!(err.contains("at its app's port 9"), "{err}");
+    // An address nobody registered is egress, and the check says so.
+    let (code, _, err) = control.cli(&["policy", "check", "--from", WEB, "--to-address", "192.0.2.1:9"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("judged as egress"), "{err}");
 }
 
 /// The app's kubelet probes, pointed at the admin port by `trellis inject`, are run by the

@@ -154,6 +154,10 @@ pub struct CheckResponse {
     /// When `to_address` is a Kubernetes Service: the endpoint (`podIP:targetPort`) judged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// For `to_address`: the port the flow was judged at — the address's own, or the app's
+    /// port behind a VM sidecar's listener (`--inbound LISTEN=APP`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     pub decision: serde_json::Value,
 }
 

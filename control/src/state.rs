@@ -79,12 +79,13 @@ impl Registry {
 
     /// The workload at `ip:port`, or registered for the whole `ip`.
     pub fn resolve(&self, ip: &str, port: u16) -> Option<&SpiffeId> {
+        self.endpoint(ip, port).map(|e| &e.spiffe_id)
+    }
+
+    /// The registry entry that answers for `ip:port`: its own, or the whole `ip`'s.
+    pub fn endpoint(&self, ip: &str, port: u16) -> Option<&Endpoint> {
         let exact = format!("{ip}:{port}");
-        self.endpoints
-            .iter()
-            .find(|e| e.address == exact)
-            .or_else(|| self.endpoints.iter().find(|e| e.address == ip))
-            .map(|e| &e.spiffe_id)
+        self.endpoints.iter().find(|e| e.address == exact).or_else(|| self.endpoints.iter().find(|e| e.address == ip))
     }
 }
 

@@ -156,6 +156,19 @@ pub struct Endpoint {
     pub address: String,
     pub spiffe_id: SpiffeId,
     pub updated: u64,
+    /// For a listener that hands its connections to the app on another port (`--inbound
+    /// LISTEN=APP` on a VM): the app's port, the one policy judges those connections at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_port: Option<u16>,
+}
+
+/// A registered address as the API takes it: `ip`, `ip:port`, or `ip:port=APP_PORT` (see
+/// [`Endpoint::app_port`]); the address part, and the app's port if given.
+pub fn split_app_port(registration: &str) -> (&str, Option<u16>) {
+    match registration.split_once('=') {
+        Some((address, port)) => (address, port.parse().ok()),
+        None => (registration, None),
+    }
 }
 
 /// Who claims endpoint addresses. A workload may take an address another identity holds
@@ -217,8 +230,9 @@ fn put_endpoints(
     let mut table = txn.open_table(ENDPOINTS)?;
     let mut changed = false;
     let existing = all_endpoints(&table)?;
-    for address in addresses {
-        let current = table.get(address.as_str())?.and_then(|v| serde_json::from_slice::<Endpoint>(v.value()).ok());
+    for registration in addresses {
+        let (address, app_port) = split_app_port(registration);
+        let current = table.get(address)?.and_then(|v| serde_json::from_slice::<Endpoint>(v.value()).ok());
         match claim.check(id, address, &existing) {
             Ok(()) => {}
             Err(e) if claim.leave_out_held => {
@@ -230,10 +244,10 @@ fn put_endpoints(
         if let Some(old) = current.as_ref().filter(|e| &e.spiffe_id != id) {
             tracing::info!(%address, from = %old.spiffe_id, to = %id, "endpoint address moved to another workload");
         }
-        changed |= current.is_none_or(|e| &e.spiffe_id != id);
-        let entry = Endpoint { address: address.clone(), spiffe_id: id.clone(), updated: now };
+        changed |= current.is_none_or(|e| &e.spiffe_id != id || e.app_port != app_port);
+        let entry = Endpoint { address: address.to_string(), spiffe_id: id.clone(), updated: now, app_port };
         let json = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        table.insert(address.as_str(), json.as_slice())?;
+        table.insert(address, json.as_slice())?;
     }
     let version = if changed {
         bump(txn, K_ENDPOINTS_VERSION)?

@@ -329,6 +329,16 @@ async fn live_check_matches_policy_and_registry() {
     let via_addr = CheckRequest { from: Some(id(WEB)), to_address: Some("10.0.0.9:8080".into()), ..Default::default() };
     let r = admin.check(&via_addr).await.unwrap();
     assert_eq!((r.resolved, r.decision["action"].as_str()), (Some(id(API)), Some("allow")));
+    // A VM's listener (`--inbound 10.0.0.7:15006=127.0.0.1:8080`) is judged at the app's port,
+    // as its sidecar judges the connections it hands on; at its own port it would be denied.
+    let vm = ["10.0.0.7:15006=8080".to_string(), "10.0.0.7:15007=9999".to_string()];
+    plane.running.shared.store.register_endpoints(&id(API), &vm, &FROM_ITSELF).unwrap();
+    plane.running.shared.reload_registry().unwrap();
+    for (listener, action) in [("10.0.0.7:15006", "allow"), ("10.0.0.7:15007", "deny")] {
+        let req = CheckRequest { from: Some(id(WEB)), to_address: Some(listener.into()), ..Default::default() };
+        let r = admin.check(&req).await.unwrap();
+        assert_eq!((r.resolved, r.decision["action"].as_str()), (Some(id(API)), Some(action)), "{listener}");
+    }
     // Anything else is egress, denied by default.
     let egress =
         CheckRequest { from: Some(id(WEB)), to_address: Some("93.184.216.34:443".into()), ..Default::default() };

@@ -133,7 +133,8 @@ fn into_svid(key: WorkloadKey, resp: &SvidResponse) -> Result<Svid, ClientError>
 }
 
 /// The addresses to put in the endpoint registry: the advertised IP for transparent
-/// listeners, `ip:port` for explicit ones.
+/// listeners, `ip:port=APP_PORT` for explicit ones (callers connect to the listener; policy
+/// judges the connection at the app's port, and so must the control plane's `policy check`).
 fn addresses(state: &ProxyState) -> Vec<String> {
     let mut out = Vec::new();
     for spec in &state.config.inbound {
@@ -141,7 +142,7 @@ fn addresses(state: &ProxyState) -> Vec<String> {
         let Some(ip) = ip else { continue };
         let entry = match spec.app {
             None => ip.to_string(),
-            Some(_) => std::net::SocketAddr::new(ip, spec.listen.port()).to_string(),
+            Some(app) => format!("{}={}", std::net::SocketAddr::new(ip, spec.listen.port()), app.port()),
         };
         if !out.contains(&entry) {
             out.push(entry);

@@ -119,8 +119,9 @@ pub struct FlowArgs {
     pub path: Option<String>,
 
     /// `IP:PORT`: offline, an address outside the mesh (egress policy for `--from`); live,
-    /// resolved through the endpoint registry (a mesh workload; a Kubernetes Service, judged
-    /// as its first endpoint in the mesh; or egress if not found).
+    /// resolved through the endpoint registry (a mesh workload, at its app's port behind a VM
+    /// sidecar's `--inbound LISTEN=APP`; a Kubernetes Service, judged as its first endpoint in
+    /// the mesh; or egress if not found).
     #[arg(long, value_name = "IP:PORT", env = "TRELLIS_CHECK_TO_ADDRESS", conflicts_with_all = ["port", "method", "path"])]
     pub to_address: Option<SocketAddr>,
 }

@@ -157,16 +157,24 @@ pub fn check_live(args: &CheckArgs) -> Result<serde_json::Value, ExitCode> {
     };
     let client = client(&args.control)?;
     let resp = call(client.check(&req))?;
+    let address = req.to_address.unwrap_or_default();
+    // Said on stderr, so the decision stays the one line on stdout scripts read.
+    let at = |listener: &str| match resp.port {
+        Some(port) if !listener.ends_with(&format!(":{port}")) => format!(", at its app's port {port}"),
+        _ => String::new(),
+    };
     match (&resp.resolved, &resp.endpoint) {
         (Some(id), Some(endpoint)) => errln!(
-            "{} is a Service; judged as its endpoint {endpoint}, {id}; policy version {}",
-            req.to_address.unwrap_or_default(),
+            "{address} is a Service; judged as its endpoint {endpoint}, {id}{}; policy version {}",
+            at(endpoint),
             resp.version
         ),
         (Some(id), None) => {
+            errln!("{address} is {id} (endpoint registry){}; policy version {}", at(&address), resp.version)
+        }
+        (None, _) if !address.is_empty() => {
             errln!(
-                "{} is {id} (endpoint registry); policy version {}",
-                req.to_address.unwrap_or_default(),
+                "{address} is not in the mesh's endpoint registry: judged as egress; policy version {}",
                 resp.version
             )
         }

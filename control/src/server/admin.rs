@@ -231,7 +231,7 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
     if q.port == Some(0) {
         return Err(ApiError::bad_request("port 0 is not a port a flow can go to (1-65535)"));
     }
-    let mut endpoint = None;
+    let (mut endpoint, mut judged_port) = (None, None);
     let (decision, resolved): (Decision, Option<SpiffeId>) = match (&q.to, q.port, &q.to_address) {
         (Some(to), Some(port), None) => {
             (snapshot.evaluate(&Flow { source: q.from.as_ref(), source_ip, destination: to, port, http }), None)
@@ -255,7 +255,12 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
             let direct = registry.resolve(&addr.ip().to_string(), addr.port()).map(|id| (addr, id.clone()));
             match direct.or_else(service_endpoint) {
                 Some((at, to)) => {
-                    let flow = Flow { source: q.from.as_ref(), source_ip, destination: &to, port: at.port(), http };
+                    // A VM's listener hands its connections to the app's port: judged there,
+                    // as the sidecar judges them.
+                    let port = registry.endpoint(&at.ip().to_string(), at.port()).and_then(|e| e.app_port);
+                    let port = port.unwrap_or(at.port());
+                    judged_port = Some(port);
+                    let flow = Flow { source: q.from.as_ref(), source_ip, destination: &to, port, http };
                     endpoint = (at != addr).then(|| at.to_string());
                     (snapshot.evaluate(&flow), Some(to))
                 }
@@ -263,6 +268,7 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
                     let from = q.from.as_ref().ok_or_else(|| {
                         ApiError::bad_request("an egress check (address outside the mesh) needs `from`")
                     })?;
+                    judged_port = Some(addr.port());
                     let flow = EgressFlow { source: from, destination_ip: addr.ip(), port: addr.port() };
                     (snapshot.evaluate_egress(&flow), None)
                 }
@@ -271,5 +277,8 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
         _ => return Err(ApiError::bad_request("give either `to` and `port`, or `to_address`")),
     };
     let decision = serde_json::to_value(&decision).map_err(ApiError::internal)?;
-    Ok(json(StatusCode::OK, &CheckResponse { version: state.version(), resolved, endpoint, decision }))
+    Ok(json(
+        StatusCode::OK,
+        &CheckResponse { version: state.version(), resolved, endpoint, port: judged_port, decision },
+    ))
 }

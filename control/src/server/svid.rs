@@ -141,31 +141,44 @@ fn register_error(e: StoreError) -> ApiError {
 }
 
 /// Registry addresses are `ip` or `ip:port`, stored in their canonical text form.
-/// Addresses a workload can be reached at: one unicast IP, with or without a port.
+/// Addresses a workload can be reached at: one unicast IP, with or without a port; a port
+/// may name the app's port behind it (`ip:port=APP_PORT`, a VM's `--inbound LISTEN=APP`).
 fn check_addresses(addresses: &[String]) -> Result<Vec<String>, ApiError> {
     addresses
         .iter()
         .map(|a| {
-            // IPv4-mapped IPv6 is written as the IPv4 address it is: one host, one spelling.
-            let (ip, canonical) = if let Ok(ip) = a.parse::<IpAddr>() {
-                (ip, ip.to_canonical().to_string())
-            } else if let Ok(sa) = a.parse::<SocketAddr>() {
-                if sa.port() == 0 {
-                    return Err(ApiError::bad_request(format!("address {a:?}: port 0 is no port")));
-                }
-                (sa.ip(), SocketAddr::new(sa.ip().to_canonical(), sa.port()).to_string())
-            } else {
-                return Err(ApiError::bad_request(format!("address {a:?} is not `ip` or `ip:port`")));
-            };
-            let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-            if ip.is_unspecified() || ip.is_multicast() || broadcast {
-                return Err(ApiError::bad_request(format!(
-                    "address {a:?} is not one workload's address (unspecified, multicast or broadcast)"
-                )));
+            let Some((at, app_port)) = a.split_once('=') else { return check_address(a) };
+            let app_port = app_port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                ApiError::bad_request(format!("address {a:?}: the app's port after `=` is not a port (1-65535)"))
+            })?;
+            if at.parse::<SocketAddr>().is_err() {
+                return Err(ApiError::bad_request(format!("address {a:?}: an app's port follows an `ip:port`")));
             }
-            Ok(canonical)
+            Ok(format!("{}={app_port}", check_address(at)?))
         })
         .collect()
+}
+
+/// One address in its canonical form, or why it cannot be a workload's.
+fn check_address(a: &str) -> Result<String, ApiError> {
+    // IPv4-mapped IPv6 is written as the IPv4 address it is: one host, one spelling.
+    let (ip, canonical) = if let Ok(ip) = a.parse::<IpAddr>() {
+        (ip, ip.to_canonical().to_string())
+    } else if let Ok(sa) = a.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err(ApiError::bad_request(format!("address {a:?}: port 0 is no port")));
+        }
+        (sa.ip(), SocketAddr::new(sa.ip().to_canonical(), sa.port()).to_string())
+    } else {
+        return Err(ApiError::bad_request(format!("address {a:?} is not `ip` or `ip:port`")));
+    };
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_unspecified() || ip.is_multicast() || broadcast {
+        return Err(ApiError::bad_request(format!(
+            "address {a:?} is not one workload's address (unspecified, multicast or broadcast)"
+        )));
+    }
+    Ok(canonical)
 }
 
 fn token_error(e: StoreError) -> ApiError {
@@ -184,5 +197,26 @@ fn csr_error(e: CsrError) -> ApiError {
         }
         CsrError::CaExpired | CsrError::Signing(_) => ApiError::internal(e),
         other => ApiError::bad_request(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_addresses;
+
+    #[test]
+    fn addresses_are_canonical_and_an_app_port_follows_an_ip_and_port() {
+        let ok = ["10.0.0.5", "[::ffff:10.0.0.5]:8443", "10.0.0.5:15006=8080"].map(String::from);
+        assert_eq!(check_addresses(&ok).unwrap(), ["10.0.0.5", "10.0.0.5:8443", "10.0.0.5:15006=8080"]);
+        for (bad, says) in [
+            ("10.0.0.5=8080", "follows an `ip:port`"),
+            ("10.0.0.5:15006=0", "not a port"),
+            ("10.0.0.5:15006=http", "not a port"),
+            ("0.0.0.0:15006=8080", "not one workload's address"),
+            ("10.0.0.5:0=8080", "port 0"),
+        ] {
+            let err = check_addresses(&[bad.to_string()]).unwrap_err();
+            assert!(format!("{err:?}").contains(says), "{bad}: {err:?}");
+        }
     }
 }
