@@ -237,6 +237,7 @@ fn injected_pod_spec_follows_the_proxy_contract() {
     assert_eq!(env("TRELLIS_POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
     assert_eq!(env("TRELLIS_POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
     assert_eq!(env("TRELLIS_SERVICE_ACCOUNT"), Value::Null);
+    assert_eq!(env("TRELLIS_DEFAULT_ACTION"), Value::Null, "deny, the proxy's own default, unless annotated");
     assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
     let volumes = spec["volumes"].as_array().unwrap();
     let token = volumes.last().unwrap();
@@ -376,4 +377,17 @@ fn the_bundle_must_be_ca_certificates_only() {
     let bundle = config(false).ca_bundle_pem;
     let with_key = format!("{bundle}-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
     assert!(matches!(InjectConfig::new(with_key), Err(inject::InjectError::BadBundle(_))));
+}
+
+/// `trellis.dev/default-action: allow` (onboarding, with ALLOW policies in audit mode) reaches
+/// the proxy as `TRELLIS_DEFAULT_ACTION`.
+#[test]
+fn the_default_action_annotation_reaches_the_proxy() {
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations: {trellis.dev/default-action: allow}\n\
+               spec:\n  containers: [{name: app, image: app}]\n";
+    let injected = inject::inject_manifests(pod, &config(false)).unwrap();
+    let doc = &inject::parse_manifests(&injected.yaml).unwrap()[0];
+    let proxy = doc["spec"]["initContainers"].as_array().unwrap().iter().find(|c| c["args"][1] == "run").unwrap();
+    let env = proxy["env"].as_array().unwrap();
+    assert!(env.contains(&serde_json::json!({"name": "TRELLIS_DEFAULT_ACTION", "value": "allow"})), "{env:?}");
 }

@@ -10,11 +10,11 @@ use serde_json::{Map, Value};
 
 use super::quantity::Quantity;
 use super::{
-    ANNOTATION_EXCLUDE_INBOUND_PORTS, ANNOTATION_EXCLUDE_OUTBOUND_CIDRS, ANNOTATION_EXCLUDE_OUTBOUND_PORTS,
-    ANNOTATION_INJECT, ANNOTATION_INJECTED, ANNOTATION_OPAQUE_PORTS, ANNOTATION_PROXY_CPU_LIMIT,
-    ANNOTATION_PROXY_CPU_REQUEST, ANNOTATION_PROXY_MEMORY_LIMIT, ANNOTATION_PROXY_MEMORY_REQUEST,
-    ANNOTATION_REWRITE_APP_PROBES, DEFAULT_PROXY_CPU_REQUEST, DEFAULT_PROXY_MEMORY_LIMIT, DEFAULT_PROXY_MEMORY_REQUEST,
-    PodError,
+    ANNOTATION_DEFAULT_ACTION, ANNOTATION_EXCLUDE_INBOUND_PORTS, ANNOTATION_EXCLUDE_OUTBOUND_CIDRS,
+    ANNOTATION_EXCLUDE_OUTBOUND_PORTS, ANNOTATION_INJECT, ANNOTATION_INJECTED, ANNOTATION_OPAQUE_PORTS,
+    ANNOTATION_PROXY_CPU_LIMIT, ANNOTATION_PROXY_CPU_REQUEST, ANNOTATION_PROXY_MEMORY_LIMIT,
+    ANNOTATION_PROXY_MEMORY_REQUEST, ANNOTATION_REWRITE_APP_PROBES, DEFAULT_PROXY_CPU_REQUEST,
+    DEFAULT_PROXY_MEMORY_LIMIT, DEFAULT_PROXY_MEMORY_REQUEST, PodError,
 };
 
 /// The capture and sniffing exceptions and the proxy resources one pod asked for.
@@ -28,6 +28,9 @@ pub(crate) struct PodOptions {
     /// Point the app's HTTP, TCP and gRPC probes at the proxy's admin port (`probes.rs`); off
     /// unless `trellis.dev/rewrite-app-probes: "true"`.
     pub rewrite_app_probes: bool,
+    /// `Some("allow")` or `Some("deny")` from `trellis.dev/default-action`; unset, the proxy's
+    /// own default (deny).
+    pub default_action: Option<&'static str>,
 }
 
 /// The proxy container's `resources`, as quantity strings checked by [`Quantity::parse`].
@@ -70,7 +73,7 @@ fn string_annotation<'a>(annotations: Option<&'a Map<String, Value>>, key: &str)
 }
 
 /// Every `trellis.dev/` annotation Trellis reads or writes.
-const KNOWN: [&str; 11] = [
+const KNOWN: [&str; 12] = [
     ANNOTATION_INJECT,
     ANNOTATION_INJECTED,
     ANNOTATION_EXCLUDE_INBOUND_PORTS,
@@ -82,6 +85,7 @@ const KNOWN: [&str; 11] = [
     ANNOTATION_PROXY_MEMORY_REQUEST,
     ANNOTATION_PROXY_MEMORY_LIMIT,
     ANNOTATION_REWRITE_APP_PROBES,
+    ANNOTATION_DEFAULT_ACTION,
 ];
 
 /// A `trellis.dev/` annotation Trellis does not know is a typo (`opaque-port`): refused like
@@ -147,6 +151,12 @@ impl PodOptions {
                 None => false,
                 Some(v) if v.eq_ignore_ascii_case("false") => false,
                 Some(v) => return Err(bad(ANNOTATION_REWRITE_APP_PROBES, v, "expected \"true\" or \"false\"".into())),
+            },
+            default_action: match string_annotation(a, ANNOTATION_DEFAULT_ACTION)?.map(str::trim) {
+                None => None,
+                Some(v) if v.eq_ignore_ascii_case("allow") => Some("allow"),
+                Some(v) if v.eq_ignore_ascii_case("deny") => Some("deny"),
+                Some(v) => return Err(bad(ANNOTATION_DEFAULT_ACTION, v, "expected \"allow\" or \"deny\"".into())),
             },
         })
     }
@@ -290,6 +300,19 @@ mod tests {
         assert!(rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: " True" })).unwrap(), "as inject: Disabled");
         let e = rewrite(serde_json::json!({ ANNOTATION_REWRITE_APP_PROBES: "no" })).unwrap_err().to_string();
         assert!(e.contains(ANNOTATION_REWRITE_APP_PROBES) && e.contains("\"true\" or \"false\""), "{e}");
+    }
+
+    #[test]
+    fn the_default_action_is_allow_or_deny_and_nothing_else() {
+        let action = |a: Value| {
+            PodOptions::from_template(&serde_json::json!({ "metadata": { "annotations": a } }))
+                .map(|o| o.default_action)
+        };
+        assert_eq!(action(serde_json::json!({})).unwrap(), None);
+        assert_eq!(action(serde_json::json!({ ANNOTATION_DEFAULT_ACTION: " Allow " })).unwrap(), Some("allow"));
+        assert_eq!(action(serde_json::json!({ ANNOTATION_DEFAULT_ACTION: "deny" })).unwrap(), Some("deny"));
+        let e = action(serde_json::json!({ ANNOTATION_DEFAULT_ACTION: "permit" })).unwrap_err().to_string();
+        assert!(e.contains(ANNOTATION_DEFAULT_ACTION) && e.contains("\"allow\" or \"deny\""), "{e}");
     }
 
     /// A misspelt `trellis.dev/` annotation would silently not apply: refused, naming it and

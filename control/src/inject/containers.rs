@@ -144,6 +144,9 @@ fn proxy_env(cfg: &InjectConfig, opts: &PodOptions, probes: &Map<String, Value>)
     if !opts.opaque_ports.is_empty() {
         env.push(value("TRELLIS_OPAQUE_PORTS", &join(&opts.opaque_ports)));
     }
+    if let Some(action) = opts.default_action {
+        env.push(value("TRELLIS_DEFAULT_ACTION", action));
+    }
     if !probes.is_empty() {
         // The app probes pointed at the admin port, for the proxy to run (probes.rs).
         env.push(value(APP_PROBES_ENV, &Value::Object(probes.clone()).to_string()));

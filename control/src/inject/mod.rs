@@ -62,6 +62,9 @@ pub const ANNOTATION_PROXY_MEMORY_LIMIT: &str = "trellis.dev/proxy-memory-limit"
 /// `"true"` points the app's HTTP, TCP and gRPC probes at the proxy's admin port; by default
 /// they stay as written (HTTP probes are answered by the proxy on the captured port).
 pub const ANNOTATION_REWRITE_APP_PROBES: &str = "trellis.dev/rewrite-app-probes";
+/// `"allow"` makes mesh flows no policy matches allowed in this pod (`TRELLIS_DEFAULT_ACTION`):
+/// for onboarding, while its ALLOW policies are watched in `mode: audit`. Absent: deny.
+pub const ANNOTATION_DEFAULT_ACTION: &str = "trellis.dev/default-action";
 /// The proxy's default resources: a request near its idle footprint, no CPU limit (a
 /// throttled proxy adds latency to every request of its pod), and a memory limit sized in
 /// docs/kubernetes.md.
