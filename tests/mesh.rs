@@ -127,6 +127,163 @@ async fn revoking_a_policy_closes_an_open_connection_within_a_second() {
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
 }
 
+/// An opaque app whose connections each follow the script their first line names, telling
+/// the test what the app saw:
+/// - `reset`: writes `partial`, waits for one byte (so the client has read it), then resets
+///   the connection (`SO_LINGER` 0, then close);
+/// - `close`: writes `complete`, closes its write half (a FIN), then reports what the client
+///   sent after that (half-close);
+/// - `hold`: writes `ok`, then reports how its next read ended.
+async fn scripted_app() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::AsyncBufReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut tcp = tokio::io::BufReader::new(tcp);
+                let mut script = String::new();
+                if tcp.read_line(&mut script).await.is_err() {
+                    return;
+                }
+                match script.trim() {
+                    "reset" => {
+                        tcp.write_all(b"partial").await.unwrap();
+                        let mut go = [0u8; 1];
+                        tcp.read_exact(&mut go).await.unwrap();
+                        tcp.get_ref().set_zero_linger().unwrap();
+                    }
+                    "close" => {
+                        tcp.write_all(b"complete").await.unwrap();
+                        tcp.shutdown().await.unwrap();
+                        let mut after = Vec::new();
+                        let report = match tcp.read_to_end(&mut after).await {
+                            Ok(_) => format!("after FIN: {}", String::from_utf8_lossy(&after)),
+                            Err(e) => format!("after FIN: {:?}", e.kind()),
+                        };
+                        let _ = tx.send(report);
+                    }
+                    "hold" => {
+                        tcp.write_all(b"ok").await.unwrap();
+                        let mut buf = [0u8; 16];
+                        let report = match tcp.read(&mut buf).await {
+                            Ok(0) => "EOF".to_string(),
+                            Ok(n) => format!("{n} bytes"),
+                            Err(e) => format!("{:?}", e.kind()),
+                        };
+                        let _ = tx.send(report);
+                    }
+                    other => panic!("no script {other:?}"),
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A span from `path` (a `--trace-file`) that `pred` picks, waiting for it to be written.
+async fn wait_span(path: &std::path::Path, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        // A line still being written does not parse yet; it will on the next look.
+        let spans: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        if let Some(span) = spans.iter().find(|s| pred(s)) {
+            return span.clone();
+        }
+        assert!(Instant::now() < deadline, "no span for {what} in {}:\n{text}", path.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The status code and `error.type` of a span.
+fn status_of(span: &serde_json::Value) -> (&str, Option<&str>) {
+    (span["status"]["code"].as_str().unwrap(), span["attributes"]["error.type"].as_str())
+}
+
+/// An app that resets its connection mid-answer (a close-delimited protocol's truncated
+/// answer) is seen by its client as a reset, never as the clean end a FIN would say, and
+/// both sidecars' spans record it; a client's reset reaches the app as one. A FIN is still
+/// an EOF, and the other direction keeps going after it (half-close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_crosses_the_mesh_as_a_reset_and_a_fin_as_an_eof() {
+    let (app, mut seen) = scripted_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spans = |name: &str| dir.path().join(format!("{name}-spans.jsonl"));
+    let extra = |name: &str| vec!["--trace-file".to_string(), spans(name).display().to_string()];
+    let policy = |_: SocketAddr, tcp: SocketAddr| {
+        allow("api-tcp-from-web", API, WEB, &format!("      to:\n        - ports: [{}]\n", tcp.port()))
+    };
+    let m = start_mesh(MeshOptions { control_args: &[], policy: &policy, tcp_backend: app, extra: &extra }).await;
+    let wait = Duration::from_secs(5);
+
+    // The app resets after its first bytes: they arrive, then the reset does.
+    let mut s = TcpStream::connect(m.tcp).await.unwrap();
+    let reset_port = s.local_addr().unwrap().port();
+    s.write_all(b"reset\n").await.unwrap();
+    let mut partial = [0u8; 7];
+    tokio::time::timeout(wait, s.read_exact(&mut partial)).await.unwrap().unwrap();
+    assert_eq!(&partial, b"partial");
+    s.write_all(b"!").await.unwrap();
+    let mut rest = [0u8; 16];
+    match tokio::time::timeout(wait, s.read(&mut rest)).await.expect("the connection ended") {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("the app's reset reached its client as a clean end ({n} more bytes, then EOF)"),
+    }
+
+    // A FIN from the app is the client's EOF; the client can still send, then close too.
+    let mut s = TcpStream::connect(m.tcp).await.unwrap();
+    let close_port = s.local_addr().unwrap().port();
+    s.write_all(b"close\n").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(wait, s.read_to_end(&mut got)).await.unwrap().expect("a clean EOF");
+    assert_eq!(got, b"complete");
+    s.write_all(b"late").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(tokio::time::timeout(wait, seen.recv()).await.unwrap().unwrap(), "after FIN: late");
+
+    // The client resets: the app's read fails with a reset, not an EOF.
+    let mut s = TcpStream::connect(m.tcp).await.unwrap();
+    let hold_port = s.local_addr().unwrap().port();
+    s.write_all(b"hold\n").await.unwrap();
+    let mut ok = [0u8; 2];
+    tokio::time::timeout(wait, s.read_exact(&mut ok)).await.unwrap().unwrap();
+    s.set_zero_linger().unwrap();
+    drop(s);
+    assert_eq!(tokio::time::timeout(wait, seen.recv()).await.unwrap().unwrap(), "ConnectionReset");
+
+    // Each flow's spans, both sides: web's by its client's port, api's by the bytes it carried.
+    let (web, api) = (spans("web"), spans("api"));
+    let outbound = |port: u16| move |s: &serde_json::Value| s["attributes"]["client.port"] == port;
+    let inbound = |sent: u64, received: u64| {
+        move |s: &serde_json::Value| {
+            s["name"] == "inbound connection"
+                && s["attributes"]["trellis.bytes.sent"] == sent
+                && s["attributes"]["trellis.bytes.received"] == received
+        }
+    };
+    let reset_out = wait_span(&web, "the app's reset, outbound", outbound(reset_port)).await;
+    assert_eq!(status_of(&reset_out), ("error", Some("peer_reset")), "{reset_out}");
+    assert_eq!(reset_out["attributes"]["trellis.decision"], "allow");
+    assert_eq!(reset_out["attributes"]["trellis.bytes.received"], 7);
+    let reset_in = wait_span(&api, "the app's reset, inbound", inbound(7, 7)).await;
+    assert_eq!(status_of(&reset_in), ("error", Some("app_failed")), "{reset_in}");
+    assert_eq!(reset_in["status"]["message"], "app_failed: the app reset the connection");
+    assert_eq!(reset_in["attributes"]["trellis.decision"], "allow");
+
+    let close_out = wait_span(&web, "the app's FIN, outbound", outbound(close_port)).await;
+    assert_eq!(status_of(&close_out), ("unset", None), "{close_out}");
+    let close_in = wait_span(&api, "the app's FIN, inbound", inbound(10, 8)).await;
+    assert_eq!(status_of(&close_in), ("unset", None), "{close_in}");
+
+    let hold_out = wait_span(&web, "the client's reset, outbound", outbound(hold_port)).await;
+    assert_eq!(status_of(&hold_out), ("error", Some("client_reset")), "{hold_out}");
+    let hold_in = wait_span(&api, "the client's reset, inbound", inbound(5, 2)).await;
+    assert_eq!(status_of(&hold_in), ("error", Some("peer_reset")), "{hold_in}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_to_a_peer_with_another_identity_is_refused() {
     let m = default_mesh().await;

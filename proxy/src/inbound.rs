@@ -48,7 +48,7 @@ use crate::serve::{MAX_HEADER_LIST, header_list_size, serve_http};
 use crate::sniff::{LATE_HTTP, LateHttpGuard, Protocol, detect};
 use crate::state::{ALPN_H2, ALPN_HTTP11, ALPN_OPAQUE, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, HttpConnSpan, Metered, Started, Verdict};
-use crate::tunnel::{Transferred, tunnel};
+use crate::tunnel::{Failure, Side, Transferred, tunnel};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -436,12 +436,17 @@ async fn forward_tcp(
     };
     tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, error = ?t.error, "connection closed");
     let error = match t.error {
-        Some(std::io::ErrorKind::PermissionDenied) => {
+        Some(Failure { side: Side::Client, kind: std::io::ErrorKind::PermissionDenied }) => {
             tracing::info!("{LATE_HTTP}; closed");
             Some(Cow::Owned(format!("late_http: {LATE_HTTP}")))
         }
         _ if t.cancelled => Some(Cow::Borrowed("revoked: a policy change ended this connection")),
-        _ => None,
+        // The app's reset (or broken connection) was passed on to the peer as a reset.
+        Some(f @ Failure { side: Side::Server, .. }) => Some(f.describe("app_failed", "the app")),
+        // The calling sidecar reset the tunnel, passing on its app's reset (or it failed);
+        // the app got a reset too.
+        Some(f) => Some(f.describe("peer_reset", "the calling sidecar")),
+        None => None,
     };
     (t, error)
 }

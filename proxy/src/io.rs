@@ -30,6 +30,12 @@ impl<T> Prefixed<T> {
     }
 }
 
+impl<T: crate::tunnel::OverTcp> crate::tunnel::OverTcp for Prefixed<T> {
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        self.inner.tcp()
+    }
+}
+
 impl<T: AsyncRead> AsyncRead for Prefixed<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.project();

@@ -44,7 +44,7 @@ use crate::serve::serve_http;
 use crate::sniff::{Protocol, detect};
 use crate::state::{PeerProtocol, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, HttpConnSpan, Metered, Started, Verdict};
-use crate::tunnel::tunnel;
+use crate::tunnel::{Side, tunnel};
 use crate::upgrade::{UpgradeTarget, forward_upgrade};
 
 const EGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -204,7 +204,13 @@ async fn mesh_tcp(target: &ForwardToPeer, mut io: Prefixed<TcpStream>) -> ConnOu
     state.metrics.flow("outbound", "allow", "tcp");
     let t = tunnel(&mut io, &mut peer, &CancellationToken::new()).await;
     tracing::debug!(sent = t.sent, received = t.received, error = ?t.error, "tunnel closed");
-    ConnOutcome { verdict: Verdict::Forwarded, sent: t.sent, received: t.received, error: None }
+    // Either way both connections were reset: the app's reset reached the peer's app, or
+    // the peer's reset (its app's, or its own failure) reached the app.
+    let error = t.error.map(|f| match f.side {
+        Side::Client => f.describe("client_reset", "the calling app"),
+        Side::Server => f.describe("peer_reset", "the peer's sidecar"),
+    });
+    ConnOutcome { verdict: Verdict::Forwarded, sent: t.sent, received: t.received, error }
 }
 
 /// HTTP to a mesh peer: each request over the pooled HTTP/2 connection. A plain function
@@ -470,7 +476,11 @@ async fn forward_egress(
     tracing::debug!(reason = %permit.decision(), "egress allowed");
     let t = tunnel(&mut tcp, &mut upstream, &tracked.cancel).await;
     tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, error = ?t.error, "egress tunnel closed");
-    ConnOutcome { verdict, sent: t.sent, received: t.received, error: None }
+    let error = t.error.map(|f| match f.side {
+        Side::Client => f.describe("client_reset", "the calling app"),
+        Side::Server => f.describe("egress_failed", "the destination"),
+    });
+    ConnOutcome { verdict, sent: t.sent, received: t.received, error }
 }
 
 #[cfg(test)]

@@ -115,6 +115,12 @@ impl<IO> LateHttpGuard<IO> {
     }
 }
 
+impl<IO: crate::tunnel::OverTcp> crate::tunnel::OverTcp for LateHttpGuard<IO> {
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        self.inner.tcp()
+    }
+}
+
 impl<IO: AsyncRead + Unpin> AsyncRead for LateHttpGuard<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;

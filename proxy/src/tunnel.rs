@@ -7,7 +7,18 @@
 //! take at once is kept, in a buffer of the connection's own, and that buffer is freed as
 //! soon as the connection goes quiet. Bulk transfers get large reads and writes (fewer
 //! syscalls and full 16 KiB TLS records); idle connections hold nothing.
+//!
+//! How a tunnel ends is passed on as it happened. An EOF (a FIN, or TLS close_notify) is
+//! passed on as a shutdown of the other side's write half, so half-closed connections keep
+//! working. A failure — a side reset its connection (`ECONNRESET`), or reading or writing it
+//! failed — ends both connections with a TCP reset (`SO_LINGER` 0, then close), never with a
+//! FIN: a client of a close-delimited protocol would take a FIN for the end of its data,
+//! and a reset is the only way to tell it the data was cut. Chained through two sidecars
+//! (the tunnel between them is its own mTLS connection, reset the same way), an app's reset
+//! reaches the client as a reset, and a client's reset reaches the app. The tunnel reports
+//! which side failed ([`Failure`]) for the flow's span.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
@@ -15,6 +26,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 const SCRATCH: usize = 64 * 1024;
@@ -33,8 +45,87 @@ pub struct Transferred {
     /// True when the tunnel was cut by a policy revocation or shutdown.
     pub cancelled: bool,
     /// Why it ended early, when a read or write failed (a reset, a peer that closed while
-    /// bytes were still going to it). The counts stand either way.
-    pub error: Option<io::ErrorKind>,
+    /// bytes were still going to it); both connections were then reset. The counts stand
+    /// either way.
+    pub error: Option<Failure>,
+}
+
+/// One of a tunnel's two connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `a` of [`tunnel`]: the connection from the side that connected.
+    Client,
+    /// `b`: the connection to the side it connected to.
+    Server,
+}
+
+/// What ended a tunnel early: reading from or writing to `side`'s connection failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failure {
+    pub side: Side,
+    pub kind: io::ErrorKind,
+}
+
+impl Failure {
+    /// The span error for this failure, `label: what happened`, where `who` names the far
+    /// end of the connection that failed ("the app").
+    pub fn describe(self, label: &str, who: &str) -> Cow<'static, str> {
+        match self.kind {
+            io::ErrorKind::ConnectionReset => format!("{label}: {who} reset the connection").into(),
+            kind => format!("{label}: the connection to {who} failed: {kind}").into(),
+        }
+    }
+}
+
+/// A stream a tunnel carries, and the TCP connection under it, which a failed tunnel resets.
+pub trait OverTcp {
+    /// The TCP connection the stream runs on, when this proxy holds it (`None` for one that
+    /// hyper holds, such as an upgraded HTTP connection: it is closed, not reset).
+    fn tcp(&self) -> Option<&TcpStream>;
+}
+
+impl OverTcp for TcpStream {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.get_ref().0)
+    }
+}
+
+impl OverTcp for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.get_ref().0)
+    }
+}
+
+/// Makes dropping `s` reset its connection rather than close it with a FIN. No close_notify
+/// is sent on TLS either: the reset is the message.
+fn reset_on_drop<S: OverTcp + ?Sized>(s: &S) {
+    if let Some(tcp) = s.tcp()
+        && let Err(e) = tcp.set_zero_linger()
+    {
+        tracing::debug!(error = %e, "cannot set SO_LINGER 0; the connection will close with a FIN");
+    }
+}
+
+/// Which stream of a [`Direction`] an error came from.
+enum Broke {
+    Reading(io::Error),
+    Writing(io::Error),
+}
+
+impl Broke {
+    /// The failure, given which side this direction reads and which it writes.
+    fn at(self, reader: Side, writer: Side) -> Failure {
+        match self {
+            Broke::Reading(e) => Failure { side: reader, kind: e.kind() },
+            Broke::Writing(e) => Failure { side: writer, kind: e.kind() },
+        }
+    }
 }
 
 /// One direction of a tunnel.
@@ -50,16 +141,17 @@ struct Direction {
 }
 
 impl Direction {
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<Result<(), Broke>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
     {
         loop {
             while self.written < self.pending.len() {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.pending[self.written..]))?;
+                let n =
+                    ready!(Pin::new(&mut *w).poll_write(cx, &self.pending[self.written..])).map_err(Broke::Writing)?;
                 if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    return Poll::Ready(Err(Broke::Writing(io::ErrorKind::WriteZero.into())));
                 }
                 self.written += n;
                 self.need_flush = true;
@@ -68,11 +160,11 @@ impl Direction {
             self.written = 0;
             if self.eof {
                 if self.need_flush {
-                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                    ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(Broke::Writing)?;
                     self.need_flush = false;
                 }
                 if !self.shut_down {
-                    ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                    ready!(Pin::new(&mut *w).poll_shutdown(cx)).map_err(Broke::Writing)?;
                     self.shut_down = true;
                 }
                 return Poll::Ready(Ok(()));
@@ -82,7 +174,7 @@ impl Direction {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     // Quiet: hand over what the writer buffered, and keep no memory.
-                    if self.need_flush && Pin::new(&mut *w).poll_flush(cx)?.is_ready() {
+                    if self.need_flush && Pin::new(&mut *w).poll_flush(cx).map_err(Broke::Writing)?.is_ready() {
                         self.need_flush = false;
                     }
                     if self.pending.capacity() > 0 {
@@ -96,7 +188,7 @@ impl Direction {
 
     /// Reads into the thread's scratch buffer and writes as much as the writer takes at
     /// once; keeps the rest in `pending`.
-    fn read_through<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    fn read_through<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<Result<(), Broke>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
@@ -104,7 +196,7 @@ impl Direction {
         SCRATCH_BUF.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let mut buf = ReadBuf::new(&mut scratch[..]);
-            ready!(Pin::new(&mut *r).poll_read(cx, &mut buf))?;
+            ready!(Pin::new(&mut *r).poll_read(cx, &mut buf)).map_err(Broke::Reading)?;
             let data = buf.filled();
             if data.is_empty() {
                 self.eof = true;
@@ -112,9 +204,9 @@ impl Direction {
             }
             self.read += data.len() as u64;
             let taken = match Pin::new(&mut *w).poll_write(cx, data) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(Broke::Writing(io::ErrorKind::WriteZero.into()))),
                 Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::Writing(e))),
                 Poll::Pending => 0,
             };
             self.need_flush |= taken > 0;
@@ -128,17 +220,18 @@ impl Direction {
 
 /// Copies both ways until both directions reach EOF (each side's write half is shut down
 /// when its reader ends), an error occurs, or `cancel` fires; what was carried until then
-/// is counted in every case.
+/// is counted in every case. After an error both connections are set to reset when the
+/// caller drops them (see the module docs).
 pub async fn tunnel<A, B>(a: &mut A, b: &mut B, cancel: &CancellationToken) -> Transferred
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + AsyncWrite + OverTcp + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + OverTcp + Unpin + ?Sized,
 {
     let (mut ab, mut ba) = (Direction::default(), Direction::default());
     let copy = poll_fn(|cx| {
-        let forward = ab.poll_copy(cx, a, b)?;
-        let back = ba.poll_copy(cx, b, a)?;
-        if forward.is_ready() && back.is_ready() { Poll::Ready(Ok::<_, io::Error>(())) } else { Poll::Pending }
+        let forward = ab.poll_copy(cx, a, b).map_err(|e| e.at(Side::Client, Side::Server))?;
+        let back = ba.poll_copy(cx, b, a).map_err(|e| e.at(Side::Server, Side::Client))?;
+        if forward.is_ready() && back.is_ready() { Poll::Ready(Ok::<_, Failure>(())) } else { Poll::Pending }
     });
     let result = tokio::select! {
         r = copy => r.map(|()| false),
@@ -146,11 +239,18 @@ where
     };
     let (cancelled, error) = match result {
         Ok(cancelled) => (cancelled, None),
-        Err(e) => (false, Some(e.kind())),
+        Err(failure) => (false, Some(failure)),
     };
     if cancelled {
         let _ = a.shutdown().await;
         let _ = b.shutdown().await;
+    }
+    if error.is_some() {
+        // The side that failed is gone or broken; the other must learn that its stream was
+        // cut, which a FIN would hide. (Resetting the failed side too costs nothing and
+        // ends one that is merely broken, e.g. a TLS error, at once.)
+        reset_on_drop(a);
+        reset_on_drop(b);
     }
     Transferred { sent: ab.read, received: ba.read, cancelled, error }
 }
@@ -158,7 +258,35 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    impl OverTcp for DuplexStream {
+        fn tcp(&self) -> Option<&TcpStream> {
+            None
+        }
+    }
+
+    /// Both ends of a loopback TCP connection: (connecting, accepted).
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connecting = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (connecting, accepted)
+    }
+
+    /// client ⇄ [a tunnel b] ⇄ server over real sockets; the tunnel's task drops `a` and
+    /// `b` when it ends, as the proxy does.
+    async fn tcp_tunnel() -> (TcpStream, TcpStream, tokio::task::JoinHandle<Transferred>) {
+        let ((client, mut a), (mut b, server)) = (tcp_pair().await, tcp_pair().await);
+        let t = tokio::spawn(async move { tunnel(&mut a, &mut b, &CancellationToken::new()).await });
+        (client, server, t)
+    }
+
+    async fn read_some(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await.expect("no answer")?;
+        Ok(buf[..n].to_vec())
+    }
 
     #[tokio::test]
     async fn copies_both_ways_and_counts() {
@@ -197,7 +325,64 @@ mod tests {
         drop(server);
         let _ = client.write_all(b"more").await;
         let done = t.await.unwrap();
-        assert_eq!((done.sent, done.error), (9, Some(io::ErrorKind::BrokenPipe)), "{done:?}");
+        let broken = Failure { side: Side::Server, kind: io::ErrorKind::BrokenPipe };
+        assert_eq!((done.sent, done.error), (9, Some(broken)), "{done:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_reset_reaches_the_client_as_a_reset_after_the_bytes_before_it() {
+        let (mut client, mut server, t) = tcp_tunnel().await;
+        server.write_all(b"partial").await.unwrap();
+        assert_eq!(read_some(&mut client).await.unwrap(), b"partial");
+        server.set_zero_linger().unwrap();
+        drop(server);
+        let err = read_some(&mut client).await.expect_err("the reset must not look like an EOF");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        let done = t.await.unwrap();
+        assert_eq!(done.received, 7);
+        assert_eq!(done.error, Some(Failure { side: Side::Server, kind: io::ErrorKind::ConnectionReset }));
+    }
+
+    #[tokio::test]
+    async fn a_client_reset_reaches_the_server_as_a_reset() {
+        let (mut client, mut server, t) = tcp_tunnel().await;
+        client.write_all(b"hello").await.unwrap();
+        assert_eq!(read_some(&mut server).await.unwrap(), b"hello");
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let err = read_some(&mut server).await.expect_err("the reset must not look like an EOF");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        let done = t.await.unwrap();
+        assert_eq!(done.error, Some(Failure { side: Side::Client, kind: io::ErrorKind::ConnectionReset }));
+    }
+
+    #[tokio::test]
+    async fn a_fin_stays_an_eof_and_the_other_half_keeps_going() {
+        let (mut client, mut server, t) = tcp_tunnel().await;
+        server.write_all(b"done").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"done", "the server's FIN is the client's EOF");
+        // Half-closed: the client still talks to the server, then closes too.
+        client.write_all(b"after").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"after");
+        let done = t.await.unwrap();
+        assert_eq!(done, Transferred { sent: 5, received: 4, cancelled: false, error: None });
+    }
+
+    #[test]
+    fn failures_name_the_side_and_what_happened() {
+        let reset = Failure { side: Side::Server, kind: io::ErrorKind::ConnectionReset };
+        assert_eq!(reset.describe("app_failed", "the app"), "app_failed: the app reset the connection");
+        let pipe = Failure { side: Side::Client, kind: io::ErrorKind::BrokenPipe };
+        assert_eq!(
+            pipe.describe("client_reset", "the client"),
+            "client_reset: the connection to the client failed: broken pipe"
+        );
     }
 
     #[tokio::test]

@@ -108,6 +108,14 @@ pub async fn forward_upgrade(
     Response::from_parts(parts, relayed(body))
 }
 
+/// hyper holds an upgraded connection's socket, so a WebSocket whose tunnel fails is closed
+/// (with a FIN), not reset like an opaque TCP tunnel.
+impl crate::tunnel::OverTcp for TokioIo<hyper::upgrade::Upgraded> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
 async fn send<T>(io: TokioIo<T>, req: Request<ReqBody>) -> Result<Response<Incoming>, String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
