@@ -48,9 +48,11 @@ pub struct RunArgs {
     #[arg(long, env = "TRELLIS_K8S_TOKEN_FILE", conflicts_with_all = ["token", "token_file"])]
     k8s_token_file: Option<PathBuf>,
     /// Inbound listener: LISTEN=APP (forward to APP) or LISTEN (transparent). Repeatable.
+    /// With no --inbound, --outbound or --route at all (transparent capture): 0.0.0.0:15006.
     #[arg(long, env = "TRELLIS_INBOUND", value_delimiter = ',', value_parser = parse_inbound)]
     inbound: Vec<InboundSpec>,
-    /// Transparent outbound listener (destinations from SO_ORIGINAL_DST).
+    /// Transparent outbound listener (destinations from SO_ORIGINAL_DST). With no --inbound,
+    /// --outbound or --route at all (transparent capture): 127.0.0.1:15001.
     #[arg(long, env = "TRELLIS_OUTBOUND")]
     outbound: Option<SocketAddr>,
     /// Explicit outbound route LISTEN=PEER,SPIFFE_ID (VM mode). Repeatable.
@@ -186,11 +188,7 @@ fn config(args: RunArgs) -> Result<(ProxyConfig, usize)> {
             )
         }
     };
-    let inbound = if args.inbound.is_empty() && args.route.is_empty() && args.outbound.is_none() {
-        vec![InboundSpec { listen: "0.0.0.0:15006".parse()?, app: None }]
-    } else {
-        args.inbound
-    };
+    let (inbound, outbound) = listeners(args.inbound, args.outbound, &args.route);
     if args.workers == 0 || args.workers > 64 {
         bail!("--workers must be between 1 and 64");
     }
@@ -199,7 +197,7 @@ fn config(args: RunArgs) -> Result<(ProxyConfig, usize)> {
         bundle_pem,
         attestation,
         inbound,
-        outbound: args.outbound,
+        outbound,
         routes: args.route,
         admin: args.admin,
         opaque_ports: args.opaque_ports,
@@ -238,4 +236,35 @@ fn run_proxy(args: RunArgs) -> Result<()> {
         .await
     })?;
     Ok(())
+}
+
+/// No listener named at all is transparent capture (`trellis proxy init`'s rules): both of the
+/// ports those rules redirect to. Naming any listener (a VM) binds only what is named.
+fn listeners(
+    inbound: Vec<InboundSpec>,
+    outbound: Option<SocketAddr>,
+    routes: &[RouteSpec],
+) -> (Vec<InboundSpec>, Option<SocketAddr>) {
+    if inbound.is_empty() && outbound.is_none() && routes.is_empty() {
+        let inbound = InboundSpec { listen: SocketAddr::from(([0, 0, 0, 0], 15006)), app: None };
+        return (vec![inbound], Some(SocketAddr::from(([127, 0, 0, 1], 15001))));
+    }
+    (inbound, outbound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transparent_capture_gets_both_default_listeners_and_a_vm_only_what_it_names() {
+        let (inbound, outbound) = listeners(vec![], None, &[]);
+        assert_eq!(inbound, [InboundSpec { listen: "0.0.0.0:15006".parse().unwrap(), app: None }]);
+        assert_eq!(outbound, Some("127.0.0.1:15001".parse().unwrap()));
+        let vm = InboundSpec { listen: "127.0.0.1:9000".parse().unwrap(), app: Some("127.0.0.1:8080".parse().unwrap()) };
+        assert_eq!(listeners(vec![vm.clone()], None, &[]), (vec![vm], None));
+        let route = trellis_proxy::config::parse_route("127.0.0.1:9001=10.0.0.12:15006,spiffe://cluster.local/ns/a/sa/b")
+            .unwrap();
+        assert_eq!(listeners(vec![], None, &[route]), (vec![], None));
+    }
 }
