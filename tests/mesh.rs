@@ -550,6 +550,9 @@ async fn control_plane_outage_changes_nothing_and_reconnect_brings_new_policy() 
     assert_eq!(status, 403);
     assert_eq!(headers["x-trellis-denied"], "policy=freeze; rule=0");
     assert_eq!(m.api.config()["control_plane"]["status"]["connected"], true);
+    // The warnings of the outage are followed by a line saying it is over.
+    let logs = m.api.proc.logs();
+    assert!(logs.contains("lost the control plane") && logs.contains("reconnected to the control plane"), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -537,6 +537,9 @@ async fn unreachable_collector_never_holds_up_requests() {
         assert!(Instant::now() < deadline, "failed exports were not counted:\n{}", m.api.metrics());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The log says what failed (not only hyper's "client error (Connect)").
+    let logs = m.api.proc.logs();
+    assert!(logs.contains("span export failed") && logs.contains("Connection refused"), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

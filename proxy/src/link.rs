@@ -74,11 +74,17 @@ async fn follow(state: &Arc<ProxyState>, client: &ControlClient, backoff: &mut B
                     // sidecar's small heap is short.
                     drop(tokio::task::spawn_blocking(crate::trim::release_free_memory));
                 }
+                let mut was_lost = false;
                 state.update_control(|c| {
+                    // After a loss the operator saw warnings; say when it is over.
+                    was_lost = !c.connected && c.reconnects > 0;
                     c.connected = true;
                     c.session = Some(session);
                     c.last_error = None;
                 });
+                if was_lost {
+                    tracing::info!(policy_version = version, "reconnected to the control plane");
+                }
                 let (state, client) = (state.clone(), client.clone());
                 tokio::spawn(async move {
                     match client.ack(session, version).await {

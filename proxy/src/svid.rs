@@ -152,7 +152,7 @@ fn addresses(state: &ProxyState) -> Vec<String> {
 }
 
 fn install(state: &ProxyState, svid: Svid) -> Result<(), ProxyError> {
-    let expiry = svid.not_after().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let expiry = unix_seconds(svid.not_after());
     if let Some(dir) = &state.config.state_dir {
         persist(dir, &svid);
     }
@@ -238,7 +238,7 @@ pub async fn renew_loop(state: Arc<ProxyState>, client: ControlClient, anon: Con
         loop {
             match renew(&state, &client, &current.svid).await {
                 Ok(svid) => {
-                    tracing::info!(spiffe_id = %svid.id(), not_after = ?svid.not_after(), "SVID renewed");
+                    tracing::info!(spiffe_id = %svid.id(), not_after = %unix_seconds(svid.not_after()), "SVID renewed");
                     if let Err(e) = install(&state, svid) {
                         tracing::error!(error = %e, "renewed SVID could not be installed");
                     }
@@ -296,4 +296,9 @@ impl Backoff {
         self.next = (self.next * 2).min(self.max);
         tokio::time::sleep(d).await;
     }
+}
+
+/// A time as log fields show it: seconds since the epoch (`SystemTime`'s `Debug` is a struct).
+fn unix_seconds(t: std::time::SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

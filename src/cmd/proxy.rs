@@ -261,10 +261,12 @@ mod tests {
         let (inbound, outbound) = listeners(vec![], None, &[]);
         assert_eq!(inbound, [InboundSpec { listen: "0.0.0.0:15006".parse().unwrap(), app: None }]);
         assert_eq!(outbound, Some("127.0.0.1:15001".parse().unwrap()));
-        let vm = InboundSpec { listen: "127.0.0.1:9000".parse().unwrap(), app: Some("127.0.0.1:8080".parse().unwrap()) };
+        let vm =
+            InboundSpec { listen: "127.0.0.1:9000".parse().unwrap(), app: Some("127.0.0.1:8080".parse().unwrap()) };
         assert_eq!(listeners(vec![vm.clone()], None, &[]), (vec![vm], None));
-        let route = trellis_proxy::config::parse_route("127.0.0.1:9001=10.0.0.12:15006,spiffe://cluster.local/ns/a/sa/b")
-            .unwrap();
+        let route =
+            trellis_proxy::config::parse_route("127.0.0.1:9001=10.0.0.12:15006,spiffe://cluster.local/ns/a/sa/b")
+                .unwrap();
         assert_eq!(listeners(vec![], None, &[route]), (vec![], None));
     }
 }

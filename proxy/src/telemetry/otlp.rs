@@ -181,12 +181,20 @@ impl Transport {
     pub async fn send(&mut self, body: Bytes) -> Result<(), String> {
         match self {
             Transport::Grpc(grpc) => {
-                grpc.ready().await.map_err(|e| format!("gRPC channel: {e}"))?;
+                grpc.ready().await.map_err(|e| format!("cannot reach the collector: {}", chain(&e)))?;
                 let path = http::uri::PathAndQuery::from_static(GRPC_PATH);
                 let r = grpc.unary(tonic::Request::new(body), path, RawCodec).await;
                 // The usual mistake: a collector's OTLP/HTTP port given for the default gRPC.
                 let hint = "(sent as OTLP/gRPC; a collector's OTLP/HTTP endpoint, usually port 4318, needs --otlp-protocol http)";
-                r.map(|_| ()).map_err(|s| format!("gRPC {:?}: {} {hint}", s.code(), s.message()))
+                r.map(|_| ()).map_err(|s| {
+                    let what = chain(&s);
+                    // Nothing answered: the protocol is not the question.
+                    if s.code() == tonic::Code::Unavailable && what.contains("connect") {
+                        format!("cannot connect to the collector: {what}")
+                    } else {
+                        format!("gRPC {:?}: {what} {hint}", s.code())
+                    }
+                })
             }
             Transport::Http { client, url } => {
                 let req = http::Request::post(url.clone())
@@ -194,7 +202,11 @@ impl Transport {
                     .body(Full::new(body))
                     .map_err(|e| e.to_string())?;
                 let hint = "(sent as OTLP/HTTP; a collector's OTLP/gRPC endpoint, usually port 4317, needs --otlp-protocol grpc)";
-                let resp = client.request(req).await.map_err(|e| format!("{e} {hint}"))?;
+                let resp = client.request(req).await.map_err(|e| match e.is_connect() {
+                    // Nothing answered: the protocol is not the question.
+                    true => format!("cannot connect to the collector at {url}: {}", chain(&e)),
+                    false => format!("{} {hint}", chain(&e)),
+                })?;
                 let status = resp.status();
                 // Read the (small) answer so the connection is reused.
                 let _ = resp.into_body().collect().await;
@@ -202,6 +214,19 @@ impl Transport {
             }
         }
     }
+}
+
+/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`):
+/// hyper's own message alone does not say what failed.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
 }
 
 /// OTLP/HTTP posts traces to `/v1/traces` under the collector's base URL.
