@@ -71,7 +71,7 @@ pub enum StartError {
     )]
     TrustDomainMismatch { data_dir: PathBuf, what: &'static str, found: String, configured: TrustDomain },
     #[error(
-        "data dir {data_dir} has a {found} from an earlier start but its store ({STORE_FILE}) is missing or empty: \
+        "data dir {data_dir} has {found} from an earlier start but its store ({STORE_FILE}) is missing or empty: \
          restore {STORE_FILE} from a backup (policies, tokens, the registry and the audit log are in it); \
          to start over on purpose, empty the data dir (keep ca.pem and ca-key.pem elsewhere and pass them \
          with --ca-cert/--ca-key to keep the proxies' trust)"

@@ -52,7 +52,8 @@ impl ControlArgs {
                 local
             }
         };
-        TrustBundle::load(&path).with_context(|| format!("reading trust bundle {}", path.display()))
+        // The bundle's own error names the file.
+        TrustBundle::load(&path).context("reading the trust bundle")
     }
 }
 
@@ -97,6 +98,9 @@ impl AdminArgs {
 /// writes them. Anything else is the wrong file (a PEM, a binary), said so here rather than
 /// as an HTTP library's "failed to parse header value".
 fn checked_token(token: &str, source: &str) -> Result<String> {
+    if token.is_empty() {
+        bail!("{source} is empty: give the control plane's admin token (admin.token in its data dir)");
+    }
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
         bail!(
             "{source} is not an admin token (it holds spaces, line breaks or non-ASCII characters): is it the control plane's admin.token?"
