@@ -230,6 +230,11 @@ impl Recv {
             // So, if peer is a server, we'll send a 431. In either case,
             // an error is recorded, which will send a REFUSED_STREAM,
             // since we don't want any of the data frames either.
+            //
+            // Trellis patch (comment only): no REFUSED_STREAM is sent. As a server h2
+            // answers 431 with END_STREAM and, if the request is still open, resets it
+            // with NO_ERROR (`Streams::recv_headers`); as a client it resets the stream
+            // with PROTOCOL_ERROR.
             tracing::debug!(
                 "stream error REQUEST_HEADER_FIELDS_TOO_LARGE -- \
                  recv_headers: frame is over size; stream={:?}",

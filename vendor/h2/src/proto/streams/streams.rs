@@ -567,9 +567,16 @@ impl Inner {
                                 resp, &mut send_buffer, stream, counts, &mut actions.task);
                             debug_assert!(sent.is_ok(), "oversize response should not fail");
 
+                            // Trellis patch: NO_ERROR, not PROTOCOL_ERROR. The 431 is a
+                            // complete response; a client still sending its request is asked to
+                            // stop without error (RFC 9113 §8.1), as `maybe_cancel` does for any
+                            // response sent before the request ended. PROTOCOL_ERROR blamed a
+                            // client that broke no rule, and clients may take it for a failed
+                            // exchange rather than an answered one. A request that had ended is
+                            // closed by the 431 and gets no reset at all (the call returns).
                             actions.send.schedule_implicit_reset(
                                 stream,
-                                Reason::PROTOCOL_ERROR,
+                                Reason::NO_ERROR,
                                 counts,
                                 &mut actions.task);
 
