@@ -710,6 +710,90 @@ async fn large_request_and_response_headers_cross_the_mesh() {
     assert!(out.starts_with("HTTP/1.1 502") && out.contains("app_failed"), "{out:.300}");
 }
 
+/// A request header block over the 64 KiB limit gets the sidecar's own 431 whichever way it
+/// comes — HTTP/1.1 or HTTP/2 to the outbound, HTTP/1.1 straight to the inbound — with
+/// `x-trellis-error: header_too_large`, a request span saying so, and on HTTP/1.1 the
+/// connection closed. Far over (beyond what h2 reads, 128 KiB) h2 answers 431 itself and
+/// ends the request it was still sending with NO_ERROR, not an error that blames the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_header_gets_the_sidecars_431_on_every_hop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api_spans, web_spans) = (dir.path().join("api.jsonl"), dir.path().join("web.jsonl"));
+    let spans = |name: &str| {
+        let file = if name == "api" { &api_spans } else { &web_spans };
+        vec!["--trace-file".to_string(), file.display().to_string()]
+    };
+    let policy = |backend: SocketAddr, _| allow("api-from-web", API, WEB, &http_rule(backend));
+    let tcp_backend = backends::tcp_echo().await;
+    let m = start_mesh(MeshOptions { control_args: &[], policy: &policy, tcp_backend, extra: &spans }).await;
+    let huge = "c".repeat(70_000);
+
+    // HTTP/1.1 to the outbound, on a connection the client would keep: the sidecar closes it.
+    let mut tcp = TcpStream::connect(m.http).await.unwrap();
+    let head = format!("GET /api/h1 HTTP/1.1\r\nHost: api\r\nx-big-cookie: {huge}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "the connection stayed open after the 431: {answer}");
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert!(answer.contains("\r\nx-trellis-error: header_too_large\r\n"), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+
+    // HTTP/2 to the outbound.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::client::legacy::connect::HttpConnector::new());
+    let url = format!("http://{}/api/h2", m.http);
+    let (status, headers, body) = get(&h2, &url, "GET", &[("x-big-cookie", huge.as_str())]).await;
+    assert_eq!(status, 431, "{body}");
+    assert_eq!(headers.get("x-trellis-error").map(|v| v.as_bytes()), Some(&b"header_too_large"[..]), "{headers:?}");
+
+    // HTTP/1.1 straight to the inbound (a mesh client of its own).
+    let ca = trellis_identity::CertificateAuthority::load(
+        &trellis_identity::TrustDomain::parse("cluster.local").unwrap(),
+        &m.control.data().join("ca.pem"),
+        &m.control.data().join("ca-key.pem"),
+    )
+    .unwrap();
+    let (cert, key) = client_cert(&ca, WEB, dir.path());
+    let direct = format!("https://{}/api/direct", m.api_http_inbound);
+    let cookie = format!("x-big-cookie: {huge}");
+    let (_, out) = curl(&["--http1.1", "--cert", &cert, "--key", &key, "-H", &cookie, &direct]);
+    assert!(out.starts_with("HTTP/1.1 431"), "{out:.300}");
+    assert!(out.contains("x-trellis-error: header_too_large") && out.contains("connection: close"), "{out:.300}");
+
+    // Each refusal is a request span with its reason, on the sidecar that refused it.
+    for (file, direction, path) in [
+        (&web_spans, "outbound", "/api/h1"),
+        (&web_spans, "outbound", "/api/h2"),
+        (&api_spans, "inbound", "/api/direct"),
+    ] {
+        let span = wait_for_span(file, direction, |s| is_request_span(s, direction, path)).await;
+        let attrs = &span["attributes"];
+        assert_eq!(span["status"]["code"], "error", "{span}");
+        assert_eq!(
+            (attrs["http.response.status_code"].as_u64(), attrs["error.type"].as_str()),
+            (Some(431), Some("header_too_large")),
+            "{span}"
+        );
+    }
+
+    // Far over the limit, with a body still to come: h2's own 431, then RST_STREAM(NO_ERROR).
+    let tcp = TcpStream::connect(m.http).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/api/far", m.http))
+        .header("x-big-cookie", "c".repeat(200_000))
+        .body(())
+        .unwrap();
+    let (resp, mut upload) = send.ready().await.unwrap().send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp).await.expect("answered").unwrap();
+    assert_eq!(resp.status(), 431);
+    let reset = tokio::time::timeout(Duration::from_secs(5), std::future::poll_fn(|cx| upload.poll_reset(cx))).await;
+    assert_eq!(reset.expect("the upload is ended").unwrap(), h2::Reason::NO_ERROR);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_prior_knowledge_clients_are_carried_end_to_end() {
     let m = default_mesh().await;

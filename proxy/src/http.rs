@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Response, StatusCode, Uri};
+use http::{Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use trellis_policy::normalize_path;
@@ -174,6 +174,24 @@ pub fn proxy_error(status: StatusCode, label: &str, detail: &str) -> Response<Re
     r
 }
 
+/// The `431` for a request whose header block is over the limit
+/// ([`crate::serve::over_header_limit`]), from either sidecar. To an HTTP/1.x client it also
+/// closes the connection: a request body that may follow was not read, and a client whose
+/// headers are this large gains nothing from the connection (hyper's own `431`, for a head it
+/// cannot buffer, closes it too).
+pub fn header_too_large(client: Version) -> Response<RespBody> {
+    let max = crate::serve::MAX_HEADER_LIST;
+    let detail = format!("the request's header block reaches the {max}-byte limit (as HTTP/2 counts it)");
+    let mut r = proxy_error(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, HEADER_TOO_LARGE, &detail);
+    if client < Version::HTTP_2 {
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// The `x-trellis-error` label of [`header_too_large`].
+pub const HEADER_TOO_LARGE: &str = "header_too_large";
+
 /// The absolute URI the inbound sends to its app: the caller's authority (`Host`, else the request
 /// target's, else the app's address) and the path the policy judged (normalized) with the
 /// original query. The parts are reused, and re-parsed only when normalizing changed the
@@ -244,6 +262,18 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h);
         assert!(h.contains_key(header::TE), "TE: trailers survives for gRPC");
+    }
+
+    #[test]
+    fn a_431_closes_an_http1_connection_and_says_why() {
+        let h1 = header_too_large(Version::HTTP_11);
+        assert_eq!(h1.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        assert_eq!(h1.headers()[ERROR], "header_too_large");
+        assert_eq!(h1.headers()[header::CONNECTION], "close");
+        assert!(h1.extensions().get::<ProxyFailure>().is_some_and(|f| f.0.starts_with("header_too_large: ")));
+        let h2 = header_too_large(Version::HTTP_2);
+        assert_eq!(h2.headers()[ERROR], "header_too_large");
+        assert!(!h2.headers().contains_key(header::CONNECTION), "no connection-specific header on HTTP/2");
     }
 
     #[test]

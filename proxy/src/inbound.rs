@@ -38,13 +38,15 @@ use crate::authz::{Denial, Permit, authorize};
 use crate::config::InboundSpec;
 use crate::conns::{Revocable, Tracked, TrackedFlow};
 use crate::http::{
-    ORIG_PROTO, PEER_ID, ReqBody, RespBody, app_uri, is_websocket_upgrade, proxy_error, revocable, strip_hop_by_hop,
-    strip_trellis_headers,
+    ORIG_PROTO, PEER_ID, ReqBody, RespBody, app_uri, header_too_large, is_websocket_upgrade, proxy_error, revocable,
+    strip_hop_by_hop, strip_trellis_headers,
 };
 use crate::io::Prefixed;
 use crate::layers::{MetricsLayer, Permitted, PolicyLayer, TraceLayer};
 use crate::metrics::OpenGuard;
-use crate::serve::{MAX_HEADER_LIST, header_list_size, serve_http};
+use crate::serve::{
+    MAX_HEADER_LIST, over_header_limit, request_header_list_size, response_header_list_size, serve_http,
+};
 use crate::sniff::{LATE_HTTP, LateHttpGuard, Protocol, detect};
 use crate::state::{ALPN_H2, ALPN_HTTP11, ALPN_OPAQUE, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, HttpConnSpan, Metered, Started, Verdict};
@@ -520,10 +522,12 @@ async fn forward_http(
     exchange: Exchange,
 ) -> Response<RespBody> {
     tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "request allowed");
-    // HTTP/2 hops enforce the limit in h2; an HTTP/1.1 client straight to this port does not.
-    if header_list_size(req.headers()) > MAX_HEADER_LIST as usize {
-        let detail = format!("the request's header block is larger than {MAX_HEADER_LIST} bytes");
-        return proxy_error(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header_too_large", &detail);
+    // A calling sidecar sends nothing over the limit (the outbound checks too); a client of
+    // its own straight to this port may, over HTTP/1.1 or HTTP/2 (h2 reads up to
+    // `H2_SERVER_HEADER_LIST`, so such a request gets here, to be refused with a span).
+    if over_header_limit(request_header_list_size(&req)) {
+        tracing::info!("request refused: its header block is over the limit");
+        return header_too_large(req.version());
     }
     if let Exchange::WebSocket(conn) = exchange {
         // As for any request: the app gets the path the policy judged (normalized), and the
@@ -553,8 +557,8 @@ async fn forward_http(
         }
         // Over the limit the peer's sidecar would refuse it mid-stream, after this side had
         // recorded a success: refused here, where the cause is known.
-        Ok(resp) if header_list_size(resp.headers()) > MAX_HEADER_LIST as usize => {
-            let detail = format!("the app's response header block is larger than {MAX_HEADER_LIST} bytes");
+        Ok(resp) if over_header_limit(response_header_list_size(&resp)) => {
+            let detail = format!("the app's response header block reaches the {MAX_HEADER_LIST}-byte limit");
             proxy_error(StatusCode::BAD_GATEWAY, "app_failed", &detail)
         }
         Ok(resp) => {

@@ -32,15 +32,15 @@ use crate::authz::{Permit, authorize_egress};
 use crate::config::RouteSpec;
 use crate::conns::TrackedFlow;
 use crate::http::{
-    AUDIT, DENIED, ORIG_PROTO, PEER_ID, ReqBody, RespBody, from_peer, is_websocket_upgrade, proxy_error,
-    strip_hop_by_hop,
+    AUDIT, DENIED, ERROR, HEADER_TOO_LARGE, ORIG_PROTO, PEER_ID, ReqBody, RespBody, from_peer, header_too_large,
+    is_websocket_upgrade, proxy_error, strip_hop_by_hop,
 };
 use crate::io::Prefixed;
 use crate::layers::{BoxFuture, Decided, MetricsLayer, TraceLayer};
 use crate::metrics::OpenGuard;
 use crate::peer_h2::{PeerBody, SendError};
 use crate::pool::PeerError;
-use crate::serve::serve_http;
+use crate::serve::{over_header_limit, request_header_list_size, serve_http};
 use crate::sniff::{Protocol, detect};
 use crate::state::{PeerProtocol, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, HttpConnSpan, Metered, Started, Verdict};
@@ -353,13 +353,29 @@ impl ForwardToPeer {
         }
         // HTTP/2 carries the authority as :authority; a Host header would duplicate it.
         req.headers_mut().remove(header::HOST);
+        let client = req.version();
         *req.version_mut() = http::Version::HTTP_2;
+        // Measured as it leaves, with what this side added (`traceparent`, the original
+        // protocol): what passes here passes the peer's sidecar, which measures the same block
+        // (one more `traceparent` if this side, its telemetry off, sent none: then the peer's
+        // 431 below).
+        if over_header_limit(request_header_list_size(&req)) {
+            tracing::info!("request refused: its header block is over the limit");
+            return failed(header_too_large(client));
+        }
         let resp = match self.send(req, addr, &id).await {
             Ok(resp) => resp,
             Err(generated) => return generated,
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        // The peer's own 431 closes an HTTP/1.1 connection as this side's does.
+        if was_h1
+            && parts.status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            && parts.headers.get(ERROR).is_some_and(|e| e == HEADER_TOO_LARGE)
+        {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let mut resp = Response::from_parts(parts, from_peer(body));
         let decided = peer_verdict(&mut resp);
         resp.extensions_mut().insert(decided);

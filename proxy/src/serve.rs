@@ -28,17 +28,54 @@ pub const STREAM_WINDOW: u32 = 1024 * 1024;
 /// peer; at 32 MiB it takes 32. It is credit, not memory: only data a stalled reader has not
 /// taken is held.
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
-/// The largest header block accepted, in either direction: the servers' limit on requests and
-/// the pooled clients' on responses, so a header that passes one hop passes the next.
+/// The largest header block accepted, in either direction: the proxy refuses a request's
+/// ([`over_header_limit`]: `431`, `x-trellis-error: header_too_large`) and the pooled clients
+/// a response's, so a header that passes one hop passes the next.
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// hyper's HTTP/1.1 read buffer; it bounds a head only loosely (it reads in growing chunks),
-/// so HTTP/1.1 heads are also measured against [`MAX_HEADER_LIST`] ([`header_list_size`]).
+/// so HTTP/1.1 heads are also measured against [`MAX_HEADER_LIST`] ([`request_header_list_size`]).
+/// A head that does not fit (or has more than hyper's 100 fields) gets hyper's own bare `431`.
 pub const MAX_H1_BUF: usize = 256 * 1024;
+/// What the HTTP/2 servers let h2 read of a request's header block. More than
+/// [`MAX_HEADER_LIST`], so a request over the limit reaches the proxy and is refused by it, as
+/// on HTTP/1.1: with `x-trellis-error` and a request span saying why. Beyond this h2 answers a
+/// bare `431` itself (then `RST_STREAM(NO_ERROR)` if the request is still sending, the vendored
+/// h2's patch) and the proxy never sees the request. Twice the limit, not [`MAX_H1_BUF`]: h2
+/// holds a block this size for each of up to [`MAX_CONCURRENT_STREAMS`] streams at once.
+pub const H2_SERVER_HEADER_LIST: u32 = 2 * MAX_HEADER_LIST;
 
 /// A header block's size as HTTP/2 counts it for `SETTINGS_MAX_HEADER_LIST_SIZE` (name, value
 /// and 32 bytes per field), so one limit means the same on every hop, HTTP/1.1 or HTTP/2.
 pub fn header_list_size(headers: &http::HeaderMap) -> usize {
-    headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 32).sum()
+    headers.iter().map(|(name, value)| field_size(name.as_str(), value.len())).sum()
+}
+
+fn field_size(name: &str, value_len: usize) -> usize {
+    name.len() + value_len + 32
+}
+
+/// A request's header block as h2 measures it on an HTTP/2 hop: its fields and its
+/// pseudo-header fields (`:method`, `:path`, and `:scheme` and `:authority` when the target is
+/// absolute, as the outbound sends it to its peer).
+pub fn request_header_list_size<B>(req: &http::Request<B>) -> usize {
+    let uri = req.uri();
+    let path = uri.path_and_query().map_or(1, |p| p.as_str().len());
+    header_list_size(req.headers())
+        + field_size(":method", req.method().as_str().len())
+        + field_size(":path", path)
+        + uri.scheme_str().map_or(0, |s| field_size(":scheme", s.len()))
+        + uri.authority().map_or(0, |a| field_size(":authority", a.as_str().len()))
+}
+
+/// A response's header block as h2 measures it: its fields and `:status`.
+pub fn response_header_list_size<B>(resp: &http::Response<B>) -> usize {
+    header_list_size(resp.headers()) + field_size(":status", 3)
+}
+
+/// Is a header block of `size` over the limit? h2 refuses a block of [`MAX_HEADER_LIST`] bytes
+/// or more, so the proxy's own checks do too, and a block one hop accepts the next accepts.
+pub fn over_header_limit(size: usize) -> bool {
+    size >= MAX_HEADER_LIST as usize
 }
 
 /// A hyper server connection that can be asked to finish what is in flight and close.
@@ -98,7 +135,7 @@ where
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
-                .max_header_list_size(MAX_HEADER_LIST)
+                .max_header_list_size(H2_SERVER_HEADER_LIST)
                 .keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(10))
                 .serve_connection(io, svc),
@@ -135,5 +172,68 @@ async fn drive(mut conn: Conn, stop: impl Future<Output = Duration>) {
     conn.as_mut().drain();
     if tokio::time::timeout(drain, conn).await.is_err() {
         tracing::debug!("HTTP connection closed after the drain deadline");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use bytes::Bytes;
+    use http::{HeaderValue, Method, Request, Response, StatusCode};
+
+    use super::*;
+    use crate::http::{ERROR, generated};
+    use crate::telemetry::body::Traced;
+
+    #[test]
+    fn sizes_count_pseudo_header_fields_as_h2_does() {
+        let mut req = Request::builder().method(Method::GET).uri("http://api.shop/items?id=1").body(()).unwrap();
+        req.headers_mut().insert("x-a", HeaderValue::from_static("12345"));
+        // x-a (3 + 5), :method (7 + 3), :path (5 + 11), :scheme (7 + 4), :authority (10 + 8).
+        assert_eq!(request_header_list_size(&req), 8 + 10 + 16 + 11 + 18 + 5 * 32);
+        // An origin-form target has no :scheme or :authority (its Host is a field).
+        *req.uri_mut() = "/items?id=1".parse().unwrap();
+        assert_eq!(request_header_list_size(&req), 8 + 10 + 16 + 3 * 32);
+        let resp = Response::builder().header("x-a", "12345").body(()).unwrap();
+        assert_eq!(response_header_list_size(&resp), 8 + 10 + 2 * 32);
+        // h2 refuses a block of exactly the limit, so the proxy does too.
+        assert!(!over_header_limit(MAX_HEADER_LIST as usize - 1));
+        assert!(over_header_limit(MAX_HEADER_LIST as usize));
+    }
+
+    /// An HTTP/2 server as the sidecars run it, answering 200 to anything it is handed, and an
+    /// h2 client connected to it.
+    async fn h2_server() -> h2::client::SendRequest<Bytes> {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let svc = hyper::service::service_fn(|_req| async {
+            let resp = generated(StatusCode::OK, (ERROR, "none"), "served\n".into());
+            Ok::<_, std::convert::Infallible>(resp.map(Traced::plain))
+        });
+        tokio::spawn(serve_http(server, svc, true, Duration::from_secs(10), std::future::pending()));
+        let (send, conn) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    fn big_request(value_len: usize) -> Request<()> {
+        let value = HeaderValue::from_str(&"a".repeat(value_len)).unwrap();
+        Request::builder().method(Method::POST).uri("http://api.shop/").header("x-big", value).body(()).unwrap()
+    }
+
+    /// A request over the limit but within what h2 reads reaches the service (which, in the
+    /// sidecars, answers its own 431); one beyond gets h2's 431, and the stream it was still
+    /// sending is reset with NO_ERROR — the request was answered, not refused or malformed.
+    #[tokio::test]
+    async fn over_the_limit_reaches_the_service_and_far_over_gets_h2s_431_and_no_error() {
+        let send = h2_server().await;
+        let (resp, _body) = send.clone().ready().await.unwrap().send_request(big_request(100_000), false).unwrap();
+        assert_eq!(resp.await.unwrap().status(), StatusCode::OK, "100 KB of header reaches the service");
+
+        let (resp, mut body) = send.ready().await.unwrap().send_request(big_request(200_000), false).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp).await.expect("answered").unwrap();
+        assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        let reset = tokio::time::timeout(Duration::from_secs(5), poll_fn(|cx| body.poll_reset(cx))).await;
+        assert_eq!(reset.expect("the unfinished request is reset").unwrap(), h2::Reason::NO_ERROR);
     }
 }

@@ -336,3 +336,25 @@ pub async fn get(
 }
 
 pub type Shared<T> = Arc<T>;
+
+/// The first span in a `--trace-file` that `pred` accepts, waiting up to 5 s for it (a span is
+/// written when its flow ends, and exported every 100 ms).
+pub async fn wait_for_span(file: &Path, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let spans = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+        if let Some(span) = spans.into_iter().find(|s| pred(s)) {
+            return span;
+        }
+        assert!(Instant::now() < deadline, "no {what} span in {}:\n{text}", file.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Is `span` a request span (`inbound GET`, `outbound POST`, ...) for `path`?
+pub fn is_request_span(span: &serde_json::Value, direction: &str, path: &str) -> bool {
+    span["attributes"]["trellis.direction"] == direction
+        && span["attributes"]["url.path"] == path
+        && !span["name"].as_str().unwrap_or_default().ends_with("connection")
+}
