@@ -149,3 +149,53 @@ async fn a_restarted_peer_sidecar_gets_the_next_request_on_a_new_connection() {
     let (status, body) = send(&client, "GET", &url, Vec::new()).await;
     assert_eq!((status, body.len()), (200, 10), "{}", String::from_utf8_lossy(&body));
 }
+
+/// Sends `request` on a new connection to `to` and reads the answer until the server closes.
+async fn exchange(to: std::net::SocketAddr, request: &str) -> String {
+    let mut tcp = TcpStream::connect(to).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await.expect("answered").unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// An HTTP/1.1 app's trailers (a bare chunked response, as nginx's `add_trailer` sends) cross
+/// the mesh both ways to an HTTP/1.1 client that asked for them (`TE: trailers`): hyper's
+/// HTTP/1.1 server and client write the trailer fields a `Trailer` header names, and that header
+/// is end to end. A response whose trailers are not announced arrives whole without them. On
+/// both sidecars every such request's span is clean: the trailers are the body's last frame,
+/// not a response cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_apps_trailers_reach_the_client_and_end_the_span_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api_spans, web_spans) = (dir.path().join("api.jsonl"), dir.path().join("web.jsonl"));
+    let file = |p: &std::path::Path| vec!["--trace-file".to_string(), p.display().to_string()];
+    let m = AppPair::start_with(backends::trailers_app().await, &file(&api_spans), &file(&web_spans)).await;
+
+    let upload = "POST /announced HTTP/1.1\r\nHost: api\r\nTE: trailers\r\nTrailer: x-sum\r\n\
+                  Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n";
+    let answer = exchange(m.route, upload).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.to_ascii_lowercase().contains("\r\ntrailer: x-t, x-request-sum"), "{head}");
+    assert_eq!(
+        body, "5\r\nbody\n\r\n0\r\nx-t: yes\r\nx-request-sum: 42\r\n\r\n",
+        "the app's trailers reached the client, and the client's trailer reached the app"
+    );
+
+    let plain = "GET /unannounced HTTP/1.1\r\nHost: api\r\nTE: trailers\r\nConnection: close\r\n\r\n";
+    let answer = exchange(m.route, plain).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Whole: the body and the last chunk. hyper writes no trailer field nothing announced.
+    assert!(answer.ends_with("5\r\nbody\n\r\n0\r\n\r\n"), "{answer}");
+
+    for path in ["/announced", "/unannounced"] {
+        for (spans, direction) in [(&api_spans, "inbound"), (&web_spans, "outbound")] {
+            let span = wait_for_span(spans, direction, |s| is_request_span(s, direction, path)).await;
+            assert_eq!(span["status"]["code"], "unset", "{direction} {path}: {span}");
+            assert!(span["attributes"].get("error.type").is_none(), "{direction} {path}: {span}");
+            assert_eq!(span["attributes"]["http.response.status_code"], 200);
+            assert_eq!(span["attributes"]["http.response.body.size"], 5, "{direction} {path}: {span}");
+        }
+    }
+}

@@ -60,20 +60,23 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-trellis-orig-proto
 /// when `Connection` does not name it.
 pub const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// Not `Trailer`: it announces the trailer fields end to end (RFC 9110 §6.6.2), and hyper's
+/// HTTP/1.1 server and client write only the trailers it names (RFC 2616 listed a `Trailers`
+/// here; RFC 9110 §7.6.1 does not).
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HTTP2_SETTINGS,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers: the fixed set, whatever `Connection` names, and `TE`
-/// except `TE: trailers` (which gRPC needs end to end over HTTP/2).
+/// except `TE: trailers` (which gRPC needs end to end over HTTP/2, and without which hyper
+/// writes no trailers to an HTTP/1.1 client).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of these: one pass over the names instead of a hashed
     // removal per hop-by-hop header, on every request and response, both directions.
@@ -260,8 +263,10 @@ mod tests {
         assert!(h.contains_key("x-keep"));
         let mut h = HeaderMap::new();
         h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
         strip_hop_by_hop(&mut h);
         assert!(h.contains_key(header::TE), "TE: trailers survives for gRPC");
+        assert!(h.contains_key(header::TRAILER), "Trailer is end to end: hyper's HTTP/1.1 writes only what it names");
     }
 
     #[test]

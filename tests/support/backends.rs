@@ -283,3 +283,81 @@ pub async fn drip() -> SocketAddr {
     })
     .await
 }
+
+/// An HTTP/1.1 app on a bare socket, as servers that are not hyper send trailers: every
+/// response is chunked, `body\n` then the trailers `x-t: yes` and `x-request-sum` (the
+/// request's trailer `x-sum`, or `none`). `/announced` names them in a `Trailer` header first
+/// (RFC 9110 §6.6.2); anything else does not (as nginx's `add_trailer` does not). It reads one
+/// request (its chunked body and trailers too), answers and closes.
+pub async fn trailers_app() -> SocketAddr {
+    serve_each(|mut tcp| async move {
+        let Some((head, body_trailers)) = read_request(&mut tcp).await else { return };
+        let sum = body_trailers
+            .iter()
+            .find_map(|l| l.split_once(':').filter(|(n, _)| n.trim().eq_ignore_ascii_case("x-sum")))
+            .map_or("none".to_owned(), |(_, v)| v.trim().to_owned());
+        let announce = match head.split_whitespace().nth(1) {
+            Some("/announced") => "Trailer: x-t, x-request-sum\r\n",
+            _ => "",
+        };
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n{announce}Connection: close\r\n\r\n5\r\nbody\n\r\n0\r\nx-t: yes\r\nx-request-sum: {sum}\r\n\r\n"
+        );
+        let _ = tcp.write_all(answer.as_bytes()).await;
+    })
+    .await
+}
+
+/// Reads one HTTP/1.1 request: its head, and if it is chunked its body to the end, returning
+/// the trailer lines after the last chunk.
+async fn read_request(tcp: &mut TcpStream) -> Option<(String, Vec<String>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return Some((head, Vec::new()));
+    }
+    // The chunked body: size lines and data, up to the last chunk and its trailer section.
+    let mut at = head_end;
+    loop {
+        let line_end = loop {
+            if let Some(i) = buf[at..].windows(2).position(|w| w == b"\r\n") {
+                break at + i;
+            }
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&buf[at..line_end]).trim(), 16).ok()?;
+        if size == 0 {
+            at = line_end + 2;
+            break;
+        }
+        while buf.len() < line_end + 2 + size + 2 {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        at = line_end + 2 + size + 2;
+    }
+    // The trailer section ends with an empty line.
+    while !buf[at..].starts_with(b"\r\n") && !buf[at..].windows(4).any(|w| w == b"\r\n\r\n") {
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let trailers = String::from_utf8_lossy(&buf[at..]);
+    Some((head, trailers.lines().take_while(|l| !l.is_empty()).map(str::to_owned).collect()))
+}

@@ -82,13 +82,22 @@ pub struct AppPair {
 
 impl AppPair {
     pub async fn start(app: SocketAddr) -> AppPair {
+        Self::start_with(app, &[], &[]).await
+    }
+
+    /// [`AppPair::start`] with extra flags for api's and web's sidecars (`--trace-file`, say).
+    pub async fn start_with(app: SocketAddr, api_args: &[String], web_args: &[String]) -> AppPair {
         let control = Control::start(&[]);
         let to = format!("      to:\n        - ports: [{}]\n          methods: [GET, POST]\n", app.port());
         control.apply(&super::allow("app-from-web", API, WEB, &to)).await;
         let inbound = addr(free_port());
-        let api = Self::start_api(&control, inbound, app);
+        let mut args = vec!["--inbound".into(), format!("{inbound}={app}")];
+        args.extend_from_slice(api_args);
+        let api = Sidecar::start(&control, API, &args);
         let route = addr(free_port());
-        let web = Sidecar::start(&control, WEB, &["--route".into(), format!("{route}={inbound},{API}")]);
+        let mut args = vec!["--route".into(), format!("{route}={inbound},{API}")];
+        args.extend_from_slice(web_args);
+        let web = Sidecar::start(&control, WEB, &args);
         AppPair { control, api, web, route, inbound, app }
     }
 

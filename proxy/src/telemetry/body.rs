@@ -118,7 +118,10 @@ where
                 if let Some(data) = frame.data_ref() {
                     *this.bytes += data.remaining() as u64;
                 }
-                *this.ended = this.inner.is_end_stream();
+                // Trailers are a body's last frame, and hyper stops polling once it has them
+                // (it drops the body). Some bodies do not say they ended: an HTTP/1.1 chunked
+                // body (hyper's `Incoming`) still says it may go on after its trailers.
+                *this.ended = frame.is_trailers() || this.inner.is_end_stream();
                 return polled;
             }
             // Labelled when the error is not already (`revoked: …`): `error.type` is the label.
@@ -178,6 +181,36 @@ mod tests {
         // An empty body hyper never polls, dropped: complete.
         drop(Traced::with_span(Full::new(Bytes::new()), Box::new(Probe(seen.clone()))));
         assert_eq!(seen.lock().unwrap()[2], (0, None));
+    }
+
+    /// Trailers end a body even if it does not say so (an HTTP/1.1 chunked body does not), and
+    /// hyper drops it right after them: complete, not cut.
+    #[tokio::test]
+    async fn trailers_end_the_body_even_when_it_does_not_say_so() {
+        struct NeverSaysEnd(Vec<Frame<Bytes>>);
+        impl Body for NeverSaysEnd {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+                Poll::Ready(self.0.pop().map(Ok))
+            }
+            // `Body::is_end_stream`'s default: false, as hyper's chunked `Incoming` says.
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-t", http::HeaderValue::from_static("yes"));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let frames = vec![Frame::trailers(trailers), Frame::data(Bytes::from_static(b"body\n"))];
+        let mut body = Box::pin(Traced::with_span(NeverSaysEnd(frames), Box::new(Probe(seen.clone()))));
+        // As hyper relays a body: frames until the trailers, then the body is dropped.
+        let data = body.frame().await.unwrap().unwrap();
+        assert_eq!(data.data_ref().map(|d| d.len()), Some(5));
+        assert!(body.frame().await.unwrap().unwrap().is_trailers());
+        assert!(seen.lock().unwrap().is_empty(), "finished when dropped, as hyper does");
+        drop(body);
+        assert_eq!(*seen.lock().unwrap(), vec![(5, None)]);
     }
 
     /// A body that fails midway (a revoked request, a peer's reset) finishes its span with
