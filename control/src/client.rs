@@ -48,6 +48,9 @@ pub enum ClientError {
     Decode(String),
     #[error("the watch stream ended")]
     StreamEnded,
+    /// A failure on the caller's side before anything was asked (a key, a CSR, a token file).
+    #[error("{0}")]
+    Local(String),
 }
 
 impl ClientError {

@@ -227,7 +227,7 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
         store.set_ca_fingerprint(&fingerprint)?;
     }
     let bundle = write_bundle(dir, &ca)?;
-    let admin_token = load_or_create_admin_token(dir)?;
+    let admin_token = load_or_create_admin_token(dir, recorded_ca.is_some())?;
     make_files_private(&config)?;
     let shared = Shared::load(Arc::new(store), bundle.clone())?;
 
@@ -349,7 +349,8 @@ fn make_private(path: &Path, mode: u32) -> Result<(), StartError> {
     }
     match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
         Ok(()) => {
-            tracing::info!(path = %path.display(), from = format!("{current:o}"), to = format!("{mode:o}"), "tightened permissions");
+            // Others could read it until now (a key, the admin token): worth a warning.
+            tracing::warn!(path = %path.display(), from = format!("{current:o}"), to = format!("{mode:o}"), "tightened permissions");
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
@@ -430,7 +431,9 @@ fn write_bundle(dir: &Path, ca: &CertificateAuthority) -> Result<TrustBundle, St
     Ok(bundle)
 }
 
-fn load_or_create_admin_token(dir: &Path) -> Result<String, StartError> {
+/// The admin token in the data dir, or a new one. `ran_before`: a store from an earlier start
+/// exists, so a missing token was lost or removed — the CLI's copies stop working, said loudly.
+fn load_or_create_admin_token(dir: &Path, ran_before: bool) -> Result<String, StartError> {
     let path = dir.join(ADMIN_TOKEN_FILE);
     let err = |error| StartError::DataDir { path: path.clone(), error };
     match std::fs::read_to_string(&path) {
@@ -439,6 +442,11 @@ fn load_or_create_admin_token(dir: &Path) -> Result<String, StartError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let token = crate::tokens::mint();
             write_private(&path, format!("{token}\n").as_bytes(), 0o600).map_err(err)?;
+            if ran_before {
+                tracing::warn!(path = %path.display(), "admin.token was missing: created a new one; copies of the old one no longer work");
+            } else {
+                tracing::info!(path = %path.display(), "created the admin token");
+            }
             Ok(token)
         }
         Err(e) => Err(err(e)),

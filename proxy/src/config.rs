@@ -74,6 +74,9 @@ impl ProxyConfig {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
+    /// An empty item of a list (`TRELLIS_ROUTE="a;b;"`, `TRELLIS_INBOUND="a,,b"`).
+    #[error("an empty {0} (a separator at the end of the list, or two in a row?)")]
+    Empty(&'static str),
     #[error("{0:?}: expected LISTEN or LISTEN=APP with addresses like 0.0.0.0:15006=127.0.0.1:8080")]
     Inbound(String),
     #[error(
@@ -133,6 +136,9 @@ pub fn parse_sample_ratio(s: &str) -> Result<f64, SpecError> {
 }
 
 pub fn parse_inbound(s: &str) -> Result<InboundSpec, SpecError> {
+    if s.trim().is_empty() {
+        return Err(SpecError::Empty("inbound listener"));
+    }
     let err = || SpecError::Inbound(s.to_string());
     match s.split_once('=') {
         Some((listen, app)) => Ok(InboundSpec {
@@ -144,6 +150,9 @@ pub fn parse_inbound(s: &str) -> Result<InboundSpec, SpecError> {
 }
 
 pub fn parse_route(s: &str) -> Result<RouteSpec, SpecError> {
+    if s.trim().is_empty() {
+        return Err(SpecError::Empty("route"));
+    }
     let err = || SpecError::Route(s.to_string());
     let (listen, rest) = s.split_once('=').ok_or_else(err)?;
     let (peer, id) = rest.split_once(',').ok_or_else(err)?;
@@ -197,6 +206,8 @@ mod tests {
         assert_eq!(parse_inbound("0.0.0.0:15006").unwrap().app, None);
         assert!(parse_inbound("15006=8080").is_err());
         assert!(parse_inbound("0.0.0.0:15006=").is_err());
+        assert_eq!(parse_inbound(" "), Err(SpecError::Empty("inbound listener")));
+        assert_eq!(parse_route(""), Err(SpecError::Empty("route")));
     }
 
     #[test]

@@ -111,13 +111,13 @@ fn untrusted_server(v: &VerifyError) -> bool {
 }
 
 async fn bootstrap(state: &ProxyState, anon: &ControlClient) -> Result<Svid, ClientError> {
-    let key = WorkloadKey::generate().map_err(|e| ClientError::Decode(e.to_string()))?;
-    let csr = key.anonymous_csr().map_err(|e| ClientError::Decode(e.to_string()))?;
+    let key = WorkloadKey::generate().map_err(|e| ClientError::Local(e.to_string()))?;
+    let csr = key.anonymous_csr().map_err(|e| ClientError::Local(e.to_string()))?;
     let (token, k8s_token) = match &state.config.attestation {
         Attestation::JoinToken(t) => (Some(t.trim().to_string()), None),
         Attestation::KubernetesTokenFile(path) => {
             let t = std::fs::read_to_string(path)
-                .map_err(|e| ClientError::Decode(format!("reading the Kubernetes token {}: {e}", path.display())))?;
+                .map_err(|e| ClientError::Local(format!("reading the Kubernetes token {}: {e}", path.display())))?;
             (None, Some(t.trim().to_string()))
         }
     };
@@ -265,8 +265,8 @@ pub async fn renew_loop(state: Arc<ProxyState>, client: ControlClient, anon: Con
 }
 
 async fn renew(state: &ProxyState, client: &ControlClient, current: &Svid) -> Result<Svid, ClientError> {
-    let key = WorkloadKey::generate().map_err(|e| ClientError::Decode(e.to_string()))?;
-    let csr = key.csr(current.id()).map_err(|e| ClientError::Decode(e.to_string()))?;
+    let key = WorkloadKey::generate().map_err(|e| ClientError::Local(e.to_string()))?;
+    let csr = key.csr(current.id()).map_err(|e| ClientError::Local(e.to_string()))?;
     let resp = client.renew(&RenewRequest { csr_pem: pem::csr_to_pem(&csr), addresses: addresses(state) }).await?;
     into_svid(key, &resp)
 }

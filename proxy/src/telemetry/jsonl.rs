@@ -180,7 +180,8 @@ pub fn write_flow_line(out: &mut dyn Write, r: &FlowRecord) -> std::io::Result<(
     let http = r.http.as_ref();
     let line = FlowLine {
         time: rfc3339(r.started),
-        duration_ms: r.duration.as_secs_f64() * 1000.0,
+        // Whole microseconds, in milliseconds: `2.874524`, not binary float noise `2.8745239999999996`.
+        duration_ms: r.duration.as_micros() as f64 / 1000.0,
         direction: f.direction.label(),
         decision: r.verdict.label(),
         protocol: r.protocol,
@@ -242,6 +243,16 @@ mod tests {
         let j = |h: Hex| serde_json::to_string(&h).unwrap();
         assert_eq!(j(Hex::new(0xab, 16)), "\"00000000000000ab\"");
         assert_eq!(j(Hex::new(u128::MAX, 32)), format!("\"{}\"", "f".repeat(32)));
+    }
+
+    #[test]
+    fn a_flow_lines_duration_is_whole_microseconds_in_milliseconds() {
+        let mut r = crate::telemetry::tests::sample_record();
+        r.duration = Duration::from_nanos(2_874_524_999);
+        let mut out = Vec::new();
+        write_flow_line(&mut out, &r).unwrap();
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(line["duration_ms"].to_string(), "2874.524");
     }
 
     #[test]
