@@ -72,4 +72,9 @@ async fn demo_once_says_whether_spans_reached_the_collector() {
     let traces = stdout.lines().find(|l| l.starts_with("Traces:")).expect("a traces line");
     assert!(traces.contains("did not take the spans") && traces.contains(&url), "{traces}");
     assert!(stdout.contains("no span reached the collector"), "{stdout}");
+
+    // Not a URL: refused before a mesh is started.
+    let out = run("nope".into()).await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty() && String::from_utf8_lossy(&out.stderr).contains("--otlp-endpoint"));
 }

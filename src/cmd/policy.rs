@@ -83,7 +83,7 @@ pub struct CheckArgs {
 
     /// `text`: the decision line, then an `audit:` line if audit-mode policies apply.
     /// `json`: the decision as one JSON object.
-    #[arg(long, value_enum, default_value = "text", env = "TRELLIS_OUTPUT")]
+    #[arg(short, long, value_enum, default_value = "text", env = "TRELLIS_OUTPUT")]
     pub output: OutputFormat,
 }
 

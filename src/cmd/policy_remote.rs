@@ -29,6 +29,8 @@ pub struct GetArgs {
     /// The policy's `metadata.name`.
     #[arg(value_parser = policy_name)]
     pub name: String,
+    /// Output format: `yaml` (re-appliable as it is) or `json`; `text` is read as `yaml`, as
+    /// `TRELLIS_OUTPUT` is shared with the commands that print text.
     #[arg(short, long, value_enum, default_value = "yaml", env = "TRELLIS_OUTPUT")]
     pub output: DocFormat,
     #[command(flatten)]
@@ -37,6 +39,7 @@ pub struct GetArgs {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Output format: `text` (a table) or `json`.
     #[arg(short, long, value_enum, default_value = "text", env = "TRELLIS_OUTPUT")]
     pub output: ListFormat,
     #[command(flatten)]

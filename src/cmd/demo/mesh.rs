@@ -74,11 +74,12 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn spawn(args: &[String], log: &std::path::Path) -> Result<Child> {
+fn spawn(args: &[String], env: &[(&str, &str)], log: &std::path::Path) -> Result<Child> {
     let exe = std::env::current_exe().context("finding the trellis binary")?;
     let stderr = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     Command::new(exe)
         .args(args)
+        .envs(env.iter().copied())
         .env("TRELLIS_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -103,6 +104,7 @@ impl Mesh {
                 &format!("127.0.0.1:{}", ports[0]),
             ]
             .map(String::from),
+            &[],
             &dir.path().join("control.log"),
         )?;
         let fingerprint = read_banner(&mut control, dir.path())?;
@@ -162,9 +164,7 @@ impl Mesh {
         let token =
             self.admin_client.create_token(&TokenRequest { spiffe_id: id, ttl_seconds: Some(300) }).await?.token;
         let mut args: Vec<String> =
-            ["proxy", "run", "--control", &self.control_url, "--token", &token, "--admin", &admin.to_string()]
-                .map(String::from)
-                .to_vec();
+            ["proxy", "run", "--control", &self.control_url, "--admin", &admin.to_string()].map(String::from).to_vec();
         args.extend(["--ca-bundle".into(), self.dir.path().join("control/bundle.pem").display().to_string()]);
         // The db speaks first: its port and every route to it are opaque (never sniffed).
         let mut opaque = vec![db_app.port()];
@@ -182,7 +182,8 @@ impl Mesh {
             Some(url) => args.extend(["--otlp-endpoint".into(), url.to_string()]),
             None => args.extend(["--trace-file".into(), self.trace_file.display().to_string()]),
         }
-        let child = spawn(&args, &self.dir.path().join(format!("{name}.log")))?;
+        // In the environment, not on the command line that `ps` shows everyone.
+        let child = spawn(&args, &[("TRELLIS_TOKEN", &token)], &self.dir.path().join(format!("{name}.log")))?;
         let app_desc = match inbound {
             Some((_, app)) if name == "db" => format!("db (TCP, speaks first) on {app}"),
             Some((_, app)) => format!("{name} (HTTP) on {app}"),

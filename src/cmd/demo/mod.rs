@@ -27,7 +27,7 @@ pub struct DemoArgs {
     #[arg(long, env = "TRELLIS_DEMO_ONCE", value_parser = clap::builder::FalseyValueParser::new())]
     pub once: bool,
     /// Send spans to this OTLP/gRPC collector instead of a JSON-lines file.
-    #[arg(long, env = "TRELLIS_OTLP_ENDPOINT")]
+    #[arg(long, env = "TRELLIS_OTLP_ENDPOINT", value_parser = trellis_proxy::config::parse_otlp_endpoint)]
     pub otlp_endpoint: Option<String>,
 }
 
