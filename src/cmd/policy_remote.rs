@@ -88,7 +88,18 @@ pub fn apply(args: &ApplyArgs) -> Result<ExitCode, ExitCode> {
         return Err(no_documents(&args.file));
     }
     let client = client(&args.admin)?;
-    let outcome = call(client.apply_policies(text))?;
+    let outcome = match block_on(client.apply_policies(text)) {
+        Ok(Ok(outcome)) => outcome,
+        // Sent, and no answer came back (the control plane went away mid-request): it may have
+        // committed the apply or not, and saying only "request failed" would suggest it did not.
+        Ok(Err(e @ trellis_control::ClientError::Http(_))) => {
+            return Err(fail(format_args!(
+                "{e}: the apply may or may not have been committed; `trellis policy list` shows the current version"
+            )));
+        }
+        Ok(Err(e)) => return Err(fail(e)),
+        Err(e) => return Err(fail(format_args!("{e:#}"))),
+    };
     for (names, verb) in
         [(&outcome.created, "created"), (&outcome.configured, "configured"), (&outcome.unchanged, "unchanged")]
     {

@@ -183,12 +183,13 @@ impl ProxyResources {
                 return Err(bad(limit_key, &l.text, "a limit of zero would keep the proxy from starting".into()));
             }
         }
+        let given = |key: &str| a.is_some_and(|a| a.contains_key(key));
         check_request_within_limit(
-            (ANNOTATION_PROXY_CPU_REQUEST, &cpu_request),
+            (ANNOTATION_PROXY_CPU_REQUEST, &cpu_request, given(ANNOTATION_PROXY_CPU_REQUEST)),
             (ANNOTATION_PROXY_CPU_LIMIT, &cpu_limit),
         )?;
         check_request_within_limit(
-            (ANNOTATION_PROXY_MEMORY_REQUEST, &memory_request),
+            (ANNOTATION_PROXY_MEMORY_REQUEST, &memory_request, given(ANNOTATION_PROXY_MEMORY_REQUEST)),
             (ANNOTATION_PROXY_MEMORY_LIMIT, &memory_limit),
         )?;
         let text = |q: Option<Quantity>| q.map(|q| q.text);
@@ -201,16 +202,24 @@ impl ProxyResources {
     }
 }
 
+/// A request above its limit is refused, naming the annotation the user wrote: the request
+/// if they set it, else the limit they set below the default request.
 fn check_request_within_limit(
-    (request_key, request): (&str, &Option<Quantity>),
+    (request_key, request, request_given): (&str, &Option<Quantity>, bool),
     (limit_key, limit): (&str, &Option<Quantity>),
 ) -> Result<(), PodError> {
     match (request, limit) {
-        (Some(r), Some(l)) if r.value > l.value => Err(bad(
+        (Some(r), Some(l)) if r.value > l.value && request_given => Err(bad(
             request_key,
             &r.text,
             format!("the request is above the limit {} ({limit_key}, or the default): raise the limit too", l.text),
         )),
+        (Some(r), Some(l)) if r.value > l.value => {
+            // `512m` is 0.512 bytes of memory (m is milli), a common slip for `512Mi`.
+            let milli = if l.text.ends_with('m') { " (`m` is milli: did you mean `Mi`?)" } else { "" };
+            let reason = format!("the limit is below the proxy's default request {} ({request_key}){milli}", r.text);
+            Err(bad(limit_key, &l.text, reason))
+        }
         _ => Ok(()),
     }
 }
@@ -388,6 +397,13 @@ mod tests {
             serde_json::json!({"trellis.dev/proxy-memory-request": "1Gi"}),
             "trellis.dev/proxy-memory-request",
             "above the limit 256Mi",
+        );
+        // A limit alone, below the default request: the limit is named (the user never wrote
+        // the request), with the hint for the usual slip.
+        refused(
+            serde_json::json!({"trellis.dev/proxy-memory-limit": "512m"}),
+            "trellis.dev/proxy-memory-limit",
+            "below the proxy's default request 32Mi (trellis.dev/proxy-memory-request) (`m` is milli: did you mean `Mi`?)",
         );
     }
 
