@@ -31,7 +31,17 @@ struct Cli {
 /// level of the crate `inf`", turning all of Trellis' logging off without a word.
 fn parse_log_filter(s: &str) -> Result<tracing_subscriber::filter::Targets, String> {
     const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
-    for directive in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+    // What is checked is what is parsed: tracing does not trim (`" info"` would name a crate)
+    // and reads an empty directive as `error`.
+    let directives: Vec<String> = s
+        .split(',')
+        .map(|d| d.split('=').map(str::trim).collect::<Vec<_>>().join("="))
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err(format!("no level given; one of {}, optionally with crate=level", LEVELS.join(", ")));
+    }
+    for directive in &directives {
         if !directive.contains('=') && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) {
             return Err(format!(
                 "{directive:?} is not a level ({}); a crate's own level is written crate=level",
@@ -39,7 +49,7 @@ fn parse_log_filter(s: &str) -> Result<tracing_subscriber::filter::Targets, Stri
             ));
         }
     }
-    s.parse().map_err(|e| format!("{e}"))
+    directives.join(",").parse().map_err(|e| format!("{e}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,5 +87,25 @@ fn main() -> ExitCode {
         Command::Proxy(c) => cmd::proxy::run(c),
         Command::Inject(args) => cmd::inject::run(args),
         Command::Demo(args) => cmd::demo::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_log_filter;
+    use tracing_subscriber::filter::LevelFilter;
+
+    #[test]
+    fn a_log_filter_is_read_as_written_around_spaces_and_commas() {
+        let level = |s: &str, target: &str| parse_log_filter(s).unwrap().would_enable(target, &tracing::Level::INFO);
+        assert!(level(" info ", "trellis_proxy"));
+        assert!(level("info,", "trellis_proxy"), "a trailing comma is not an error-only filter");
+        let f = parse_log_filter("warn, trellis_proxy = debug").unwrap();
+        assert!(f.would_enable("trellis_proxy", &tracing::Level::DEBUG));
+        assert!(!f.would_enable("hyper", &tracing::Level::INFO));
+        assert_eq!(parse_log_filter("OFF").unwrap().default_level(), Some(LevelFilter::OFF));
+        for bad in ["", " , ", "inf", "warn,nonsense"] {
+            assert!(parse_log_filter(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -183,21 +183,6 @@ async fn scripted_app() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Str
     (addr, rx)
 }
 
-/// A span from `path` (a `--trace-file`) that `pred` picks, waiting for it to be written.
-async fn wait_span(path: &std::path::Path, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        // A line still being written does not parse yet; it will on the next look.
-        let spans: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        if let Some(span) = spans.iter().find(|s| pred(s)) {
-            return span.clone();
-        }
-        assert!(Instant::now() < deadline, "no span for {what} in {}:\n{text}", path.display());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The status code and `error.type` of a span.
 fn status_of(span: &serde_json::Value) -> (&str, Option<&str>) {
     (span["status"]["code"].as_str().unwrap(), span["attributes"]["error.type"].as_str())
@@ -264,23 +249,23 @@ async fn a_reset_crosses_the_mesh_as_a_reset_and_a_fin_as_an_eof() {
                 && s["attributes"]["trellis.bytes.received"] == received
         }
     };
-    let reset_out = wait_span(&web, "the app's reset, outbound", outbound(reset_port)).await;
+    let reset_out = wait_for_span(&web, "the app's reset, outbound", outbound(reset_port)).await;
     assert_eq!(status_of(&reset_out), ("error", Some("peer_reset")), "{reset_out}");
     assert_eq!(reset_out["attributes"]["trellis.decision"], "allow");
     assert_eq!(reset_out["attributes"]["trellis.bytes.received"], 7);
-    let reset_in = wait_span(&api, "the app's reset, inbound", inbound(7, 7)).await;
+    let reset_in = wait_for_span(&api, "the app's reset, inbound", inbound(7, 7)).await;
     assert_eq!(status_of(&reset_in), ("error", Some("app_failed")), "{reset_in}");
     assert_eq!(reset_in["status"]["message"], "app_failed: the app reset the connection");
     assert_eq!(reset_in["attributes"]["trellis.decision"], "allow");
 
-    let close_out = wait_span(&web, "the app's FIN, outbound", outbound(close_port)).await;
+    let close_out = wait_for_span(&web, "the app's FIN, outbound", outbound(close_port)).await;
     assert_eq!(status_of(&close_out), ("unset", None), "{close_out}");
-    let close_in = wait_span(&api, "the app's FIN, inbound", inbound(10, 8)).await;
+    let close_in = wait_for_span(&api, "the app's FIN, inbound", inbound(10, 8)).await;
     assert_eq!(status_of(&close_in), ("unset", None), "{close_in}");
 
-    let hold_out = wait_span(&web, "the client's reset, outbound", outbound(hold_port)).await;
+    let hold_out = wait_for_span(&web, "the client's reset, outbound", outbound(hold_port)).await;
     assert_eq!(status_of(&hold_out), ("error", Some("client_reset")), "{hold_out}");
-    let hold_in = wait_span(&api, "the client's reset, inbound", inbound(5, 2)).await;
+    let hold_in = wait_for_span(&api, "the client's reset, inbound", inbound(5, 2)).await;
     assert_eq!(status_of(&hold_in), ("error", Some("peer_reset")), "{hold_in}");
 }
 

@@ -60,7 +60,7 @@ pub struct BootstrapRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub k8s_token: Option<String>,
     pub csr_pem: String,
-    /// Addresses this workload answers on (`ip` or `ip:port`), for the endpoint registry.
+    /// Addresses this workload answers on (`ip`, `ip:port`, or `ip:port=APP_PORT` for a listener that hands connections to the app on APP_PORT), for the endpoint registry.
     #[serde(default)]
     pub addresses: Vec<String>,
 }

@@ -18,6 +18,7 @@ pub mod client;
 pub mod hooks;
 pub mod inject;
 pub mod kube;
+mod mesh_ca;
 pub mod run;
 pub mod server;
 pub mod services;

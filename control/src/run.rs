@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use trellis_identity::pem::write_private;
 use trellis_identity::{
-    CertificateAuthority, ClientAuth, CredentialStore, SpiffeId, TrustBundle, TrustDomain, WorkloadKey, ca,
+    CertificateAuthority, ClientAuth, CredentialStore, SpiffeId, TrustDomain, WorkloadKey, ca,
     cert::fingerprint_sha256, client_verifier, server_config_with_resolver,
 };
 
@@ -85,9 +85,10 @@ pub enum StartError {
     )]
     CaLost { data_dir: PathBuf, fingerprint: String },
     #[error(
-        "data dir {data_dir}: the mesh's CA root is SHA256 {recorded} (given with --ca-cert/--ca-key at an \
-         earlier start), but ca.pem there is SHA256 {found}: pass --ca-cert/--ca-key again; to go back to \
-         the data dir's CA on purpose, pass its ca.pem and ca-key.pem as --ca-cert/--ca-key"
+        "data dir {data_dir}: the mesh's CA root, recorded at an earlier start, is SHA256 {recorded} (given with \
+         --ca-cert/--ca-key, or ca.pem there was replaced since), but ca.pem there is SHA256 {found}: pass the \
+         mesh's CA with --ca-cert/--ca-key again; to make the data dir's ca.pem the mesh's CA on purpose, pass \
+         it and its ca-key.pem as --ca-cert/--ca-key"
     )]
     CaNotTheMeshs { data_dir: PathBuf, recorded: String, found: String },
     #[error(
@@ -187,7 +188,8 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     let local_addr = listener.local_addr().map_err(|error| StartError::Listen { addr: config.listen, error })?;
 
     // A CA given in files is checked before the data dir is touched: refused, it leaves nothing.
-    let given_ca = config.ca_files.as_ref().map(|files| load_given_ca(&config.trust_domain, files)).transpose()?;
+    let given_ca =
+        config.ca_files.as_ref().map(|files| crate::mesh_ca::given(&config.trust_domain, files)).transpose()?;
     let dir = &config.data_dir;
     create_private_dir(dir)?;
     check_store_not_lost(dir)?;
@@ -196,37 +198,11 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     if let Some(found) = recorded_td.as_deref().filter(|td| *td != config.trust_domain.as_str()) {
         return Err(mismatch(&config, "store", found.to_string()));
     }
-    let recorded_ca = store.ca_fingerprint()?;
-    let has_ca = config.ca_files.is_some() || dir.join(ca::CA_CERT_FILE).exists() || dir.join(ca::CA_KEY_FILE).exists();
-    // A mesh whose CA went missing (a forgotten --ca-cert, deleted files) must not quietly get
-    // a new one: every proxy's bundle would stop vouching for this control plane.
-    if let (Some(fingerprint), false) = (&recorded_ca, has_ca) {
-        return Err(StartError::CaLost { data_dir: dir.clone(), fingerprint: fingerprint.clone() });
-    }
-    let ca = match given_ca {
-        Some(ca) => ca,
-        None => load_or_create_ca(&config)?,
-    };
+    let (ca, recorded_ca) = crate::mesh_ca::choose(&config, &store, given_ca)?;
     if recorded_td.is_none() {
         store.set_trust_domain(config.trust_domain.as_str())?;
     }
-    let fingerprint = fingerprint_sha256(ca.root());
-    // A change of CA is taken only when given: without --ca-cert/--ca-key after a start with
-    // them, the data dir's own (older) ca.pem would quietly become the mesh's CA again.
-    if let Some(recorded) = recorded_ca.as_ref().filter(|r| config.ca_files.is_none() && **r != fingerprint) {
-        return Err(StartError::CaNotTheMeshs {
-            data_dir: dir.clone(),
-            recorded: recorded.clone(),
-            found: fingerprint,
-        });
-    }
-    if recorded_ca.as_deref() != Some(fingerprint.as_str()) {
-        if let Some(before) = &recorded_ca {
-            tracing::warn!(before = %before, now = %fingerprint, "the mesh's CA root changed; bundle.pem holds both roots");
-        }
-        store.set_ca_fingerprint(&fingerprint)?;
-    }
-    let bundle = write_bundle(dir, &ca)?;
+    let bundle = crate::mesh_ca::write_bundle(dir, &ca)?;
     let admin_token = load_or_create_admin_token(dir, recorded_ca.is_some())?;
     make_files_private(&config)?;
     let shared = Shared::load(Arc::new(store), bundle.clone())?;
@@ -285,7 +261,7 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     })
 }
 
-fn mismatch(config: &ControlConfig, what: &'static str, found: String) -> StartError {
+pub(crate) fn mismatch(config: &ControlConfig, what: &'static str, found: String) -> StartError {
     StartError::TrustDomainMismatch {
         data_dir: config.data_dir.clone(),
         what,
@@ -377,58 +353,6 @@ fn check_store_not_lost(dir: &Path) -> Result<(), StartError> {
         Some(found) if empty => Err(StartError::StoreLost { data_dir: dir.to_path_buf(), found }),
         _ => Ok(()),
     }
-}
-
-/// The CA given with `--ca-cert`/`--ca-key`, which must name the configured trust domain: one
-/// that names none, or another, would start and then fail every proxy and CLI call.
-fn load_given_ca(td: &TrustDomain, (cert, key): &(PathBuf, PathBuf)) -> Result<CertificateAuthority, StartError> {
-    let ca = CertificateAuthority::load(td, cert, key)?;
-    let problem = match ca_trust_domain(&ca) {
-        Some(found) if found == td.as_str() => return Ok(ca),
-        Some(found) => format!("it is the CA of trust domain {found}, not of --trust-domain {td}"),
-        None => "it names no trust domain".to_string(),
-    };
-    Err(StartError::CaTrustDomain { cert: cert.clone(), problem, configured: td.clone() })
-}
-
-fn load_or_create_ca(config: &ControlConfig) -> Result<CertificateAuthority, StartError> {
-    let td = &config.trust_domain;
-    let cert = config.data_dir.join(ca::CA_CERT_FILE);
-    let key = config.data_dir.join(ca::CA_KEY_FILE);
-    if cert.exists() || key.exists() {
-        let ca = CertificateAuthority::load(td, &cert, &key)?;
-        // A CA this control plane created names its trust domain in its URI SAN.
-        if let Some(found) = ca_trust_domain(&ca).filter(|found| found != td.as_str()) {
-            return Err(mismatch(config, "CA", found));
-        }
-        return Ok(ca);
-    }
-    let ca = CertificateAuthority::create_root(td, CA_LIFETIME)?;
-    ca.save(&config.data_dir)?;
-    tracing::info!(fingerprint = %fingerprint_sha256(ca.root()), "created a new CA");
-    Ok(ca)
-}
-
-/// The trust domain a CA certificate names in a path-less SPIFFE URI SAN, if it names one.
-fn ca_trust_domain(ca: &CertificateAuthority) -> Option<String> {
-    let info = trellis_identity::CertInfo::parse(ca.certificate()).ok()?;
-    info.uri_sans
-        .iter()
-        .filter_map(|uri| SpiffeId::parse(uri).ok())
-        .find(|id| id.path().is_empty())
-        .map(|id| id.trust_domain_str().to_string())
-}
-
-/// Keeps any roots already in `bundle.pem` (rotation overlap) and adds the current one.
-fn write_bundle(dir: &Path, ca: &CertificateAuthority) -> Result<TrustBundle, StartError> {
-    let path = dir.join(BUNDLE_FILE);
-    let bundle = match TrustBundle::load(&path) {
-        Ok(existing) => existing.with_root(ca.root().clone())?,
-        Err(_) => TrustBundle::new(vec![ca.root().clone()])?,
-    };
-    write_private(&path, bundle.to_pem().as_bytes(), 0o600)
-        .map_err(|error| StartError::DataDir { path: path.clone(), error })?;
-    Ok(bundle)
 }
 
 /// The admin token in the data dir, or a new one. `ran_before`: a store from an earlier start

@@ -77,15 +77,17 @@ impl Registry {
         Registry { version, endpoints, json }
     }
 
-    /// The workload at `ip:port`, or registered for the whole `ip`.
-    pub fn resolve(&self, ip: &str, port: u16) -> Option<&SpiffeId> {
-        self.endpoint(ip, port).map(|e| &e.spiffe_id)
+    /// The workload at `addr`, or registered for its whole IP.
+    pub fn resolve(&self, addr: std::net::SocketAddr) -> Option<&SpiffeId> {
+        self.endpoint(addr).map(|e| &e.spiffe_id)
     }
 
-    /// The registry entry that answers for `ip:port`: its own, or the whole `ip`'s.
-    pub fn endpoint(&self, ip: &str, port: u16) -> Option<&Endpoint> {
-        let exact = format!("{ip}:{port}");
-        self.endpoints.iter().find(|e| e.address == exact).or_else(|| self.endpoints.iter().find(|e| e.address == ip))
+    /// The registry entry that answers for `addr`: its own, or its whole IP's. Looked up in
+    /// the canonical text the registry stores (`[fd00::5]:80`; IPv4-mapped IPv6 as IPv4).
+    pub fn endpoint(&self, addr: std::net::SocketAddr) -> Option<&Endpoint> {
+        let ip = addr.ip().to_canonical();
+        let (exact, host) = (std::net::SocketAddr::new(ip, addr.port()).to_string(), ip.to_string());
+        self.endpoints.iter().find(|e| e.address == exact).or_else(|| self.endpoints.iter().find(|e| e.address == host))
     }
 }
 

@@ -482,7 +482,7 @@ impl Store {
     }
 
     /// Records that `addresses` are served by `id` as of now; returns the registry version
-    /// (bumped only when an address changed hands or is new). Every call refreshes `updated`,
+    /// (bumped only when an address changed hands, is new, or names another app port). Every call refreshes `updated`,
     /// which [`Store::expire_endpoints`] reads: proxies register at bootstrap and at each
     /// renewal. A refresh that changes no owner is committed without an fsync — losing it in
     /// a crash only makes the entry look one renewal older.

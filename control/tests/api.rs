@@ -26,7 +26,7 @@ async fn bootstrap_with_token_issues_svid_and_registers_addresses() {
     assert_eq!(svid.id(), &id(WEB));
     assert_eq!(resp.bundle_pem, plane.bundle().to_pem());
     let registry = plane.running.shared.registry.load();
-    assert_eq!(registry.resolve("10.1.2.3", 9999), Some(&id(WEB)));
+    assert_eq!(registry.resolve("10.1.2.3:9999".parse().unwrap()), Some(&id(WEB)));
 }
 
 /// A workload cannot take the address of another that keeps renewing it, from elsewhere:
@@ -49,8 +49,8 @@ async fn an_address_another_workload_holds_is_not_taken_over() {
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(msg.contains("10.9.9.9 is registered to spiffe://cluster.local/ns/shop/sa/db"), "{msg}");
     let registry = plane.running.shared.registry.load();
-    assert_eq!(registry.resolve("10.9.9.9", 5432), Some(&id(DB)));
-    assert_eq!(registry.resolve("10.6.6.6", 80), None, "refused whole");
+    assert_eq!(registry.resolve("10.9.9.9:5432".parse().unwrap()), Some(&id(DB)));
+    assert_eq!(registry.resolve("10.6.6.6:80".parse().unwrap()), None, "refused whole");
     // The token was not spent: without the address, it bootstraps.
     req.addresses = vec!["10.6.6.6".into()];
     plane.anonymous().bootstrap(&req).await.unwrap();
@@ -59,8 +59,8 @@ async fn an_address_another_workload_holds_is_not_taken_over() {
     let renewal = RenewRequest { csr_pem, addresses: vec!["10.9.9.9".into(), "10.6.6.7".into()] };
     plane.workload(EVIL).renew(&renewal).await.unwrap();
     let registry = plane.running.shared.registry.load();
-    assert_eq!(registry.resolve("10.9.9.9", 5432), Some(&id(DB)));
-    assert_eq!(registry.resolve("10.6.6.7", 80), Some(&id(EVIL)));
+    assert_eq!(registry.resolve("10.9.9.9:5432".parse().unwrap()), Some(&id(DB)));
+    assert_eq!(registry.resolve("10.6.6.7:80".parse().unwrap()), Some(&id(EVIL)));
 }
 
 /// Policy names are cluster-wide: a same-named policy from another namespace, or of another
@@ -331,10 +331,16 @@ async fn live_check_matches_policy_and_registry() {
     assert_eq!((r.resolved, r.decision["action"].as_str()), (Some(id(API)), Some("allow")));
     // A VM's listener (`--inbound 10.0.0.7:15006=127.0.0.1:8080`) is judged at the app's port,
     // as its sidecar judges the connections it hands on; at its own port it would be denied.
-    let vm = ["10.0.0.7:15006=8080".to_string(), "10.0.0.7:15007=9999".to_string()];
+    let vm = ["10.0.0.7:15006=8080", "10.0.0.7:15007=9999", "[fd00::7]:15006=8080"].map(String::from);
     plane.running.shared.store.register_endpoints(&id(API), &vm, &FROM_ITSELF).unwrap();
     plane.running.shared.reload_registry().unwrap();
-    for (listener, action) in [("10.0.0.7:15006", "allow"), ("10.0.0.7:15007", "deny")] {
+    // IPv6 and IPv4-mapped spellings find the same entries (the registry stores canonical text).
+    for (listener, action) in [
+        ("10.0.0.7:15006", "allow"),
+        ("10.0.0.7:15007", "deny"),
+        ("[::ffff:10.0.0.7]:15006", "allow"),
+        ("[fd00::7]:15006", "allow"),
+    ] {
         let req = CheckRequest { from: Some(id(WEB)), to_address: Some(listener.into()), ..Default::default() };
         let r = admin.check(&req).await.unwrap();
         assert_eq!((r.resolved, r.decision["action"].as_str()), (Some(id(API)), Some(action)), "{listener}");
@@ -561,10 +567,10 @@ async fn endpoints_nobody_renews_expire_from_the_registry() {
     shared.store.register_endpoints(&id(WEB), &["10.0.0.7".into()], &FROM_ITSELF).unwrap();
     shared.reload_registry().unwrap();
     let registered = shared.registry.load().version;
-    assert_eq!(shared.registry.load().resolve("10.0.0.9", 80), Some(&id(API)));
+    assert_eq!(shared.registry.load().resolve("10.0.0.9:80".parse().unwrap()), Some(&id(API)));
 
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while shared.registry.load().resolve("10.0.0.9", 80).is_some() {
+    while shared.registry.load().resolve("10.0.0.9:80".parse().unwrap()).is_some() {
         assert!(std::time::Instant::now() < deadline, "the stale endpoint never expired");
         // WEB keeps renewing, as a live proxy does.
         shared.store.register_endpoints(&id(WEB), &["10.0.0.7".into()], &FROM_ITSELF).unwrap();
@@ -572,6 +578,6 @@ async fn endpoints_nobody_renews_expire_from_the_registry() {
     }
     let registry = shared.registry.load();
     assert!(registry.version > registered, "watchers see a new registry version");
-    assert_eq!(registry.resolve("10.0.0.7", 80), Some(&id(WEB)));
+    assert_eq!(registry.resolve("10.0.0.7:80".parse().unwrap()), Some(&id(WEB)));
     running.shutdown().await;
 }

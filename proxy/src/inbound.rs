@@ -439,16 +439,14 @@ async fn forward_tcp(
     tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, error = ?t.error, "connection closed");
     let error = match t.error {
         Some(Failure { side: Side::Client, kind: std::io::ErrorKind::PermissionDenied }) => {
-            tracing::info!("{LATE_HTTP}; closed");
+            tracing::info!("{LATE_HTTP}; reset");
             Some(Cow::Owned(format!("late_http: {LATE_HTTP}")))
         }
         _ if t.cancelled => Some(Cow::Borrowed("revoked: a policy change ended this connection")),
-        // The app's reset (or broken connection) was passed on to the peer as a reset.
-        Some(f @ Failure { side: Side::Server, .. }) => Some(f.describe("app_failed", "the app")),
-        // The calling sidecar reset the tunnel, passing on its app's reset (or it failed);
-        // the app got a reset too.
-        Some(f) => Some(f.describe("peer_reset", "the calling sidecar")),
-        None => None,
+        // The app's reset (or broken connection) was passed on to the peer as a reset; or the
+        // calling sidecar reset the tunnel, passing on its app's reset (or it failed), and the
+        // app got a reset too.
+        _ => t.failure(("peer_reset", "the calling sidecar"), ("app_failed", "the app")),
     };
     (t, error)
 }

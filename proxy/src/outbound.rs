@@ -44,7 +44,7 @@ use crate::serve::{over_header_limit, request_header_list_size, serve_http};
 use crate::sniff::{Protocol, detect};
 use crate::state::{PeerProtocol, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, HttpConnSpan, Metered, Started, Verdict};
-use crate::tunnel::{Side, tunnel};
+use crate::tunnel::tunnel;
 use crate::upgrade::{UpgradeTarget, forward_upgrade};
 
 const EGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -206,10 +206,7 @@ async fn mesh_tcp(target: &ForwardToPeer, mut io: Prefixed<TcpStream>) -> ConnOu
     tracing::debug!(sent = t.sent, received = t.received, error = ?t.error, "tunnel closed");
     // Either way both connections were reset: the app's reset reached the peer's app, or
     // the peer's reset (its app's, or its own failure) reached the app.
-    let error = t.error.map(|f| match f.side {
-        Side::Client => f.describe("client_reset", "the calling app"),
-        Side::Server => f.describe("peer_reset", "the peer's sidecar"),
-    });
+    let error = t.failure(("client_reset", "the calling app"), ("peer_reset", "the peer's sidecar"));
     ConnOutcome { verdict: Verdict::Forwarded, sent: t.sent, received: t.received, error }
 }
 
@@ -492,10 +489,7 @@ async fn forward_egress(
     tracing::debug!(reason = %permit.decision(), "egress allowed");
     let t = tunnel(&mut tcp, &mut upstream, &tracked.cancel).await;
     tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, error = ?t.error, "egress tunnel closed");
-    let error = t.error.map(|f| match f.side {
-        Side::Client => f.describe("client_reset", "the calling app"),
-        Side::Server => f.describe("egress_failed", "the destination"),
-    });
+    let error = t.failure(("client_reset", "the calling app"), ("egress_failed", "the destination"));
     ConnOutcome { verdict, sent: t.sent, received: t.received, error }
 }
 

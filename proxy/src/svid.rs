@@ -144,7 +144,10 @@ fn addresses(state: &ProxyState) -> Vec<String> {
             None => ip.to_string(),
             Some(app) => format!("{}={}", std::net::SocketAddr::new(ip, spec.listen.port()), app.port()),
         };
-        if !out.contains(&entry) {
+        // Two listeners on one port (different listen IPs, one advertised IP) are one address
+        // to callers: the first one's app is registered.
+        let address = entry.split('=').next().unwrap_or_default();
+        if !out.iter().any(|e: &String| e.split('=').next() == Some(address)) {
             out.push(entry);
         }
     }

@@ -13,7 +13,8 @@
 //! working. A failure — a side reset its connection (`ECONNRESET`), or reading or writing it
 //! failed — ends both connections with a TCP reset (`SO_LINGER` 0, then close), never with a
 //! FIN: a client of a close-delimited protocol would take a FIN for the end of its data,
-//! and a reset is the only way to tell it the data was cut. Chained through two sidecars
+//! and a reset is the only way to tell it the data was cut (bytes not yet handed to a slow
+//! reader go with it, as with any reset). Chained through two sidecars
 //! (the tunnel between them is its own mTLS connection, reset the same way), an app's reset
 //! reaches the client as a reset, and a client's reset reaches the app. The tunnel reports
 //! which side failed ([`Failure`]) for the flow's span.
@@ -48,6 +49,17 @@ pub struct Transferred {
     /// bytes were still going to it); both connections were then reset. The counts stand
     /// either way.
     pub error: Option<Failure>,
+}
+
+impl Transferred {
+    /// The span error for a failure, by side: `(label, who)` for the connecting side and for
+    /// the side it connected to (see [`Failure::describe`]).
+    pub fn failure(&self, client: (&str, &str), server: (&str, &str)) -> Option<Cow<'static, str>> {
+        self.error.map(|f| match f.side {
+            Side::Client => f.describe(client.0, client.1),
+            Side::Server => f.describe(server.0, server.1),
+        })
+    }
 }
 
 /// One of a tunnel's two connections.

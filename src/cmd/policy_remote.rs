@@ -94,7 +94,7 @@ pub fn apply(args: &ApplyArgs) -> Result<ExitCode, ExitCode> {
         // committed the apply or not, and saying only "request failed" would suggest it did not.
         Ok(Err(e @ trellis_control::ClientError::Http(_))) => {
             return Err(fail(format_args!(
-                "{e}: the apply may or may not have been committed; `trellis policy list` shows the current version"
+                "{e}: if the request reached the control plane, the apply may have been committed; `trellis policy list` shows the current version"
             )));
         }
         Ok(Err(e)) => return Err(fail(e)),

@@ -340,9 +340,10 @@ pub type Shared<T> = Arc<T>;
 /// The first span in a `--trace-file` that `pred` accepts, waiting up to 5 s for it (a span is
 /// written when its flow ends, and exported every 100 ms).
 pub async fn wait_for_span(file: &Path, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(file).unwrap_or_default();
+        // A line still being written does not parse yet; it will on the next look.
         let spans = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
         if let Some(span) = spans.into_iter().find(|s| pred(s)) {
             return span;

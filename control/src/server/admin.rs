@@ -250,15 +250,14 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
                     .endpoints
                     .iter()
                     .filter_map(|e| SocketAddr::from_str(e).ok())
-                    .find_map(|e| registry.resolve(&e.ip().to_string(), e.port()).map(|id| (e, id.clone())))
+                    .find_map(|e| registry.resolve(e).map(|id| (e, id.clone())))
             };
-            let direct = registry.resolve(&addr.ip().to_string(), addr.port()).map(|id| (addr, id.clone()));
+            let direct = registry.resolve(addr).map(|id| (addr, id.clone()));
             match direct.or_else(service_endpoint) {
                 Some((at, to)) => {
                     // A VM's listener hands its connections to the app's port: judged there,
                     // as the sidecar judges them.
-                    let port = registry.endpoint(&at.ip().to_string(), at.port()).and_then(|e| e.app_port);
-                    let port = port.unwrap_or(at.port());
+                    let port = registry.endpoint(at).and_then(|e| e.app_port).unwrap_or(at.port());
                     judged_port = Some(port);
                     let flow = Flow { source: q.from.as_ref(), source_ip, destination: &to, port, http };
                     endpoint = (at != addr).then(|| at.to_string());

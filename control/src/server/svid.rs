@@ -20,7 +20,7 @@ use trellis_identity::{CsrError, SpiffeId};
 
 use super::{ApiError, ApiResult, Conn, Ctx, blocking, json, read_json, require_svid};
 use crate::api::{BootstrapRequest, RenewRequest, SvidResponse};
-use crate::store::{Actor, Claim, StoreError, now_unix};
+use crate::store::{Actor, Claim, StoreError, now_unix, split_app_port};
 use crate::tokens;
 
 pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult {
@@ -144,7 +144,7 @@ fn register_error(e: StoreError) -> ApiError {
 /// Addresses a workload can be reached at: one unicast IP, with or without a port; a port
 /// may name the app's port behind it (`ip:port=APP_PORT`, a VM's `--inbound LISTEN=APP`).
 fn check_addresses(addresses: &[String]) -> Result<Vec<String>, ApiError> {
-    addresses
+    let checked: Vec<String> = addresses
         .iter()
         .map(|a| {
             let Some((at, app_port)) = a.split_once('=') else { return check_address(a) };
@@ -156,7 +156,16 @@ fn check_addresses(addresses: &[String]) -> Result<Vec<String>, ApiError> {
             }
             Ok(format!("{}={app_port}", check_address(at)?))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    // One address, one app behind it: two would flip the entry (and the registry version)
+    // at every registration.
+    for (i, a) in checked.iter().enumerate() {
+        let (address, app_port) = split_app_port(a);
+        if checked[..i].iter().map(|b| split_app_port(b)).any(|(b, p)| b == address && p != app_port) {
+            return Err(ApiError::bad_request(format!("address {address:?} is given with two different app ports")));
+        }
+    }
+    Ok(checked)
 }
 
 /// One address in its canonical form, or why it cannot be a workload's.
@@ -217,6 +226,12 @@ mod tests {
         ] {
             let err = check_addresses(&[bad.to_string()]).unwrap_err();
             assert!(format!("{err:?}").contains(says), "{bad}: {err:?}");
+        }
+        let ok = ["[::1]:80=8080", "[::ffff:10.0.0.5]:15006=8080"].map(String::from);
+        assert_eq!(check_addresses(&ok).unwrap(), ["[::1]:80=8080", "10.0.0.5:15006=8080"]);
+        for twice in [["10.0.0.5:15006=8080", "10.0.0.5:15006=9090"], ["10.0.0.5:15006=8080", "10.0.0.5:15006"]] {
+            let err = check_addresses(&twice.map(String::from)).unwrap_err();
+            assert!(format!("{err:?}").contains("two different app ports"), "{err:?}");
         }
     }
 }

@@ -187,9 +187,13 @@ impl Transport {
                 // The usual mistake: a collector's OTLP/HTTP port given for the default gRPC.
                 let hint = "(sent as OTLP/gRPC; a collector's OTLP/HTTP endpoint, usually port 4318, needs --otlp-protocol http)";
                 r.map(|_| ()).map_err(|s| {
-                    let what = chain(&s);
-                    // Nothing answered: the protocol is not the question.
-                    if s.code() == tonic::Code::Unavailable && what.contains("connect") {
+                    // Status's own Display already names its source: its message, then the causes.
+                    let what = match std::error::Error::source(&s) {
+                        Some(cause) => format!("{}: {}", s.message(), chain(cause)),
+                        None => s.message().to_string(),
+                    };
+                    if unreachable(&s) {
+                        // Nothing answered: the protocol is not the question.
                         format!("cannot connect to the collector: {what}")
                     } else {
                         format!("gRPC {:?}: {what} {hint}", s.code())
@@ -214,6 +218,25 @@ impl Transport {
             }
         }
     }
+}
+
+/// Whether `e` (or a cause of it) is a connection that could not be made: refused, timed out,
+/// no route — as opposed to one that was made and then failed.
+fn unreachable(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::{AddrNotAvailable, ConnectionRefused, HostUnreachable, NetworkUnreachable, TimedOut};
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable | AddrNotAvailable
+            )
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// An error with its causes (`client error (Connect): tcp connect error: Connection refused`):

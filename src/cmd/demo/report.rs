@@ -238,29 +238,44 @@ pub fn try_it(mesh: &Mesh) {
 }
 
 /// What the sidecars' exporters say became of the spans (`/metrics`): exported, or failed to
-/// reach the collector — said as it is, not assumed. The exporters send every 100 ms; a
-/// collector that does not answer is given their 5 s export timeout.
+/// reach the collector — said as it is, not assumed. Waits until every sidecar has tried
+/// (exporters send every 100 ms; a collector that does not answer gets their 5 s export
+/// timeout). True if the collector took spans; some failing as well is said as a warning.
 async fn exported(mesh: &Mesh, url: &str) -> bool {
-    let count = |name: &str| -> f64 { mesh.sidecars.iter().filter_map(|s| metric(s.admin, name)).sum() };
-    let (mut done, mut failed) = (0.0, 0.0);
-    for _ in 0..120 {
-        (done, failed) = (count("trellis_spans_exported_total"), count(EXPORT_FAILED));
-        if done > 0.0 || failed > 0.0 {
+    let sidecars: Vec<SocketAddr> = mesh.sidecars.iter().map(|s| s.admin).collect();
+    let mut counts = Vec::new();
+    for _ in 0..140 {
+        let admins = sidecars.clone();
+        // Blocking reads of each admin port, off the runtime's workers.
+        counts = tokio::task::spawn_blocking(move || {
+            admins.iter().map(|a| (metric(*a, "trellis_spans_exported_total"), metric(*a, EXPORT_FAILED))).collect()
+        })
+        .await
+        .unwrap_or_default();
+        let tried = |(done, failed): &(Option<f64>, Option<f64>)| done.unwrap_or(0.0) + failed.unwrap_or(0.0) > 0.0;
+        if counts.len() == sidecars.len() && counts.iter().all(tried) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if failed == 0.0 && done > 0.0 {
+    let done: f64 = counts.iter().filter_map(|c| c.0).sum();
+    let failed: f64 = counts.iter().filter_map(|c| c.1).sum();
+    if done > 0.0 && failed == 0.0 {
         say!(
             "Traces: every flow above, allowed or denied, was exported as OpenTelemetry spans to {url} ({done} spans)."
         );
-        return true;
+    } else if done > 0.0 {
+        say!(
+            "Traces: {done} spans were exported to {url}, but {failed} failed to ({EXPORT_FAILED} in each \
+             sidecar's /metrics; each sidecar's log says why)."
+        );
+    } else {
+        say!(
+            "Traces: the collector at {url} did not take the spans ({failed} failed: {EXPORT_FAILED} in each \
+             sidecar's /metrics; each sidecar's log says why)."
+        );
     }
-    say!(
-        "Traces: the collector at {url} did not take the spans ({done} exported, {failed} failed: \
-         {EXPORT_FAILED} in each sidecar's /metrics; each sidecar's log says why)."
-    );
-    false
+    done > 0.0
 }
 
 const EXPORT_FAILED: &str = "trellis_spans_dropped_total{reason=\"export_failed\"}";
@@ -268,20 +283,21 @@ const EXPORT_FAILED: &str = "trellis_spans_dropped_total{reason=\"export_failed\
 /// The value of the sample `name` (with its labels, as the exposition writes them) on an
 /// admin listener's `/metrics`.
 fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
+    let text = admin_get(addr, "/metrics")?;
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
 }
 
 /// The status of a plain `GET` on an admin listener.
 pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    admin_get(addr, path)?.get(9..12)?.parse().ok()
+}
+
+/// A plain `GET` on an admin listener: the whole answer, head and body.
+fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text)
 }
