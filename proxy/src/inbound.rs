@@ -524,7 +524,7 @@ async fn forward_http(
     // its own straight to this port may, over HTTP/1.1 or HTTP/2 (h2 reads up to
     // `H2_SERVER_HEADER_LIST`, so such a request gets here, to be refused with a span).
     if over_header_limit(request_header_list_size(&req)) {
-        tracing::info!("request refused: its header block is over the limit");
+        tracing::debug!("request refused: its header block is over the limit");
         return header_too_large(req.version());
     }
     if let Exchange::WebSocket(conn) = exchange {

@@ -326,6 +326,10 @@ impl ForwardToPeer {
         // Only WebSocket is carried as an upgrade; any other offer (h2c) goes on below as an
         // ordinary request, its Upgrade, HTTP2-Settings and Connection removed as hop-by-hop.
         if is_websocket_upgrade(&req) {
+            if over_header_limit(request_header_list_size(&req)) {
+                tracing::debug!("upgrade refused: its header block is over the limit");
+                return failed(header_too_large(req.version()));
+            }
             let target = UpgradeTarget::Peer { state: self.state.clone(), addr, id };
             // Boxed so the rare upgrade does not size (and slow) every request's future. The
             // peer's inbound holds the revocable registration; its close ends this side too.
@@ -357,7 +361,8 @@ impl ForwardToPeer {
         // (one more `traceparent` if this side, its telemetry off, sent none: then the peer's
         // 431 below).
         if over_header_limit(request_header_list_size(&req)) {
-            tracing::info!("request refused: its header block is over the limit");
+            // Debug, not info: a client could fill the log with these at will.
+            tracing::debug!("request refused: its header block is over the limit");
             return failed(header_too_large(client));
         }
         let resp = match self.send(req, addr, &id).await {
