@@ -41,12 +41,15 @@ fn parse_log_filter(s: &str) -> Result<tracing_subscriber::filter::Targets, Stri
     if directives.is_empty() {
         return Err(format!("no level given; one of {}, optionally with crate=level", LEVELS.join(", ")));
     }
+    let is_level = |l: &str| LEVELS.iter().any(|level| level.eq_ignore_ascii_case(l));
     for directive in &directives {
-        if !directive.contains('=') && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) {
-            return Err(format!(
-                "{directive:?} is not a level ({}); a crate's own level is written crate=level",
-                LEVELS.join(", ")
-            ));
+        // `crate=` would be read as errors only for that crate, `=debug` as every crate.
+        let ok = match directive.split_once('=') {
+            Some((target, level)) => !target.is_empty() && is_level(level),
+            None => is_level(directive),
+        };
+        if !ok {
+            return Err(format!("{directive:?} is not a level ({}) or crate=level", LEVELS.join(", ")));
         }
     }
     directives.join(",").parse().map_err(|e| format!("{e}"))
@@ -104,7 +107,7 @@ mod tests {
         assert!(f.would_enable("trellis_proxy", &tracing::Level::DEBUG));
         assert!(!f.would_enable("hyper", &tracing::Level::INFO));
         assert_eq!(parse_log_filter("OFF").unwrap().default_level(), Some(LevelFilter::OFF));
-        for bad in ["", " , ", "inf", "warn,nonsense"] {
+        for bad in ["", " , ", "inf", "warn,nonsense", "trellis_proxy=", "=debug", "trellis_proxy=loud"] {
             assert!(parse_log_filter(bad).is_err(), "{bad:?}");
         }
     }

@@ -59,7 +59,7 @@ pub(crate) fn given(td: &TrustDomain, (cert, key): &(PathBuf, PathBuf)) -> Resul
     let problem = match ca_trust_domain(&ca) {
         Some(found) if found == td.as_str() => return Ok(ca),
         Some(found) => format!("it is the CA of trust domain {found}, not of --trust-domain {td}"),
-        None => "it names no trust domain".to_string(),
+        None => "its root (the last certificate, which bundle.pem carries) names no trust domain".to_string(),
     };
     Err(StartError::CaTrustDomain { cert: cert.clone(), problem, configured: td.clone() })
 }

@@ -466,13 +466,28 @@ async fn a_given_ca_must_be_the_meshs_and_is_not_dropped_silently() {
     params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
     let plain = files.path().join("plain");
     std::fs::create_dir(&plain).unwrap();
-    std::fs::write(plain.join("ca.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
+    let plain_root = params.self_signed(&key).unwrap();
+    std::fs::write(plain.join("ca.pem"), plain_root.pem()).unwrap();
     std::fs::write(plain.join("ca-key.pem"), key.serialize_pem()).unwrap();
+    // An intermediate that names the trust domain under that root: the root is what goes
+    // into bundle.pem, and it names none — refused as well.
+    let inter_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut inter = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    inter.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    inter.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    inter.subject_alt_names = vec![rcgen::SanType::URI("spiffe://cluster.local".try_into().unwrap())];
+    let issuer = rcgen::Issuer::new(params, key);
+    let inter_cert = inter.signed_by(&inter_key, &issuer).unwrap();
+    let chained = files.path().join("chained");
+    std::fs::create_dir(&chained).unwrap();
+    std::fs::write(chained.join("ca.pem"), format!("{}{}", inter_cert.pem(), plain_root.pem())).unwrap();
+    std::fs::write(chained.join("ca-key.pem"), inter_key.serialize_pem()).unwrap();
     let data = tempfile::tempdir().unwrap();
     let fresh = data.path().join("data");
     for (ca, says) in [
         (foreign, "trust domain other.td"),
         ((plain.join("ca.pem"), plain.join("ca-key.pem")), "names no trust domain"),
+        ((chained.join("ca.pem"), chained.join("ca-key.pem")), "names no trust domain"),
     ] {
         let config = ControlConfig { ca_files: Some(ca), ..config(&fresh) };
         let err = trellis_control::start(config, Hooks::default()).await.unwrap_err().to_string();

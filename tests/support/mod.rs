@@ -337,7 +337,7 @@ pub async fn get(
 
 pub type Shared<T> = Arc<T>;
 
-/// The first span in a `--trace-file` that `pred` accepts, waiting up to 5 s for it (a span is
+/// The first span in a `--trace-file` that `pred` accepts, waiting up to 10 s for it (a span is
 /// written when its flow ends, and exported every 100 ms).
 pub async fn wait_for_span(file: &Path, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -144,6 +144,13 @@ fn register_error(e: StoreError) -> ApiError {
 /// Addresses a workload can be reached at: one unicast IP, with or without a port; a port
 /// may name the app's port behind it (`ip:port=APP_PORT`, a VM's `--inbound LISTEN=APP`).
 fn check_addresses(addresses: &[String]) -> Result<Vec<String>, ApiError> {
+    // Read before any token is checked: bounded, and checked in one pass.
+    if addresses.len() > MAX_ADDRESSES {
+        return Err(ApiError::bad_request(format!(
+            "{} addresses; a workload registers at most {MAX_ADDRESSES}",
+            addresses.len()
+        )));
+    }
     let checked: Vec<String> = addresses
         .iter()
         .map(|a| {
@@ -159,14 +166,18 @@ fn check_addresses(addresses: &[String]) -> Result<Vec<String>, ApiError> {
         .collect::<Result<_, _>>()?;
     // One address, one app behind it: two would flip the entry (and the registry version)
     // at every registration.
-    for (i, a) in checked.iter().enumerate() {
+    let mut seen = std::collections::HashMap::new();
+    for a in &checked {
         let (address, app_port) = split_app_port(a);
-        if checked[..i].iter().map(|b| split_app_port(b)).any(|(b, p)| b == address && p != app_port) {
+        if seen.insert(address, app_port).is_some_and(|before| before != app_port) {
             return Err(ApiError::bad_request(format!("address {address:?} is given with two different app ports")));
         }
     }
     Ok(checked)
 }
+
+/// Addresses one registration may name: a pod has one IP, a VM a listener or a few per app.
+const MAX_ADDRESSES: usize = 256;
 
 /// One address in its canonical form, or why it cannot be a workload's.
 fn check_address(a: &str) -> Result<String, ApiError> {
@@ -229,6 +240,9 @@ mod tests {
         }
         let ok = ["[::1]:80=8080", "[::ffff:10.0.0.5]:15006=8080"].map(String::from);
         assert_eq!(check_addresses(&ok).unwrap(), ["[::1]:80=8080", "10.0.0.5:15006=8080"]);
+        let many: Vec<String> =
+            (0..=super::MAX_ADDRESSES).map(|i| format!("10.0.{}.{}", i / 250, i % 250 + 1)).collect();
+        assert!(format!("{:?}", check_addresses(&many).unwrap_err()).contains("at most 256"));
         for twice in [["10.0.0.5:15006=8080", "10.0.0.5:15006=9090"], ["10.0.0.5:15006=8080", "10.0.0.5:15006"]] {
             let err = check_addresses(&twice.map(String::from)).unwrap_err();
             assert!(format!("{err:?}").contains("two different app ports"), "{err:?}");

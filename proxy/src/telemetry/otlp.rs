@@ -181,18 +181,17 @@ impl Transport {
     pub async fn send(&mut self, body: Bytes) -> Result<(), String> {
         match self {
             Transport::Grpc(grpc) => {
-                grpc.ready().await.map_err(|e| format!("cannot reach the collector: {}", chain(&e)))?;
+                grpc.ready().await.map_err(|e| {
+                    format!("cannot reach the collector: {}", chain_from(e.to_string(), std::error::Error::source(&e)))
+                })?;
                 let path = http::uri::PathAndQuery::from_static(GRPC_PATH);
                 let r = grpc.unary(tonic::Request::new(body), path, RawCodec).await;
                 // The usual mistake: a collector's OTLP/HTTP port given for the default gRPC.
                 let hint = "(sent as OTLP/gRPC; a collector's OTLP/HTTP endpoint, usually port 4318, needs --otlp-protocol http)";
                 r.map(|_| ()).map_err(|s| {
                     // Status's own Display already names its source: its message, then the causes.
-                    let what = match std::error::Error::source(&s) {
-                        Some(cause) => format!("{}: {}", s.message(), chain(cause)),
-                        None => s.message().to_string(),
-                    };
-                    if unreachable(&s) {
+                    let what = chain_from(s.message().to_string(), std::error::Error::source(&s));
+                    if never_connected(&s) {
                         // Nothing answered: the protocol is not the question.
                         format!("cannot connect to the collector: {what}")
                     } else {
@@ -206,10 +205,13 @@ impl Transport {
                     .body(Full::new(body))
                     .map_err(|e| e.to_string())?;
                 let hint = "(sent as OTLP/HTTP; a collector's OTLP/gRPC endpoint, usually port 4317, needs --otlp-protocol grpc)";
-                let resp = client.request(req).await.map_err(|e| match e.is_connect() {
-                    // Nothing answered: the protocol is not the question.
-                    true => format!("cannot connect to the collector at {url}: {}", chain(&e)),
-                    false => format!("{} {hint}", chain(&e)),
+                let resp = client.request(req).await.map_err(|e| {
+                    let what = chain_from(e.to_string(), std::error::Error::source(&e));
+                    match e.is_connect() {
+                        // Nothing answered: the protocol is not the question.
+                        true => format!("cannot connect to the collector at {url}: {what}"),
+                        false => format!("{what} {hint}"),
+                    }
                 })?;
                 let status = resp.status();
                 // Read the (small) answer so the connection is reused.
@@ -220,18 +222,12 @@ impl Transport {
     }
 }
 
-/// Whether `e` (or a cause of it) is a connection that could not be made: refused, timed out,
-/// no route — as opposed to one that was made and then failed.
-fn unreachable(e: &(dyn std::error::Error + 'static)) -> bool {
-    use std::io::ErrorKind::{AddrNotAvailable, ConnectionRefused, HostUnreachable, NetworkUnreachable, TimedOut};
+/// Whether a gRPC export failed for want of a connection (refused, timed out, no address):
+/// tonic wraps exactly those in a `ConnectError`, unlike a connection made and then lost.
+fn never_connected(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(e);
     while let Some(err) = next {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable | AddrNotAvailable
-            )
-        {
+        if err.is::<tonic::ConnectError>() {
             return true;
         }
         next = err.source();
@@ -239,17 +235,20 @@ fn unreachable(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`):
-/// hyper's own message alone does not say what failed.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
+/// `first`, then the causes from `source` on (`client error (Connect): tcp connect error:
+/// Connection refused`): hyper's and tonic's own messages alone do not say what failed. A
+/// cause whose text was already said (layers that display their inner error, or share its
+/// message) is left out.
+fn chain_from(first: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut said = vec![first];
     while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if !said.contains(&text) {
+            said.push(text);
+        }
         source = cause.source();
     }
-    out
+    said.join(": ")
 }
 
 /// OTLP/HTTP posts traces to `/v1/traces` under the collector's base URL.
