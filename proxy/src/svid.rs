@@ -5,6 +5,7 @@
 //! mode 0600). A renewal that fails keeps the current SVID in place and retries with
 //! backoff; only a new SVID in hand replaces it.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,7 +17,7 @@ use trellis_identity::verify::SpiffeClientVerifier;
 use trellis_identity::{Svid, TrustBundle, VerifyError, WorkloadKey};
 
 use crate::ProxyError;
-use crate::config::Attestation;
+use crate::config::{Attestation, InboundSpec};
 use crate::state::ProxyState;
 
 const SVID_FILE: &str = "svid.pem";
@@ -136,18 +137,25 @@ fn into_svid(key: WorkloadKey, resp: &SvidResponse) -> Result<Svid, ClientError>
 /// listeners, `ip:port=APP_PORT` for explicit ones (callers connect to the listener; policy
 /// judges the connection at the app's port, and so must the control plane's `policy check`).
 fn addresses(state: &ProxyState) -> Vec<String> {
-    let mut out = Vec::new();
-    for spec in &state.config.inbound {
-        let ip = state.config.advertise_ip.or_else(|| (!spec.listen.ip().is_unspecified()).then(|| spec.listen.ip()));
+    registrations(&state.config.inbound, state.config.advertise_ip)
+}
+
+/// [`addresses`], from the inbound listeners and the advertised IP. Two listeners on one port
+/// (different listen IPs, one advertised IP) are one address to callers: the one they reach —
+/// listening on the advertised IP or on every address — is registered, not a loopback one.
+fn registrations(inbound: &[InboundSpec], advertise_ip: Option<IpAddr>) -> Vec<String> {
+    let reached = |spec: &&InboundSpec| spec.listen.ip().is_unspecified() || Some(spec.listen.ip()) == advertise_ip;
+    let (first, rest): (Vec<&InboundSpec>, Vec<&InboundSpec>) = inbound.iter().partition(reached);
+    let mut out: Vec<String> = Vec::new();
+    for spec in first.into_iter().chain(rest) {
+        let ip = advertise_ip.or_else(|| (!spec.listen.ip().is_unspecified()).then(|| spec.listen.ip()));
         let Some(ip) = ip else { continue };
         let entry = match spec.app {
             None => ip.to_string(),
             Some(app) => format!("{}={}", std::net::SocketAddr::new(ip, spec.listen.port()), app.port()),
         };
-        // Two listeners on one port (different listen IPs, one advertised IP) are one address
-        // to callers: the first one's app is registered.
         let address = entry.split('=').next().unwrap_or_default();
-        if !out.iter().any(|e: &String| e.split('=').next() == Some(address)) {
+        if !out.iter().any(|e| e.split('=').next() == Some(address)) {
             out.push(entry);
         }
     }
@@ -304,4 +312,27 @@ impl Backoff {
 /// A time as log fields show it: seconds since the epoch (`SystemTime`'s `Debug` is a struct).
 fn unix_seconds(t: std::time::SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_listener_is_registered_once_as_callers_reach_it() {
+        let spec = |listen: &str, app: Option<&str>| InboundSpec {
+            listen: listen.parse().unwrap(),
+            app: app.map(|a| a.parse().unwrap()),
+        };
+        let inbound = [
+            spec("127.0.0.1:9000", Some("127.0.0.1:1111")),
+            spec("0.0.0.0:9000", Some("127.0.0.1:8080")),
+            spec("0.0.0.0:15006", None),
+            spec("127.0.0.1:9001", Some("127.0.0.1:9090")),
+        ];
+        let ip = "10.0.0.5".parse().ok();
+        assert_eq!(registrations(&inbound, ip), ["10.0.0.5:9000=8080", "10.0.0.5", "10.0.0.5:9001=9090"]);
+        // No advertised IP: a listener on every address names no address of its own.
+        assert_eq!(registrations(&inbound, None), ["127.0.0.1:9000=1111", "127.0.0.1:9001=9090"]);
+    }
 }

@@ -239,6 +239,8 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
         (None, None, Some(addr)) => {
             let addr = SocketAddr::from_str(addr)
                 .map_err(|_| ApiError::bad_request(format!("to_address {addr:?} is not ip:port")))?;
+            // One spelling per host, as the registry and the Service table store them.
+            let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
             let registry = ctx.shared.registry.load();
             // A Service's address is judged as a call to its first endpoint in the mesh is: the
             // endpoint's identity, at the port it listens on.

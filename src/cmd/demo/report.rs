@@ -248,7 +248,8 @@ async fn exported(mesh: &Mesh, url: &str) -> bool {
         let admins = sidecars.clone();
         // Blocking reads of each admin port, off the runtime's workers.
         counts = tokio::task::spawn_blocking(move || {
-            admins.iter().map(|a| (metric(*a, "trellis_spans_exported_total"), metric(*a, EXPORT_FAILED))).collect()
+            let both = |text: String| (metric(&text, "trellis_spans_exported_total"), metric(&text, EXPORT_FAILED));
+            admins.iter().map(|a| admin_get(*a, "/metrics").map(both).unwrap_or_default()).collect()
         })
         .await
         .unwrap_or_default();
@@ -280,10 +281,9 @@ async fn exported(mesh: &Mesh, url: &str) -> bool {
 
 const EXPORT_FAILED: &str = "trellis_spans_dropped_total{reason=\"export_failed\"}";
 
-/// The value of the sample `name` (with its labels, as the exposition writes them) on an
-/// admin listener's `/metrics`.
-fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let text = admin_get(addr, "/metrics")?;
+/// The value of the sample `name` (with its labels, as the exposition writes them) in an
+/// admin listener's `/metrics` answer.
+fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
 }
 
