@@ -232,6 +232,12 @@ fn a_zero_header_timeout_is_refused() {
         .unwrap();
     assert_refused(&out, Some(2), "--header-timeout");
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing created");
+    // The proxy's too, and its other timeouts are bounded (a typo like 9999999999d is refused).
+    for (flag, value) in [("--header-timeout", "0"), ("--detect-timeout", "9999999999d"), ("--drain-timeout", "2h")] {
+        let out =
+            trellis().args(["proxy", "run", "--token", "t", "--ca-bundle", "/dev/null", flag, value]).output().unwrap();
+        assert_refused(&out, Some(2), flag);
+    }
 }
 
 /// What a proxy would refuse at startup (and crash-loop on) is refused where it is written:
@@ -275,4 +281,19 @@ fn injection_settings_a_proxy_would_refuse_are_refused_up_front() {
         assert_refused(&out, None, says);
         assert!(!data.exists(), "{flag} {value:?}: a refused start left the data dir");
     }
+}
+
+/// A route requiring an identity from another trust domain could never be satisfied by any
+/// peer: refused at start, before anything is asked of the control plane.
+#[test]
+fn a_route_to_another_trust_domain_is_refused_at_start() {
+    let bundle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("control/tests/fixtures/inject/bundle.pem");
+    let out = trellis()
+        .args(["proxy", "run", "--token", "t", "--admin", "127.0.0.1:0", "--control", "https://127.0.0.1:9"])
+        .arg("--ca-bundle")
+        .arg(&bundle)
+        .args(["--route", "127.0.0.1:0=127.0.0.1:1,spiffe://other.td/ns/a/sa/b"])
+        .output()
+        .unwrap();
+    assert_refused(&out, None, "is in trust domain other.td, but this mesh's (the CA bundle's) is cluster.local");
 }

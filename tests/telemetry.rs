@@ -235,6 +235,9 @@ async fn otlp_grpc_spans_for_allowed_denied_audit_and_refused_flows() {
         .await;
     assert_eq!((out.kind, out.str("trellis.protocol")), (CLIENT, "tcp"));
     assert_ids(&out, WEB, API);
+    // The peer denied it and closed cleanly (it had read what the client sent first): not a
+    // reset, not a failure on this side.
+    assert_eq!((out.str("error.type"), out.status_code), ("", 0), "{out:?}");
 
     // Refused at the TLS handshake: no client certificate.
     no_cert_handshake(&m).await;

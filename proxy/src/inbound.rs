@@ -378,6 +378,24 @@ impl ConnCtx {
     }
 }
 
+/// After a denied connection is shut down: what the caller had already sent is read and
+/// dropped (at most 256 KiB, for at most a second), so that closing it is a FIN rather than a
+/// TCP reset — which the calling sidecar would pass on to its app as a reset and record as a
+/// failure, when the connection was only denied. (nginx's lingering close, for the same reason.)
+async fn linger(io: &mut PeerIo) {
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut left = 256 * 1024usize;
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(io, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
 /// One L4 decision, then a byte tunnel to the app; the connection's span records both.
 async fn tcp_stage(ctx: Arc<ConnCtx>, mut io: PeerIo, unsniffed: bool) {
     let view = ctx.state.policy.load();
@@ -388,6 +406,7 @@ async fn tcp_stage(ctx: Arc<ConnCtx>, mut io: PeerIo, unsniffed: bool) {
             ctx.state.metrics.flow("inbound", "deny", "tcp");
             tracing::info!(reason = %denial, "connection denied");
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+            linger(&mut io).await;
             let verdict = denial.verdict();
             ctx.record(ConnOutcome::empty(verdict, None));
             return;

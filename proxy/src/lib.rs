@@ -76,6 +76,12 @@ pub enum ProxyError {
     Tls(#[from] trellis_identity::TlsError),
     #[error("telemetry")]
     Telemetry(#[from] telemetry::TelemetryError),
+    /// A route requires an identity the mesh's CA can never vouch for.
+    #[error(
+        "--route {listen}: {identity} is in trust domain {route_td}, but this mesh's (the CA bundle's) is {mesh_td}: \
+         no peer could ever prove it"
+    )]
+    ForeignRoute { listen: SocketAddr, identity: String, route_td: String, mesh_td: String },
 }
 
 /// The control-plane client for `bundle`. A bundle whose root carries no SPIFFE URI SAN
@@ -132,6 +138,17 @@ async fn bind_all(config: &ProxyConfig) -> Result<Listeners, ProxyError> {
 pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
     // The identity crate's message already starts "trust bundle: ...".
     let bundle = TrustBundle::from_pem(config.bundle_pem.as_bytes()).map_err(|e| ProxyError::Bundle(e.to_string()))?;
+    if let Some(mesh) = bundle.trust_domain() {
+        let foreign = config.routes.iter().find(|r| r.identity.trust_domain_str() != mesh.as_str());
+        if let Some(r) = foreign {
+            return Err(ProxyError::ForeignRoute {
+                listen: r.listen,
+                identity: r.identity.to_string(),
+                route_td: r.identity.trust_domain_str().to_string(),
+                mesh_td: mesh.to_string(),
+            });
+        }
+    }
     let listeners = bind_all(&config).await?;
     let anon = control_client(&config, &bundle, None)?;
     let creds = CredentialStore::new();

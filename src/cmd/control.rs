@@ -10,7 +10,7 @@ use trellis_control::server::Hooks;
 use trellis_control::{ControlConfig, start};
 use trellis_identity::TrustDomain;
 
-use super::remote::{DEFAULT_DATA_DIR, parse_duration};
+use super::remote::{DEFAULT_DATA_DIR, parse_duration, parse_header_timeout};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ControlCommand {
@@ -67,14 +67,6 @@ pub struct RunArgs {
     /// Control plane URL the injected proxies use.
     #[arg(long, env = "TRELLIS_INJECT_CONTROL", default_value = "https://trellis-control.trellis-system.svc:7443")]
     pub inject_control: String,
-}
-
-/// A zero timeout would close every connection before its first request.
-fn parse_header_timeout(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.is_zero() => Err(format!("{s:?}: every client would be cut off before its first request; at least 1ms")),
-        d => Ok(d),
-    }
 }
 
 pub fn run(cmd: ControlCommand) -> ExitCode {

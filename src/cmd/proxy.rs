@@ -16,7 +16,7 @@ use trellis_proxy::config::{
 use trellis_proxy::probes::AppProbes;
 use trellis_proxy::telemetry::{FlowLogTarget, OtlpProtocol, TelemetryConfig};
 
-use super::remote::{DEFAULT_CONTROL, parse_duration};
+use super::remote::{DEFAULT_CONTROL, parse_duration_within, parse_header_timeout};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ProxyCommand {
@@ -80,14 +80,15 @@ pub struct RunArgs {
     /// Keep the SVID here across restarts (a join token works only once).
     #[arg(long, env = "TRELLIS_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// How long to wait for a client's first bytes before treating it as opaque TCP.
-    #[arg(long, env = "TRELLIS_DETECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    /// How long to wait for a client's first bytes before treating it as opaque TCP
+    /// (1ms to 1m: sniffing is meant to be short).
+    #[arg(long, env = "TRELLIS_DETECT_TIMEOUT", default_value = "1s", value_parser = parse_detect_timeout)]
     detect_timeout: Duration,
-    /// How long in-flight requests get to finish after SIGTERM.
-    #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    /// How long in-flight requests get to finish after SIGTERM (0 to 1h).
+    #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_drain_timeout)]
     drain_timeout: Duration,
-    /// How long a client may take to send a request's headers (slowloris guard).
-    #[arg(long, env = "TRELLIS_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    /// How long a client may take to send a request's headers (slowloris guard; 1ms to 1h).
+    #[arg(long, env = "TRELLIS_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_header_timeout)]
     header_timeout: Duration,
     /// OTLP collector to send spans to (plaintext), e.g. http://127.0.0.1:4317 for gRPC or
     /// http://127.0.0.1:4318 for HTTP (spans are posted to <URL>/v1/traces).
@@ -238,6 +239,19 @@ fn run_proxy(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+fn parse_detect_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration_within(
+        s,
+        Duration::from_millis(1),
+        Duration::from_secs(60),
+        "protocol sniffing is meant to be short",
+    )
+}
+
+fn parse_drain_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration_within(s, Duration::ZERO, Duration::from_secs(3600), "time in-flight work gets after SIGTERM")
+}
+
 /// No listener named at all is transparent capture (`trellis proxy init`'s rules): both of the
 /// ports those rules redirect to. Naming any listener (a VM) binds only what is named.
 fn listeners(
@@ -255,6 +269,16 @@ fn listeners(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_are_bounded() {
+        assert_eq!(parse_detect_timeout("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_drain_timeout("0"), Ok(Duration::ZERO));
+        for bad in [parse_detect_timeout("0"), parse_detect_timeout("9999999999d"), parse_drain_timeout("2h")] {
+            assert!(bad.unwrap_err().contains("is outside"));
+        }
+        assert!(parse_header_timeout("0").unwrap_err().contains("is outside 1ms..=1h"));
+    }
 
     #[test]
     fn transparent_capture_gets_both_default_listeners_and_a_vm_only_what_it_names() {

@@ -123,3 +123,31 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     }
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s, 15m or 1h: {e}"))
 }
+
+/// A duration within `min..=max`; outside it, the message says the bounds and `why` they are
+/// there (a typo like `9999999999d` would otherwise be taken as it stands).
+pub fn parse_duration_within(
+    s: &str,
+    min: std::time::Duration,
+    max: std::time::Duration,
+    why: &str,
+) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        let show = |d: std::time::Duration| humantime::format_duration(d).to_string();
+        return Err(format!("{s:?} is outside {}..={} ({why})", show(min), show(max)));
+    }
+    Ok(d)
+}
+
+/// The slowloris guard, for the control plane and the proxy: zero would cut every client off
+/// before its first request.
+pub fn parse_header_timeout(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    parse_duration_within(
+        s,
+        Duration::from_millis(1),
+        Duration::from_secs(3600),
+        "time a client has for its request headers",
+    )
+}

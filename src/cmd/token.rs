@@ -19,8 +19,8 @@ pub struct CreateArgs {
     /// The identity the token bootstraps, e.g. spiffe://cluster.local/ns/prod/sa/api.
     #[arg(long, env = "TRELLIS_SPIFFE_ID", value_parser = SpiffeId::parse)]
     pub spiffe_id: SpiffeId,
-    /// How long the token stays usable: whole seconds, at least 1s (30s, 15m, 1h; a bare
-    /// number is seconds).
+    /// How long the token stays usable: whole seconds, from 1s to 30 days (30s, 15m, 1h, 7d;
+    /// a bare number is seconds; `M` is months, minutes are `m`).
     #[arg(long, env = "TRELLIS_TOKEN_TTL", default_value = "15m", value_parser = parse_ttl)]
     pub ttl: Duration,
     #[command(flatten)]
