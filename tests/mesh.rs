@@ -920,7 +920,15 @@ fn a_restart_from_the_state_dir_registers_its_addresses_at_once() {
         ]
     };
     drop(Sidecar::start(&control, API, &args("127.0.0.2")));
-    let _restarted = Sidecar::start(&control, API, &args("127.0.0.3"));
+    let restarted = Sidecar::start(&control, API, &args("127.0.0.3"));
+    // /config shows the effective settings, these included.
+    let config = restarted.config();
+    assert_eq!(config["advertise_ip"], "127.0.0.3", "{config}");
+    assert_eq!(config["state_dir"], state.path().display().to_string(), "{config}");
+    assert_eq!(
+        (config["header_timeout_ms"].as_u64(), config["attestation"].as_str()),
+        (Some(10_000), Some("join_token"))
+    );
     let check = |ip: &str| {
         let to = format!("{ip}:{port}");
         control.cli(&["policy", "check", "--from", WEB, "--to-address", &to]).2

@@ -117,8 +117,15 @@ fn config(state: &ProxyState) -> serde_json::Value {
         },
         "opaque_ports": cfg.opaque_ports,
         "app_probes": cfg.app_probes.keys().collect::<Vec<_>>(),
+        "advertise_ip": cfg.advertise_ip,
+        "state_dir": cfg.state_dir,
+        "attestation": match cfg.attestation {
+            crate::config::Attestation::JoinToken(_) => "join_token",
+            crate::config::Attestation::KubernetesTokenFile(_) => "kubernetes",
+        },
         "detect_timeout_ms": cfg.detect_timeout.as_millis() as u64,
         "drain_timeout_ms": cfg.drain_timeout.as_millis() as u64,
+        "header_timeout_ms": cfg.header_timeout.as_millis() as u64,
         "tracked_connections": state.conns.len(),
         "telemetry": telemetry(&cfg.telemetry),
     })
