@@ -713,31 +713,26 @@ async fn an_oversized_request_header_gets_the_sidecars_431_on_every_hop() {
     let m = start_mesh(MeshOptions { control_args: &[], policy: &policy, tcp_backend, extra: &spans }).await;
     let huge = "c".repeat(70_000);
 
-    // HTTP/1.1 to the outbound, on a connection the client would keep: the sidecar closes it.
-    let mut tcp = TcpStream::connect(m.http).await.unwrap();
-    let head = format!("GET /api/h1 HTTP/1.1\r\nHost: api\r\nx-big-cookie: {huge}\r\n\r\n");
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(read.is_ok(), "the connection stayed open after the 431: {answer}");
-    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
-    assert!(answer.contains("\r\nx-trellis-error: header_too_large\r\n"), "{answer}");
-    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
-
+    // HTTP/1.1 to the outbound, on a connection the client would keep: the sidecar answers the
+    // 431 with `x-trellis-error` and closes it.
+    let refused = |head: String| async move {
+        let mut tcp = TcpStream::connect(m.http).await.unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(read.is_ok(), "the connection stayed open after the 431: {answer}");
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        assert!(answer.contains("\r\nx-trellis-error: header_too_large\r\n"), "{answer}");
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    };
+    refused(format!("GET /api/h1 HTTP/1.1\r\nHost: api\r\nx-big-cookie: {huge}\r\n\r\n")).await;
     // A WebSocket upgrade is held to the same limit by the outbound, before it is carried.
-    let mut tcp = TcpStream::connect(m.http).await.unwrap();
-    let head = format!(
+    refused(format!(
         "GET /api/ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nx-big-cookie: {huge}\r\n\r\n"
-    );
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(read.is_ok(), "the connection stayed open after the 431: {answer}");
-    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
-    assert!(answer.contains("\r\nx-trellis-error: header_too_large\r\n"), "{answer}");
+    ))
+    .await;
 
     // HTTP/2 to the outbound.
     let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
