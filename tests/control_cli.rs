@@ -193,6 +193,15 @@ fn wrong_or_missing_credentials_are_clear_errors() {
         assert_ne!(code, 0, "{args:?}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
+    // An empty token is refused here, not sent to earn a 401.
+    let out = std::process::Command::new(bin())
+        .args(["policy", "list", "--control", &control.url, "--admin-token", ""])
+        .arg("--ca-bundle")
+        .arg(control.bundle_path())
+        .env_remove("TRELLIS_ADMIN_TOKEN_FILE")
+        .output()
+        .unwrap();
+    assert_refused(&out, Some(2), "--admin-token is empty");
     let empty = write(dir.path(), "empty.token", "\n");
     let out = std::process::Command::new(bin())
         .args(["proxy", "run", "--control", &control.url, "--ca-bundle"])
