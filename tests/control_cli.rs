@@ -62,6 +62,13 @@ fn apply_list_get_delete_round_trip() {
     assert_eq!(code, 0);
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["metadata"]["name"], "api-from-web");
+    // And `yaml` (what `get` prints) is a format `list` prints too, as its JSON's fields.
+    let (code, out, err) = control.cli(&["policy", "list", "-o", "yaml"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, json, _) = control.cli(&["policy", "list", "-o", "json"]);
+    let yaml: serde_json::Value = serde_saphyr::from_str(&out).unwrap();
+    assert_eq!(yaml, serde_json::from_str::<serde_json::Value>(&json).unwrap());
+    assert_eq!(yaml["policies"][0]["name"], "api-from-web", "{out}");
 
     let (code, out, _) = control.cli(&["policy", "delete", "api-from-web"]);
     assert_eq!((code, out.as_str()), (0, "policy/api-from-web deleted\nversion 3\n"));
@@ -264,6 +271,10 @@ fn token_create_prints_only_the_token_and_workloads_list_shows_proxies() {
         assert!(std::time::Instant::now() < deadline, "no ack: {list}");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    let (code, out, err) = control.cli(&["workloads", "list", "-o", "yaml"]);
+    assert_eq!(code, 0, "{err}");
+    let list: serde_json::Value = serde_saphyr::from_str(&out).unwrap();
+    assert_eq!(list[0]["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/api", "{out}");
     drop(api);
 }
 

@@ -343,6 +343,26 @@ fn check_json_output_parses() {
     assert_eq!(v["audit"]["action"], "deny", "127.0.0.1 is outside lb-only's block: {v}");
 }
 
+/// `TRELLIS_OUTPUT` is shared by every command, so `yaml` (what `policy get` prints) must be a
+/// format `check` prints too: the same fields as its JSON.
+#[test]
+fn check_yaml_output_has_the_json_fields() {
+    let f = file(POLICIES);
+    let args = ["--from", WEB, "--to", API, "--port", "8080"];
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&check(&f, &[&args[..], &["-o", "json"]].concat()))).unwrap();
+    let o = trellis()
+        .args(["policy", "check", "-f", f.path().to_str().unwrap()])
+        .args(args)
+        .env("TRELLIS_OUTPUT", "yaml")
+        .output()
+        .unwrap();
+    assert_exit(&o, 1);
+    let yaml: serde_json::Value = serde_saphyr::from_str(&stdout(&o)).unwrap();
+    assert_eq!(yaml, json);
+    assert_eq!(yaml["reason"]["policy"], "block-admin");
+}
+
 #[test]
 fn check_egress() {
     let f = file(POLICIES);
@@ -373,7 +393,7 @@ fn check_flag_errors_exit_2() {
         &["--from", WEB, "--to-address", "1.2.3.4"],
         &["--from", WEB, "--to-address", "1.2.3.4:0"],
         &["--to", API, "--port", "80", "--default", "maybe"],
-        &["--to", API, "--port", "80", "--output", "yaml"],
+        &["--to", API, "--port", "80", "--output", "xml"],
         &["--from", WEB, "--to-address", "1.2.3.4:5", "--port", "99"],
         &["--to", API, "--port", "80", "--method", "G T", "--path", "/"],
         &["--to", API, "--port", "80", "--method", "", "--path", "/"],

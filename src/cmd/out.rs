@@ -46,3 +46,26 @@ pub fn stderr(args: std::fmt::Arguments<'_>) {
 pub fn shown(path: &std::path::Path) -> String {
     trellis_policy::escape_unprintable(&path.display().to_string()).into_owned()
 }
+
+/// `-o` / `TRELLIS_OUTPUT`: one set of formats for every command that prints a result. The
+/// variable is shared, so a format one command offers must not make another fail: each
+/// command prints all three, `text` being its human form (for `policy get`, the re-appliable
+/// YAML).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+    Yaml,
+}
+
+/// Prints a result as JSON (`pretty`: indented, else one line) or as YAML — the machine
+/// formats, the same fields either way; `text` is the caller's to print.
+pub fn structured(value: &impl serde::Serialize, format: Output, pretty: bool) -> Result<(), String> {
+    let text = match format {
+        Output::Json if pretty => serde_json::to_string_pretty(value).map_err(|e| e.to_string())? + "\n",
+        Output::Json => serde_json::to_string(value).map_err(|e| e.to_string())? + "\n",
+        Output::Yaml | Output::Text => serde_saphyr::to_string(value).map_err(|e| e.to_string())?,
+    };
+    out!("{text}");
+    Ok(())
+}

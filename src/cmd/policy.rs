@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use super::out::shown;
+use super::out::{Output, shown, structured};
 
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use trellis_policy::limits::MAX_INPUT_BYTES;
@@ -82,9 +82,9 @@ pub struct CheckArgs {
     pub default: DefaultAction,
 
     /// `text`: the decision line, then an `audit:` line if audit-mode policies apply.
-    /// `json`: the decision as one JSON object.
+    /// `json`: the decision as one JSON object; `yaml`: the same fields as YAML.
     #[arg(short, long, value_enum, default_value = "text", env = "TRELLIS_OUTPUT")]
-    pub output: OutputFormat,
+    pub output: Output,
 }
 
 /// The flow to decide: a mesh flow (`--to` and `--port`, plus `--method` and `--path` for an
@@ -140,12 +140,6 @@ fn parse_method(s: &str) -> Result<String, String> {
 pub enum DefaultAction {
     Allow,
     Deny,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum OutputFormat {
-    Text,
-    Json,
 }
 
 pub fn run(cmd: PolicyCommand) -> ExitCode {
@@ -228,10 +222,10 @@ fn check(args: &CheckArgs) -> Result<ExitCode, ExitCode> {
 }
 
 /// Prints a live decision (already JSON from the control plane) and picks the exit code.
-fn finish(decision: &serde_json::Value, output: OutputFormat) -> Result<ExitCode, ExitCode> {
+fn finish(decision: &serde_json::Value, output: Output) -> Result<ExitCode, ExitCode> {
     match output {
-        OutputFormat::Json => outln!("{decision}"),
-        OutputFormat::Text => {
+        Output::Json | Output::Yaml => structured(decision, output, false).map_err(fail)?,
+        Output::Text => {
             outln!("{}", decision["reason"]["message"].as_str().unwrap_or("(no reason given)"));
             if let Some(msg) = decision["audit"]["reason"]["message"].as_str() {
                 outln!("audit: {msg}");
@@ -265,18 +259,15 @@ fn decide(snapshot: &PolicySnapshot, f: &FlowArgs) -> Result<Decision, ExitCode>
     Ok(snapshot.evaluate(&flow))
 }
 
-fn print_decision(decision: &Decision, output: OutputFormat) -> Result<(), ExitCode> {
+fn print_decision(decision: &Decision, output: Output) -> Result<(), ExitCode> {
     match output {
-        OutputFormat::Text => {
+        Output::Text => {
             outln!("{decision}");
             if let Some(audit) = &decision.audit {
                 outln!("audit: {audit}");
             }
         }
-        OutputFormat::Json => {
-            let json = serde_json::to_string(decision).map_err(|e| fail(format_args!("{e}")))?;
-            outln!("{json}");
-        }
+        Output::Json | Output::Yaml => structured(decision, output, false).map_err(fail)?,
     }
     Ok(())
 }

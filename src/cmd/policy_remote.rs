@@ -8,9 +8,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use trellis_control::api::CheckRequest;
 
+use super::out::{Output, structured};
 use super::policy::{CheckArgs, DefaultAction, PolicySourceArgs, fail, load_text, no_documents};
 use super::remote::{AdminArgs, block_on};
 
@@ -32,16 +33,16 @@ pub struct GetArgs {
     /// Output format: `yaml` (re-appliable as it is) or `json`; `text` is read as `yaml`, as
     /// `TRELLIS_OUTPUT` is shared with the commands that print text.
     #[arg(short, long, value_enum, default_value = "yaml", env = "TRELLIS_OUTPUT")]
-    pub output: DocFormat,
+    pub output: Output,
     #[command(flatten)]
     pub admin: AdminArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// Output format: `text` (a table) or `json`.
+    /// Output format: `text` (a table), `json` or `yaml` (the same fields as the JSON).
     #[arg(short, long, value_enum, default_value = "text", env = "TRELLIS_OUTPUT")]
-    pub output: ListFormat,
+    pub output: Output,
     #[command(flatten)]
     pub admin: AdminArgs,
 }
@@ -53,21 +54,6 @@ pub struct DeleteArgs {
     pub name: String,
     #[command(flatten)]
     pub admin: AdminArgs,
-}
-
-/// `text` is `yaml`: `TRELLIS_OUTPUT` is shared by every command, and `text` (the others'
-/// human format) must not make `get` fail.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DocFormat {
-    #[value(alias = "text")]
-    Yaml,
-    Json,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ListFormat {
-    Text,
-    Json,
 }
 
 fn client(admin: &AdminArgs) -> Result<trellis_control::ControlClient, ExitCode> {
@@ -119,22 +105,16 @@ fn policy_name(s: &str) -> Result<String, String> {
 pub fn get(args: &GetArgs) -> Result<ExitCode, ExitCode> {
     let client = client(&args.admin)?;
     let policy = call(client.get_policy(&args.name))?;
-    match args.output {
-        DocFormat::Json => {
-            outln!("{}", serde_json::to_string_pretty(&policy).map_err(|e| fail(format_args!("{e}")))?);
-        }
-        DocFormat::Yaml => {
-            out!("{}", serde_saphyr::to_string(&policy).map_err(|e| fail(format_args!("{e}")))?);
-        }
-    }
+    // A policy's human form is its YAML, which `apply` takes back as it is.
+    structured(&policy, args.output, true).map_err(fail)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn list(args: &ListArgs) -> Result<ExitCode, ExitCode> {
     let client = client(&args.admin)?;
     let list = call(client.list_policies())?;
-    if let ListFormat::Json = args.output {
-        outln!("{}", serde_json::to_string_pretty(&list).map_err(|e| fail(format_args!("{e}")))?);
+    if args.output != Output::Text {
+        structured(&list, args.output, true).map_err(fail)?;
         return Ok(ExitCode::SUCCESS);
     }
     outln!("{:<32} {:<20} {:<6} {:<8} {:>5}  SELECTOR", "NAME", "KIND", "ACTION", "MODE", "RULES");

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
+use super::out::{Output, structured};
 use super::remote::{AdminArgs, block_on};
 
 #[derive(Debug, clap::Subcommand)]
@@ -15,9 +16,9 @@ pub enum WorkloadsCommand {
 pub struct ListArgs {
     #[command(flatten)]
     pub admin: AdminArgs,
-    /// Output format.
-    #[arg(long, short, env = "TRELLIS_OUTPUT", default_value = "text", value_parser = ["text", "json"])]
-    pub output: String,
+    /// Output format: `text` (a table), `json` or `yaml` (the same fields as the JSON).
+    #[arg(long, short, value_enum, env = "TRELLIS_OUTPUT", default_value = "text")]
+    pub output: Output,
 }
 
 pub fn run(cmd: WorkloadsCommand) -> ExitCode {
@@ -33,9 +34,14 @@ pub fn run(cmd: WorkloadsCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if args.output == "json" {
-        outln!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
-        return ExitCode::SUCCESS;
+    if args.output != Output::Text {
+        return match structured(&list, args.output, true) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                errln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     outln!("{:<52} {:<16} {:>7} {:<22} {:>9}", "IDENTITY", "ADDRESS", "ACKED", "SVID EXPIRES", "LAST SEEN");
     let now = trellis_control::store::now_unix();
