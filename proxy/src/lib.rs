@@ -182,23 +182,25 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
     };
     let id = state.id().ok_or_else(|| ProxyError::Bootstrap("no SVID".into()))?;
     let td = id.trust_domain();
-    state.telemetry.set_identity(id);
+    state.telemetry.set_identity(id.clone());
     state.tls.store(Some(Arc::new(TlsState::new(bundle, td, state.creds.clone())?)));
     tokio::spawn(svid::renew_loop(state.clone(), authed.clone(), anon, origin));
     tokio::spawn(link::watch_loop(state.clone(), authed));
     for (spec, l) in listeners.inbound {
-        tracing::info!(listen = %spec.listen, app = ?spec.app, "inbound listener");
+        let app = spec.app.map_or_else(|| "original destination port on loopback".into(), |a| a.to_string());
+        tracing::info!(listen = %spec.listen, %app, "inbound listener");
         tokio::spawn(inbound::serve(state.clone(), spec, l));
     }
     if let Some(l) = listeners.outbound {
-        tracing::info!(listen = ?l.local_addr().ok(), "transparent outbound listener");
+        let listen = l.local_addr().map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
+        tracing::info!(%listen, "transparent outbound listener");
         tokio::spawn(outbound::serve_transparent(state.clone(), l));
     }
     for (route, l) in listeners.routes {
         tracing::info!(listen = %route.listen, peer = %route.peer, id = %route.identity, "outbound route");
         tokio::spawn(outbound::serve_route(state.clone(), route, l));
     }
-    tracing::info!(identity = ?state.id(), "proxy running");
+    tracing::info!(identity = %id, "proxy running");
     shutdown.await;
     drain(&state).await;
     state.telemetry.shutdown(TELEMETRY_FLUSH).await;
