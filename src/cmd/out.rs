@@ -59,7 +59,8 @@ pub enum Output {
 }
 
 /// Prints a result as JSON (`pretty`: indented, else one line) or as YAML — the machine
-/// formats, the same fields either way; `text` is the caller's to print.
+/// formats, the same fields either way. `text` is printed as YAML, which is `policy get`'s
+/// human form; commands with a text form of their own print it instead of calling this.
 pub fn structured(value: &impl serde::Serialize, format: Output, pretty: bool) -> Result<(), String> {
     let text = match format {
         Output::Json if pretty => serde_json::to_string_pretty(value).map_err(|e| e.to_string())? + "\n",
