@@ -2,7 +2,8 @@
 //!
 //! accept ([`Accepted`]) → TLS, mTLS required → identify the peer from its SVID
 //! ([`Authenticated`]) → detect the protocol → authorize → forward:
-//! - opaque TCP: one L4 decision for the connection; a [`Permit`] opens the tunnel to the app;
+//! - opaque TCP: one L4 decision for the connection; a [`Permit`] opens the tunnel to the app
+//!   (`tcp.rs`);
 //! - HTTP/1.1 and HTTP/2: one decision per request (method + normalized path) in the
 //!   tower stack built by [`http_stage`]; denied requests get 403 + `x-trellis-denied`.
 //!
@@ -16,7 +17,6 @@
 //! allowed or denied; HTTP: when it closes, with its request counts), each refused
 //! handshake, and (in the tower stack) each request.
 
-use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -47,13 +47,13 @@ use crate::metrics::OpenGuard;
 use crate::serve::{
     MAX_HEADER_LIST, over_header_limit, request_header_list_size, response_header_list_size, serve_http,
 };
-use crate::sniff::{LATE_HTTP, LateHttpGuard, Protocol, detect};
+use crate::sniff::{Protocol, detect};
 use crate::state::{ALPN_H2, ALPN_HTTP11, ALPN_OPAQUE, ProxyState};
 use crate::telemetry::{ConnFacts, ConnOutcome, Direction, HttpConnSpan, Metered, Started, Verdict};
-use crate::tunnel::{Failure, Side, Transferred, tunnel};
+
+mod tcp;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 type PeerIo = Prefixed<TlsStream<TcpStream>>;
 
@@ -204,7 +204,7 @@ fn dispatch(
         family: state_family,
     });
     match protocol {
-        Protocol::Opaque => Box::pin(tcp_stage(ctx, io, unsniffed)),
+        Protocol::Opaque => Box::pin(tcp::tcp_stage(ctx, io, unsniffed)),
         Protocol::Http1 | Protocol::Http2 => Box::pin(http_stage(ctx, io, protocol)),
     }
 }
@@ -376,100 +376,6 @@ impl ConnCtx {
         let tracked = self.state.track_in(self.family, flow, CancellationToken::new(), permit.version());
         Ok((permit, tracked))
     }
-}
-
-/// After a denied connection is shut down: what the caller had already sent is read and
-/// dropped (at most 256 KiB, for at most a second), so that closing it is a FIN rather than a
-/// TCP reset — which the calling sidecar would pass on to its app as a reset and record as a
-/// failure, when the connection was only denied. (nginx's lingering close, for the same reason.)
-async fn linger(io: &mut PeerIo) {
-    let drain = async {
-        // On the heap: an array here would make every inbound TCP connection's future 4 KiB
-        // larger, denied or not (this future is inlined into `tcp_stage`'s).
-        let mut buf = vec![0u8; 4096];
-        let mut left = 256 * 1024usize;
-        while left > 0 {
-            match tokio::io::AsyncReadExt::read(io, &mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
-}
-
-/// One L4 decision, then a byte tunnel to the app; the connection's span records both.
-async fn tcp_stage(ctx: Arc<ConnCtx>, mut io: PeerIo, unsniffed: bool) {
-    let view = ctx.state.policy.load();
-    let permit = match authorize(&view, &ctx.flow(None)) {
-        Ok(p) => p,
-        Err(denial) => {
-            drop(view);
-            ctx.state.metrics.flow("inbound", "deny", "tcp");
-            tracing::info!(reason = %denial, "connection denied");
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
-            linger(&mut io).await;
-            let verdict = denial.verdict();
-            ctx.record(ConnOutcome::empty(verdict, None));
-            return;
-        }
-    };
-    drop(view);
-    ctx.state.metrics.flow("inbound", permit.decision().label(), "tcp");
-    let verdict = permit.verdict();
-    let (t, error) = forward_tcp(&ctx, permit, io, unsniffed).await;
-    ctx.record(ConnOutcome { verdict, sent: t.sent, received: t.received, error });
-}
-
-/// Tunnels an authorized connection to the app until either side closes or the policy
-/// revokes it; returns what it carried and why it could not, if it could not.
-async fn forward_tcp(
-    ctx: &ConnCtx,
-    permit: Permit,
-    mut io: PeerIo,
-    unsniffed: bool,
-) -> (Transferred, Option<Cow<'static, str>>) {
-    let flow = TrackedFlow::Mesh {
-        source: Some(ctx.peer.clone()),
-        source_ip: ctx.remote.ip(),
-        destination: ctx.me.clone(),
-        port: ctx.app.port(),
-        http: None,
-    };
-    let tracked = ctx.state.track(flow, ctx.cancel.clone(), permit.version());
-    let mut app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(ctx.app)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::warn!(app = %ctx.app, error = %e, "app unreachable");
-            return (Transferred::default(), Some(format!("app_unreachable: {e}").into()));
-        }
-        Err(_) => {
-            tracing::warn!(app = %ctx.app, "app connect timed out");
-            return (Transferred::default(), Some("app_unreachable: connect timed out".into()));
-        }
-    };
-    let _ = app.set_nodelay(true);
-    tracing::debug!(policy_version = permit.version(), reason = %permit.decision(), "connection allowed");
-    // Opaque only because the client was silent (a port not declared opaque): an HTTP request
-    // arriving late must not reach the app unparsed (`LateHttpGuard`).
-    let t = if !unsniffed || ctx.state.config.is_opaque(ctx.app.port()) {
-        tunnel(&mut io, &mut app, &tracked.cancel).await
-    } else {
-        tunnel(&mut LateHttpGuard::new(io), &mut app, &tracked.cancel).await
-    };
-    tracing::debug!(sent = t.sent, received = t.received, revoked = t.cancelled, error = ?t.error, "connection closed");
-    let error = match t.error {
-        Some(Failure { side: Side::Client, kind: std::io::ErrorKind::PermissionDenied }) => {
-            tracing::info!("{LATE_HTTP}; reset");
-            Some(Cow::Owned(format!("late_http: {LATE_HTTP}")))
-        }
-        _ if t.cancelled => Some(Cow::Borrowed("revoked: a policy change ended this connection")),
-        // The app's reset (or broken connection) was passed on to the peer as a reset; or the
-        // calling sidecar reset the tunnel, passing on its app's reset (or it failed), and the
-        // app got a reset too.
-        _ => t.failure(("peer_reset", "the calling sidecar"), ("app_failed", "the app")),
-    };
-    (t, error)
 }
 
 /// Serves HTTP on the connection through the tower stack, until the peer closes, the
