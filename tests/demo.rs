@@ -34,6 +34,14 @@ fn demo_once_runs_every_flow_as_the_policy_says_and_cleans_up() {
     let traces = stdout.lines().find(|l| l.starts_with("Traces:")).expect("a traces line");
     assert!(traces.contains("of denied flows"), "{traces}");
     assert!(stdout.contains("trellis.decision") && stdout.contains("deny"), "{stdout}");
+    // Counted once every sidecar has written, not at the first denied span: each denied row
+    // above (GET /admin, POST /api/items, web → db) has its span in the count.
+    let denied: usize = traces
+        .split_once(" spans (")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no denied count in {traces}"));
+    assert!(denied >= 3, "one span per denied flow at least: {traces}");
 
     // Nothing left behind: the temporary dir is gone and no demo process survives.
     let dir = traces.rsplit(" in ").next().and_then(|p| std::path::Path::new(p.trim()).parent()).expect("trace path");

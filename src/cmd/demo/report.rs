@@ -5,6 +5,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use trellis_proxy::telemetry::export::TICK;
+
 use super::apps::HttpOutcome;
 use super::mesh::Mesh;
 use super::say;
@@ -164,15 +166,7 @@ pub async fn traces(mesh: &Mesh, otlp: Option<&str>, once: bool) -> bool {
     if let Some(url) = otlp {
         return exported(mesh, url).await;
     }
-    // The exporters batch; wait briefly for the denied spans to land.
-    let mut spans = Vec::new();
-    for _ in 0..60 {
-        spans = read_spans(mesh);
-        if spans.iter().any(is_denied) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let spans = settled_spans(mesh).await;
     let denied = spans.iter().filter(|s| is_denied(s)).count();
     say!("Traces: {} spans ({denied} of denied flows) in {}", spans.len(), mesh.trace_file.display());
     if once {
@@ -190,6 +184,27 @@ pub async fn traces(mesh: &Mesh, otlp: Option<&str>, once: bool) -> bool {
         }
     }
     true
+}
+
+/// The spans in the trace file once they have all landed. Each sidecar's telemetry thread
+/// writes every [`TICK`], on its own schedule, so the first denied span to appear says only
+/// that one sidecar has written (a first run once counted 2 of 17): wait until there is a
+/// denied span and the count has held for three ticks, at most 3 s.
+async fn settled_spans(mesh: &Mesh) -> Vec<serde_json::Value> {
+    let poll = Duration::from_millis(50);
+    let still_for = 3 * TICK.as_millis() / poll.as_millis();
+    let mut spans = read_spans(mesh);
+    let mut unchanged = 0;
+    for _ in 0..60 {
+        tokio::time::sleep(poll).await;
+        let now = read_spans(mesh);
+        unchanged = if now.len() == spans.len() && now.iter().any(is_denied) { unchanged + 1 } else { 0 };
+        spans = now;
+        if unchanged >= still_for {
+            break;
+        }
+    }
+    spans
 }
 
 fn is_denied(span: &serde_json::Value) -> bool {
