@@ -1,4 +1,4 @@
-//! The optional integrations `trellis control run` can switch on, as [`Hooks`] for the
+//! The optional integrations `trellis control run` can switch on, as [`Hooks`](crate::server::Hooks) for the
 //! server: Kubernetes attestation (a projected ServiceAccount token, verified with the
 //! TokenReview API, becomes `spiffe://<td>/ns/<namespace>/sa/<serviceaccount>`) and the
 //! sidecar-injection admission webhook (the same code as `trellis inject`).

@@ -164,7 +164,7 @@ impl AppError {
 /// No task is spawned per request to wait for that (hyper-util's pooled client does, and
 /// hashes and formats a pool key per request: together a few microseconds per request at
 /// the inbound's peak). Closed and long-unused connections are dropped at checkout and by a
-/// sweep every half [`IDLE_TIMEOUT`].
+/// sweep every half `IDLE_TIMEOUT`.
 #[derive(Debug)]
 pub struct H1Pool<B> {
     app: SocketAddr,

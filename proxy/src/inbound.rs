@@ -5,7 +5,7 @@
 //! - opaque TCP: one L4 decision for the connection; a [`Permit`] opens the tunnel to the app
 //!   (`tcp.rs`);
 //! - HTTP/1.1 and HTTP/2: one decision per request (method + normalized path) in the
-//!   tower stack built by [`http_stage`]; denied requests get 403 + `x-trellis-denied`.
+//!   tower stack built by `http_stage`; denied requests get 403 + `x-trellis-denied`.
 //!
 //! In a pod whose app has kubelet HTTP probes, a connection that does not start with a TLS
 //! handshake may be the kubelet probing the app's port: `probes::answer_plaintext` answers it

@@ -1,14 +1,14 @@
 //! The outbound's HTTP/2 client on a pooled connection to a peer sidecar, on `h2` directly.
 //!
 //! Sits between [`crate::pool`] (which opens and keeps the connection) and the outbound's
-//! forwarding service: [`handshake`] starts the connection and spawns its [`drive`]r,
+//! forwarding service: [`handshake`] starts the connection and spawns its `drive`r,
 //! [`PeerConn::send`] sends one request and awaits the head of the answer, whose body is a
 //! [`PeerBody`].
 //!
 //! Why not hyper's HTTP/2 client: it puts a channel between the caller and the connection
 //! and spawns a task per request to wait for the response (plus two one-shot channels).
 //! Here the request is handed to `h2` in the app connection's own task, which also awaits
-//! the response; only a request body that is still streaming gets a task ([`pipe`]). The
+//! the response; only a request body that is still streaming gets a task (`pipe`). The
 //! flow control, trailers and keep-alive PINGs hyper did are done here, as hyper does them.
 
 use std::future::{Future, poll_fn};

@@ -175,7 +175,7 @@ async fn read_head(tcp: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 /// Parses and checks `TRELLIS_APP_PROBES`; the error names the probe and what is wrong.
 /// What Kubernetes accepts is taken as the kubelet reads it: a path without its leading `/`
 /// gets one (the kubelet requests `/healthz` for `healthz`), a timeout of 0 is 1 s (the API
-/// server's default) and one over [`MAX_TIMEOUT_SECONDS`] is cut to it.
+/// server's default) and one over `MAX_TIMEOUT_SECONDS` is cut to it.
 pub fn parse(json: &str) -> Result<AppProbes, String> {
     let mut probes: AppProbes = serde_json::from_str(json).map_err(|e| format!("not a JSON object of probes: {e}"))?;
     for (key, p) in &mut probes {

@@ -58,7 +58,7 @@ pub const REST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads until the protocol is known, `MAX_SNIFF` bytes or EOF; opaque when nothing came
 /// within `timeout`; what came and is still undecided after [`REST_TIMEOUT`] (or `timeout`,
-/// if longer) is decided by [`undecided`]. `timed_out` means no bytes came at all.
+/// if longer) is decided by `undecided`. `timed_out` means no bytes came at all.
 pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> std::io::Result<Detected> {
     let mut buf = BytesMut::with_capacity(1024);
     let start = tokio::time::Instant::now();
