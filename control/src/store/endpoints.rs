@@ -87,7 +87,7 @@ pub(super) fn put_endpoints(
 ) -> Result<(u64, bool), StoreError> {
     if addresses.is_empty() {
         // Nothing to claim (a join-token bootstrap naming no address): no table scan.
-        return Ok((txn.open_table(META)?.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0), false));
+        return Ok((registry_version(&txn.open_table(META)?)?, false));
     }
     let mut table = txn.open_table(ENDPOINTS)?;
     let mut changed = false;
@@ -111,11 +111,7 @@ pub(super) fn put_endpoints(
         let json = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         table.insert(address, json.as_slice())?;
     }
-    let version = if changed {
-        bump(txn, K_ENDPOINTS_VERSION)?
-    } else {
-        txn.open_table(META)?.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0)
-    };
+    let version = if changed { bump(txn, K_ENDPOINTS_VERSION)? } else { registry_version(&txn.open_table(META)?)? };
     Ok((version, changed))
 }
 
@@ -127,6 +123,11 @@ fn all_endpoints(table: &impl ReadableTable<&'static str, &'static [u8]>) -> Res
         out.push(serde_json::from_slice(json.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?);
     }
     Ok(out)
+}
+
+/// The registry's version as last bumped (0 before the first registration).
+fn registry_version(meta: &impl ReadableTable<&'static str, u64>) -> Result<u64, StoreError> {
+    Ok(meta.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0))
 }
 
 /// The host of an endpoint address (`ip` or `ip:port`), IPv4-mapped IPv6 as IPv4.
@@ -151,20 +152,12 @@ impl Store {
         let txn = self.db.begin_write()?;
         let result = {
             let mut table = txn.open_table(ENDPOINTS)?;
-            let mut stale = Vec::new();
-            for row in table.iter()? {
-                let (_, json) = row?;
-                let entry: Endpoint =
-                    serde_json::from_slice(json.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                if entry.updated < cutoff {
-                    stale.push(entry);
-                }
-            }
+            let stale: Vec<Endpoint> = all_endpoints(&table)?.into_iter().filter(|e| e.updated < cutoff).collect();
             for entry in &stale {
                 table.remove(entry.address.as_str())?;
             }
             let version = if stale.is_empty() {
-                txn.open_table(META)?.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0)
+                registry_version(&txn.open_table(META)?)?
             } else {
                 bump(&txn, K_ENDPOINTS_VERSION)?
             };
@@ -177,7 +170,7 @@ impl Store {
     /// The registry and its version, read consistently.
     pub fn endpoints(&self) -> Result<(u64, Vec<Endpoint>), StoreError> {
         let txn = self.db.begin_read()?;
-        let version = txn.open_table(META)?.get(K_ENDPOINTS_VERSION)?.map(|v| v.value()).unwrap_or(0);
+        let version = registry_version(&txn.open_table(META)?)?;
         Ok((version, all_endpoints(&txn.open_table(ENDPOINTS)?)?))
     }
 }
