@@ -238,6 +238,14 @@ fn a_zero_header_timeout_is_refused() {
             trellis().args(["proxy", "run", "--token", "t", "--ca-bundle", "/dev/null", flag, value]).output().unwrap();
         assert_refused(&out, Some(2), flag);
     }
+    // No ready sockets per poll would serve nothing; past tokio's 1,024 is no limit at all.
+    for value in ["0", "5000", "many"] {
+        let out = trellis()
+            .args(["proxy", "run", "--token", "t", "--ca-bundle", "/dev/null", "--events-per-poll", value])
+            .output()
+            .unwrap();
+        assert_refused(&out, Some(2), &format!("invalid value '{value}' for '--events-per-poll <N>'"));
+    }
 }
 
 /// What a proxy would refuse at startup (and crash-loop on) is refused where it is written:

@@ -71,6 +71,11 @@ pub struct RunArgs {
     /// Worker threads (1 = a single-threaded runtime, the smallest footprint).
     #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 1)]
     workers: usize,
+    /// Ready sockets handled per poll of the event loop (a burst larger than this leaves in
+    /// several waves, so the next hop starts on the first while this one reads the rest).
+    #[arg(long, env = "TRELLIS_EVENTS_PER_POLL", value_name = "N", default_value_t = 12,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    events_per_poll: u16,
     /// What mesh flows no policy rule matches get (allow only while onboarding).
     #[arg(long, env = "TRELLIS_DEFAULT_ACTION", default_value = "deny", value_parser = ["deny", "allow"])]
     default_action: String,
@@ -153,7 +158,13 @@ pub fn run(cmd: ProxyCommand) -> ExitCode {
     }
 }
 
-fn config(args: RunArgs) -> Result<(ProxyConfig, usize)> {
+/// How the proxy's event loop runs: its threads and the ready sockets each poll hands out.
+struct RuntimeShape {
+    workers: usize,
+    events_per_poll: u16,
+}
+
+fn config(args: RunArgs) -> Result<(ProxyConfig, RuntimeShape)> {
     let telemetry = telemetry(&args);
     let bundle_pem = match (&args.ca_bundle, args.ca_bundle_pem) {
         (Some(path), _) => {
@@ -211,23 +222,25 @@ fn config(args: RunArgs) -> Result<(ProxyConfig, usize)> {
         header_timeout: args.header_timeout,
         telemetry,
     };
-    Ok((config, args.workers))
+    Ok((config, RuntimeShape { workers: args.workers, events_per_poll: args.events_per_poll }))
 }
 
 fn run_proxy(args: RunArgs) -> Result<()> {
-    let (config, workers) = config(args)?;
-    let mut rt = if workers == 1 {
+    let (config, shape) = config(args)?;
+    let mut rt = if shape.workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
+        b.worker_threads(shape.workers);
         b
     };
-    // tokio's default of up to 1,024 ready sockets per poll of the event loop. Capping it at 8
-    // once spread a burst of requests over several polls so the next sidecar could start on
-    // the first ones — a workaround for sidecars packed onto one CPU, which the vendored mio
-    // now prevents (vendor/README.md); without the cap a pair spends 5% less CPU per request
-    // (31.0 against 32.5 µs, 22 + 22 alternating runs) at the same or better throughput.
+    // tokio hands out up to 1,024 ready sockets per poll. With many app connections the
+    // requests (or the app's responses) arrive together, and handled in one poll they leave
+    // over the one pooled peer connection as one batch; the processes on the path then take
+    // turns and the CPUs idle between turns (~20% of a 2-vCPU VM at peak, benches/RESULTS.md,
+    // change 15). A dozen per poll sends a burst on in waves, so the next hop starts on the
+    // first while this one reads the rest; at light load a poll has fewer than that anyway.
+    rt.max_io_events_per_tick(usize::from(shape.events_per_poll));
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         trellis_proxy::run(config, async {
