@@ -42,6 +42,32 @@ fn bad_flags_are_one_line_errors_not_tracebacks() {
     }
 }
 
+/// Every other kept run (a directory under `benches/load/results/`) is, like the main one,
+/// what the harness renders from its kept data — so a renderer change cannot leave a report
+/// RESULTS.md links to saying something its data no longer does.
+#[test]
+fn every_kept_report_is_a_fresh_render_of_its_data() {
+    let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/results");
+    let mut kept: Vec<_> =
+        std::fs::read_dir(&results).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    kept.sort();
+    assert!(!kept.is_empty(), "no kept run besides the main one in {}", results.display());
+    for run in kept {
+        let out = tempfile::tempdir().unwrap();
+        let json = run.join("results.json");
+        let Some(o) = run_sh(&["--render", json.to_str().unwrap(), "--out", out.path().to_str().unwrap()]) else {
+            return;
+        };
+        assert!(o.status.success(), "{}: {}", run.display(), String::from_utf8_lossy(&o.stderr));
+        let fresh = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+        assert!(
+            fresh == std::fs::read_to_string(run.join("results.md")).unwrap(),
+            "{} is stale: re-render it",
+            run.display()
+        );
+    }
+}
+
 /// A goal that names a pair that was not measured is "not measured", never "met" against
 /// the other pair (re-rendering the kept report without its HAProxy rounds).
 #[test]
