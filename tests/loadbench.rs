@@ -15,6 +15,30 @@ fn run_sh(args: &[&str]) -> Option<Output> {
     Some(Command::new(script).args(args).env("TRELLIS_BIN", env!("CARGO_BIN_EXE_trellis")).output().unwrap())
 }
 
+/// The kept run's data (`benches/load/results/results.json`), or another kept run's.
+fn kept(dir: &str) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).join("results.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The markdown report `run.sh --render` writes for `results` (None: no python3, skipped).
+fn render(results: &serde_json::Value) -> Option<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("results.json");
+    std::fs::write(&file, results.to_string()).unwrap();
+    let out = dir.path().join("out");
+    let o = run_sh(&["--render", file.to_str().unwrap(), "--out", out.to_str().unwrap()])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Some(std::fs::read_to_string(out.join("results.md")).unwrap())
+}
+
+/// The report's line starting with `prefix` (a goal's row, a target's row).
+fn row<'a>(md: &'a str, prefix: &str) -> &'a str {
+    md.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no row {prefix:?} in the report"))
+}
+
+const MAIN: &str = "benches/load/results";
+
 #[test]
 fn bad_flags_are_one_line_errors_not_tracebacks() {
     let out_dir = tempfile::tempdir().unwrap();
@@ -47,24 +71,15 @@ fn bad_flags_are_one_line_errors_not_tracebacks() {
 /// RESULTS.md links to saying something its data no longer does.
 #[test]
 fn every_kept_report_is_a_fresh_render_of_its_data() {
-    let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/results");
-    let mut kept: Vec<_> =
+    let results = Path::new(env!("CARGO_MANIFEST_DIR")).join(MAIN);
+    let mut runs: Vec<_> =
         std::fs::read_dir(&results).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
-    kept.sort();
-    assert!(!kept.is_empty(), "no kept run besides the main one in {}", results.display());
-    for run in kept {
-        let out = tempfile::tempdir().unwrap();
-        let json = run.join("results.json");
-        let Some(o) = run_sh(&["--render", json.to_str().unwrap(), "--out", out.path().to_str().unwrap()]) else {
-            return;
-        };
-        assert!(o.status.success(), "{}: {}", run.display(), String::from_utf8_lossy(&o.stderr));
-        let fresh = std::fs::read_to_string(out.path().join("results.md")).unwrap();
-        assert!(
-            fresh == std::fs::read_to_string(run.join("results.md")).unwrap(),
-            "{} is stale: re-render it",
-            run.display()
-        );
+    runs.sort();
+    assert!(!runs.is_empty(), "no kept run besides the main one in {}", results.display());
+    for run in runs {
+        let Some(fresh) = render(&kept(run.to_str().unwrap())) else { return };
+        let saved = std::fs::read_to_string(run.join("results.md")).unwrap();
+        assert!(fresh == saved, "{} is stale: re-render it", run.display());
     }
 }
 
@@ -72,34 +87,21 @@ fn every_kept_report_is_a_fresh_render_of_its_data() {
 /// the other pair (re-rendering the kept report without its HAProxy rounds).
 #[test]
 fn a_goal_is_not_judged_without_the_pairs_it_names() {
-    let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/results/results.json");
-    let mut results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kept).unwrap()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let whole = dir.path().join("whole.json");
-    std::fs::write(&whole, results.to_string()).unwrap();
-    let Some(o) = run_sh(&["--render", whole.to_str().unwrap(), "--out", dir.path().join("a").to_str().unwrap()])
-    else {
-        return;
-    };
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let md = std::fs::read_to_string(dir.path().join("a/results.md")).unwrap();
+    let mut results = kept(MAIN);
+    let Some(md) = render(&results) else { return };
     // The kept report is what the harness renders from the kept data, byte for byte.
-    let kept_md = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/results/results.md");
+    let kept_md = Path::new(env!("CARGO_MANIFEST_DIR")).join(MAIN).join("results.md");
     assert!(md == std::fs::read_to_string(kept_md).unwrap(), "benches/load/results/results.md is stale: re-render it");
-    let peak = md.lines().find(|l| l.starts_with("| trellis peak rps")).expect("the peak goal's row");
+    let peak = row(&md, "| trellis peak rps");
     assert!(peak.contains(" vs ") && (peak.contains("**met**") || peak.contains("**missed**")), "{peak}");
 
     for scenario in results["scenarios"].as_object_mut().unwrap().values_mut() {
         scenario["targets"].as_object_mut().unwrap().remove("haproxy");
     }
-    let partial = dir.path().join("partial.json");
-    std::fs::write(&partial, results.to_string()).unwrap();
-    let o = run_sh(&["--render", partial.to_str().unwrap(), "--out", dir.path().join("b").to_str().unwrap()]).unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let md = std::fs::read_to_string(dir.path().join("b/results.md")).unwrap();
-    let peak = md.lines().find(|l| l.starts_with("| trellis peak rps")).expect("the peak goal's row");
+    let md = render(&results).unwrap();
+    let peak = row(&md, "| trellis peak rps");
     assert!(peak.contains("not measured: haproxy (http1)") && !peak.contains("met"), "{peak}");
-    let bulk = md.lines().find(|l| l.starts_with("| bulk")).expect("the bulk goal's row");
+    let bulk = row(&md, "| bulk");
     assert!(bulk.contains("not measured: haproxy (bulk)"), "{bulk}");
 }
 
@@ -108,23 +110,14 @@ fn a_goal_is_not_judged_without_the_pairs_it_names() {
 /// disturbed renders the same rounds and goals).
 #[test]
 fn a_disturbed_relay_round_does_not_drop_the_others() {
-    let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/results/results.json");
-    let mut results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kept).unwrap()).unwrap();
+    let mut results = kept(MAIN);
     let round = &mut results["scenarios"]["http1"]["targets"]["relay"]["rounds"][0];
     assert!(round.is_object(), "the kept report measured the relay");
     round["disturbed"] = serde_json::Value::Bool(true);
     round["other_cpu_cores"] = serde_json::json!(0.9);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("relay-disturbed.json");
-    std::fs::write(&file, results.to_string()).unwrap();
-    let Some(o) = run_sh(&["--render", file.to_str().unwrap(), "--out", dir.path().to_str().unwrap()]) else {
-        return;
-    };
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
-    let trellis = md.lines().find(|l| l.starts_with("| trellis | ")).expect("scenario 1's trellis row");
-    assert!(trellis.contains("rounds 1, 2, 3 of 3 (clean)"), "{trellis}");
-    let peak = md.lines().find(|l| l.starts_with("| trellis peak rps")).expect("the peak goal's row");
+    let Some(md) = render(&results) else { return };
+    assert!(row(&md, "| trellis | ").contains("rounds 1, 2, 3 of 3 (clean)"), "{md}");
+    let peak = row(&md, "| trellis peak rps");
     assert!(!peak.contains("disturbed"), "{peak}");
 }
 
@@ -133,22 +126,15 @@ fn a_disturbed_relay_round_does_not_drop_the_others() {
 /// (direct 0.184–0.220 ms) carry no warning; with one direct round at 1.2 ms the row warns.
 #[test]
 fn an_added_p99_from_rounds_that_moved_is_called_noise() {
-    let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/results/results.json");
-    let mut results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kept).unwrap()).unwrap();
-    let goal = |results: &serde_json::Value, name: &str| -> Option<String> {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join(name);
-        std::fs::write(&file, results.to_string()).unwrap();
-        let o = run_sh(&["--render", file.to_str().unwrap(), "--out", dir.path().to_str().unwrap()])?;
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
-        Some(md.lines().find(|l| l.starts_with("| added p99 at 2,000 rps")).expect("the p99 goal's row").to_string())
-    };
-    let Some(quiet) = goal(&results, "kept.json") else { return };
+    const GOAL: &str = "| added p99 at 2,000 rps";
+    let mut results = kept(MAIN);
+    let Some(quiet) = render(&results) else { return };
+    let quiet = row(&quiet, GOAL);
     assert!(!quiet.contains("noise") && quiet.contains("**missed**"), "{quiet}");
 
     results["scenarios"]["rate"]["targets"]["direct"]["rounds"][2]["p99_ms"] = serde_json::json!(1.2);
-    let noisy = goal(&results, "moved.json").unwrap();
+    let noisy = render(&results).unwrap();
+    let noisy = row(&noisy, GOAL);
     assert!(noisy.contains("⚠ p99 moved more than 2× between rounds (direct 0.184–1.200 ms)"), "{noisy}");
     assert!(noisy.contains("**met**") || noisy.contains("**missed**"), "the judgement is still given: {noisy}");
 }
