@@ -121,6 +121,18 @@ fn a_disturbed_relay_round_does_not_drop_the_others() {
     assert!(!peak.contains("disturbed"), "{peak}");
 }
 
+/// The peak goal says when a pair's req/s moved by more than 1.25× between the rounds kept
+/// (a drifting machine): the ratio is then as uncertain as that, and the judgement still given.
+#[test]
+fn a_peak_from_rounds_that_moved_says_so() {
+    let mut results = kept(MAIN);
+    results["scenarios"]["http1"]["targets"]["haproxy"]["rounds"][0]["rps"] = serde_json::json!(20000.0);
+    let Some(md) = render(&results) else { return };
+    let peak = row(&md, "| trellis peak rps");
+    assert!(peak.contains("⚠ req/s moved more than 1.25× between rounds (haproxy 20,000–32,"), "{peak}");
+    assert!(peak.contains("**met**") || peak.contains("**missed**"), "the judgement is still given: {peak}");
+}
+
 /// The added-p99 goal says when the p99s it is computed from moved by more than 2× between
 /// the rounds kept (a busy host), and still gives its judgement: the kept report's rounds
 /// (direct 0.184–0.220 ms) carry no warning; with one direct round at 1.2 ms the row warns.
