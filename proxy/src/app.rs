@@ -7,15 +7,12 @@
 //! `:authority` (RFC 9113 §8.3.1).
 //!
 //! An HTTP/2 app may refuse a stream it will not process (`REFUSED_STREAM`, or a GOAWAY
-//! racing requests on the pooled connection); [`AppClient::send_h2`] sends idempotent,
+//! racing requests on the shared connection); [`AppClient::send_h2`] sends idempotent,
 //! bodiless requests once more rather than answering the caller 502.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,86 +23,97 @@ use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_util::client::legacy;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::http::ReqBody;
+use crate::peer_h2::{ConnSlot, PeerBody, PeerConn, SendError, Settings};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Dials `target` for every URI.
-#[derive(Clone, Debug)]
-pub struct FixedConnector {
-    target: Uri,
-    inner: HttpConnector,
-}
-
-impl tower::Service<Uri> for FixedConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = <HttpConnector as tower::Service<Uri>>::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, _dst: Uri) -> Self::Future {
-        Box::pin(self.inner.call(self.target.clone()))
-    }
-}
-
-/// A request to an HTTP/2 app: the caller's body, or none when a refused request goes again.
-pub type H2Body = Either<ReqBody, Empty<Bytes>>;
+/// An app's response body: from an HTTP/1.1 connection (hyper's) or an HTTP/2 one (`h2`'s).
+pub type AppBody = Either<Incoming, PeerBody>;
 
 /// The pair of clients for one app address.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct AppClient {
     pub h1: Arc<H1Pool<ReqBody>>,
-    h2: Client<FixedConnector, H2Body>,
+    app: SocketAddr,
+    /// The one HTTP/2 connection to the app, shared by every request sent as HTTP/2.
+    h2: ConnSlot,
 }
 
 impl AppClient {
     fn new(app: SocketAddr) -> Self {
-        let mut inner = HttpConnector::new();
-        inner.set_nodelay(true);
-        inner.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let target = Uri::try_from(format!("http://{app}")).unwrap_or_else(|_| Uri::from_static("http://127.0.0.1"));
-        let conn = FixedConnector { target, inner };
-        let h1 = Arc::new(H1Pool::new(app));
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .http2_max_header_list_size(crate::serve::MAX_HEADER_LIST)
-            .build(conn);
-        AppClient { h1, h2 }
+        AppClient { h1: Arc::new(H1Pool::new(app)), app, h2: ConnSlot::default() }
     }
 
-    /// Sends a request to an HTTP/2 app over the pooled connection. An idempotent request
-    /// without a body that the app did not take — its stream refused, or cut off by a GOAWAY
-    /// racing it (nginx sends one every `keepalive_requests`) — is sent once more, as RFC
-    /// 9110 §9.2.2 allows a proxy to; anything else fails as it is.
-    pub async fn send_h2(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, AppError> {
-        let replay = (req.method().is_idempotent() && req.body().is_end_stream()).then(|| bodiless_copy(&req));
-        match (self.h2.request(req.map(Either::Left)).await, replay) {
-            (Err(e), Some(replay)) if !e.is_connect() => {
-                tracing::debug!(error = %e, "HTTP/2 app did not take the request; sending it again");
-                self.h2.request(replay).await
-            }
-            (result, _) => result,
-        }
-        .map_err(AppError::H2)
+    /// Sends a request to an HTTP/2 app over the shared connection. A request that never
+    /// left (the connection had closed, or the app had said GOAWAY) goes on a new one. An
+    /// idempotent request without a body that the app did not take — its stream refused, or
+    /// cut off by a GOAWAY racing it (nginx sends one every `keepalive_requests`) — is sent
+    /// once more, as RFC 9110 §9.2.2 allows a proxy to; anything else fails as it is.
+    ///
+    /// On `h2` directly, as the outbound's client to its peers ([`crate::peer_h2`]): hyper's
+    /// client would put a channel and a task per request between this and the connection.
+    pub async fn send_h2<B>(&self, req: Request<B>) -> Result<Response<PeerBody>, AppError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let replay = (req.method().is_idempotent() && req.body().is_end_stream()).then(|| bodiless_copy::<B, B>(&req));
+        // The caller's body, or none when a refused request goes again.
+        let failed = match self.h2_conn().await?.send(req.map(Either::<B, Empty<Bytes>>::Left)).await {
+            Ok(resp) => return Ok(resp),
+            Err(SendError::Unsent(_, req)) => return self.h2_conn().await?.send(*req).await.map_err(AppError::from),
+            Err(SendError::Failed(e)) => e,
+        };
+        let Some(replay) = replay else { return Err(AppError::H2(failed)) };
+        tracing::debug!(error = %failed, "HTTP/2 app did not take the request; sending it again");
+        self.h2_conn().await?.send(replay).await.map_err(AppError::from)
+    }
+
+    async fn h2_conn(&self) -> Result<PeerConn, AppError> {
+        let app = self.app;
+        self.h2
+            .get_or_open(Duration::MAX, || async move {
+                let settings = Settings {
+                    stream_window: crate::serve::STREAM_WINDOW,
+                    connection_window: crate::serve::CONNECTION_WINDOW,
+                    max_header_list: crate::serve::MAX_HEADER_LIST,
+                };
+                let tcp = connect(app).await?;
+                crate::peer_h2::handshake(tcp, app, settings).await.map_err(AppError::H2Handshake)
+            })
+            .await
     }
 }
 
-fn bodiless_copy<B>(req: &Request<B>) -> Request<H2Body> {
+impl<B> From<SendError<B>> for AppError {
+    fn from(e: SendError<B>) -> Self {
+        match e {
+            SendError::Unsent(e, _) | SendError::Failed(e) => AppError::H2(e),
+        }
+    }
+}
+
+fn bodiless_copy<B, L>(req: &Request<L>) -> Request<Either<B, Empty<Bytes>>> {
     let mut copy = Request::new(Either::Right(Empty::new()));
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
     copy
+}
+
+/// A TCP connection to the app, for either protocol.
+async fn connect(app: SocketAddr) -> Result<TcpStream, AppError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(app))
+        .await
+        .map_err(|_| AppError::ConnectTimeout)?
+        .map_err(AppError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// How long an HTTP/1.1 connection to the app may sit unused before it is closed.
@@ -124,8 +132,10 @@ pub enum AppError {
     Handshake(hyper::Error),
     #[error(transparent)]
     Http(#[from] hyper::Error),
-    #[error(transparent)]
-    H2(#[from] legacy::Error),
+    #[error("HTTP/2 handshake failed: {0}")]
+    H2Handshake(h2::Error),
+    #[error("HTTP/2: {0}")]
+    H2(h2::Error),
 }
 
 impl AppError {
@@ -145,8 +155,7 @@ impl AppError {
         }
         let unreachable = match self {
             AppError::Connect(_) | AppError::ConnectTimeout => true,
-            AppError::H2(e) => e.is_connect(),
-            AppError::Handshake(_) | AppError::Http(_) => false,
+            AppError::Handshake(_) | AppError::Http(_) | AppError::H2Handshake(_) | AppError::H2(_) => false,
         };
         if unreachable {
             return ("app_unreachable", format!("the app at {app} is unreachable: {chain}"));
@@ -237,11 +246,7 @@ where
     }
 
     async fn connect(self: &Arc<Self>) -> Result<http1::SendRequest<B>, AppError> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.app))
-            .await
-            .map_err(|_| AppError::ConnectTimeout)?
-            .map_err(AppError::Connect)?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = connect(self.app).await?;
         let (send, conn) = http1::Builder::new()
             .max_buf_size(crate::serve::MAX_H1_BUF)
             .handshake(TokioIo::new(tcp))
@@ -467,6 +472,94 @@ mod tests {
                 None => panic!("the app never saw the connection close"),
             }
         }
+    }
+
+    /// An h2c app answering `ok <connection number> <request body length>`; with `close_after`,
+    /// each connection says GOAWAY and closes after that many requests.
+    async fn h2_app(close_after: Option<usize>) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                    let mut accepted = 0;
+                    // Each stream on its own task: the accept loop is what drives the connection.
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        tokio::spawn(answer(req, respond, n));
+                        accepted += 1;
+                        if close_after == Some(accepted) {
+                            // GOAWAY; the connection closes once the stream is answered.
+                            conn.graceful_shutdown();
+                        }
+                    }
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    async fn answer(req: Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>, conn: usize) {
+        let mut body = req.into_body();
+        let mut len = 0;
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+            len += chunk.len();
+        }
+        let mut tx = respond.send_response(Response::new(()), false).unwrap();
+        tx.send_data(Bytes::from(format!("ok {conn} {len}")), true).unwrap();
+    }
+
+    fn h2_request(method: http::Method, body: &'static str) -> Request<http_body_util::Full<Bytes>> {
+        let body = http_body_util::Full::new(Bytes::from_static(body.as_bytes()));
+        Request::builder().method(method).uri("http://api.shop/items").body(body).unwrap()
+    }
+
+    async fn h2_text(client: &AppClient, req: Request<http_body_util::Full<Bytes>>) -> String {
+        let resp = client.send_h2(req).await.unwrap();
+        String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection_to_the_app() {
+        let (addr, conns) = h2_app(None).await;
+        let client = Arc::new(AppClient::new(addr));
+        // Concurrent first requests too: they wait for one connect rather than each open one.
+        let mut sent = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let client = client.clone();
+            sent.spawn(async move { h2_text(&client, h2_request(http::Method::GET, "")).await });
+        }
+        for text in sent.join_all().await {
+            assert_eq!(text, "ok 1 0");
+        }
+        assert_eq!(h2_text(&client, h2_request(http::Method::POST, "abc")).await, "ok 1 3");
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_http2_app_closed_is_replaced_for_any_method() {
+        let (addr, conns) = h2_app(Some(1)).await;
+        let client = AppClient::new(addr);
+        assert_eq!(h2_text(&client, h2_request(http::Method::GET, "")).await, "ok 1 0");
+        // Once the client has seen the close, a POST (never sent twice) must go on a new connection.
+        while client.h2.holds_open() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(h2_text(&client, h2_request(http::Method::POST, "abcd")).await, "ok 2 4");
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_http2_app_that_is_not_listening_is_unreachable() {
+        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let client = AppClient::new(addr);
+        let err = client.send_h2(h2_request(http::Method::GET, "")).await.unwrap_err();
+        assert!(matches!(err, AppError::Connect(_)), "{err:?}");
+        assert_eq!(err.label_and_detail(addr, false).0, "app_unreachable");
     }
 
     #[tokio::test]

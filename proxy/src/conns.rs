@@ -21,10 +21,12 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::Method;
 use http::uri::PathAndQuery;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use trellis_identity::SpiffeId;
 use trellis_policy::{EgressFlow, Flow, HttpRequest, PolicySnapshot};
+
+use crate::app::AppBody;
 
 /// The flow a connection was allowed for, owned so it can be re-evaluated later.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,7 +186,7 @@ pin_project_lite::pin_project! {
     /// stream, or closes the HTTP/1.1 connection, instead of finishing the response.
     pub struct Revocable {
         #[pin]
-        inner: Incoming,
+        inner: AppBody,
         #[pin]
         revoked: WaitForCancellationFutureOwned,
         request: Tracked,
@@ -192,7 +194,7 @@ pin_project_lite::pin_project! {
 }
 
 impl Revocable {
-    pub fn new(inner: Incoming, request: Tracked) -> Self {
+    pub fn new(inner: AppBody, request: Tracked) -> Self {
         let revoked = request.cancel.clone().cancelled_owned();
         Revocable { inner, revoked, request }
     }

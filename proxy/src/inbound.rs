@@ -33,7 +33,7 @@ use tracing::{Instrument, field};
 use trellis_identity::{SpiffeId, VerifyError};
 use trellis_policy::{Flow, HttpRequest};
 
-use crate::app::AppClient;
+use crate::app::{AppBody, AppClient};
 use crate::authz::{Denial, Permit, authorize};
 use crate::config::InboundSpec;
 use crate::conns::{Revocable, Tracked, TrackedFlow};
@@ -466,7 +466,13 @@ async fn forward_http(
     *req.version_mut() = if downgrade { http::Version::HTTP_11 } else { http::Version::HTTP_2 };
     let sent = tokio::select! {
         biased;
-        sent = async { if downgrade { app.h1.send(req).await } else { app.send_h2(req).await } } => sent,
+        sent = async {
+            if downgrade {
+                app.h1.send(req).await.map(|r| r.map(AppBody::Left))
+            } else {
+                app.send_h2(req).await.map(|r| r.map(AppBody::Right))
+            }
+        } => sent,
         () = tracked.cancel.cancelled() => {
             let detail = "a policy change revoked this request before the app answered";
             return proxy_error(StatusCode::FORBIDDEN, "revoked", detail);

@@ -1,9 +1,10 @@
-//! The outbound's HTTP/2 client on a pooled connection to a peer sidecar, on `h2` directly.
+//! The outbound's HTTP/2 client on a pooled connection to a peer sidecar, on `h2` directly;
+//! the inbound's client to an HTTP/2 app ([`crate::app`]) is the same, over plain TCP.
 //!
-//! Sits between [`crate::pool`] (which opens and keeps the connection) and the outbound's
-//! forwarding service: [`handshake`] starts the connection and spawns its `drive`r,
-//! [`PeerConn::send`] sends one request and awaits the head of the answer, whose body is a
-//! [`PeerBody`].
+//! Sits between [`crate::pool`] (which opens and keeps the connection, in a [`ConnSlot`])
+//! and the outbound's forwarding service: [`handshake`] starts the connection and spawns
+//! its `drive`r, [`PeerConn::send`] sends one request and awaits the head of the answer,
+//! whose body is a [`PeerBody`].
 //!
 //! Why not hyper's HTTP/2 client: it puts a channel between the caller and the connection
 //! and spawns a task per request to wait for the response (plus two one-shot channels).
@@ -144,6 +145,56 @@ fn keepalive(
     Poll::Pending
 }
 
+/// One shared connection, opened by the first request that needs it: concurrent first
+/// requests wait for that one connect instead of each opening their own. Used for the
+/// outbound's pooled connection to each peer and the inbound's to an HTTP/2 app.
+#[derive(Debug, Default)]
+pub struct ConnSlot(tokio::sync::Mutex<Option<(PeerConn, Instant)>>);
+
+impl ConnSlot {
+    /// The slot's connection if it is open and younger than `max_age`, else one `open`ed
+    /// now (or by a request that got there first).
+    pub async fn get_or_open<E, F>(&self, max_age: Duration, open: impl FnOnce() -> F) -> Result<PeerConn, E>
+    where
+        F: Future<Output = Result<PeerConn, E>>,
+    {
+        // The common case, without waiting on the async lock.
+        if let Ok(slot) = self.0.try_lock()
+            && let Some(conn) = live(&slot, max_age)
+        {
+            return Ok(conn);
+        }
+        // Boxed: a connect and handshake future is kilobytes, and every request's future
+        // would carry (and move) it though only a connection's first requests wait here.
+        Box::pin(self.open(max_age, open)).await
+    }
+
+    async fn open<E, F>(&self, max_age: Duration, open: impl FnOnce() -> F) -> Result<PeerConn, E>
+    where
+        F: Future<Output = Result<PeerConn, E>>,
+    {
+        let mut slot = self.0.lock().await;
+        if let Some(conn) = live(&slot, max_age) {
+            return Ok(conn);
+        }
+        let conn = open().await?;
+        *slot = Some((conn.clone(), Instant::now()));
+        Ok(conn)
+    }
+}
+
+impl ConnSlot {
+    /// Does the slot hold a connection that is still open?
+    #[cfg(test)]
+    pub(crate) fn holds_open(&self) -> bool {
+        self.0.try_lock().is_ok_and(|slot| live(&slot, Duration::MAX).is_some())
+    }
+}
+
+fn live(slot: &Option<(PeerConn, Instant)>, max_age: Duration) -> Option<PeerConn> {
+    slot.as_ref().filter(|(conn, born)| !conn.is_closed() && born.elapsed() < max_age).map(|(conn, _)| conn.clone())
+}
+
 impl PeerConn {
     /// Is the connection gone (the pool must not hand it out)?
     pub fn is_closed(&self) -> bool {
@@ -254,8 +305,9 @@ async fn send_data(tx: &mut SendStream<Bytes>, mut data: Bytes, eos: bool) -> Re
     Ok(())
 }
 
-/// A response body arriving from the peer: data as the app reads it (each read gives the
-/// peer that much window back), then trailers (gRPC's status travels in them).
+/// A response body arriving over the connection (from a peer sidecar, or from an HTTP/2
+/// app to the inbound): data as the reader takes it (each read gives the sender that much
+/// window back), then trailers (gRPC's status travels in them).
 #[derive(Debug)]
 pub struct PeerBody {
     recv: RecvStream,

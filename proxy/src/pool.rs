@@ -10,14 +10,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use trellis_identity::pki_types::ServerName;
 use trellis_identity::{SpiffeId, VerifyError};
 
-use crate::peer_h2::{PeerConn, Settings};
+use crate::peer_h2::{ConnSlot, PeerConn, Settings};
 use crate::state::{PeerProtocol, ProxyState};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -81,13 +81,8 @@ pub async fn connect_tls(
     Ok(tls)
 }
 
-struct Pooled {
-    conn: PeerConn,
-    born: Instant,
-}
-
-/// One slot per peer; the async mutex makes concurrent first requests share one connect.
-type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+/// One slot per peer and expected identity.
+type Slot = Arc<ConnSlot>;
 
 #[derive(Default)]
 pub struct PeerPools {
@@ -122,40 +117,13 @@ impl PeerPools {
                 }
             }
         };
-        if let Ok(guard) = slot.try_lock()
-            && let Some(conn) = live(&guard)
-        {
-            return Ok(conn);
-        }
-        // Boxed: the connect and handshake future is kilobytes, and every request's future
-        // would carry (and move) it even though only the first request to a peer waits here.
-        Box::pin(Self::connect_slot(slot, state, addr, expected)).await
-    }
-
-    async fn connect_slot(
-        slot: Slot,
-        state: &ProxyState,
-        addr: SocketAddr,
-        expected: &SpiffeId,
-    ) -> Result<PeerConn, PeerError> {
-        let mut guard = slot.lock().await;
-        if let Some(conn) = live(&guard) {
-            return Ok(conn);
-        }
-        let conn = open_h2(state, addr, expected).await?;
-        *guard = Some(Pooled { conn: conn.clone(), born: Instant::now() });
-        Ok(conn)
+        slot.get_or_open(MAX_AGE, || open_h2(state, addr, expected)).await
     }
 
     /// Forgets every pooled connection (after a trust bundle change).
     pub fn clear(&self) {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
-}
-
-/// A sender on the slot's connection, if it is still usable.
-fn live(slot: &Option<Pooled>) -> Option<PeerConn> {
-    slot.as_ref().filter(|p| !p.conn.is_closed() && p.born.elapsed() < MAX_AGE).map(|p| p.conn.clone())
 }
 
 async fn open_h2(state: &ProxyState, addr: SocketAddr, expected: &SpiffeId) -> Result<PeerConn, PeerError> {
