@@ -27,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::http::ReqBody;
-use crate::peer_h2::{ConnSlot, PeerBody, PeerConn, SendError, Settings};
+use crate::peer_h2::{ConnSlot, PeerBody, PeerConn, SendError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -63,27 +63,33 @@ impl AppClient {
     {
         let replay = (req.method().is_idempotent() && req.body().is_end_stream()).then(|| bodiless_copy::<B, B>(&req));
         // The caller's body, or none when a refused request goes again.
-        let failed = match self.h2_conn().await?.send(req.map(Either::<B, Empty<Bytes>>::Left)).await {
-            Ok(resp) => return Ok(resp),
-            Err(SendError::Unsent(_, req)) => return self.h2_conn().await?.send(*req).await.map_err(AppError::from),
-            Err(SendError::Failed(e)) => e,
-        };
-        let Some(replay) = replay else { return Err(AppError::H2(failed)) };
-        tracing::debug!(error = %failed, "HTTP/2 app did not take the request; sending it again");
-        self.h2_conn().await?.send(replay).await.map_err(AppError::from)
+        match (self.send_h2_once(req.map(Either::<B, Empty<Bytes>>::Left)).await, replay) {
+            (Err(AppError::H2(e)), Some(replay)) => {
+                tracing::debug!(error = %e, "HTTP/2 app did not take the request; sending it again");
+                self.send_h2_once(replay).await
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// Sends on the shared connection; a request that never left goes once more on a new one.
+    async fn send_h2_once<T>(&self, req: Request<T>) -> Result<Response<PeerBody>, AppError>
+    where
+        T: Body<Data = Bytes> + Send + 'static,
+        T::Error: std::fmt::Display + Send,
+    {
+        match self.h2_conn().await?.send(req).await {
+            Err(SendError::Unsent(_, req)) => self.h2_conn().await?.send(*req).await.map_err(AppError::from),
+            sent => sent.map_err(AppError::from),
+        }
     }
 
     async fn h2_conn(&self) -> Result<PeerConn, AppError> {
         let app = self.app;
         self.h2
             .get_or_open(Duration::MAX, || async move {
-                let settings = Settings {
-                    stream_window: crate::serve::STREAM_WINDOW,
-                    connection_window: crate::serve::CONNECTION_WINDOW,
-                    max_header_list: crate::serve::MAX_HEADER_LIST,
-                };
                 let tcp = connect(app).await?;
-                crate::peer_h2::handshake(tcp, app, settings).await.map_err(AppError::H2Handshake)
+                crate::peer_h2::handshake(tcp, app, crate::peer_h2::SETTINGS).await.map_err(AppError::H2Handshake)
             })
             .await
     }

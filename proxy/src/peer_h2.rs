@@ -41,6 +41,15 @@ pub struct Settings {
     pub max_header_list: u32,
 }
 
+/// What this side announces on its client connections (to peers and to HTTP/2 apps): the
+/// windows the servers use too, and their header list limit — h2's default (16 KiB) would
+/// turn an app's larger response headers into a 502.
+pub const SETTINGS: Settings = Settings {
+    stream_window: crate::serve::STREAM_WINDOW,
+    connection_window: crate::serve::CONNECTION_WINDOW,
+    max_header_list: crate::serve::MAX_HEADER_LIST,
+};
+
 /// A handle on a live pooled connection; clones share it.
 #[derive(Clone, Debug)]
 pub struct PeerConn {

@@ -17,7 +17,7 @@ use tokio_rustls::client::TlsStream;
 use trellis_identity::pki_types::ServerName;
 use trellis_identity::{SpiffeId, VerifyError};
 
-use crate::peer_h2::{ConnSlot, PeerConn, Settings};
+use crate::peer_h2::{ConnSlot, PeerConn};
 use crate::state::{PeerProtocol, ProxyState};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -131,13 +131,7 @@ async fn open_h2(state: &ProxyState, addr: SocketAddr, expected: &SpiffeId) -> R
     if tls.get_ref().1.alpn_protocol() != Some(crate::state::ALPN_H2) {
         return Err(PeerError::Alpn { addr, wanted: "h2" });
     }
-    let settings = Settings {
-        stream_window: crate::serve::STREAM_WINDOW,
-        connection_window: crate::serve::CONNECTION_WINDOW,
-        // h2's default (16 KiB) would turn an app's larger response headers into a 502.
-        max_header_list: crate::serve::MAX_HEADER_LIST,
-    };
-    let pooled = crate::peer_h2::handshake(tls, addr, settings)
+    let pooled = crate::peer_h2::handshake(tls, addr, crate::peer_h2::SETTINGS)
         .await
         .map_err(|e| PeerError::Http { addr, reason: e.to_string() })?;
     tracing::debug!(%addr, peer = %expected, "opened pooled HTTP/2 connection to peer");
