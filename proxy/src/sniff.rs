@@ -73,11 +73,16 @@ pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> std:
         }
         // `classify` said "undecided", so anything read so far is a possible HTTP prefix.
         let deadline = if buf.is_empty() { first_bytes } else { rest };
-        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Ok(Ok(0)) => return Ok(Detected { protocol: Protocol::Opaque, prefix: buf.freeze(), timed_out: false }),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
+        let read = match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Ok(read) => Some(read),
+            Err(_) if buf.is_empty() => late_bytes(io, &mut buf).await,
+            Err(_) => None,
+        };
+        match read {
+            Some(Ok(0)) => return Ok(Detected { protocol: Protocol::Opaque, prefix: buf.freeze(), timed_out: false }),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e),
+            None => {
                 let timed_out = buf.is_empty();
                 let protocol = if timed_out { Protocol::Opaque } else { undecided(&buf) };
                 tracing::debug!(bytes = buf.len(), protocol = protocol.label(), "first line still incomplete");
@@ -85,6 +90,27 @@ pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> std:
             }
         }
     }
+}
+
+/// Event-loop turns [`late_bytes`] waits through.
+const LATE_TURNS: usize = 32;
+
+/// One more look before a client is called silent. A busy event loop runs every expired
+/// timer on each turn but takes in at most `--events-per-poll` sockets' readiness, so
+/// under load the detect timer can fire while bytes that arrived long before it are still
+/// queued in the kernel's ready list: an HTTP client would then be taken for opaque TCP
+/// and refused. Each `yield_now` lets the loop take in another batch; a client that truly
+/// sent nothing costs these few turns once, on a path that waited a whole timeout already.
+async fn late_bytes<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> Option<std::io::Result<usize>> {
+    for _ in 0..LATE_TURNS {
+        tokio::task::yield_now().await;
+        let mut read = std::pin::pin!(io.read_buf(buf));
+        if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+            tracing::debug!("the client's first bytes were read after the detect timer fired");
+            return Some(r);
+        }
+    }
+    None
 }
 
 /// Guards an opaque stream on a port not declared opaque whose first bytes nobody has looked
@@ -319,6 +345,36 @@ mod tests {
         let d = detect(&mut a, Duration::from_secs(1)).await.unwrap();
         assert_eq!((d.protocol, d.timed_out), (Protocol::Opaque, true));
         assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    /// Bytes there before the deadline but not yet seen by a busy event loop when its timer
+    /// fired: the reader says "not yet" to the first two polls (the first wait, and the one
+    /// the timer's wake-up makes), as a socket does whose readiness is still queued.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_seen_late_by_a_busy_event_loop_still_decide() {
+        struct Late {
+            polls: usize,
+            data: &'static [u8],
+        }
+        impl AsyncRead for Late {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                self.polls += 1;
+                if self.polls <= 2 {
+                    return Poll::Pending;
+                }
+                let data = std::mem::take(&mut self.data);
+                buf.put_slice(data);
+                Poll::Ready(Ok(()))
+            }
+        }
+        let mut late = Late { polls: 0, data: b"GET /x HTTP/1.1\r\n" };
+        let d = detect(&mut late, Duration::from_secs(1)).await.unwrap();
+        assert_eq!((d.protocol, d.timed_out), (Protocol::Http1, false));
+        assert_eq!(&d.prefix[..], b"GET /x HTTP/1.1\r\n");
     }
 
     #[tokio::test]
