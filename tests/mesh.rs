@@ -1173,7 +1173,12 @@ async fn http_sent_after_the_detect_timeout_is_refused_not_forwarded_raw() {
 /// peer: all of them share the sidecars' pooled HTTP/2 connection and its window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_readers_do_not_stall_the_pooled_connection() {
-    let pair = AppPair::start(backends::body_echo().await).await;
+    // The app serving the ten downloads runs in this test's runtime: on a loaded machine it
+    // can delay the last client's first bytes past the default 1 s detect timeout, and a
+    // client silent that long is opaque TCP by design. This test is about the pooled
+    // connection's flow control, so detection gets room.
+    let web = ["--detect-timeout".to_string(), "10s".to_string()];
+    let pair = AppPair::start_with(backends::body_echo().await, &[], &web).await;
     let mut stalled = Vec::new();
     for _ in 0..10 {
         let mut s = TcpStream::connect(pair.route).await.unwrap();
@@ -1182,7 +1187,8 @@ async fn stalled_readers_do_not_stall_the_pooled_connection() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let url = format!("http://{}/bytes/1000", pair.route);
-    let answered = tokio::time::timeout(Duration::from_secs(5), get(&http_client(), &url, "GET", &[])).await;
+    // A stall would be for good (a window never given back): a generous bound still shows it.
+    let answered = tokio::time::timeout(Duration::from_secs(15), get(&http_client(), &url, "GET", &[])).await;
     let (status, headers, _) = answered.expect("a request behind ten stalled downloads did not complete");
     assert_eq!((status, headers.get("content-length").and_then(|v| v.to_str().ok())), (200, Some("1000")));
     drop(stalled);
