@@ -31,9 +31,6 @@ use crate::peer_h2::{ConnSlot, PeerBody, PeerConn, SendError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// An app's response body: from an HTTP/1.1 connection (hyper's) or an HTTP/2 one (`h2`'s).
-pub type AppBody = Either<Incoming, PeerBody>;
-
 /// The pair of clients for one app address.
 #[derive(Debug)]
 pub struct AppClient {
@@ -45,7 +42,8 @@ pub struct AppClient {
 
 impl AppClient {
     fn new(app: SocketAddr) -> Self {
-        AppClient { h1: Arc::new(H1Pool::new(app)), app, h2: ConnSlot::default() }
+        // Kept while the app keeps it open: unlike a peer's, it carries no certificate to expire.
+        AppClient { h1: Arc::new(H1Pool::new(app)), app, h2: ConnSlot::new(Duration::MAX) }
     }
 
     /// Sends a request to an HTTP/2 app over the shared connection. A request that never
@@ -87,7 +85,7 @@ impl AppClient {
     async fn h2_conn(&self) -> Result<PeerConn, AppError> {
         let app = self.app;
         self.h2
-            .get_or_open(Duration::MAX, || async move {
+            .get_or_open(|| async move {
                 let tcp = connect(app).await?;
                 crate::peer_h2::handshake(tcp, app, crate::peer_h2::SETTINGS).await.map_err(AppError::H2Handshake)
             })

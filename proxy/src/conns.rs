@@ -26,7 +26,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use trellis_identity::SpiffeId;
 use trellis_policy::{EgressFlow, Flow, HttpRequest, PolicySnapshot};
 
-use crate::app::AppBody;
+use crate::http::AppBody;
 
 /// The flow a connection was allowed for, owned so it can be re-evaluated later.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,6 +21,10 @@ use crate::peer_h2::PeerBody;
 /// [`PeerBody`]) or generated here (`Full`).
 pub type RespBody = Either<Either<Incoming, PeerBody>, Either<Full<Bytes>, Revocable>>;
 
+/// An app's response body to the inbound: from an HTTP/1.1 connection (hyper's) or an
+/// HTTP/2 one (`h2`'s, [`crate::app::AppClient::send_h2`]).
+pub type AppBody = Either<Incoming, PeerBody>;
+
 /// A body relayed as hyper received it: the answer to an upgrade (from an app or a peer,
 /// each on its own connection). An app's ordinary response is [`revocable`].
 pub fn relayed(body: Incoming) -> RespBody {

@@ -33,13 +33,13 @@ use tracing::{Instrument, field};
 use trellis_identity::{SpiffeId, VerifyError};
 use trellis_policy::{Flow, HttpRequest};
 
-use crate::app::{AppBody, AppClient};
+use crate::app::AppClient;
 use crate::authz::{Denial, Permit, authorize};
 use crate::config::InboundSpec;
 use crate::conns::{Revocable, Tracked, TrackedFlow};
 use crate::http::{
-    ORIG_PROTO, PEER_ID, ReqBody, RespBody, app_uri, header_too_large, is_websocket_upgrade, proxy_error, revocable,
-    strip_hop_by_hop, strip_trellis_headers,
+    AppBody, ORIG_PROTO, PEER_ID, ReqBody, RespBody, app_uri, header_too_large, is_websocket_upgrade, proxy_error,
+    revocable, strip_hop_by_hop, strip_trellis_headers,
 };
 use crate::io::Prefixed;
 use crate::layers::{MetricsLayer, Permitted, PolicyLayer, TraceLayer};

@@ -157,51 +157,58 @@ fn keepalive(
 /// One shared connection, opened by the first request that needs it: concurrent first
 /// requests wait for that one connect instead of each opening their own. Used for the
 /// outbound's pooled connection to each peer and the inbound's to an HTTP/2 app.
-#[derive(Debug, Default)]
-pub struct ConnSlot(tokio::sync::Mutex<Option<(PeerConn, Instant)>>);
+#[derive(Debug)]
+pub struct ConnSlot {
+    conn: tokio::sync::Mutex<Option<(PeerConn, Instant)>>,
+    /// A connection this old is replaced (`Duration::MAX`: kept while it is open).
+    max_age: Duration,
+}
 
 impl ConnSlot {
-    /// The slot's connection if it is open and younger than `max_age`, else one `open`ed
-    /// now (or by a request that got there first).
-    pub async fn get_or_open<E, F>(&self, max_age: Duration, open: impl FnOnce() -> F) -> Result<PeerConn, E>
+    pub fn new(max_age: Duration) -> Self {
+        ConnSlot { conn: tokio::sync::Mutex::new(None), max_age }
+    }
+
+    /// The slot's connection if it is open and not too old, else one `open`ed now (or by a
+    /// request that got there first).
+    pub async fn get_or_open<E, F>(&self, open: impl FnOnce() -> F) -> Result<PeerConn, E>
     where
         F: Future<Output = Result<PeerConn, E>>,
     {
         // The common case, without waiting on the async lock.
-        if let Ok(slot) = self.0.try_lock()
-            && let Some(conn) = live(&slot, max_age)
+        if let Ok(slot) = self.conn.try_lock()
+            && let Some(conn) = self.live(&slot)
         {
             return Ok(conn);
         }
         // Boxed: a connect and handshake future is kilobytes, and every request's future
         // would carry (and move) it though only a connection's first requests wait here.
-        Box::pin(self.open(max_age, open)).await
+        Box::pin(self.open(open)).await
     }
 
-    async fn open<E, F>(&self, max_age: Duration, open: impl FnOnce() -> F) -> Result<PeerConn, E>
+    async fn open<E, F>(&self, open: impl FnOnce() -> F) -> Result<PeerConn, E>
     where
         F: Future<Output = Result<PeerConn, E>>,
     {
-        let mut slot = self.0.lock().await;
-        if let Some(conn) = live(&slot, max_age) {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = self.live(&slot) {
             return Ok(conn);
         }
         let conn = open().await?;
         *slot = Some((conn.clone(), Instant::now()));
         Ok(conn)
     }
-}
 
-impl ConnSlot {
-    /// Does the slot hold a connection that is still open?
+    fn live(&self, slot: &Option<(PeerConn, Instant)>) -> Option<PeerConn> {
+        let usable = |(conn, born): &&(PeerConn, Instant)| !conn.is_closed() && born.elapsed() < self.max_age;
+        slot.as_ref().filter(usable).map(|(conn, _)| conn.clone())
+    }
+
+    /// Does the slot hold a connection that is still usable?
     #[cfg(test)]
     pub(crate) fn holds_open(&self) -> bool {
-        self.0.try_lock().is_ok_and(|slot| live(&slot, Duration::MAX).is_some())
+        self.conn.try_lock().is_ok_and(|slot| self.live(&slot).is_some())
     }
-}
-
-fn live(slot: &Option<(PeerConn, Instant)>, max_age: Duration) -> Option<PeerConn> {
-    slot.as_ref().filter(|(conn, born)| !conn.is_closed() && born.elapsed() < max_age).map(|(conn, _)| conn.clone())
 }
 
 impl PeerConn {

@@ -111,13 +111,13 @@ impl PeerPools {
             match by_id.iter().find(|(id, _)| id == expected) {
                 Some((_, slot)) => slot.clone(),
                 None => {
-                    let slot = Slot::default();
+                    let slot = Arc::new(ConnSlot::new(MAX_AGE));
                     by_id.push((expected.clone(), slot.clone()));
                     slot
                 }
             }
         };
-        slot.get_or_open(MAX_AGE, || open_h2(state, addr, expected)).await
+        slot.get_or_open(|| open_h2(state, addr, expected)).await
     }
 
     /// Forgets every pooled connection (after a trust bundle change).
