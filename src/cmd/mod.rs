@@ -1,4 +1,8 @@
 //! Subcommands of the `trellis` binary, one module each.
+//!
+//! Their flags' doc comments are `--help` text for clap, where `<placeholder>` reads as
+//! meant; rustdoc would take it for HTML, hence the allow.
+#![allow(rustdoc::invalid_html_tags)]
 
 #[macro_use]
 pub mod out;
