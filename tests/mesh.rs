@@ -810,7 +810,7 @@ async fn http2_prior_knowledge_clients_are_carried_end_to_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_app_refusing_a_stream_gets_idempotent_requests_again() {
+async fn an_http2_app_refusing_a_stream_gets_bodiless_requests_again() {
     let pair = AppPair::start(backends::h2_refusing_first_try().await).await;
     let route = pair.route;
     let client =
@@ -822,13 +822,23 @@ async fn an_http2_app_refusing_a_stream_gets_idempotent_requests_again() {
     let (status, _, body) = get(&client, &format!("http://{route}/items"), "GET", &[]).await;
     assert_eq!((status, body.as_str()), (200, "attempt 2"));
 
-    // A POST is not idempotent: the refusal reaches the client as the sidecar's 502...
-    let (status, headers, body) = get(&client, &format!("http://{route}/orders"), "POST", &[]).await;
-    assert_eq!(status, 502, "{body}");
-    assert_eq!(headers.get("x-trellis-error").unwrap(), "app_failed");
-    // ...and the app did take the next one, so the 502 was the sidecar declining to retry.
+    // A refused stream was not processed (RFC 9113 §8.7), so a POST without a body goes again too.
     let (status, _, body) = get(&client, &format!("http://{route}/orders"), "POST", &[]).await;
     assert_eq!((status, body.as_str()), (200, "attempt 2"));
+
+    // A POST whose body was streamed to the app cannot be sent again: the refusal reaches the
+    // client as the sidecar's 502...
+    let post = |path: &str| {
+        let req = http::Request::post(format!("http://{route}{path}"));
+        client.request(req.body(http_body_util::Full::new(bytes::Bytes::from_static(b"order"))).unwrap())
+    };
+    let resp = post("/payments").await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers().get("x-trellis-error").unwrap(), "app_failed");
+    // ...and the app did take the next one, so the 502 was the sidecar declining to retry.
+    let resp = post("/payments").await.unwrap();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"attempt 2");
 }
 
 /// An app whose chunked response is malformed before any of its body: the caller gets a 502

@@ -47,10 +47,12 @@ impl AppClient {
     }
 
     /// Sends a request to an HTTP/2 app over the shared connection. A request that never
-    /// left (the connection had closed, or the app had said GOAWAY) goes on a new one. An
-    /// idempotent request without a body that the app did not take — its stream refused, or
-    /// cut off by a GOAWAY racing it (nginx sends one every `keepalive_requests`) — is sent
-    /// once more, as RFC 9110 §9.2.2 allows a proxy to; anything else fails as it is.
+    /// left (the connection had closed, or the app had said GOAWAY) goes on a new one. A
+    /// request without a body that the app did not take is sent once more: any method if the
+    /// app refused its stream (`REFUSED_STREAM` means it was not processed at all, RFC 9113
+    /// §8.7), an idempotent one whatever cut it off — e.g. a GOAWAY racing it, as nginx sends
+    /// one every `keepalive_requests` — as RFC 9110 §9.2.2 allows a proxy. A request whose
+    /// body has been streamed cannot be sent again and fails as it is.
     ///
     /// On `h2` directly, as the outbound's client to its peers ([`crate::peer_h2`]): hyper's
     /// client would put a channel and a task per request between this and the connection.
@@ -59,10 +61,11 @@ impl AppClient {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let replay = (req.method().is_idempotent() && req.body().is_end_stream()).then(|| bodiless_copy::<B, B>(&req));
+        let idempotent = req.method().is_idempotent();
+        let replay = req.body().is_end_stream().then(|| bodiless_copy::<B, B>(&req));
         // The caller's body, or none when a refused request goes again.
         match (self.send_h2_once(req.map(Either::<B, Empty<Bytes>>::Left)).await, replay) {
-            (Err(AppError::H2(e)), Some(replay)) => {
+            (Err(AppError::H2(e)), Some(replay)) if idempotent || refused(&e) => {
                 tracing::debug!(error = %e, "HTTP/2 app did not take the request; sending it again");
                 self.send_h2_once(replay).await
             }
@@ -99,6 +102,11 @@ impl<B> From<SendError<B>> for AppError {
             SendError::Unsent(e, _) | SendError::Failed(e) => AppError::H2(e),
         }
     }
+}
+
+/// The app reset the stream with `REFUSED_STREAM`: it did no processing of the request.
+fn refused(e: &h2::Error) -> bool {
+    e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 fn bodiless_copy<B, L>(req: &Request<L>) -> Request<Either<B, Empty<Bytes>>> {
