@@ -174,7 +174,7 @@ fn wrong_or_missing_credentials_are_clear_errors() {
         .env_remove("TRELLIS_CA_BUNDLE")
         .output()
         .unwrap();
-    assert_refused(&out, None, "no trust bundle");
+    assert_refused(&out, Some(2), "no trust bundle");
     // A control plane that is not there.
     let out = std::process::Command::new(bin())
         .args(["workloads", "list", "--control", &format!("https://127.0.0.1:{}", free_port()), "--ca-bundle"])
@@ -183,7 +183,7 @@ fn wrong_or_missing_credentials_are_clear_errors() {
         .arg(control.data().join("admin.token"))
         .output()
         .unwrap();
-    assert_refused(&out, None, "cannot connect");
+    assert_refused(&out, Some(2), "cannot connect");
     // Each mistake named by what was given, before anything is sent.
     let dir = tempfile::tempdir().unwrap();
     let pem = write(dir.path(), "bundle-as-token.pem", &std::fs::read_to_string(control.bundle_path()).unwrap());
@@ -197,7 +197,7 @@ fn wrong_or_missing_credentials_are_clear_errors() {
         ),
     ] {
         let (code, _, err) = control.cli(args);
-        assert_ne!(code, 0, "{args:?}");
+        assert_eq!(code, 2, "{args:?}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
     // An empty token is refused here, not sent to earn a 401.

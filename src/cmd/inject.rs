@@ -42,13 +42,13 @@ pub fn run(args: InjectArgs) -> ExitCode {
             let mut stdout = std::io::stdout().lock();
             if let Err(e) = stdout.write_all(output.as_bytes()).and_then(|()| stdout.flush()) {
                 errln!("trellis inject: cannot write to stdout: {e}");
-                return ExitCode::FAILURE;
+                return ExitCode::from(super::EXIT_ERROR);
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
             errln!("trellis inject: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(super::EXIT_ERROR)
         }
     }
 }

@@ -18,6 +18,11 @@ pub mod remote;
 pub mod token;
 pub mod workloads;
 
+/// What every client command (`policy`, `token`, `workloads`, `inject`) exits with on an
+/// error — bad input, a refused or failed call — as clap does for a bad flag; `policy check`
+/// keeps 1 for "denied", so 2 tells a broken check from a deny.
+pub const EXIT_ERROR: u8 = 2;
+
 /// Logs go to stderr so that stdout stays parseable (`token create` prints only the token).
 pub fn init_logging(filter: tracing_subscriber::filter::Targets) {
     // `Targets` (`info,trellis_proxy=debug`) rather than `EnvFilter`: the same directives

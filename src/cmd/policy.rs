@@ -21,7 +21,6 @@ use trellis_policy::{
 };
 
 const EXIT_DENY: u8 = 1;
-const EXIT_ERROR: u8 = 2;
 
 /// Names printed by `validate` before the list is cut short.
 const MAX_LISTED_NAMES: usize = 20;
@@ -177,7 +176,7 @@ fn validate(args: &ValidateArgs) -> Result<ExitCode, ExitCode> {
             for line in &foreign {
                 errln!("{line}");
             }
-            return Err(ExitCode::from(EXIT_ERROR));
+            return Err(ExitCode::from(super::EXIT_ERROR));
         }
     }
     outln!("{}", summary(&policies));
@@ -343,7 +342,7 @@ fn load_dir(dir: &Path) -> Result<Vec<Policy>, ExitCode> {
             }
         }
     }
-    if failed { Err(ExitCode::from(EXIT_ERROR)) } else { Ok(policies) }
+    if failed { Err(ExitCode::from(super::EXIT_ERROR)) } else { Ok(policies) }
 }
 
 /// The `*.yaml`, `*.yml` and `*.json` files directly in `dir`, in name order (as `kubectl
@@ -370,7 +369,7 @@ fn report(file: Option<&Path>, errors: &ValidationErrors) -> ExitCode {
     if errors.omitted() > 0 {
         errln!("{prefix}... and {} more errors", errors.omitted());
     }
-    ExitCode::from(EXIT_ERROR)
+    ExitCode::from(super::EXIT_ERROR)
 }
 
 /// Reads at most one byte past the limit, so an endless or huge input is refused early.
@@ -395,5 +394,5 @@ pub(super) fn no_documents(file: &Path) -> ExitCode {
 
 pub(super) fn fail(message: impl std::fmt::Display) -> ExitCode {
     errln!("error: {message}");
-    ExitCode::from(EXIT_ERROR)
+    ExitCode::from(super::EXIT_ERROR)
 }

@@ -57,7 +57,7 @@ pub fn run(cmd: TokenCommand) -> ExitCode {
         }
         Err(e) => {
             errln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(super::EXIT_ERROR)
         }
     }
 }

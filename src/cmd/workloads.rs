@@ -31,7 +31,7 @@ pub fn run(cmd: WorkloadsCommand) -> ExitCode {
         Ok(l) => l,
         Err(e) => {
             errln!("error: {e:#}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(super::EXIT_ERROR);
         }
     };
     if args.output != Output::Text {
@@ -39,7 +39,7 @@ pub fn run(cmd: WorkloadsCommand) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 errln!("error: {e}");
-                ExitCode::FAILURE
+                ExitCode::from(super::EXIT_ERROR)
             }
         };
     }
