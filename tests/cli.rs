@@ -101,6 +101,14 @@ fn inject_reads_a_directory_of_manifests() {
     let out = inject();
     assert_refused(&out, Some(2), "z-bad.yaml");
     assert!(out.stdout.is_empty());
+
+    // Valid JSON, but an array of objects is not a manifest kubectl applies: refused, not
+    // passed through uninjected.
+    std::fs::remove_file(dir.path().join("z-bad.yaml")).unwrap();
+    std::fs::write(dir.path().join("z-array.json"), "[{\"apiVersion\": \"v1\", \"kind\": \"Pod\"}]").unwrap();
+    let out = inject();
+    assert_refused(&out, Some(2), "z-array.json: document 1: a sequence of documents");
+    assert!(out.stdout.is_empty());
 }
 
 /// `trellis inject` as an operator runs it: the proxy resources annotations land in the

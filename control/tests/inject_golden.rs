@@ -369,6 +369,30 @@ fn errors_name_the_document_and_nothing_is_returned() {
     assert_eq!(inject::inject_manifests(foreign, &cfg).expect("ok").outcomes, vec![Outcome::NotAWorkload]);
     // Empty input is empty output.
     assert_eq!(inject::inject_manifests("", &cfg).expect("ok").yaml, "");
+
+    // What is not a Kubernetes object is refused, naming its document, rather than passed
+    // through: a JSON array of Deployments would otherwise reach kubectl uninjected.
+    let deployment = "{\"apiVersion\": \"apps/v1\", \"kind\": \"Deployment\", \"metadata\": {\"name\": \"d\"}}";
+    for (input, document, want) in [
+        (format!("[{deployment}]"), 1, "a sequence of documents"),
+        ("just a string\n".to_string(), 1, "a string, not a Kubernetes object"),
+        (format!("{pod}---\nfoo: bar\n"), 2, "no apiVersion or kind"),
+        ("apiVersion: v1\nkind: \"\"\n".to_string(), 1, "no kind"),
+        ("kind: Pod\nmetadata: {name: p}\n".to_string(), 1, "no apiVersion"),
+    ] {
+        match inject::inject_manifests(&input, &cfg) {
+            Err(e @ inject::InjectError::NotAnObject { .. }) => {
+                let text = e.to_string();
+                assert!(text.starts_with(&format!("document {document}: ")) && text.contains(want), "{input}: {text}");
+            }
+            other => panic!("{input}: {other:?}"),
+        }
+    }
+    let list = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: c}}\n- 42\n";
+    match inject::inject_manifests(list, &cfg) {
+        Err(e @ inject::InjectError::Pod { .. }) => assert!(e.to_string().contains("items[1]: a number"), "{e}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -25,6 +25,9 @@ pub struct Injected {
 /// result as YAML. Nothing is returned unless every document was read and injected.
 pub fn inject_manifests(input: &str, cfg: &InjectConfig) -> Result<Injected, InjectError> {
     let mut docs = parse_manifests(input)?;
+    for (index, doc) in docs.iter().enumerate() {
+        not_an_object(doc).map_or(Ok(()), |reason| Err(InjectError::NotAnObject { document: index + 1, reason }))?;
+    }
     let mut outcomes = Vec::with_capacity(docs.len());
     for (index, doc) in docs.iter_mut().enumerate() {
         let outcome = inject_document(doc, cfg).map_err(|error| InjectError::Pod {
@@ -70,6 +73,28 @@ fn inject_at(doc: &mut Value, cfg: &InjectConfig, path: &str) -> Result<Outcome,
     }
 }
 
+/// Why `doc` is not a Kubernetes object — a mapping with a string `apiVersion` and `kind` —
+/// or `None` if it is. Passing anything else through would let `inject -f x | kubectl apply`
+/// succeed with workloads left uninjected (a JSON array of Deployments) or fail far from here.
+fn not_an_object(doc: &Value) -> Option<String> {
+    let what = match doc {
+        Value::Object(_) => None,
+        Value::Array(_) => Some("a sequence of documents (wrap them in `kind: List` as `items`)"),
+        Value::String(_) => Some("a string"),
+        Value::Number(_) => Some("a number"),
+        Value::Bool(_) => Some("a boolean"),
+        Value::Null => Some("null"),
+    };
+    if let Some(what) = what {
+        return Some(format!("{what}, not a Kubernetes object (a mapping with apiVersion and kind)"));
+    }
+    let missing: Vec<&str> = ["apiVersion", "kind"]
+        .into_iter()
+        .filter(|key| doc.get(*key).and_then(Value::as_str).is_none_or(|v| v.trim().is_empty()))
+        .collect();
+    (!missing.is_empty()).then(|| format!("not a Kubernetes object: no {} (a non-empty string)", missing.join(" or ")))
+}
+
 fn inject_items(doc: &mut Value, cfg: &InjectConfig, path: &str) -> Result<Outcome, PodError> {
     let Some(items) = doc.get_mut("items").and_then(Value::as_array_mut) else {
         return match doc.get("items") {
@@ -79,7 +104,11 @@ fn inject_items(doc: &mut Value, cfg: &InjectConfig, path: &str) -> Result<Outco
     };
     let mut outcomes = Vec::with_capacity(items.len());
     for (i, item) in items.iter_mut().enumerate() {
-        outcomes.push(inject_at(item, cfg, &format!("{path}[{i}]"))?);
+        let field = format!("{path}[{i}]");
+        if let Some(reason) = not_an_object(item) {
+            return Err(PodError::Malformed { field, reason });
+        }
+        outcomes.push(inject_at(item, cfg, &field)?);
     }
     Ok(Outcome::List(outcomes))
 }

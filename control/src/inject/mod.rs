@@ -217,6 +217,10 @@ pub enum InjectError {
     /// JSON that does not parse.
     #[error("malformed JSON: {message}")]
     Json { line: usize, column: usize, message: String },
+    /// A document that is not a Kubernetes object (no `apiVersion`/`kind`, a scalar, a
+    /// sequence); `document` counts from 1.
+    #[error("document {document}: {reason}")]
+    NotAnObject { document: usize, reason: String },
     /// A workload that cannot be injected.
     #[error("document {document} ({kind} {name:?}): {error}")]
     Pod { document: usize, kind: String, name: String, error: Box<PodError> },
