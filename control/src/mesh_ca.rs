@@ -85,7 +85,11 @@ fn load_or_create_ca(config: &ControlConfig) -> Result<CertificateAuthority, Sta
 /// The trust domain the CA's root names in a path-less SPIFFE URI SAN, if it names one: the
 /// root is what goes into bundle.pem, and proxies and the CLI learn the trust domain from it.
 fn ca_trust_domain(ca: &CertificateAuthority) -> Option<String> {
-    let info = trellis_identity::CertInfo::parse(ca.root()).ok()?;
+    root_trust_domain(ca.root())
+}
+
+fn root_trust_domain(root: &[u8]) -> Option<String> {
+    let info = trellis_identity::CertInfo::parse(root).ok()?;
     info.uri_sans
         .iter()
         .filter_map(|uri| SpiffeId::parse(uri).ok())
@@ -93,12 +97,42 @@ fn ca_trust_domain(ca: &CertificateAuthority) -> Option<String> {
         .map(|id| id.trust_domain_str().to_string())
 }
 
-/// Keeps any roots already in `bundle.pem` (rotation overlap) and adds the current one.
-pub(crate) fn write_bundle(dir: &Path, ca: &CertificateAuthority) -> Result<TrustBundle, StartError> {
+/// The roots an earlier start left in `bundle.pem` (none on a first start), checked before
+/// anything is written: every one must be a CA of this trust domain — the current root and
+/// earlier ones kept for a rotation. A file that does not read, or holds another mesh's root or
+/// a certificate naming no trust domain, is refused rather than dropped (it would lose the
+/// rotation overlap) or served (every proxy would trust another mesh, and clients learn the
+/// trust domain from the bundle's first root).
+pub(crate) fn earlier_bundle(dir: &Path, td: &TrustDomain) -> Result<Option<TrustBundle>, StartError> {
     let path = dir.join(BUNDLE_FILE);
-    let bundle = match TrustBundle::load(&path) {
-        Ok(existing) => existing.with_root(ca.root().clone())?,
-        Err(_) => TrustBundle::new(vec![ca.root().clone()])?,
+    if !path.exists() {
+        return Ok(None);
+    }
+    let refuse = |problem: String| StartError::BundleFile { path: path.clone(), problem, configured: td.clone() };
+    let text = std::fs::read(&path).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+    let bundle = TrustBundle::from_pem(&text).map_err(|e| refuse(e.to_string()))?;
+    for (index, root) in bundle.roots().iter().enumerate() {
+        let named = match root_trust_domain(root) {
+            Some(found) if found == td.as_str() => continue,
+            Some(found) => format!("the root of trust domain {found}"),
+            None => "a CA naming no trust domain".to_string(),
+        };
+        return Err(refuse(format!("certificate {} (SHA256 {}) is {named}", index + 1, fingerprint_sha256(root))));
+    }
+    Ok(Some(bundle))
+}
+
+/// Keeps the roots an earlier start left in `bundle.pem` (rotation overlap) and adds the
+/// current one.
+pub(crate) fn write_bundle(
+    dir: &Path,
+    earlier: Option<TrustBundle>,
+    ca: &CertificateAuthority,
+) -> Result<TrustBundle, StartError> {
+    let path = dir.join(BUNDLE_FILE);
+    let bundle = match earlier {
+        Some(earlier) => earlier.with_root(ca.root().clone())?,
+        None => TrustBundle::new(vec![ca.root().clone()])?,
     };
     write_private(&path, bundle.to_pem().as_bytes(), 0o600)
         .map_err(|error| StartError::DataDir { path: path.clone(), error })?;

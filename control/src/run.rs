@@ -96,6 +96,12 @@ pub enum StartError {
          (proxies learn the trust domain from it), here spiffe://{configured}"
     )]
     CaTrustDomain { cert: PathBuf, problem: String, configured: TrustDomain },
+    #[error(
+        "{path}: {problem}; bundle.pem may hold only roots of trust domain {configured} (the current CA's and \
+         earlier ones kept for a rotation): mend it, or delete it to have it rewritten with the current root \
+         alone"
+    )]
+    BundleFile { path: PathBuf, problem: String, configured: TrustDomain },
     #[error("CA: {0}")]
     Ca(trellis_identity::CaError),
     #[error("trust bundle: {0}")]
@@ -198,11 +204,12 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     if let Some(found) = recorded_td.as_deref().filter(|td| *td != config.trust_domain.as_str()) {
         return Err(mismatch(&config, "store", found.to_string()));
     }
+    let earlier_bundle = crate::mesh_ca::earlier_bundle(dir, &config.trust_domain)?;
     let (ca, recorded_ca) = crate::mesh_ca::choose(&config, &store, given_ca)?;
     if recorded_td.is_none() {
         store.set_trust_domain(config.trust_domain.as_str())?;
     }
-    let bundle = crate::mesh_ca::write_bundle(dir, &ca)?;
+    let bundle = crate::mesh_ca::write_bundle(dir, earlier_bundle, &ca)?;
     let admin_token = load_or_create_admin_token(dir, recorded_ca.is_some())?;
     make_files_private(&config)?;
     let shared = Shared::load(Arc::new(store), bundle.clone())?;

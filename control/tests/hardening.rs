@@ -188,6 +188,51 @@ async fn a_data_dir_for_another_trust_domain_is_refused_and_left_alone() {
     running.shutdown().await;
 }
 
+/// `bundle.pem` may hold earlier roots of this mesh (a rotation's overlap) and nothing else:
+/// another mesh's root, a CA naming no trust domain or an unreadable file is refused at start
+/// with the certificate named, and the file is left as it was.
+#[tokio::test]
+async fn a_bundle_holding_anything_but_this_meshs_roots_is_refused_and_left_alone() {
+    let Plane { running, dir } = Plane::start().await;
+    running.shutdown().await;
+    let path = dir.path().join("bundle.pem");
+    let ours = std::fs::read_to_string(&path).unwrap();
+    let other = trellis_identity::CertificateAuthority::create_root(
+        &TrustDomain::parse("other.mesh").unwrap(),
+        Duration::from_secs(86_400),
+    )
+    .unwrap();
+    let other_pem = trellis_identity::pem::certs_to_pem([other.root()]);
+    let nameless = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map(|mut p| {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p
+        })
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem();
+    for (text, want) in [
+        (format!("{other_pem}{ours}"), "certificate 1 (SHA256 "),
+        (format!("{ours}{other_pem}"), "is the root of trust domain other.mesh"),
+        (format!("{ours}{nameless}"), "certificate 2 (SHA256 "),
+        (format!("{ours}{nameless}"), "is a CA naming no trust domain"),
+        ("not a certificate\n".to_string(), "trust bundle: no CERTIFICATE found"),
+    ] {
+        std::fs::write(&path, &text).unwrap();
+        let err = trellis_control::start(config(dir.path()), Hooks::default()).await.unwrap_err();
+        assert!(matches!(err, StartError::BundleFile { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(want) && msg.contains("bundle.pem"), "{msg}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "bundle rewritten");
+    }
+    // This mesh's roots only: it starts, and keeps them.
+    std::fs::write(&path, &ours).unwrap();
+    let running = trellis_control::start(config(dir.path()), Hooks::default()).await.unwrap();
+    running.shutdown().await;
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), ours);
+}
+
 // --- 4. permissions ---------------------------------------------------------------------
 
 #[tokio::test]
