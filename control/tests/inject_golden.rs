@@ -388,6 +388,10 @@ fn errors_name_the_document_and_nothing_is_returned() {
             other => panic!("{input}: {other:?}"),
         }
     }
+    // A container named `n` is YAML 1.1's `false`, as Kubernetes reads it: said so, not "no name".
+    let named_n = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: n\n    image: x\n";
+    let e = inject::inject_manifests(named_n, &cfg).unwrap_err().to_string();
+    assert!(e.contains("spec.containers[0].name: read as the boolean false") && e.contains("quote it"), "{e}");
     let list = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: c}}\n- 42\n";
     match inject::inject_manifests(list, &cfg) {
         Err(e @ inject::InjectError::Pod { .. }) => assert!(e.to_string().contains("items[1]: a number"), "{e}"),

@@ -169,12 +169,18 @@ fn edit_spec(
     let warnings = failing_probes(spec, opts.rewrite_app_probes, &opts.exclude_inbound_ports);
     let containers = list_field(spec, "containers", path, "spec")?;
     containers.retain(|c| !is_named(c, PROXY_CONTAINER_NAME));
-    let first_app = containers
-        .first()
-        .and_then(|c| c.get("name"))
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| malformed(path, "spec.containers", "a pod needs at least one named container"))?;
+    let first_app = match containers.first().map(|c| c.get("name")) {
+        Some(Some(Value::String(name))) => name.clone(),
+        Some(Some(Value::Bool(b))) => {
+            let reason = format!(
+                "read as the boolean {b}, not a name: YAML 1.1 (which Kubernetes reads) takes y, n, yes, no, on, \
+                 off, true and false as booleans; quote it"
+            );
+            return Err(malformed(path, "spec.containers[0].name", &reason));
+        }
+        Some(Some(other)) => return Err(malformed(path, "spec.containers[0].name", &format!("{other} is not a name"))),
+        _ => return Err(malformed(path, "spec.containers", "a pod needs at least one named container")),
+    };
     if cfg.classic_sidecar {
         containers.insert(0, proxy_container(cfg, opts, false, &probes));
     }
