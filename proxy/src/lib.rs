@@ -20,6 +20,7 @@ pub mod app;
 pub mod authz;
 pub mod config;
 pub mod conns;
+pub mod head_timer;
 pub mod http;
 pub mod inbound;
 pub mod init;

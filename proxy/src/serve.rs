@@ -16,6 +16,7 @@ use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::head_timer::HeadTimer;
 use crate::http::TracedBody;
 
 /// The HTTP/2 limits Trellis serves with (both directions).
@@ -127,8 +128,8 @@ where
     S::Future: Send + 'static,
     F: Future<Output = Duration> + Send,
 {
-    let io = TokioIo::new(io);
     let conn: Conn = if h2 {
+        let io = TokioIo::new(io);
         Box::pin(
             http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -141,13 +142,15 @@ where
                 .serve_connection(io, svc),
         )
     } else {
+        // The header clock starts at a head's first byte, not when the connection goes idle.
+        let (io, timer) = HeadTimer::watch(io, header_timeout);
         Box::pin(
             http1::Builder::new()
-                .timer(TokioTimer::new())
+                .timer(timer)
                 .header_read_timeout(header_timeout)
                 .keep_alive(true)
                 .max_buf_size(MAX_H1_BUF)
-                .serve_connection(io, svc)
+                .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades(),
         )
     };

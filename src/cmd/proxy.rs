@@ -92,7 +92,8 @@ pub struct RunArgs {
     /// How long in-flight requests get to finish after SIGTERM (0 to 1h).
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_drain_timeout)]
     drain_timeout: Duration,
-    /// How long a client may take to send a request's headers (slowloris guard; 1ms to 1h).
+    /// How long a client may take to send a request's headers, from their first byte (slowloris
+    /// guard; 1ms to 1h). An HTTP/1.1 connection idle between requests is closed after 1h.
     #[arg(long, env = "TRELLIS_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_header_timeout)]
     header_timeout: Duration,
     /// OTLP collector to send spans to (plaintext), e.g. http://127.0.0.1:4317 for gRPC or
