@@ -48,10 +48,12 @@ impl AppClient {
 
     /// Sends a request to an HTTP/2 app over the shared connection. A request that never
     /// left (the connection had closed, or the app had said GOAWAY) goes on a new one. A
-    /// request without a body that the app did not take is sent once more: any method if the
-    /// app refused its stream (`REFUSED_STREAM` means it was not processed at all, RFC 9113
-    /// §8.7), an idempotent one whatever cut it off — e.g. a GOAWAY racing it, as nginx sends
-    /// one every `keepalive_requests` — as RFC 9110 §9.2.2 allows a proxy. A request whose
+    /// request without a body that the app did not process — its stream refused
+    /// (`REFUSED_STREAM`), or above the last stream a GOAWAY let through, as nginx sends one
+    /// every `keepalive_requests` (RFC 9113 §8.7) — is sent again, whatever its method, up to
+    /// [`UNPROCESSED_RETRIES`] times: under load a GOAWAY cuts off every stream queued behind
+    /// the app's concurrency limit, and the next connection may say GOAWAY as well. An
+    /// idempotent one is sent once more whatever cut it off (RFC 9110 §9.2.2). A request whose
     /// body has been streamed cannot be sent again and fails as it is.
     ///
     /// On `h2` directly, as the outbound's client to its peers ([`crate::peer_h2`]): hyper's
@@ -63,14 +65,19 @@ impl AppClient {
     {
         let idempotent = req.method().is_idempotent();
         let replay = req.body().is_end_stream().then(|| bodiless_copy::<B, B>(&req));
-        // The caller's body, or none when a refused request goes again.
-        match (self.send_h2_once(req.map(Either::<B, Empty<Bytes>>::Left)).await, replay) {
-            (Err(AppError::H2(e)), Some(replay)) if idempotent || refused(&e) => {
-                tracing::debug!(error = %e, "HTTP/2 app did not take the request; sending it again");
-                self.send_h2_once(replay).await
+        // The caller's body, or none when a request goes again.
+        let mut result = self.send_h2_once(req.map(Either::<B, Empty<Bytes>>::Left)).await;
+        let Some(replay) = replay else { return result };
+        for again in 1..=UNPROCESSED_RETRIES {
+            match &result {
+                Err(AppError::H2(e)) if unprocessed(e) || (again == 1 && idempotent) => {
+                    tracing::debug!(error = %e, again, "HTTP/2 app did not take the request; sending it again");
+                }
+                _ => break,
             }
-            (result, _) => result,
+            result = self.send_h2_once(bodiless_copy::<B, _>(&replay)).await;
         }
+        result
     }
 
     /// Sends on the shared connection; a request that never left goes once more on a new one.
@@ -104,9 +111,19 @@ impl<B> From<SendError<B>> for AppError {
     }
 }
 
-/// The app reset the stream with `REFUSED_STREAM`: it did no processing of the request.
-fn refused(e: &h2::Error) -> bool {
-    e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM)
+/// How many more times a bodiless request the app did not process is sent ([`unprocessed`]).
+/// Each GOAWAY fails every stream queued behind the app's concurrency limit, and one
+/// connection takes only so many before its own (nginx: 1,000), so a deep queue needs several
+/// rounds; bounded, so an app that refuses everything is answered 502, not retried forever.
+const UNPROCESSED_RETRIES: usize = 8;
+
+/// The app did no processing of the request: it reset the stream with `REFUSED_STREAM`, or
+/// said GOAWAY naming an earlier last stream — h2 fails with the GOAWAY only the streams above
+/// it and those still queued here, never sent (a stream it did let through that then breaks
+/// fails with the broken connection's error instead).
+fn unprocessed(e: &h2::Error) -> bool {
+    let refused = e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM);
+    e.is_remote() && (refused || e.is_go_away())
 }
 
 fn bodiless_copy<B, L>(req: &Request<L>) -> Request<Either<B, Empty<Bytes>>> {
@@ -489,6 +506,14 @@ mod tests {
     /// An h2c app answering `ok <connection number> <request body length>`; with `close_after`,
     /// each connection says GOAWAY and closes after that many requests.
     async fn h2_app(close_after: Option<usize>) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        h2_app_taking(close_after, u32::MAX).await
+    }
+
+    /// [`h2_app`] that takes at most `max_streams` concurrent streams per connection.
+    async fn h2_app_taking(
+        close_after: Option<usize>,
+        max_streams: u32,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -497,7 +522,8 @@ mod tests {
             while let Ok((tcp, _)) = listener.accept().await {
                 let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                    let server = h2::server::Builder::new().max_concurrent_streams(max_streams).handshake(tcp);
+                    let Ok(mut conn) = server.await else { return };
                     let mut accepted = 0;
                     // Each stream on its own task: the accept loop is what drives the connection.
                     while let Some(Ok((req, respond))) = conn.accept().await {
@@ -563,6 +589,57 @@ mod tests {
         }
         assert_eq!(h2_text(&client, h2_request(http::Method::POST, "abcd")).await, "ok 2 4");
         assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// An app that takes 4 streams at a time and says GOAWAY after every 5 (nginx does both,
+    /// at 128 and 1,000): the streams queued here and those above the GOAWAY's last stream
+    /// were never processed, so each bodiless request goes again, whatever its method, until
+    /// a connection takes it — one retry was not enough under load.
+    #[tokio::test]
+    async fn a_busy_http2_app_saying_goaway_gets_every_bodiless_request() {
+        let (addr, conns) = h2_app_taking(Some(5), 4).await;
+        let client = Arc::new(AppClient::new(addr));
+        let mut sent = tokio::task::JoinSet::new();
+        for i in 0..30 {
+            let client = client.clone();
+            let method = [http::Method::GET, http::Method::POST, http::Method::DELETE][i % 3].clone();
+            sent.spawn(async move { client.send_h2(h2_request(method, "")).await.map(|r| r.status()) });
+        }
+        for result in sent.join_all().await {
+            assert_eq!(result.unwrap(), http::StatusCode::OK);
+        }
+        let conns = conns.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(conns >= 3, "{conns} connections: too few GOAWAYs to need a second retry");
+    }
+
+    /// Retries are bounded: an app that refuses every stream gets a request 1 + 8 times and
+    /// the caller a failure.
+    #[tokio::test]
+    async fn an_http2_app_refusing_every_stream_is_asked_nine_times() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    }
+                });
+            }
+        });
+        let client = AppClient::new(addr);
+        let err = client.send_h2(h2_request(http::Method::POST, "")).await.unwrap_err();
+        assert!(matches!(&err, AppError::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM)), "{err:?}");
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1 + UNPROCESSED_RETRIES);
+        // A request with a body was streamed to the app: it is not sent again.
+        seen.store(0, std::sync::atomic::Ordering::SeqCst);
+        client.send_h2(h2_request(http::Method::PUT, "x")).await.unwrap_err();
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

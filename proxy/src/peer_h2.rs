@@ -80,6 +80,10 @@ where
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_header_list_size(settings.max_header_list)
+        // Until the server's SETTINGS say how many streams it takes, h2 would assume no limit
+        // and a burst at connect (the retries after a GOAWAY) would be refused past the
+        // server's (nginx: 128); 100 is the least RFC 9113 §6.5.2 asks a server to allow.
+        .initial_max_send_streams(100)
         .max_concurrent_reset_streams(1024)
         .max_send_buffer_size(1024 * 1024)
         .enable_push(false)
