@@ -188,6 +188,41 @@ fn status_of(span: &serde_json::Value) -> (&str, Option<&str>) {
     (span["status"]["code"].as_str().unwrap(), span["attributes"]["error.type"].as_str())
 }
 
+/// A request whose client goes away before the app answers still gets its span on both
+/// sides: status ERROR, `error.type` `request_cancelled`, no status code. Until then a
+/// request with no response had no span at all (DESIGN §7: one span per request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_before_its_response_still_gets_a_span() {
+    // An app that takes requests and never answers; it says when it has one.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (got, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let got = got.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                    let _ = got.send(n);
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let spans = |name: &str| dir.path().join(format!("{name}-spans.jsonl"));
+    let extra = |name: &str| vec!["--trace-file".to_string(), spans(name).display().to_string()];
+    let pair = AppPair::start_with(app, &extra("api"), &extra("web")).await;
+    let mut client = TcpStream::connect(pair.route).await.unwrap();
+    client.write_all(b"GET /never HTTP/1.1\r\nhost: api\r\n\r\n").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), got_rx.recv()).await.expect("the app got the request");
+    drop(client);
+    for (side, direction) in [("web", "outbound"), ("api", "inbound")] {
+        let span = wait_for_span(&spans(side), side, |s| is_request_span(s, direction, "/never")).await;
+        assert_eq!(status_of(&span), ("error", Some("request_cancelled")), "{side}: {span}");
+        assert!(span["attributes"].get("http.response.status_code").is_none(), "{side}: {span}");
+    }
+}
+
 /// An app that resets its connection mid-answer (a close-delimited protocol's truncated
 /// answer) is seen by its client as a reset, never as the clean end a FIN would say, and
 /// both sidecars' spans record it; a client's reset reaches the app as one. A FIN is still

@@ -31,7 +31,7 @@ use crate::http::{AUDIT, ERROR, ProxyFailure, ReqBody, RespBody, TracedBody, for
 use crate::inbound::ConnCtx;
 use crate::metrics::DirectionLabels;
 use crate::state::ProxyState;
-use crate::telemetry::body::{Counted, Finish, Traced};
+use crate::telemetry::body::{CANCELLED, Counted, Finish, Traced};
 use crate::telemetry::context::trace_state;
 use crate::telemetry::{FlowRecord, HttpConnSpan, HttpFacts, RecordPath, SpanIds, Started, TraceParent, Verdict};
 
@@ -120,6 +120,16 @@ pin_project! {
         #[pin]
         inner: F,
         span: Option<Box<RequestSpan>>,
+    }
+
+    impl<F> PinnedDrop for TraceFuture<F> {
+        // Dropped before a response: the client went away or the drain deadline cut the
+        // connection. Every request gets its span, this one too.
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(span) = this.project().span.take() {
+                span.finish(0, Some(CANCELLED.to_owned()));
+            }
+        }
     }
 }
 

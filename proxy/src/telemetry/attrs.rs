@@ -156,7 +156,10 @@ impl FlowRecord {
         f("network.protocol.version", Attr::Str(h.version));
         f("http.request.method", Attr::Str(h.method.as_str()));
         f("url.path", Attr::Str(h.path.as_str()));
-        f("http.response.status_code", Attr::Int(i64::from(h.status)));
+        // 0: the request ended before any response.
+        if h.status != 0 {
+            f("http.response.status_code", Attr::Int(i64::from(h.status)));
+        }
         f("http.request.body.size", Attr::Int(self.bytes_sent as i64));
         f("http.response.body.size", Attr::Int(self.bytes_received as i64));
     }

@@ -68,6 +68,9 @@ pub trait Finish: Send + Sync {
 /// `label: detail`, as every span error is (the label becomes `error.type`).
 pub const CUT: &str = "response_cut: the response ended before its last byte was relayed";
 
+/// What a request dropped before its response began is recorded with.
+pub const CANCELLED: &str = "request_cancelled: the request ended before its response began: the client went away, or the proxy's drain deadline passed";
+
 pin_project! {
     /// A response body that finishes its span when it is done.
     pub struct Traced<B> {

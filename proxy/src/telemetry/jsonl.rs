@@ -193,7 +193,7 @@ pub fn write_flow_line(out: &mut dyn Write, r: &FlowRecord) -> std::io::Result<(
         server_port: f.server_port,
         method: http.map(|h| h.method.as_str()),
         path: http.map(|h| h.path.as_str()),
-        status_code: http.map(|h| h.status),
+        status_code: http.map(|h| h.status).filter(|s| *s != 0),
         policy: e.policy,
         rule: e.rule,
         policy_version: e.version,
