@@ -164,6 +164,24 @@ pub async fn broken_chunks() -> SocketAddr {
     .await
 }
 
+/// An app that answers every request with a `Content-Length: 100000` head and 5,000 bytes of
+/// body in one write, then closes at once: a response cut short.
+pub async fn cut_short() -> SocketAddr {
+    serve_each(|mut tcp| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let answer = [&b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n"[..], &[b'x'; 5000]].concat();
+        let _ = tcp.write_all(&answer).await;
+    })
+    .await
+}
+
 /// A server that speaks first: it sends `banner` on accept, then echoes.
 pub async fn banner_server(banner: &'static [u8]) -> SocketAddr {
     tcp_server(Some(banner)).await

@@ -72,17 +72,20 @@ pub const CUT: &str = "response_cut: the response ended before its last byte was
 pub const CANCELLED: &str = "request_cancelled: the request ended before its response began: the client went away, or the proxy's drain deadline passed";
 
 pin_project! {
-    /// A response body that finishes its span when it is done.
-    pub struct Traced<B> {
+    /// A response body that finishes its span when it is done, and lets what was relayed of
+    /// a body cut short reach the client before the error that ends it.
+    pub struct Traced<B: Body> {
         #[pin]
         inner: B,
         span: Option<Box<dyn Finish>>,
         bytes: u64,
         // The body said it had nothing more (hyper then need not poll it to its end).
         ended: bool,
+        // An error after some body data, held back for one poll (`poll_frame`).
+        failed: Option<B::Error>,
     }
 
-    impl<B> PinnedDrop for Traced<B> {
+    impl<B: Body> PinnedDrop for Traced<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(span) = this.span.take() {
@@ -94,12 +97,12 @@ pin_project! {
 
 impl<B: Body> Traced<B> {
     pub fn plain(inner: B) -> Self {
-        Traced { inner, span: None, bytes: 0, ended: false }
+        Traced { inner, span: None, bytes: 0, ended: false, failed: None }
     }
 
     pub fn with_span(inner: B, span: Box<dyn Finish>) -> Self {
         let ended = inner.is_end_stream();
-        Traced { inner, span: Some(span), bytes: 0, ended }
+        Traced { inner, span: Some(span), bytes: 0, ended, failed: None }
     }
 }
 
@@ -112,15 +115,32 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
+        let polled = match this.failed.take() {
+            Some(e) => Poll::Ready(Some(Err(e))),
+            None => match this.inner.as_mut().poll_frame(cx) {
+                // An error ends the HTTP/1.1 connection (or the HTTP/2 stream) at once, and
+                // what hyper and h2 still hold unsent is dropped with it: a response cut short
+                // after some of its body would reach an HTTP/1.1 client as an empty reply. One
+                // `Pending` first lets them flush the head and the body so far. Not before any
+                // body: then the peer's sidecar never sees the head, and answers its client 502.
+                Poll::Ready(Some(Err(e))) if *this.bytes > 0 => {
+                    *this.failed = Some(e);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                polled => polled,
+            },
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            *this.bytes += data.remaining() as u64;
+        }
         if this.span.is_none() {
             return polled;
         }
         let cut = match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    *this.bytes += data.remaining() as u64;
-                }
                 // Trailers are a body's last frame, and hyper stops polling once it has them
                 // (it drops the body). Some bodies do not say they ended: an HTTP/1.1 chunked
                 // body (hyper's `Incoming`) still says it may go on after its trailers.
