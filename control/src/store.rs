@@ -82,7 +82,7 @@ pub enum StoreError {
 /// (every namespace's `deny-all`, as Istio users write them) would silently replace the
 /// first; and a different kind would swap authorization rules for egress rules. Both are
 /// refused, naming what is stored.
-fn same_policy(old: &Policy, new: &Policy) -> Result<(), String> {
+pub(crate) fn same_policy(old: &Policy, new: &Policy) -> Result<(), String> {
     let ns = |p: &Policy| {
         p.metadata().namespace.clone().map_or_else(|| "no namespace".to_string(), |n| format!("namespace {n:?}"))
     };

@@ -76,15 +76,27 @@ async fn a_same_named_policy_of_another_namespace_or_kind_is_refused() {
         )
     };
     admin.apply_policies(deny_all("a")).await.unwrap();
-    let (status, msg) = api_error(admin.apply_policies(deny_all("b")).await);
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // The answer's message and each detail's, one per line.
+    let refused = |r: Result<trellis_control::store::ApplyOutcome, ClientError>| {
+        let Err(ClientError::Api { status, body }) = r else { panic!("{r:?}") };
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let details = body.details.iter().map(|d| format!("{}: {}: {}", d.document, d.path, d.message));
+        std::iter::once(body.error).chain(details).collect::<Vec<_>>()
+    };
+    let msg = refused(admin.apply_policies(deny_all("b")).await).join("\n");
     assert!(msg.contains(r#"policy "deny-all" is stored with namespace "a", and this one has namespace "b""#), "{msg}");
     assert!(msg.contains("nothing was applied"), "{msg}");
     let egress = "apiVersion: trellis.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: deny-all, namespace: a}\n\
                   spec: {selector: 'spiffe://cluster.local/ns/a/*', rules: [{to: [{ports: [53]}]}]}\n";
-    let (status, msg) = api_error(admin.apply_policies(egress.into()).await);
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let msg = refused(admin.apply_policies(egress.into()).await).join("\n");
     assert!(msg.contains("stored as an AuthorizationPolicy, and this one is an EgressPolicy"), "{msg}");
+    // Told in one answer with the file's other problems, not after they are mended.
+    let typo = deny_all("c").replace("deny-all", "deny-c").replace("cluster.local", "cluster.locl");
+    let lines = refused(admin.apply_policies(format!("{egress}---\n{typo}")).await);
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert!(lines[0].starts_with("policy file refused: 2 problem(s)"), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.starts_with("deny-c: spec.selector: spiffe://cluster.locl/")), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.starts_with("deny-all: metadata: policy \"deny-all\" is stored as")), "{lines:#?}");
     let list = admin.list_policies().await.unwrap();
     assert_eq!((list.version, list.policies[0].selector.as_str()), (1, "spiffe://cluster.local/ns/a/*"));
     // The same namespace and kind is an ordinary update.

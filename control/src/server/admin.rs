@@ -116,7 +116,7 @@ async fn apply_policies(ctx: &Ctx, actor: crate::store::Actor, req: Request<Inco
         return Err(ApiError::bad_request("policy file holds no documents"));
     }
     let td = ctx.trust_domain.as_str();
-    let foreign: Vec<ErrorDetail> = docs
+    let mut problems: Vec<ErrorDetail> = docs
         .iter()
         .flat_map(|p| {
             p.foreign_patterns(td).into_iter().map(|(path, pattern)| ErrorDetail {
@@ -126,13 +126,20 @@ async fn apply_policies(ctx: &Ctx, actor: crate::store::Actor, req: Request<Inco
             })
         })
         .collect();
-    if !foreign.is_empty() {
+    // What the store would refuse of a replaced policy, told in the same answer rather than
+    // after the rest is mended (the store checks again, against what it holds then).
+    let current = ctx.shared.policy.load();
+    problems.extend(docs.iter().filter_map(|doc| {
+        let message = crate::store::same_policy(current.snapshot.get(doc.name())?, doc).err()?;
+        Some(ErrorDetail { document: doc.name().to_string(), path: "metadata".to_string(), message })
+    }));
+    if !problems.is_empty() {
         return Err(ApiError {
             status: StatusCode::BAD_REQUEST,
             headers: Vec::new(),
             body: ErrorBody {
-                error: format!("policy file refused: {} problem(s); nothing was applied", foreign.len()),
-                details: foreign,
+                error: format!("policy file refused: {} problem(s); nothing was applied", problems.len()),
+                details: problems,
             },
         });
     }
