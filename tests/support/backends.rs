@@ -139,19 +139,26 @@ pub async fn tcp_echo() -> SocketAddr {
     tcp_server(None).await
 }
 
+/// The bytes up to the end of a request head (and any after it in the same reads); `None` if
+/// the client closed or failed first.
+async fn read_head(tcp: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
 /// An HTTP/1.1 app whose responses break: `/bad-chunk` answers a chunked `200` whose first
 /// chunk size is not hex; `/cut` sends one good chunk, then a bad one a moment later. It reads
 /// the request head and closes after answering.
 pub async fn broken_chunks() -> SocketAddr {
     serve_each(|mut tcp| async move {
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
+        let Some(head) = read_head(&mut tcp).await else { return };
         let start = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
         if head.starts_with(b"GET /cut ") {
             let _ = tcp.write_all(&[&start[..], b"5\r\nhello\r\n"].concat()).await;
@@ -168,13 +175,8 @@ pub async fn broken_chunks() -> SocketAddr {
 /// body in one write, then closes at once: a response cut short.
 pub async fn cut_short() -> SocketAddr {
     serve_each(|mut tcp| async move {
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
+        if read_head(&mut tcp).await.is_none() {
+            return;
         }
         let answer = [&b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n"[..], &[b'x'; 5000]].concat();
         let _ = tcp.write_all(&answer).await;
