@@ -72,6 +72,12 @@ impl AppClient {
             match &result {
                 Err(AppError::H2(e)) if unprocessed(e) || (again == 1 && idempotent) => {
                     tracing::debug!(error = %e, again, "HTTP/2 app did not take the request; sending it again");
+                    // A GOAWAY's requests go to a new connection at once; an app refusing
+                    // streams on a live one is likely overloaded, and gets room to recover
+                    // (10 ms, doubling: 1.3 s over all retries) rather than 9 requests at once.
+                    if e.is_reset() && again > 1 {
+                        tokio::time::sleep(REFUSED_BACKOFF * (1 << (again - 2))).await;
+                    }
                 }
                 _ => break,
             }
@@ -116,6 +122,8 @@ impl<B> From<SendError<B>> for AppError {
 /// connection takes only so many before its own (nginx: 1,000), so a deep queue needs several
 /// rounds; bounded, so an app that refuses everything is answered 502, not retried forever.
 const UNPROCESSED_RETRIES: usize = 8;
+/// The first wait before a refused stream's request goes again on the same connection.
+const REFUSED_BACKOFF: Duration = Duration::from_millis(10);
 
 /// The app did no processing of the request: it reset the stream with `REFUSED_STREAM`, or
 /// said GOAWAY naming an earlier last stream — h2 fails with the GOAWAY only the streams above
@@ -633,7 +641,10 @@ mod tests {
             }
         });
         let client = AppClient::new(addr);
+        let start = std::time::Instant::now();
         let err = client.send_h2(h2_request(http::Method::POST, "")).await.unwrap_err();
+        // The first retry at once, then 10 ms doubling: not nine requests in a burst.
+        assert!(start.elapsed() >= REFUSED_BACKOFF * 127, "{:?}", start.elapsed());
         assert!(matches!(&err, AppError::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM)), "{err:?}");
         assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1 + UNPROCESSED_RETRIES);
         // A request with a body was streamed to the app: it is not sent again.

@@ -26,7 +26,6 @@ pub const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone)]
 pub struct HeadTimer {
     header_timeout: Duration,
-    idle: Duration,
     reads: Arc<AtomicU64>,
 }
 
@@ -34,14 +33,14 @@ impl HeadTimer {
     /// The timer and the connection's `io` wrapped to count its reads for it.
     pub fn watch<I>(io: I, header_timeout: Duration) -> (Watched<I>, HeadTimer) {
         let reads = Arc::new(AtomicU64::new(0));
-        (Watched { io, reads: reads.clone() }, HeadTimer { header_timeout, idle: KEEP_ALIVE_IDLE, reads })
+        (Watched { io, reads: reads.clone() }, HeadTimer { header_timeout, reads })
     }
 
     fn arm(&self, sleep: Pin<&mut HeadSleep>) {
         let this = sleep.project();
         *this.reads_at_arm = self.reads.load(Ordering::Relaxed);
         *this.head_started = false;
-        this.sleep.reset(Instant::now() + self.idle);
+        this.sleep.reset(Instant::now() + KEEP_ALIVE_IDLE);
     }
 }
 
@@ -63,7 +62,7 @@ impl hyper::rt::Timer for HeadTimer {
             timer: self.clone(),
             reads_at_arm: self.reads.load(Ordering::Relaxed),
             head_started: false,
-            sleep: tokio::time::sleep(self.idle),
+            sleep: tokio::time::sleep(KEEP_ALIVE_IDLE),
         })
     }
 

@@ -218,8 +218,11 @@ async fn drain(state: &ProxyState) {
         tokio::time::sleep(Duration::from_millis(25)).await;
         open = state.metrics.open_connections_total();
     }
-    if open == 0 {
+    if open == 0 && Instant::now() < deadline {
         tracing::info!("drained");
+    } else if open == 0 {
+        // Each connection also stops itself at the deadline, and may beat this loop to it.
+        tracing::warn!(timeout = ?state.config.drain_timeout, "drain timeout reached; connections still open were cut off");
     } else {
         // Exiting now closes them, requests in flight included: say so, not "drained".
         tracing::warn!(
