@@ -474,6 +474,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_flows() {
     }
     assert!(api0.sum("trellis_svid_expiry_timestamp_seconds", &[]) > 1.6e9);
     assert!(api0.sum("trellis_policy_version", &[]) >= 1.0);
+    admin_speaks_both_formats_and_refuses_writes(m.api.admin);
 
     let client = http_client();
     let url = |p: &str| format!("http://{}{p}", m.http);
@@ -598,10 +599,38 @@ async fn bad_telemetry_flags_fail_with_a_clear_error() {
     }
 }
 
+/// `/metrics` is the classic text format unless OpenMetrics is asked for (as Prometheus
+/// does); the admin endpoints are read-only and say so with `Allow`; unknown paths are 404s.
+fn admin_speaks_both_formats_and_refuses_writes(admin: SocketAddr) {
+    let (_, head, classic) = support::http_request(admin, "GET", "/metrics", "").unwrap();
+    assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    assert_eq!(prom::format(&classic), prom::Format::Classic);
+    assert!(classic.contains("# TYPE trellis_spans_dropped_total counter\n"), "{classic}");
+    let accept = "Accept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3\r\n";
+    let (_, head, open) = support::http_request(admin, "GET", "/metrics", accept).unwrap();
+    assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
+    assert_eq!(prom::format(&open), prom::Format::OpenMetrics);
+    let open = prom::parse(&open).unwrap_or_else(|e| panic!("OpenMetrics /metrics does not parse: {e}\n{open}"));
+    assert!(open.has("trellis_spans_dropped_total") && open.has("trellis_policy_version"));
+
+    for path in ["/metrics", "/ready", "/config"] {
+        let (status, head, body) = support::http_request(admin, "POST", path, "").unwrap();
+        assert_eq!(status, 405, "POST {path}: {head}\n{body}");
+        assert!(head.to_ascii_lowercase().contains("allow: get, head"), "POST {path}: {head}");
+        assert!(body.contains("only GET and HEAD"), "{body}");
+    }
+    for method in ["GET", "POST"] {
+        let (status, _, body) = support::http_request(admin, method, "/nonexistent", "").unwrap();
+        assert_eq!(status, 404, "{method} /nonexistent: {body}");
+    }
+}
+
 #[test]
 fn prometheus_parser_rejects_malformed_input() {
     let good = "# HELP x_total X.\n# TYPE x counter\nx_total{a=\"q\\\"\"} 1\n# EOF\n";
     assert_eq!(prom::parse(good).unwrap().sum("x_total", &[("a", "q\"")]), 1.0);
+    let classic = "# HELP x_total X.\n# TYPE x_total counter\nx_total{a=\"q\\\"\"} 1\n";
+    assert_eq!(prom::parse(classic).unwrap().sum("x_total", &[("a", "q\"")]), 1.0);
     for bad in [
         "x_total 1\n",
         "# TYPE x counter\nx_total{a=\"b} 1\n",
@@ -610,6 +639,9 @@ fn prometheus_parser_rejects_malformed_input() {
         "# TYPE x counter\nx_sum 1\n",
         "# TYPE x counter\n# TYPE x counter\n",
         "# TYPE x counter\n# EOF\nx_total 1\n",
+        // Classic text: a counter family is named as its samples, and there is no UNIT.
+        "# TYPE x counter\nx_total 1\n",
+        "# TYPE x_seconds gauge\n# UNIT x_seconds seconds\nx_seconds 1\n",
         "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n",
     ] {
         assert!(prom::parse(bad).is_err(), "accepted {bad:?}");

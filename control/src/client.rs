@@ -93,7 +93,19 @@ pub fn parse_control_url(url: &str) -> Result<(String, u16), ClientError> {
     if host.is_empty() || ServerName::try_from(host.clone()).is_err() {
         return Err(bad());
     }
-    Ok((host, uri.port_u16().unwrap_or(443)))
+    let port = uri.authority().and_then(|a| authority_port(a, 443)).ok_or_else(bad)?;
+    Ok((host, port))
+}
+
+/// The port a URL's authority names, `default` when it names none; `None` when what follows
+/// the host is no port (`:99999`, `:abc`, `:`, `:0`), which `Uri` accepts and its
+/// `port_u16()` then reads as absent, sending the caller to the default port unwarned.
+pub fn authority_port(authority: &http::uri::Authority, default: u16) -> Option<u16> {
+    let host_port = authority.as_str().rsplit_once('@').map_or(authority.as_str(), |(_, hp)| hp);
+    match host_port.strip_prefix(authority.host())? {
+        "" => Some(default),
+        rest => rest.strip_prefix(':')?.parse().ok().filter(|&p| p != 0),
+    }
 }
 
 impl ControlClient {
@@ -336,4 +348,30 @@ impl WatchStream {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_control_url_names_a_real_port_or_none() {
+        assert_eq!(parse_control_url("https://127.0.0.1:7443").unwrap(), ("127.0.0.1".into(), 7443));
+        assert_eq!(parse_control_url("https://control.example/").unwrap(), ("control.example".into(), 443));
+        assert_eq!(parse_control_url("https://[::1]:7443").unwrap(), ("::1".into(), 7443));
+        for bad in [
+            "https://127.0.0.1:7443x",
+            "https://127.0.0.1:99999",
+            "https://127.0.0.1:-1",
+            "https://127.0.0.1:",
+            "https://127.0.0.1:0",
+            "https://[::1]:abc",
+            "http://127.0.0.1:7443",
+            "https://127.0.0.1:7443/trellis",
+        ] {
+            assert!(matches!(parse_control_url(bad), Err(ClientError::Url(_))), "{bad} was accepted");
+        }
+        let with_user: Uri = "http://u:p@otel:4318".parse().unwrap();
+        assert_eq!(authority_port(with_user.authority().unwrap(), 80), Some(4318));
+    }
 }

@@ -169,8 +169,11 @@ impl TokenReviewer {
         let server_name = ServerName::try_from(host.clone())
             .map_err(|e| KubeError::Config(format!("API host {host:?} is not a DNS name or IP: {e}")))?;
         let prefix = uri.path().trim_end_matches('/');
+        let port = crate::client::authority_port(authority, 443).ok_or_else(|| {
+            KubeError::Config(format!("API URL {api_base_url:?}: the port is not a number from 1 to 65535"))
+        })?;
         Ok(TokenReviewer {
-            port: authority.port_u16().unwrap_or(443),
+            port,
             authority: authority.to_string(),
             host,
             server_name,

@@ -64,6 +64,17 @@ async fn users_and_nodes_are_not_service_accounts() {
 }
 
 #[tokio::test]
+async fn an_api_url_whose_port_is_no_port_is_refused_at_start() {
+    let api = start_fake_api().await;
+    for bad in ["https://127.0.0.1:99999", "https://127.0.0.1:6443x", "https://127.0.0.1:"] {
+        match TokenReviewer::new(bad, api.ca_pem.as_bytes(), CONTROL_PLANE_TOKEN) {
+            Err(KubeError::Config(m)) => assert!(m.contains("port"), "{bad}: {m}"),
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn an_api_server_that_is_down_overloaded_or_slow_is_unavailable() {
     let api = start_fake_api().await;
     let closed = {

@@ -48,8 +48,8 @@ const APP_HEALTH: &str = "/app-health/";
 
 /// Runs the app probe `key` (`<container>/<kind>`) for the kubelet.
 async fn app_health(state: &ProxyState, key: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    if let Some(refused) = only_get(req) {
+        return refused;
     }
     let Some(probe) = state.config.app_probes.get(key) else {
         return text(StatusCode::NOT_FOUND, format!("no app probe {key:?} is configured\n"));
@@ -62,31 +62,57 @@ async fn app_health(state: &ProxyState, key: &str, req: &Request<Incoming>) -> R
 }
 
 fn route(state: &ProxyState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    let path = req.uri().path();
+    if !["/live", "/ready", "/metrics", "/config"].contains(&path) {
+        return text(StatusCode::NOT_FOUND, format!("no such endpoint {path}; try /live /ready /metrics /config\n"));
     }
-    match req.uri().path() {
+    if let Some(refused) = only_get(req) {
+        return refused;
+    }
+    match path {
+        // The last arm is `/config`: the paths were checked above.
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/ready" => match state.ready() {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },
-        "/metrics" => {
-            let mut r = text(StatusCode::OK, state.metrics.encode());
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-            );
-            r
-        }
-        "/config" => {
+        "/metrics" => metrics(state, req),
+        _ => {
             let body = serde_json::to_string_pretty(&config(state)).unwrap_or_default() + "\n";
             let mut r = text(StatusCode::OK, body);
             r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
             r
         }
-        other => text(StatusCode::NOT_FOUND, format!("no such endpoint {other}; try /live /ready /metrics /config\n")),
     }
+}
+
+/// Every admin endpoint is read-only: anything but GET and HEAD gets a 405 saying which
+/// methods are (RFC 9110 §15.5.6 requires the `Allow` header).
+fn only_get(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return None;
+    }
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not allowed; only GET and HEAD\n", req.method()));
+    r.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static("GET, HEAD"));
+    Some(r)
+}
+
+/// OpenMetrics to a scraper that asks for it (Prometheus does), the classic Prometheus text
+/// format (0.0.4) to anything else — curl, older agents, and scrapers that parse only it.
+fn metrics(state: &ProxyState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let wants_openmetrics = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("application/openmetrics-text")));
+    let (body, content_type) = if wants_openmetrics {
+        (state.metrics.encode(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+    } else {
+        (state.metrics.encode_classic(), "text/plain; version=0.0.4; charset=utf-8")
+    };
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r
 }
 
 /// The effective configuration and what is being enforced right now.

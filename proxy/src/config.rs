@@ -120,6 +120,9 @@ pub fn parse_otlp_endpoint(s: &str) -> Result<String, SpecError> {
     if uri.query().is_some() {
         return Err(err("the URL must not have a query"));
     }
+    if uri.authority().and_then(|a| trellis_control::client::authority_port(a, 80)).is_none() {
+        return Err(err("the port is not a number from 1 to 65535"));
+    }
     // OTLP carries no credentials in the URL, and `/config` shows the endpoint as given.
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err(err("the URL must not carry credentials (user:password@)"));
@@ -235,9 +238,19 @@ mod tests {
     fn otlp_endpoints_and_ratios() {
         assert_eq!(parse_otlp_endpoint("http://127.0.0.1:4317/").unwrap(), "http://127.0.0.1:4317");
         assert_eq!(parse_otlp_endpoint("http://otel:4318/base").unwrap(), "http://otel:4318/base");
-        for bad in
-            ["https://otel:4317", "otel:4317", "ftp://x", "http://", "not a url", "http://x:1/?a=b", "http://u:p@x:1"]
-        {
+        for bad in [
+            "https://otel:4317",
+            "otel:4317",
+            "ftp://x",
+            "http://",
+            "not a url",
+            "http://x:1/?a=b",
+            "http://u:p@x:1",
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:abc",
+            "http://127.0.0.1:",
+            "http://127.0.0.1:0",
+        ] {
             assert!(matches!(parse_otlp_endpoint(bad), Err(SpecError::OtlpEndpoint { .. })), "{bad}");
         }
         assert_eq!(parse_sample_ratio("0.25").unwrap(), 0.25);

@@ -166,7 +166,7 @@ impl Metrics {
             .sum()
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
@@ -174,6 +174,34 @@ impl Metrics {
         }
         out
     }
+
+    /// The same samples in Prometheus' classic text format (0.0.4), for scrapers that do not
+    /// ask for OpenMetrics. The two differ, for these metric types, only in that a counter's
+    /// `# HELP` and `# TYPE` name the samples' `_total` name, and that there is no `# UNIT`
+    /// and no `# EOF`; a 0.0.4 parser given OpenMetrics loses every counter's type.
+    pub fn encode_classic(&self) -> String {
+        classic(&self.encode())
+    }
+}
+
+fn classic(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let directive = ["# HELP ", "# TYPE "].into_iter().find(|d| line.starts_with(d));
+        match directive.map(|d| (d, line[d.len()..].split_once(' ').unwrap_or((&line[d.len()..], "")))) {
+            Some((d, (name, rest))) if counters.contains(name) => {
+                out.push_str(&format!("{d}{name}_total {rest}"));
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Counts an open connection for as long as it lives.
@@ -190,5 +218,39 @@ impl OpenGuard {
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    #[test]
+    fn classic_text_names_each_counter_as_its_samples_do() {
+        let m = Metrics::new();
+        m.flow("inbound", "allow", "http1");
+        m.request_duration.get_or_create(&DirectionLabels { direction: "inbound" }).observe(0.002);
+        m.policy_version.set(7);
+        let (open, classic) = (m.encode(), m.encode_classic());
+        assert!(open.contains("# TYPE trellis_flows counter\n") && open.ends_with("# EOF\n"), "{open}");
+
+        assert!(classic.contains("# TYPE trellis_flows_total counter\n"), "{classic}");
+        assert!(classic.contains("# HELP trellis_flows_total Flows by direction"), "{classic}");
+        assert!(classic.contains("# TYPE trellis_spans_dropped_total counter\n"), "{classic}");
+        assert!(classic.contains("# TYPE trellis_request_duration_seconds histogram\n"), "{classic}");
+        assert!(classic.contains("# TYPE trellis_policy_version gauge\n"), "{classic}");
+        assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"), "{classic}");
+        for name in classic.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")) {
+            assert!(name.ends_with("_total"), "{name} in {classic}");
+        }
+        // The samples themselves are the same lines in both formats.
+        assert_eq!(samples(&open), samples(&classic));
+        assert!(
+            classic.contains("trellis_flows_total{direction=\"inbound\",decision=\"allow\",protocol=\"http1\"} 1\n")
+        );
     }
 }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
@@ -334,13 +334,8 @@ impl ProxyState {
     }
 
     pub fn ready(&self) -> Result<(), &'static str> {
-        if self.creds.current().is_none() {
-            return Err("no SVID yet");
-        }
-        if !self.policy.load().applied {
-            return Err("no policy received from the control plane yet");
-        }
-        Ok(())
+        let not_after = self.creds.current().map(|c| c.svid.not_after());
+        readiness(not_after, self.policy.load().applied, SystemTime::now())
     }
 
     pub fn control_status(&self) -> ControlStatus {
@@ -352,9 +347,36 @@ impl ProxyState {
     }
 }
 
+/// Ready means an SVID that still works and a policy to enforce (DESIGN §5). An expired
+/// SVID fails every handshake, so a pod whose renewal failed must leave the Service's
+/// endpoints rather than take traffic it can only refuse.
+fn readiness(svid_not_after: Option<SystemTime>, policy_applied: bool, now: SystemTime) -> Result<(), &'static str> {
+    match svid_not_after {
+        None => return Err("no SVID yet"),
+        Some(t) if t <= now => return Err("the SVID has expired and could not be renewed"),
+        Some(_) => {}
+    }
+    if !policy_applied {
+        return Err("no policy received from the control plane yet");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_needs_a_current_svid_and_a_policy() {
+        let now = SystemTime::now();
+        let later = now + Duration::from_secs(60);
+        assert_eq!(readiness(Some(later), true, now), Ok(()));
+        assert_eq!(readiness(None, true, now), Err("no SVID yet"));
+        assert_eq!(readiness(Some(later), false, now), Err("no policy received from the control plane yet"));
+        let expired = readiness(Some(now - Duration::from_secs(1)), true, now);
+        assert_eq!(expired, Err("the SVID has expired and could not be renewed"));
+        assert!(readiness(Some(now), true, now).is_err(), "expiring this instant");
+    }
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()

@@ -288,14 +288,20 @@ impl Sidecar {
 
 /// A one-shot plain HTTP/1.1 GET (for admin endpoints), `None` if nothing answers.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path, "").map(|(status, _, body)| (status, body))
+}
+
+/// A one-shot plain HTTP/1.1 request with extra header lines (each ending in `\r\n`):
+/// the status, the response head and the body; `None` if nothing answers.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &str) -> Option<(u16, String, String)> {
     let mut s = StdStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).ok()?;
     let status = resp.split_whitespace().nth(1)?.parse().ok()?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((status, body))
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    Some((status, head.to_string(), body.to_string()))
 }
 
 /// A policy allowing `from` to call `to` (on `ports`), as a YAML document.

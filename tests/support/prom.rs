@@ -3,6 +3,9 @@
 //! are: metric and label name grammar, label value escapes, float values, every sample in
 //! a declared family with a suffix its type allows, no family declared twice, `# EOF` only
 //! at the end, and histograms whose buckets are cumulative and end in `+Inf` = `_count`.
+//! Text ending in `# EOF` is read as OpenMetrics, anything else as the classic format
+//! (0.0.4), where a counter's family is named as its samples are, `..._total`, and there
+//! is no `# UNIT`.
 
 use std::collections::BTreeMap;
 
@@ -44,7 +47,19 @@ impl Exposition {
     }
 }
 
+/// Which of the two formats a text is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Format {
+    OpenMetrics,
+    Classic,
+}
+
+pub fn format(text: &str) -> Format {
+    if text.lines().any(|l| l == "# EOF") { Format::OpenMetrics } else { Format::Classic }
+}
+
 pub fn parse(text: &str) -> Result<Exposition, String> {
+    let fmt = format(text);
     let mut exp = Exposition::default();
     let mut current: Option<String> = None;
     let mut eof = false;
@@ -56,14 +71,14 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
         if line == "# EOF" {
             eof = true;
         } else if let Some(rest) = line.strip_prefix("# ") {
-            directive(&mut exp, &mut current, rest).map_err(at)?;
+            directive(&mut exp, &mut current, rest, fmt).map_err(at)?;
         } else if line.starts_with('#') || line.is_empty() {
             return Err(at("malformed comment or empty line".into()));
         } else {
             let s = sample(line).map_err(at)?;
             let fam = current.as_ref().ok_or_else(|| at("sample before any # TYPE".into()))?;
             let family = exp.families.get_mut(fam).ok_or_else(|| at("no family".into()))?;
-            if !suffix_allowed(&family.kind, fam, &s.name) {
+            if !suffix_allowed(&family.kind, fam, &s.name, fmt) {
                 return Err(at(format!("sample {} does not belong to {} family {fam}", s.name, family.kind)));
             }
             family.samples.push(s);
@@ -77,7 +92,7 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
     Ok(exp)
 }
 
-fn directive(exp: &mut Exposition, current: &mut Option<String>, rest: &str) -> Result<(), String> {
+fn directive(exp: &mut Exposition, current: &mut Option<String>, rest: &str, fmt: Format) -> Result<(), String> {
     let mut parts = rest.splitn(3, ' ');
     let (kw, name, arg) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next());
     if !is_metric_name(name) {
@@ -86,7 +101,10 @@ fn directive(exp: &mut Exposition, current: &mut Option<String>, rest: &str) -> 
     match kw {
         "TYPE" => {
             let kind = arg.ok_or("TYPE without a type")?;
-            let known = ["counter", "gauge", "histogram", "summary", "untyped", "unknown", "info", "stateset"];
+            let known: &[&str] = match fmt {
+                Format::OpenMetrics => &["counter", "gauge", "histogram", "summary", "unknown", "info", "stateset"],
+                Format::Classic => &["counter", "gauge", "histogram", "summary", "untyped"],
+            };
             if !known.contains(&kind) {
                 return Err(format!("unknown type {kind}"));
             }
@@ -98,15 +116,16 @@ fn directive(exp: &mut Exposition, current: &mut Option<String>, rest: &str) -> 
             *current = Some(name.to_string());
         }
         "HELP" => exp.families.entry(name.to_string()).or_default().help = arg.map(str::to_string),
-        "UNIT" => {}
+        "UNIT" if fmt == Format::OpenMetrics => {}
         other => return Err(format!("unknown directive {other}")),
     }
     Ok(())
 }
 
-fn suffix_allowed(kind: &str, family: &str, sample: &str) -> bool {
+fn suffix_allowed(kind: &str, family: &str, sample: &str, fmt: Format) -> bool {
     let Some(suffix) = sample.strip_prefix(family) else { return false };
     match kind {
+        "counter" if fmt == Format::Classic => suffix.is_empty(),
         "counter" => ["_total", "_created"].contains(&suffix),
         "histogram" => ["_bucket", "_count", "_sum", "_created"].contains(&suffix),
         "summary" => ["", "_count", "_sum", "_created"].contains(&suffix),
