@@ -2,13 +2,24 @@
 //! the decision examples/demo/policies.yaml says it should, traces were written and a
 //! denied span shown, and nothing is left behind.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 mod support;
 
 #[test]
 fn demo_once_runs_every_flow_as_the_policy_says_and_cleans_up() {
-    let out = Command::new(env!("CARGO_BIN_EXE_trellis")).args(["demo", "--once"]).output().unwrap();
+    // Settings left in the caller's shell (a sourced proxy.env, say) are not the demo's.
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["demo", "--once"])
+        .env("TRELLIS_DEFAULT_ACTION", "allow")
+        .env("TRELLIS_TRUST_DOMAIN", "prod.example")
+        .env("TRELLIS_TOKEN_FILE", "/nonexistent/token")
+        .env("TRELLIS_OUTBOUND", "127.0.0.1:1")
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
@@ -85,4 +96,55 @@ async fn demo_once_says_whether_spans_reached_the_collector() {
     let out = run("nope".into()).await.unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty() && String::from_utf8_lossy(&out.stderr).contains("--otlp-endpoint"));
+}
+
+/// Closing the terminal (SIGHUP) while the demo runs its flows or waits stops the mesh:
+/// every process it started is gone and its temporary dir (the CA key, the admin token)
+/// removed.
+#[test]
+fn a_hangup_stops_the_demo_and_everything_it_started() {
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let started = lines.by_ref().map_while(Result::ok).any(|l| l.starts_with("Flows ("));
+    assert!(started, "the demo never started its flows");
+    std::thread::spawn(move || lines.for_each(drop));
+
+    let pid = nix::unistd::Pid::from_raw(demo.id() as i32);
+    let children: Vec<u32> =
+        String::from_utf8(Command::new("pgrep").args(["-P", &pid.to_string()]).output().unwrap().stdout)
+            .unwrap()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+    assert_eq!(children.len(), 4, "a control plane and three sidecars: {children:?}");
+    let dir: PathBuf = children
+        .iter()
+        .filter_map(|c| std::fs::read(format!("/proc/{c}/cmdline")).ok())
+        .flat_map(|cmd| cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect::<Vec<_>>())
+        .find(|a| a.contains("trellis-demo-") && a.ends_with("/control"))
+        .map(|d| PathBuf::from(d).parent().unwrap().to_path_buf())
+        .expect("the control plane's --data-dir");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&dir.metadata().unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "{} holds the CA key and is mode {mode:o}", dir.display());
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = demo.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop on SIGHUP");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // 130 when the flows were still running, 0 when it was already waiting for a signal.
+    assert!(matches!(status.code(), Some(0 | 130)), "{status:?}");
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+    for c in children {
+        assert!(!std::path::Path::new(&format!("/proc/{c}")).exists(), "process {c} survived the demo");
+    }
 }

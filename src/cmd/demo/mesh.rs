@@ -38,7 +38,7 @@ pub struct Sidecar {
     /// Outbound routes: peer name → local plaintext listener.
     pub routes: Vec<(&'static str, SocketAddr)>,
     pub app_desc: String,
-    child: Child,
+    child: Proc,
 }
 
 impl Sidecar {
@@ -48,7 +48,6 @@ impl Sidecar {
 }
 
 pub struct Mesh {
-    pub dir: tempfile::TempDir,
     pub control_url: String,
     pub fingerprint: String,
     pub bundle: TrustBundle,
@@ -58,7 +57,21 @@ pub struct Mesh {
     pub trace_file: PathBuf,
     pub api_app: SocketAddr,
     pub db_app: SocketAddr,
-    control: Child,
+    // After the sidecars: fields drop in order, and the sidecars go before their control plane.
+    control: Proc,
+    /// Last, so it is removed after every process using it has been stopped.
+    pub dir: tempfile::TempDir,
+}
+
+/// A child process that is killed when dropped, so an error or an interruption anywhere in
+/// starting the mesh leaves nothing running; [`Mesh::stop`] stops them gently first.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Free loopback ports, all reserved at once so they differ from each other.
@@ -74,23 +87,37 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn spawn(args: &[String], env: &[(&str, &str)], log: &std::path::Path) -> Result<Child> {
+/// Starts `trellis ARGS` with only the settings the demo gives it: a `TRELLIS_*` variable
+/// left in the caller's shell (a sourced `proxy.env`, a default action, a trust domain)
+/// would otherwise reach every child as a flag.
+fn spawn(args: &[String], env: &[(&str, &str)], log: &std::path::Path) -> Result<Proc> {
     let exe = std::env::current_exe().context("finding the trellis binary")?;
     let stderr = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    Command::new(exe)
-        .args(args)
+    let mut cmd = Command::new(exe);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TRELLIS_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.args(args)
         .envs(env.iter().copied())
         .env("TRELLIS_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
+        .map(Proc)
         .context("starting a trellis process")
 }
 
 impl Mesh {
     pub async fn start(otlp: Option<String>) -> Result<Mesh> {
-        let dir = tempfile::Builder::new().prefix("trellis-demo-").tempdir().context("creating a temporary dir")?;
+        // Owner-only: it holds the CA's key and the admin token.
+        let dir = tempfile::Builder::new()
+            .prefix("trellis-demo-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .context("creating a temporary dir")?;
         let ports = free_ports(12)?;
         let data = dir.path().join("control");
         let control_url = format!("https://127.0.0.1:{}", ports[0]);
@@ -107,7 +134,7 @@ impl Mesh {
             &[],
             &dir.path().join("control.log"),
         )?;
-        let fingerprint = read_banner(&mut control, dir.path())?;
+        let fingerprint = read_banner(&mut control.0, dir.path())?;
         let bundle = TrustBundle::load(&data.join("bundle.pem")).context("reading the demo's trust bundle")?;
         let token = std::fs::read_to_string(data.join("admin.token")).context("reading the admin token")?;
         let admin_client = ControlClient::new(&control_url, &bundle, None, None, Some(token))?;
@@ -226,20 +253,9 @@ impl Mesh {
     /// SIGTERM to every child (sidecars first), then wait; the temp dir goes with `self`.
     pub async fn stop(&mut self) {
         for s in self.sidecars.iter_mut().rev() {
-            terminate(&mut s.child);
+            terminate(&mut s.child.0);
         }
-        terminate(&mut self.control);
-    }
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        for s in &mut self.sidecars {
-            let _ = s.child.kill();
-            let _ = s.child.wait();
-        }
-        let _ = self.control.kill();
-        let _ = self.control.wait();
+        terminate(&mut self.control.0);
     }
 }
 

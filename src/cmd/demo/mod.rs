@@ -53,30 +53,21 @@ pub fn run(args: DemoArgs) -> ExitCode {
 async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     say!("Trellis demo — a zero-trust mesh on loopback\n");
-    let mut mesh = Mesh::start(args.otlp_endpoint.clone()).await?;
-    say!(
-        "  control plane  {}   (trust domain cluster.local, CA fingerprint {}…)",
-        mesh.control_url,
-        &mesh.fingerprint[..23]
-    );
-    for s in &mesh.sidecars {
-        say!("  {:<5} sidecar  {:<18} admin http://{}   app {}", s.name, s.id_short(), s.admin, s.app_desc);
-    }
-    say!("  policies       {} (default deny: nothing else is allowed)\n", mesh.policy_summary);
-    say!(
-        "Flows (each goes app → its sidecar → mTLS → the peer's sidecar → app; started in {:.1}s):\n",
-        started.elapsed().as_secs_f64()
-    );
-    say!("{}", Row::header());
-
-    let mut all_ok = true;
-    for row in run_flows(&mesh).await {
-        all_ok &= row.ok();
-        say!("{}", row.line());
-    }
-    say!("");
-    let traced = report::traces(&mesh, args.otlp_endpoint.as_deref(), args.once).await;
-
+    // Listening from the start: a signal while the mesh starts or the flows run stops the
+    // mesh and removes its files instead of leaving the children running (SIGHUP too: the
+    // terminal that ran the demo was closed).
+    let mut stop = std::pin::pin!(stop_signal());
+    let mut mesh = tokio::select! {
+        mesh = Mesh::start(args.otlp_endpoint.clone()) => mesh?,
+        () = &mut stop => return Ok(interrupted()),
+    };
+    let (all_ok, traced) = tokio::select! {
+        shown = show(&mesh, &args, started) => shown,
+        () = &mut stop => {
+            mesh.stop().await;
+            return Ok(interrupted());
+        }
+    };
     if args.once {
         mesh.stop().await;
         if all_ok && !traced {
@@ -93,11 +84,56 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     report::try_it(&mesh);
-    super::wait_for_shutdown_signal().await;
+    stop.await;
     say!("\nstopping the mesh…");
     mesh.stop().await;
     say!("done: all processes stopped and temporary files removed.");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The mesh, the scripted flows and where their traces went; whether every flow got the
+/// decision the policy file says it should, and whether spans reached the collector.
+async fn show(mesh: &Mesh, args: &DemoArgs, started: Instant) -> (bool, bool) {
+    say!(
+        "  control plane  {}   (trust domain cluster.local, CA fingerprint {}…)",
+        mesh.control_url,
+        &mesh.fingerprint[..23]
+    );
+    for s in &mesh.sidecars {
+        say!("  {:<5} sidecar  {:<18} admin http://{}   app {}", s.name, s.id_short(), s.admin, s.app_desc);
+    }
+    say!("  policies       {} (default deny: nothing else is allowed)\n", mesh.policy_summary);
+    say!(
+        "Flows (each goes app → its sidecar → mTLS → the peer's sidecar → app; started in {:.1}s):\n",
+        started.elapsed().as_secs_f64()
+    );
+    say!("{}", Row::header());
+
+    let mut all_ok = true;
+    for row in run_flows(mesh).await {
+        all_ok &= row.ok();
+        say!("{}", row.line());
+    }
+    say!("");
+    let traced = report::traces(mesh, args.otlp_endpoint.as_deref(), args.once).await;
+    (all_ok, traced)
+}
+
+/// Ctrl-C, SIGTERM or SIGHUP.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => tokio::select! {
+            _ = hup.recv() => {}
+            () = super::wait_for_shutdown_signal() => {}
+        },
+        Err(_) => super::wait_for_shutdown_signal().await,
+    }
+}
+
+fn interrupted() -> ExitCode {
+    errln!("interrupted: the mesh is stopped and its temporary files removed");
+    ExitCode::from(130)
 }
 
 /// The scripted flows, in order, each checked against what the policy file says.
