@@ -74,6 +74,13 @@ async fn denied_path_and_method_get_403_with_reason() {
     let (status, headers, _) = get(&client, &format!("http://{}/api/items", m.http), "DELETE", &[]).await;
     assert_eq!(status, 403);
     assert_eq!(headers["x-trellis-denied"], "default-deny");
+    // Methods outside the usual uppercase ones are HTTP too, decided per request like any
+    // other (they were once read as opaque TCP, and their connections closed).
+    for method in ["FOO_BAR", "get", "REPORT2"] {
+        let (status, headers, _) = get(&client, &format!("http://{}/api/items", m.http), method, &[]).await;
+        assert_eq!(status, 403, "{method}");
+        assert_eq!(headers["x-trellis-denied"], "default-deny", "{method}");
+    }
     // `..` cannot climb out of an allowed prefix.
     let (status, _, _) = get(&client, &format!("http://{}/api/../admin", m.http), "GET", &[]).await;
     assert_eq!(status, 403);

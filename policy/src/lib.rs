@@ -135,7 +135,9 @@ pub use model::{
 };
 pub use parse::parse_documents;
 pub use path::{PathError, normalize_path};
-pub use pattern::{IpBlock, Method, PathPattern, PatternError, PortRange, SpiffePattern, canonical_ip, parse_cidr};
+pub use pattern::{
+    IpBlock, Method, PathPattern, PatternError, PortRange, SpiffePattern, canonical_ip, is_tchar, parse_cidr,
+};
 pub use snapshot::PolicySnapshot;
 pub use trellis_identity::SpiffeId;
 pub use validate::check_name;

@@ -37,6 +37,10 @@ pub const MAX_ENTRIES: usize = 1_000_000;
 /// Errors kept in a [`crate::ValidationErrors`]; the rest are only counted.
 pub const MAX_REPORTED_ERRORS: usize = 1_000;
 
+/// Longest HTTP method a rule may name, and the longest the sidecars' protocol detection
+/// reads as the start of an HTTP/1 request: a rule for a longer one could never match.
+pub const MAX_METHOD_LEN: usize = 32;
+
 /// Longest `metadata.name` (a DNS-1123 subdomain).
 pub const MAX_NAME_LEN: usize = 253;
 

@@ -35,6 +35,8 @@ pub enum PatternError {
     BadPort(String),
     #[error("invalid HTTP method {0:?}: not an HTTP method token")]
     BadMethod(String),
+    #[error("HTTP method {0:?} is longer than {max} characters, which no sidecar reads as HTTP", max = crate::limits::MAX_METHOD_LEN)]
+    MethodTooLong(String),
     #[error("HTTP method {0:?} must be written {1:?}: methods match case-sensitively")]
     MethodCase(String, String),
     #[error("\"*\" is not a method: omit `methods` to match any method")]
@@ -251,6 +253,9 @@ impl Method {
         if !s.bytes().all(is_tchar) {
             return Err(PatternError::BadMethod(s.to_owned()));
         }
+        if s.len() > crate::limits::MAX_METHOD_LEN {
+            return Err(PatternError::MethodTooLong(s.to_owned()));
+        }
         let upper = s.to_ascii_uppercase();
         if upper != s && KNOWN_METHODS.contains(&upper.as_str()) {
             return Err(PatternError::MethodCase(s.to_owned(), upper));
@@ -263,8 +268,8 @@ impl Method {
     }
 }
 
-/// RFC 9110 §5.6.2 token characters.
-fn is_tchar(b: u8) -> bool {
+/// RFC 9110 §5.6.2 token characters, what a method is made of.
+pub fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
@@ -548,6 +553,9 @@ mod tests {
         assert!(Method::parse("x-custom").is_ok());
         assert!(matches!(Method::parse("get"), Err(PatternError::MethodCase(_, _))));
         assert!(matches!(Method::parse("GE T"), Err(PatternError::BadMethod(_))));
+        assert!(Method::parse(&"X".repeat(crate::limits::MAX_METHOD_LEN)).is_ok());
+        assert!(matches!(Method::parse(&"X".repeat(33)), Err(PatternError::MethodTooLong(_))));
+        assert!(Method::parse("FOO_BAR").is_ok() && Method::parse("REPORT2").is_ok());
         assert_eq!(Method::parse(""), Err(PatternError::Empty));
         assert_eq!(Method::parse("*"), Err(PatternError::MethodWildcard));
     }

@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use trellis_policy::is_tchar;
+use trellis_policy::limits::MAX_METHOD_LEN;
 
 /// What the first bytes say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,9 +227,11 @@ pub fn classify(b: &[u8]) -> Option<Protocol> {
     // HTTP/1: METHOD SP target SP HTTP/1.x CRLF; decide on the method token and, once the
     // line is complete, its version.
     let method_end = b.iter().position(|&c| c == b' ');
-    let token_ok = |t: &[u8]| !t.is_empty() && t.len() <= 16 && t.iter().all(|c| c.is_ascii_uppercase() || *c == b'-');
+    // Any method token a policy can name (RFC 9110: `get`, `FOO_BAR` and `REPORT2` are
+    // methods too); anything else is not HTTP.
+    let token_ok = |t: &[u8]| !t.is_empty() && t.len() <= MAX_METHOD_LEN && t.iter().all(|&c| is_tchar(c));
     match method_end {
-        None if b.len() > 17 || !token_ok(b) => Some(Protocol::Opaque),
+        None if b.len() > MAX_METHOD_LEN || !token_ok(b) => Some(Protocol::Opaque),
         None => None,
         Some(i) if !token_ok(&b[..i]) => Some(Protocol::Opaque),
         Some(_) => match b.iter().position(|&c| c == b'\n') {
@@ -269,6 +273,16 @@ mod tests {
         assert_eq!(classify(b"GET /admin HTTP/1.2\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"GET /admin HTTP/2.0\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"GET /admin\r\n"), Some(Protocol::Opaque), "HTTP/0.9 has no headers to forge");
+        // Every method token a policy can name is read as HTTP, so its rules can match.
+        for method in ["get", "PoST", "FOO_BAR", "REPORT2", "PROPFINDEXTENDED1", "M.SEARCH", &"X".repeat(32)] {
+            let line = format!("{method} /x HTTP/1.1\r\n");
+            assert_eq!(classify(line.as_bytes()), Some(Protocol::Http1), "{method}");
+            assert_eq!(classify(&line.as_bytes()[..method.len()]), None, "{method}: the method alone is undecided");
+        }
+        let too_long = "X".repeat(33);
+        assert_eq!(classify(format!("{too_long} /x HTTP/1.1\r\n").as_bytes()), Some(Protocol::Opaque));
+        assert_eq!(classify(too_long.as_bytes()), Some(Protocol::Opaque));
+        assert_eq!(classify(b"GE(T / HTTP/1.1\r\n"), Some(Protocol::Opaque), "not a token");
     }
 
     #[tokio::test]
