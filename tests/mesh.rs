@@ -979,7 +979,8 @@ fn a_restart_from_the_state_dir_registers_its_addresses_at_once() {
             "--state-dir".to_string(),
             state.path().display().to_string(),
             "--inbound".into(),
-            format!("127.0.0.1:{port}=127.0.0.1:9"),
+            // On every address: registered at the advertised one.
+            format!("0.0.0.0:{port}=127.0.0.1:9"),
             "--advertise-ip".into(),
             ip.to_string(),
         ]

@@ -140,16 +140,18 @@ fn addresses(state: &ProxyState) -> Vec<String> {
     registrations(&state.config.inbound, state.config.advertise_ip)
 }
 
-/// [`addresses`], from the inbound listeners and the advertised IP. Two listeners on one port
-/// (different listen IPs, one advertised IP) are one address to callers: the one they reach —
-/// listening on the advertised IP or on every address — is registered, not a loopback one.
+/// [`addresses`], from the inbound listeners and the advertised IP. A listener on every
+/// address (`0.0.0.0`, `::`) is reached at the advertised IP; one on a specific address at
+/// that address — but a loopback listener only in a mesh on one host (no advertised IP, or a
+/// loopback one): from other hosts nothing reaches it, and every host has a `127.0.0.1`.
+/// Two listeners that come to one address: the specific one is registered, as it is the one
+/// the kernel hands the connections to.
 fn registrations(inbound: &[InboundSpec], advertise_ip: Option<IpAddr>) -> Vec<String> {
-    let reached = |spec: &&InboundSpec| spec.listen.ip().is_unspecified() || Some(spec.listen.ip()) == advertise_ip;
-    let (first, rest): (Vec<&InboundSpec>, Vec<&InboundSpec>) = inbound.iter().partition(reached);
+    let (specific, every): (Vec<&InboundSpec>, Vec<&InboundSpec>) =
+        inbound.iter().partition(|spec| !spec.listen.ip().is_unspecified());
     let mut out: Vec<String> = Vec::new();
-    for spec in first.into_iter().chain(rest) {
-        let ip = advertise_ip.or_else(|| (!spec.listen.ip().is_unspecified()).then(|| spec.listen.ip()));
-        let Some(ip) = ip else { continue };
+    for spec in specific.into_iter().chain(every) {
+        let Some(ip) = registered_ip(spec.listen.ip(), advertise_ip) else { continue };
         let entry = match spec.app {
             None => ip.to_string(),
             Some(app) => format!("{}={}", std::net::SocketAddr::new(ip, spec.listen.port()), app.port()),
@@ -160,6 +162,16 @@ fn registrations(inbound: &[InboundSpec], advertise_ip: Option<IpAddr>) -> Vec<S
         }
     }
     out
+}
+
+fn registered_ip(listen: IpAddr, advertise_ip: Option<IpAddr>) -> Option<IpAddr> {
+    if listen.is_unspecified() {
+        return advertise_ip;
+    }
+    if listen.is_loopback() && advertise_ip.is_some_and(|a| !a.is_loopback()) {
+        return None;
+    }
+    Some(listen)
 }
 
 fn install(state: &ProxyState, svid: Svid) -> Result<(), ProxyError> {
@@ -329,10 +341,34 @@ mod tests {
             spec("0.0.0.0:9000", Some("127.0.0.1:8080")),
             spec("0.0.0.0:15006", None),
             spec("127.0.0.1:9001", Some("127.0.0.1:9090")),
+            spec("10.0.0.6:9002", Some("127.0.0.1:7070")),
+            spec("[::1]:9003", Some("127.0.0.1:6060")),
         ];
+        // A host of a real mesh: loopback listeners stay off the registry (nobody else reaches
+        // them, and every host has a 127.0.0.1:9001); a specific address is its own.
         let ip = "10.0.0.5".parse().ok();
-        assert_eq!(registrations(&inbound, ip), ["10.0.0.5:9000=8080", "10.0.0.5", "10.0.0.5:9001=9090"]);
+        assert_eq!(registrations(&inbound, ip), ["10.0.0.6:9002=7070", "10.0.0.5:9000=8080", "10.0.0.5"]);
         // No advertised IP: a listener on every address names no address of its own.
-        assert_eq!(registrations(&inbound, None), ["127.0.0.1:9000=1111", "127.0.0.1:9001=9090"]);
+        assert_eq!(
+            registrations(&inbound, None),
+            ["127.0.0.1:9000=1111", "127.0.0.1:9001=9090", "10.0.0.6:9002=7070", "[::1]:9003=6060"]
+        );
+        // A mesh on one host, advertised at a loopback address: each listener at its own
+        // address (the IPv6 one included), those on every address at the advertised one.
+        let one_host = "127.0.0.2".parse().ok();
+        assert_eq!(
+            registrations(&inbound, one_host),
+            [
+                "127.0.0.1:9000=1111",
+                "127.0.0.1:9001=9090",
+                "10.0.0.6:9002=7070",
+                "[::1]:9003=6060",
+                "127.0.0.2:9000=8080",
+                "127.0.0.2"
+            ]
+        );
+        // The specific listener wins the address both would register.
+        let both = [spec("0.0.0.0:9000", Some("127.0.0.1:8080")), spec("10.0.0.5:9000", Some("127.0.0.1:1111"))];
+        assert_eq!(registrations(&both, ip), ["10.0.0.5:9000=1111"]);
     }
 }
