@@ -138,7 +138,9 @@ pub struct AuditEntry {
     /// Unix seconds.
     pub time: u64,
     pub actor: Actor,
-    /// `policy.apply`, `policy.delete`, `token.create`, `svid.bootstrap`, `svid.renew`.
+    /// `policy.apply`, `policy.delete`, `token.create`, `svid.bootstrap`, `svid.renew`,
+    /// `endpoint.move` (an address registered to one identity taken by another; the target
+    /// says `ADDRESS (was PREVIOUS_ID)`).
     pub action: String,
     pub target: String,
     /// Policy version after the change.
@@ -481,6 +483,11 @@ mod tests {
         let v2 = store.register_endpoints(&id("b"), &["10.0.0.1".into()], &ANY).unwrap();
         assert_eq!(v2, v1 + 1);
         assert_eq!(store.endpoints().unwrap().1[0].spiffe_id, id("b"));
+        // ...and one the audit log records, with who took it from whom.
+        let moved: Vec<_> = store.audit(0, 100).unwrap().into_iter().filter(|e| e.action == "endpoint.move").collect();
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        assert_eq!(moved[0].actor.principal, id("b").to_string());
+        assert_eq!(moved[0].target, format!("10.0.0.1 (was {})", id("a")));
     }
 
     /// An address another identity renewed recently is not taken from elsewhere; from the

@@ -105,6 +105,11 @@ pub(super) fn put_endpoints(
         }
         if let Some(old) = current.as_ref().filter(|e| &e.spiffe_id != id) {
             tracing::info!(%address, from = %old.spiffe_id, to = %id, "endpoint address moved to another workload");
+            // Which identity callers require at an address is a change to the mesh: audited.
+            let actor = super::Actor { principal: id.to_string(), remote: claim.from.to_canonical().to_string() };
+            let version = txn.open_table(super::META)?.get(super::K_VERSION)?.map(|v| v.value()).unwrap_or(0);
+            let target = format!("{address} (was {})", old.spiffe_id);
+            super::append_audit(txn, &actor, "endpoint.move", &target, version)?;
         }
         changed |= current.is_none_or(|e| &e.spiffe_id != id || e.app_port != app_port);
         let entry = Endpoint { address: address.to_string(), spiffe_id: id.clone(), updated: now, app_port };
