@@ -314,6 +314,49 @@ async fn otlp_http_protobuf_exports_nested_spans_and_denials() {
 
 /// Spans to `<dir>/<name>-spans.jsonl`; the flow log to `<dir>/<name>-flows.jsonl`, or to
 /// stdout for the sidecar named `stdout_flows`.
+/// A collector that answers "partial success: rejected N" took nothing: its spans are
+/// counted as dropped (`rejected`), not exported, over gRPC and HTTP alike; a flow log whose
+/// writes fail (a full disk) counts the lines it lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_a_collector_rejects_and_flow_lines_a_full_disk_loses_are_counted() {
+    for protocol in ["grpc", "http"] {
+        let r = if protocol == "grpc" {
+            Receiver::grpc(Duration::ZERO).await
+        } else {
+            Receiver::http(Duration::ZERO).await
+        };
+        r.reject_everything();
+        let otlp = otlp_args(&r, protocol);
+        let m = mesh(move |name| {
+            let mut args = otlp(name);
+            args.extend(["--flow-log".to_string(), "/dev/full".to_string()]);
+            args
+        })
+        .await;
+        let client = http_client();
+        for _ in 0..3 {
+            assert_eq!(get(&client, &format!("http://{}/api/x", m.http), "GET", &[]).await.0, 200);
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let api = metrics(&m.api);
+            let rejected = api.sum("trellis_spans_dropped_total", &[("reason", "rejected")]);
+            let lost = api.sum("trellis_flow_log_dropped_total", &[("reason", "write_failed")]);
+            if rejected >= 3.0 && lost >= 3.0 {
+                assert_eq!(api.sum("trellis_spans_exported_total", &[]), 0.0, "{protocol}: nothing was taken");
+                assert_eq!(api.sum("trellis_flow_log_dropped_total", &[("reason", "queue_full")]), 0.0);
+                break;
+            }
+            assert!(Instant::now() < deadline, "{protocol}: rejected {rejected}, lost {lost}:\n{}", m.api.metrics());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(r.exports() > 0 && r.spans().is_empty());
+        let logs = m.api.proc.logs();
+        assert!(logs.contains("the collector rejected spans") && logs.contains("over the span limit"), "{logs}");
+        assert!(logs.contains("cannot write the flow log"), "{logs}");
+    }
+}
+
 fn file_args(dir: &Path, ratio: &str, stdout_flows: &str) -> impl Fn(&str) -> Vec<String> {
     let dir = dir.to_path_buf();
     let (ratio, stdout_flows) = (ratio.to_string(), stdout_flows.to_string());

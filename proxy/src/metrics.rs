@@ -43,7 +43,7 @@ pub struct Metrics {
     /// (`export_failed`).
     pub spans_dropped: Family<ReasonLabels, Counter>,
     pub spans_exported: Counter,
-    pub flow_log_dropped: Counter,
+    pub flow_log_dropped: Family<ReasonLabels, Counter>,
     pub detect_timeouts: Counter,
     /// Open connections (TCP tunnels, HTTP connections, upgraded WebSockets) a policy change
     /// closed because it no longer allows them.
@@ -94,21 +94,24 @@ impl Metrics {
         let spans_dropped = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "spans_dropped",
-            "Spans dropped: the export queue was full (queue_full) or the export failed (export_failed)",
+            "Spans dropped: the export queue was full (queue_full), the export failed (export_failed) or the collector refused them (rejected)",
             spans_dropped.clone(),
         );
-        // Both reasons show from the start, at 0, so alerts and dashboards see the series.
-        for reason in ["queue_full", "export_failed"] {
+        // Every reason shows from the start, at 0, so alerts and dashboards see the series.
+        for reason in ["queue_full", "export_failed", "rejected"] {
             let _ = spans_dropped.get_or_create(&ReasonLabels { reason });
         }
         let spans_exported = Counter::default();
         registry.register("spans_exported", "Spans the exporter accepted", spans_exported.clone());
-        let flow_log_dropped = Counter::default();
+        let flow_log_dropped = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "flow_log_dropped",
-            "Flow-log lines dropped because the flow-log queue was full",
+            "Flow-log lines lost: the flow-log queue was full (queue_full) or writing failed (write_failed)",
             flow_log_dropped.clone(),
         );
+        for reason in ["queue_full", "write_failed"] {
+            let _ = flow_log_dropped.get_or_create(&ReasonLabels { reason });
+        }
         let detect_timeouts = Counter::default();
         registry.register(
             "protocol_detect_timeouts",
@@ -156,6 +159,14 @@ impl Metrics {
 
     pub fn spans_dropped_export_failed(&self) -> Counter {
         self.spans_dropped.get_or_create(&ReasonLabels { reason: "export_failed" }).clone()
+    }
+
+    pub fn spans_rejected(&self) -> Counter {
+        self.spans_dropped.get_or_create(&ReasonLabels { reason: "rejected" }).clone()
+    }
+
+    pub fn flow_log_dropped(&self, reason: &'static str) -> Counter {
+        self.flow_log_dropped.get_or_create(&ReasonLabels { reason }).clone()
     }
 
     /// Connections open now, both directions.

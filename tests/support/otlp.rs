@@ -15,7 +15,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message;
 use serde_json::Value as Json;
@@ -61,15 +63,25 @@ struct Store {
     spans: Arc<Mutex<Vec<Span>>>,
     exports: Arc<AtomicUsize>,
     delay: Duration,
+    /// Answer every export with a partial success rejecting all its spans.
+    rejecting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
-    async fn take(&self, req: ExportTraceServiceRequest) {
+    /// Takes the request's spans, and answers as the collector does.
+    async fn take(&self, req: ExportTraceServiceRequest) -> ExportTraceServiceResponse {
         self.exports.fetch_add(1, Ordering::SeqCst);
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        self.spans.lock().unwrap().extend(flatten(req));
+        let spans = flatten(req);
+        let n = spans.len() as i64;
+        if self.rejecting.load(Ordering::SeqCst) {
+            let partial = ExportTracePartialSuccess { rejected_spans: n, error_message: "over the span limit".into() };
+            return ExportTraceServiceResponse { partial_success: Some(partial) };
+        }
+        self.spans.lock().unwrap().extend(spans);
+        ExportTraceServiceResponse { partial_success: None }
     }
 }
 
@@ -85,8 +97,7 @@ impl TraceService for Store {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.take(request.into_inner()).await;
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(self.take(request.into_inner()).await))
     }
 }
 
@@ -143,6 +154,12 @@ impl Receiver {
         self.store.spans.lock().unwrap().clone()
     }
 
+    /// From now on, answer every export with a partial success rejecting all its spans
+    /// (as a collector over its limits does), keeping none.
+    pub fn reject_everything(&self) {
+        self.store.rejecting.store(true, Ordering::SeqCst);
+    }
+
     /// Export calls received so far.
     pub fn exports(&self) -> usize {
         self.store.exports.load(Ordering::SeqCst)
@@ -173,14 +190,11 @@ async fn http_export(st: &Store, req: http::Request<hyper::body::Incoming>) -> h
     let ok_path = req.method() == http::Method::POST && req.uri().path() == "/v1/traces";
     let protobuf = req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v == "application/x-protobuf");
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let status = match (ok_path && protobuf, ExportTraceServiceRequest::decode(body)) {
-        (true, Ok(decoded)) => {
-            st.take(decoded).await;
-            http::StatusCode::OK
-        }
-        _ => http::StatusCode::BAD_REQUEST,
+    let (status, reply) = match (ok_path && protobuf, ExportTraceServiceRequest::decode(body)) {
+        (true, Ok(decoded)) => (http::StatusCode::OK, st.take(decoded).await),
+        _ => (http::StatusCode::BAD_REQUEST, ExportTraceServiceResponse { partial_success: None }),
     };
-    let reply = ExportTraceServiceResponse { partial_success: None }.encode_to_vec();
+    let reply = reply.encode_to_vec();
     let mut resp = http::Response::new(Full::new(Bytes::from(reply)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-protobuf"));

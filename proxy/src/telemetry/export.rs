@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use trellis_identity::SpiffeId;
 
 use super::jsonl::{SpanWriter, write_flow_line};
-use super::otlp::{Encoder, Transport};
+use super::otlp::{Encoder, Rejected, Transport};
 use super::queue::{Item, Queue};
 use super::{OtlpProtocol, TelemetryError};
 
@@ -56,7 +56,7 @@ impl Sink {
         }
     }
 
-    async fn export(&mut self, batch: &[Item]) -> Result<(), String> {
+    async fn export(&mut self, batch: &[Item]) -> Result<Rejected, String> {
         match self {
             Sink::Otlp { encoder, transport, buf } => {
                 encoder.encode(batch, buf);
@@ -66,7 +66,7 @@ impl Sink {
                     Err(_) => Err("export timed out".into()),
                 }
             }
-            Sink::File(w) => w.write(batch).map_err(|e| e.to_string()),
+            Sink::File(w) => w.write(batch).map(|()| Rejected::default()).map_err(|e| e.to_string()),
         }
     }
 
@@ -83,6 +83,10 @@ impl Sink {
 pub struct ExportCounters {
     pub exported: Counter,
     pub export_failed: Counter,
+    /// Spans the collector answered it did not take (OTLP's partial success).
+    pub rejected: Counter,
+    /// Flow-log lines a failed write lost.
+    pub flow_lines_lost: Counter,
 }
 
 /// What the telemetry thread is given to run.
@@ -140,6 +144,7 @@ impl Worker {
 
 async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender<Result<(), TelemetryError>>) {
     let Plan { spans, flows, identity, resource, counters } = plan;
+    let counters_for_flows = counters.clone();
     let mut spans = match spans {
         Some((spec, queue)) => match Sink::build(spec) {
             Ok(sink) => Some((SpanLoop::new(sink, identity, resource, counters), queue)),
@@ -148,7 +153,7 @@ async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender
         None => None,
     };
     let _ = ready.send(Ok(()));
-    let mut flows = flows;
+    let mut flows = flows.map(|(out, queue)| (FlowLog { out, failing: false }, queue));
     let mut buf: Vec<Item> = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -157,12 +162,9 @@ async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender
             _ = tick.tick() => false,
             () = stop.cancelled() => true,
         };
-        if let Some((out, queue)) = flows.as_mut() {
+        if let Some((log, queue)) = flows.as_mut() {
             queue.take(&mut buf);
-            if let Err(e) = write_flow_lines(out, &mut buf) {
-                tracing::warn!(error = %e, "cannot write the flow log");
-            }
-            buf.clear();
+            log.write(&mut buf, &counters_for_flows);
         }
         if let Some((span_loop, queue)) = spans.as_mut() {
             queue.take(&mut buf);
@@ -174,6 +176,33 @@ async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender
     }
 }
 
+/// The flow log's writer, and whether its last write failed (logged once, and once more
+/// when writing works again, as span export failures are).
+struct FlowLog {
+    out: Box<dyn std::io::Write + Send>,
+    failing: bool,
+}
+
+impl FlowLog {
+    /// Writes `buf`'s lines and empties it. A failed write (a full disk, EIO) counts the
+    /// batch's lines as lost: a buffered writer may have taken some of them, but nothing
+    /// says they reached the file.
+    fn write(&mut self, buf: &mut Vec<Item>, counters: &ExportCounters) {
+        let n = buf.len() as u64;
+        match write_flow_lines(&mut self.out, buf) {
+            Ok(()) if n > 0 && std::mem::take(&mut self.failing) => tracing::info!("flow log writes recovered"),
+            Ok(()) => {}
+            Err(e) => {
+                counters.flow_lines_lost.inc_by(n);
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::warn!(error = %e, "cannot write the flow log; lines are lost until it works again");
+                }
+            }
+        }
+        buf.clear();
+    }
+}
+
 struct SpanLoop {
     sink: Sink,
     identity: Arc<OnceLock<SpiffeId>>,
@@ -182,6 +211,8 @@ struct SpanLoop {
     resource_set: bool,
     /// Set after a failed export: until then, batches are dropped without an attempt.
     hold_until: Option<Instant>,
+    /// The collector's last answer rejected spans (or warned).
+    rejecting: bool,
 }
 
 impl SpanLoop {
@@ -191,7 +222,7 @@ impl SpanLoop {
         extra_resource: Vec<(&'static str, String)>,
         counters: ExportCounters,
     ) -> Self {
-        SpanLoop { sink, identity, extra_resource, counters, resource_set: false, hold_until: None }
+        SpanLoop { sink, identity, extra_resource, counters, resource_set: false, hold_until: None, rejecting: false }
     }
 
     /// Exports everything in `buf`, batch by batch, and empties it.
@@ -217,10 +248,22 @@ impl SpanLoop {
         }
         let n = batch.len() as u64;
         match self.sink.export(batch).await {
-            Ok(()) => {
-                self.counters.exported.inc_by(n);
+            Ok(rejected) => {
+                let refused = rejected.spans.min(n);
+                self.counters.exported.inc_by(n - refused);
+                self.counters.rejected.inc_by(refused);
                 if self.hold_until.take().is_some() {
                     tracing::info!("span export recovered");
+                }
+                // Logged when it starts, and again when it stops; counted every time.
+                if (refused > 0 || !rejected.message.is_empty()) != self.rejecting {
+                    self.rejecting = !self.rejecting;
+                    match self.rejecting {
+                        true => {
+                            tracing::warn!(spans = refused, of = n, reason = %rejected.message, "the collector rejected spans")
+                        }
+                        false => tracing::info!("the collector takes every span again"),
+                    }
                 }
             }
             Err(e) => {

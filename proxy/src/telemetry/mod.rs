@@ -154,7 +154,7 @@ impl Telemetry {
         }
         let identity = Arc::new(OnceLock::new());
         let spans = span_sink.is_some().then(|| Queue::new(config.queue_size, metrics.spans_dropped_queue_full()));
-        let flows = flow_out.is_some().then(|| Queue::new(config.queue_size, metrics.flow_log_dropped.clone()));
+        let flows = flow_out.is_some().then(|| Queue::new(config.queue_size, metrics.flow_log_dropped("queue_full")));
         let plan = Plan {
             spans: span_sink.zip(spans.clone()),
             flows: flow_out.zip(flows.clone()),
@@ -163,6 +163,8 @@ impl Telemetry {
             counters: ExportCounters {
                 exported: metrics.spans_exported.clone(),
                 export_failed: metrics.spans_dropped_export_failed(),
+                rejected: metrics.spans_rejected(),
+                flow_lines_lost: metrics.flow_log_dropped("write_failed"),
             },
         };
         let worker = Worker::spawn(plan)?;

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use prost::Message as _;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
 use super::attrs::{Attr, Scratch, StatusCode};
@@ -178,7 +179,8 @@ impl Transport {
         }
     }
 
-    pub async fn send(&mut self, body: Bytes) -> Result<(), String> {
+    /// Sends one export request; `Ok` carries what the collector said it did not take.
+    pub async fn send(&mut self, body: Bytes) -> Result<Rejected, String> {
         match self {
             Transport::Grpc(grpc) => {
                 grpc.ready().await.map_err(|e| {
@@ -188,7 +190,7 @@ impl Transport {
                 let r = grpc.unary(tonic::Request::new(body), path, RawCodec).await;
                 // The usual mistake: a collector's OTLP/HTTP port given for the default gRPC.
                 let hint = "(sent as OTLP/gRPC; a collector's OTLP/HTTP endpoint, usually port 4318, needs --otlp-protocol http)";
-                r.map(|_| ()).map_err(|s| {
+                r.map(|answer| Rejected::from(answer.into_inner())).map_err(|s| {
                     // Status's own Display already names its source: its message, then the causes.
                     let what = chain_from(s.message().to_string(), std::error::Error::source(&s));
                     if never_connected(&s) {
@@ -214,9 +216,12 @@ impl Transport {
                     }
                 })?;
                 let status = resp.status();
-                // Read the (small) answer so the connection is reused.
-                let _ = resp.into_body().collect().await;
-                if status.is_success() { Ok(()) } else { Err(format!("HTTP {status}")) }
+                // Read the (small) answer so the connection is reused, and for what it rejected.
+                let answer = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                if !status.is_success() {
+                    return Err(format!("HTTP {status}"));
+                }
+                Ok(Rejected::from(ExportResponse::decode(answer).unwrap_or_default()))
             }
         }
     }
@@ -257,26 +262,58 @@ pub fn http_traces_url(base: &str) -> String {
     if base.ends_with("/v1/traces") { base.to_string() } else { format!("{base}/v1/traces") }
 }
 
-/// A gRPC codec for a request already encoded, whose answer is not needed
-/// (`ExportTraceServiceResponse` only reports partial successes).
+/// What a collector said it did not take from an export it answered with success: OTLP's
+/// `partial_success` (spans refused for limits or bad data). An answer that does not decode
+/// is taken as a full success — the export itself was accepted.
+#[derive(Debug, Default, PartialEq)]
+pub struct Rejected {
+    pub spans: u64,
+    pub message: String,
+}
+
+impl From<ExportResponse> for Rejected {
+    fn from(answer: ExportResponse) -> Self {
+        let partial = answer.partial_success.unwrap_or_default();
+        Rejected { spans: partial.rejected_spans.max(0) as u64, message: partial.error_message }
+    }
+}
+
+/// `ExportTraceServiceResponse`: the only field a collector answers with.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExportResponse {
+    #[prost(message, optional, tag = "1")]
+    pub partial_success: Option<PartialSuccess>,
+}
+
+/// `ExportTracePartialSuccess`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PartialSuccess {
+    #[prost(int64, tag = "1")]
+    pub rejected_spans: i64,
+    #[prost(string, tag = "2")]
+    pub error_message: String,
+}
+
+/// A gRPC codec for a request already encoded, whose answer is decoded for its partial
+/// success.
 struct RawCodec;
 
 struct RawEncoder;
 
-struct Discard;
+struct AnswerDecoder;
 
 impl tonic::codec::Codec for RawCodec {
     type Encode = Bytes;
-    type Decode = ();
+    type Decode = ExportResponse;
     type Encoder = RawEncoder;
-    type Decoder = Discard;
+    type Decoder = AnswerDecoder;
 
     fn encoder(&mut self) -> RawEncoder {
         RawEncoder
     }
 
-    fn decoder(&mut self) -> Discard {
-        Discard
+    fn decoder(&mut self) -> AnswerDecoder {
+        AnswerDecoder
     }
 }
 
@@ -290,13 +327,14 @@ impl tonic::codec::Encoder for RawEncoder {
     }
 }
 
-impl tonic::codec::Decoder for Discard {
-    type Item = ();
+impl tonic::codec::Decoder for AnswerDecoder {
+    type Item = ExportResponse;
     type Error = tonic::Status;
 
-    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<ExportResponse>, tonic::Status> {
+        let answer = ExportResponse::decode(&mut *src).unwrap_or_default();
         src.advance(src.remaining());
-        Ok(Some(()))
+        Ok(Some(answer))
     }
 }
 
