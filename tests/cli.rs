@@ -313,3 +313,31 @@ fn a_route_to_another_trust_domain_is_refused_at_start() {
         .unwrap();
     assert_refused(&out, None, "is in trust domain other.td, but this mesh's (the CA bundle's) is cluster.local");
 }
+
+/// A listener address that cannot be had is named with its flag: taken by another process,
+/// or given to two of the proxy's own flags (which would otherwise read as "in use").
+#[test]
+fn a_listener_address_that_cannot_be_had_names_its_flag() {
+    let bundle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("control/tests/fixtures/inject/bundle.pem");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().to_string();
+    let free = support::addr(support::free_port()).to_string();
+    let inbound = format!("{free}=127.0.0.1:1");
+    let cases = [
+        (vec!["--admin", taken.as_str()], format!("--admin {taken}: cannot listen there")),
+        (
+            vec!["--admin", free.as_str(), "--inbound", inbound.as_str()],
+            format!("--inbound {free} is also given as --admin"),
+        ),
+    ];
+    for (args, says) in cases {
+        let out = trellis()
+            .args(["proxy", "run", "--token", "t", "--control", "https://127.0.0.1:9"])
+            .arg("--ca-bundle")
+            .arg(&bundle)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_refused(&out, None, &says);
+    }
+}

@@ -63,12 +63,15 @@ pub enum ProxyError {
     /// The CA bundle is not usable; the message says why (the binary names the file).
     #[error("{0}")]
     Bundle(String),
-    #[error("cannot listen on {addr}")]
+    #[error("{flag} {addr}: cannot listen there")]
     Listen {
+        flag: &'static str,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
+    #[error("{flag} {addr} is also given as {other}: each listener needs an address of its own")]
+    ListenTwice { flag: &'static str, other: &'static str, addr: SocketAddr },
     #[error("control plane")]
     Control(#[from] trellis_control::ClientError),
     #[error("bootstrap: {0}")]
@@ -114,25 +117,44 @@ struct Listeners {
     routes: Vec<(config::RouteSpec, TcpListener)>,
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
-    TcpListener::bind(addr).await.map_err(|source| ProxyError::Listen { addr, source })
+async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr).await.map_err(|source| ProxyError::Listen { flag, addr, source })
 }
 
 async fn bind_all(config: &ProxyConfig) -> Result<Listeners, ProxyError> {
-    let admin = bind(config.admin).await?;
+    check_distinct(config)?;
+    let admin = bind("--admin", config.admin).await?;
     let mut inbound = Vec::new();
     for spec in &config.inbound {
-        inbound.push((spec.clone(), bind(spec.listen).await?));
+        inbound.push((spec.clone(), bind("--inbound", spec.listen).await?));
     }
     let outbound = match config.outbound {
-        Some(a) => Some(bind(a).await?),
+        Some(a) => Some(bind("--outbound", a).await?),
         None => None,
     };
     let mut routes = Vec::new();
     for r in &config.routes {
-        routes.push((r.clone(), bind(r.listen).await?));
+        routes.push((r.clone(), bind("--route", r.listen).await?));
     }
     Ok(Listeners { admin, inbound, outbound, routes })
+}
+
+/// Two flags naming one address would otherwise fail as "address in use", as if something
+/// else held it.
+fn check_distinct(config: &ProxyConfig) -> Result<(), ProxyError> {
+    let mut seen: Vec<(&'static str, SocketAddr)> = vec![("--admin", config.admin)];
+    let rest = config.inbound.iter().map(|s| ("--inbound", s.listen));
+    let rest = rest
+        .chain(config.outbound.map(|a| ("--outbound", a)))
+        .chain(config.routes.iter().map(|r| ("--route", r.listen)));
+    for (flag, addr) in rest {
+        // Port 0 asks the kernel for a free port: never a clash.
+        if let Some((other, _)) = seen.iter().find(|(_, a)| *a == addr && addr.port() != 0) {
+            return Err(ProxyError::ListenTwice { flag, other, addr });
+        }
+        seen.push((flag, addr));
+    }
+    Ok(())
 }
 
 /// Runs the sidecar until `shutdown` resolves, then drains for up to the drain timeout.
