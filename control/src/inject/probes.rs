@@ -47,32 +47,51 @@ pub(crate) fn probes_for_proxy(
 ) -> Map<String, Value> {
     let previous = previous_probes(spec);
     let mut given = Map::new();
-    let Some(containers) = spec.get_mut("containers").and_then(Value::as_array_mut) else { return given };
-    for c in containers.iter_mut().filter(|c| c["name"] != PROXY_CONTAINER_NAME) {
-        let Some(name) = c["name"].as_str().map(str::to_string) else { continue };
-        let declared = c["ports"].clone();
-        for (field, kind) in KINDS {
-            let Some(probe) = c.get_mut(field).and_then(Value::as_object_mut) else { continue };
-            let key = format!("{name}/{kind}");
-            if let Some(original) = previous.get(&key).filter(|_| is_rewritten(probe, &key)) {
-                restore(probe, original);
-            }
-            let Some(entry) = original_for_proxy(probe, &declared, excluded_ports) else { continue };
-            if !rewrite {
-                if probe.contains_key("httpGet") {
-                    given.insert(key, entry);
-                }
-                continue;
-            }
-            {
-                let path = format!("{APP_HEALTH_PREFIX}{key}");
-                let action = ACTIONS.into_iter().find(|a| probe.contains_key(*a)).unwrap_or("httpGet");
-                replace_key(probe, action, "httpGet", json!({ "path": path, "port": ADMIN_PORT }));
-                given.insert(key, entry);
-            }
+    for list in PROBED {
+        let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) else { continue };
+        for c in containers.iter_mut().filter(|c| probed_while_running(list, c)) {
+            probes_of_container(c, &previous, rewrite, excluded_ports, &mut given);
         }
     }
     given
+}
+
+/// The lists whose containers the kubelet probes while the pod runs.
+const PROBED: [&str; 2] = ["initContainers", "containers"];
+
+/// The app containers, and native sidecars (init containers with `restartPolicy: Always`,
+/// which the kubelet probes like app containers — and waits for their startup probe before
+/// starting the next container); not the proxy itself, and not plain init containers.
+fn probed_while_running(list: &str, c: &Value) -> bool {
+    c["name"] != PROXY_CONTAINER_NAME && (list == "containers" || c["restartPolicy"] == "Always")
+}
+
+/// [`probes_for_proxy`] for one container.
+fn probes_of_container(
+    c: &mut Value,
+    previous: &Map<String, Value>,
+    rewrite: bool,
+    excluded_ports: &[u16],
+    given: &mut Map<String, Value>,
+) {
+    let Some(name) = c["name"].as_str().map(str::to_string) else { return };
+    let declared = c["ports"].clone();
+    for (field, kind) in KINDS {
+        let Some(probe) = c.get_mut(field).and_then(Value::as_object_mut) else { continue };
+        let key = format!("{name}/{kind}");
+        if let Some(original) = previous.get(&key).filter(|_| is_rewritten(probe, &key)) {
+            restore(probe, original);
+        }
+        let Some(entry) = original_for_proxy(probe, &declared, excluded_ports) else { continue };
+        if rewrite {
+            let path = format!("{APP_HEALTH_PREFIX}{key}");
+            let action = ACTIONS.into_iter().find(|a| probe.contains_key(*a)).unwrap_or("httpGet");
+            replace_key(probe, action, "httpGet", json!({ "path": path, "port": ADMIN_PORT }));
+        } else if !probe.contains_key("httpGet") {
+            continue;
+        }
+        given.insert(key, entry);
+    }
 }
 
 /// The app's probes that will fail once their port is captured, as warnings for whoever
@@ -83,8 +102,9 @@ pub(crate) fn probes_for_proxy(
 /// that name are not captured or not judged. Called after [`probes_for_proxy`].
 pub(crate) fn failing_probes(spec: &Map<String, Value>, rewrite: bool, excluded_ports: &[u16]) -> Vec<String> {
     let mut warnings = Vec::new();
-    let containers = spec.get("containers").and_then(Value::as_array).into_iter().flatten();
-    for c in containers.filter(|c| c["name"] != PROXY_CONTAINER_NAME) {
+    let lists =
+        PROBED.map(|list| spec.get(list).and_then(Value::as_array).into_iter().flatten().map(move |c| (list, c)));
+    for c in lists.into_iter().flatten().filter(|(list, c)| probed_while_running(list, c)).map(|(_, c)| c) {
         let name = c["name"].as_str().unwrap_or("");
         for (field, _) in KINDS {
             let Some((name_of_action, probe)) = c[field].as_object().and_then(action) else { continue };
@@ -285,6 +305,41 @@ mod tests {
 
     /// Probes the kubelet cannot pass once their port is captured are named, with the way
     /// out; the ones that work (HTTP, rewritten gRPC, excluded ports, a `host`) are not.
+    /// A native sidecar (an init container with `restartPolicy: Always`) is probed while the
+    /// pod runs, and the kubelet waits for its startup probe: its probes are the proxy's to
+    /// answer as the app's are. A plain init container has none to answer.
+    #[test]
+    fn native_sidecars_probes_are_handled_as_the_apps() {
+        let mut s = json!({
+            "initContainers": [
+                { "name": "migrate", "image": "m" },
+                { "name": "fluentbit", "restartPolicy": "Always", "ports": [{ "name": "http", "containerPort": 2020 }],
+                  "readinessProbe": { "httpGet": { "path": "/api/v1/health", "port": "http" } },
+                  "startupProbe": { "grpc": { "port": 2021 } } },
+            ],
+            "containers": [{ "name": "app", "readinessProbe": { "httpGet": { "path": "/", "port": 8080 } } }],
+        })
+        .as_object()
+        .unwrap()
+        .clone();
+        let warnings = failing_probes(&s, false, &[]);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("container \"fluentbit\" startupProbe: a grpc probe of port 2021"),
+            "{warnings:?}"
+        );
+
+        let given = probes_for_proxy(&mut s.clone(), false, &[]);
+        assert_eq!(given.keys().collect::<Vec<_>>(), ["fluentbit/readyz", "app/readyz"]);
+        assert_eq!(given["fluentbit/readyz"]["port"], 2020, "the named port resolved");
+
+        let given = probes_for_proxy(&mut s, true, &[]);
+        assert_eq!(given.keys().collect::<Vec<_>>(), ["fluentbit/readyz", "fluentbit/startupz", "app/readyz"]);
+        let startup = &s["initContainers"][1]["startupProbe"];
+        assert_eq!(startup["httpGet"]["path"], "/app-health/fluentbit/startupz", "{startup}");
+        assert!(failing_probes(&s, true, &[]).is_empty());
+    }
+
     #[test]
     fn probes_that_fail_in_the_mesh_are_named() {
         let s = spec(json!({
