@@ -419,3 +419,32 @@ fn the_default_action_annotation_reaches_the_proxy() {
     let env = proxy["env"].as_array().unwrap();
     assert!(env.contains(&serde_json::json!({"name": "TRELLIS_DEFAULT_ACTION", "value": "allow"})), "{env:?}");
 }
+
+/// `trellis.dev/` settings on a workload's own metadata are not read (only a pod template's
+/// are): said in a warning naming where they belong, unless the template carries the same
+/// (kustomize's commonAnnotations writes both). `trellis.dev/inject` is read on both.
+#[test]
+fn settings_on_a_workloads_own_metadata_are_warned_about() {
+    let deployment = |template_annotations: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n  annotations:\n    trellis.dev/inject: enabled\n    trellis.dev/exclude-inbound-ports: \"9090\"\nspec:\n  selector: {{matchLabels: {{app: d}}}}\n  template:\n    metadata:\n      labels: {{app: d}}\n{template_annotations}    spec:\n      containers: [{{name: app, image: nginx}}]\n"
+        )
+    };
+    let out = inject::inject_manifests(&deployment(""), &config(false)).unwrap();
+    let Outcome::Injected { warnings } = &out.outcomes[0] else { panic!("{:?}", out.outcomes) };
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("metadata.annotations: trellis.dev/exclude-inbound-ports has no effect here")
+            && warnings[0].ends_with("put it on spec.template.metadata.annotations"),
+        "{warnings:?}"
+    );
+    let both = deployment("      annotations:\n        trellis.dev/exclude-inbound-ports: \"9090\"\n");
+    let out = inject::inject_manifests(&both, &config(false)).unwrap();
+    assert_eq!(out.outcomes, vec![Outcome::Injected { warnings: vec![] }]);
+
+    let cronjob = "apiVersion: batch/v1\nkind: CronJob\nmetadata: {name: c}\nspec:\n  schedule: \"* * * * *\"\n  jobTemplate:\n    metadata:\n      annotations: {trellis.dev/opaque-ports: \"5432\"}\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers: [{name: job, image: busybox}]\n";
+    let out = inject::inject_manifests(cronjob, &config(false)).unwrap();
+    let Outcome::Injected { warnings } = &out.outcomes[0] else { panic!("{:?}", out.outcomes) };
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].starts_with("spec.jobTemplate.metadata.annotations: trellis.dev/opaque-ports"), "{warnings:?}");
+}

@@ -112,6 +112,29 @@ fn check_known(annotations: Option<&Map<String, Value>>) -> Result<(), PodError>
     }
 }
 
+/// The `trellis.dev/` annotations on a workload's (or a CronJob's job template's) own
+/// metadata that have no effect there — every one but `trellis.dev/inject`, which only a pod
+/// template's are read for — as warnings naming where they belong. One the template carries
+/// with the same value is not warned about: kustomize's `commonAnnotations` puts them on both.
+pub(crate) fn misplaced(owner: &Value, owner_path: &str, template: Option<&Value>, template_path: &str) -> Vec<String> {
+    let on_template = template.and_then(annotations);
+    let at =
+        |p: &str| if p.is_empty() { "metadata.annotations".to_string() } else { format!("{p}.metadata.annotations") };
+    annotations(owner)
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with("trellis.dev/") && k.as_str() != ANNOTATION_INJECT)
+        .filter(|(k, v)| on_template.and_then(|t| t.get(k.as_str())) != Some(*v))
+        .map(|(k, _)| {
+            format!(
+                "{}: {k} has no effect here (only {ANNOTATION_INJECT} is read on a workload); put it on {}",
+                at(owner_path),
+                at(template_path)
+            )
+        })
+        .collect()
+}
+
 /// Whether `trellis.dev/inject` on this object opts it out. `enabled` and absence mean no;
 /// any other value is refused, so that `disable` or `false` do not silently inject.
 pub(crate) fn is_disabled(object: &Value) -> Result<bool, PodError> {

@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use super::annotations::is_disabled;
+use super::annotations::{is_disabled, misplaced};
 use super::pod::inject_template;
 use super::{InjectConfig, InjectError, Outcome, PodError};
 
@@ -59,17 +59,38 @@ fn inject_at(doc: &mut Value, cfg: &InjectConfig, path: &str) -> Result<Outcome,
         | ("batch", "Job") => {
             let disabled = is_disabled(doc)?;
             let template_path = prefix("spec.template");
-            inject_template(disabled, child(doc, &["spec", "template"], &template_path)?, cfg, &template_path)
+            let misplaced = misplaced(doc, path, doc.pointer("/spec/template"), &template_path);
+            let outcome =
+                inject_template(disabled, child(doc, &["spec", "template"], &template_path)?, cfg, &template_path)?;
+            Ok(with_warnings(outcome, misplaced))
         }
         ("batch", "CronJob") => {
             let disabled = is_disabled(doc)?;
-            let job = child(doc, &["spec", "jobTemplate"], &prefix("spec.jobTemplate"))?;
+            let (job_path, template_path) = (prefix("spec.jobTemplate"), prefix("spec.jobTemplate.spec.template"));
+            let template = doc.pointer("/spec/jobTemplate/spec/template");
+            let mut misplaced = misplaced(doc, path, template, &template_path);
+            if let Some(job) = doc.pointer("/spec/jobTemplate") {
+                misplaced.extend(super::annotations::misplaced(job, &job_path, template, &template_path));
+            }
+            let job = child(doc, &["spec", "jobTemplate"], &job_path)?;
             let disabled = disabled || is_disabled(job)?;
-            let template_path = prefix("spec.jobTemplate.spec.template");
-            inject_template(disabled, child(job, &["spec", "template"], &template_path)?, cfg, &template_path)
+            let outcome =
+                inject_template(disabled, child(job, &["spec", "template"], &template_path)?, cfg, &template_path)?;
+            Ok(with_warnings(outcome, misplaced))
         }
         (_, k) if k.ends_with("List") && doc.get("items").is_some() => inject_items(doc, cfg, &prefix("items")),
         _ => Ok(Outcome::NotAWorkload),
+    }
+}
+
+/// Adds `warnings` to an injected template's own (a template left out needs none).
+fn with_warnings(outcome: Outcome, mut warnings: Vec<String>) -> Outcome {
+    match outcome {
+        Outcome::Injected { warnings: own } => {
+            warnings.extend(own);
+            Outcome::Injected { warnings }
+        }
+        other => other,
     }
 }
 
