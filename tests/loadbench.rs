@@ -66,6 +66,39 @@ fn bad_flags_are_one_line_errors_not_tracebacks() {
     }
 }
 
+/// A mistyped argument is said before anything is built (on a clean checkout the release
+/// build takes minutes), and `--trellis-bin` is read from where the user ran the script.
+#[test]
+fn arguments_are_checked_before_a_build_and_paths_are_the_callers() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        return println!("skipped: python3 is not installed (apt-get install -y python3)");
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/load/run.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("cargo-was-run");
+    let fake = dir.path().join("bin");
+    std::fs::create_dir(&fake).unwrap();
+    std::fs::write(fake.join("cargo"), format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display())).unwrap();
+    std::fs::set_permissions(fake.join("cargo"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap_or_default());
+    for args in [&["--bogus"][..], &["--rounds", "0"], &["--only", "http9"]] {
+        let o = Command::new(&script).args(args).env_remove("TRELLIS_BIN").env("PATH", &path).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(!marker.exists(), "{args:?}: cargo was run before the arguments were checked");
+    }
+    let o = Command::new(&script)
+        .args(["--trellis-bin", "./no-such-trellis", "--only", "http1"])
+        .current_dir(dir.path())
+        .env_remove("TRELLIS_BIN")
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let expected = format!("no trellis binary at {}/./no-such-trellis", dir.path().display());
+    assert!(!o.status.success() && err.contains(&expected), "{err}");
+    assert!(!marker.exists(), "a binary named on the command line needs no build");
+}
+
 /// Every other kept run (a directory under `benches/load/results/`) is, like the main one,
 /// what the harness renders from its kept data — so a renderer change cannot leave a report
 /// RESULTS.md links to saying something its data no longer does.

@@ -1560,6 +1560,8 @@ def main():
                    help="measure nothing: write results.md and chart.svg again from a saved results.json "
                         "(into --out if given, else beside it)")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)
+    # run.sh's check before it builds the binary: the arguments are read and checked, nothing else.
+    p.add_argument("--check-args", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.render:
         src = Path(a.render)
@@ -1597,6 +1599,8 @@ def main():
     if not any(t in SCENARIOS[scn][2] for scn in only for t in a.targets):
         where = "; ".join(f"{t}: {','.join(s for s in SCENARIOS if t in SCENARIOS[s][2])}" for t in a.targets)
         p.error(f"no scenario in --only measures any of --targets (each is measured in: {where})")
+    if a.check_args:
+        return 0
     a.trellis_bin = str(Path(a.trellis_bin).resolve())
     out = Path(a.out).resolve()
     work = out / "work"

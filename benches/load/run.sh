@@ -20,18 +20,24 @@ args=()
 render=""
 prev=""
 for a in "$@"; do
-  case "$prev" in --out | --render) a=$(absolute "$a") ;; esac
+  case "$prev" in --out | --render | --trellis-bin) a=$(absolute "$a") ;; esac
   case "$a" in
     --out=*) a="--out=$(absolute "${a#--out=}")" ;;
     --render=*) a="--render=$(absolute "${a#--render=}")" ;;
+    --trellis-bin=*) a="--trellis-bin=$(absolute "${a#--trellis-bin=}")" ;;
   esac
   [ "$prev" = --render ] && render=$a
   case "$a" in --render=*) render=${a#--render=} ;; esac
+  # A binary named on the command line is the one measured: nothing to build.
+  [ "$prev" = --trellis-bin ] && TRELLIS_BIN=$a
+  case "$a" in --trellis-bin=*) TRELLIS_BIN=${a#--trellis-bin=} ;; esac
   args+=("$a")
   prev=$a
 done
 set -- ${args[@]+"${args[@]}"}
 cd "$(dirname "$0")/../.."
+
+command -v python3 >/dev/null || { echo "load bench: python3 is missing (apt-get install -y python3)" >&2; exit 1; }
 
 for a in "$@"; do
   case "$a" in -h | --help) exec python3 benches/load/loadbench.py --help ;; esac
@@ -40,7 +46,8 @@ done
 # Re-rendering a saved run measures nothing: no tools, no binary.
 [ -n "$render" ] && exec python3 benches/load/loadbench.py "$@"
 
-command -v python3 >/dev/null || { echo "load bench: python3 is missing (apt-get install -y python3)" >&2; exit 1; }
+# A mistyped argument is said now, not after a release build.
+python3 benches/load/loadbench.py --check-args "$@" || exit $?
 
 # Tools: the driver names each missing one with its install command and skips only the
 # scenarios that need it; this is the same list up front.
