@@ -28,9 +28,10 @@ pub fn k8s_attestation(reviewer: TokenReviewer, trust_domain: TrustDomain) -> At
 /// not judge is 503 (the proxy retries with backoff).
 fn kube_error(e: KubeError) -> ApiError {
     match e {
-        KubeError::Rejected(_) | KubeError::WrongAudience(_) | KubeError::NotServiceAccount(_) => {
-            ApiError::unauthorized(format!("Kubernetes token refused: {e}"))
-        }
+        KubeError::Rejected(_)
+        | KubeError::EmptyToken
+        | KubeError::WrongAudience(_)
+        | KubeError::NotServiceAccount(_) => ApiError::unauthorized(format!("Kubernetes token refused: {e}")),
         other => {
             tracing::warn!(error = %other, "TokenReview failed");
             ApiError::new(

@@ -68,6 +68,9 @@ pub enum KubeError {
     /// The API server says the token is not valid (expired, revoked, wrong audience, forged).
     #[error("token rejected by the Kubernetes API: {0}")]
     Rejected(String),
+    /// The pod sent no token at all: refused without asking the API server.
+    #[error("the token is empty (refused without asking the Kubernetes API)")]
+    EmptyToken,
     /// Authenticated, but the review did not confirm the `trellis` audience.
     #[error("token is not for audience \"trellis\" (review audiences: {0:?})")]
     WrongAudience(Vec<String>),
@@ -188,7 +191,7 @@ impl TokenReviewer {
     /// Verifies `token` with the API server and returns whose it is.
     pub async fn review(&self, token: &str) -> Result<KubeIdentity, KubeError> {
         if token.trim().is_empty() {
-            return Err(KubeError::Rejected("empty token".into()));
+            return Err(KubeError::EmptyToken);
         }
         let body = json!({
             "apiVersion": "authentication.k8s.io/v1",
