@@ -173,6 +173,30 @@ fn inject_warns_of_probes_that_fail_in_the_mesh() {
         )) && stderr.contains("trellis.dev/exclude-inbound-ports"),
         "{stderr}"
     );
+
+    // In a List, what is said of an item names the item — a note, a warning or an error.
+    let item = |annotations: &str, host_network: bool| {
+        format!(
+            "- apiVersion: v1\n  kind: Pod\n  metadata: {{name: p, annotations: {{{annotations}}}}}\n  spec:\n    hostNetwork: {host_network}\n    containers: [{{name: a, image: a, readinessProbe: {{grpc: {{port: 9000}}}}}}]\n"
+        )
+    };
+    let list = |items: &str| format!("apiVersion: v1\nkind: List\nitems:\n{}{items}", item("", false));
+    let run = |yaml: String| {
+        std::fs::write(&file, yaml).unwrap();
+        trellis().arg("inject").arg("-f").arg(&file).arg("--ca-bundle").arg(&bundle).output().unwrap()
+    };
+    let out = run(list(&item("", true)));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("document 1 items[0]: container \"a\" readinessProbe: a grpc probe"), "{stderr}");
+    assert!(stderr.contains("document 1 items[1]: not injected: uses hostNetwork"), "{stderr}");
+    let out = run(list(&item("trellis.dev/opaque-port: \"1\"", false)));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("items[1].metadata.annotations: annotation trellis.dev/opaque-port: not an annotation"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -118,11 +118,11 @@ fn read_input(file: &Path) -> anyhow::Result<String> {
 fn report(source: &str, outcomes: &[Outcome]) {
     let mut injected = 0;
     let (mut skipped, mut warned) = (Vec::new(), Vec::new());
-    collect(outcomes, &mut injected, &mut skipped, &mut warned);
-    for (document, warning) in &warned {
-        tracing::warn!("{source}: document {document}: {warning}");
+    collect(outcomes, None, &mut injected, &mut skipped, &mut warned);
+    for (at, warning) in &warned {
+        tracing::warn!("{source}: {at}: {warning}");
     }
-    for (document, reason, removed) in &skipped {
+    for (at, reason, removed) in &skipped {
         let why = match reason {
             SkipReason::Disabled => "annotated trellis.dev/inject: disabled".to_string(),
             SkipReason::HostNetwork => "uses hostNetwork".to_string(),
@@ -130,34 +130,41 @@ fn report(source: &str, outcomes: &[Outcome]) {
             SkipReason::Namespace(ns) => format!("namespace {ns} is skipped"),
         };
         if *removed {
-            tracing::info!("{source}: document {document}: the sidecar injected earlier was removed: {why}");
+            tracing::info!("{source}: {at}: the sidecar injected earlier was removed: {why}");
         } else {
-            tracing::info!("{source}: document {document}: not injected: {why}");
+            tracing::info!("{source}: {at}: not injected: {why}");
         }
     }
     tracing::debug!(injected, skipped = skipped.len(), "trellis inject done");
 }
 
-/// Skipped workloads: document number, why, and whether an earlier injection was removed.
-type Skipped = Vec<(usize, SkipReason, bool)>;
-/// What will not work in the mesh as written: document number, warning.
-type Warned = Vec<(usize, String)>;
+/// Skipped workloads: where (`document 2`, `document 1 items[5]`), why, and whether an earlier
+/// injection was removed.
+type Skipped = Vec<(String, SkipReason, bool)>;
+/// What will not work in the mesh as written: where, warning.
+type Warned = Vec<(String, String)>;
 
-fn collect(outcomes: &[Outcome], injected: &mut usize, skipped: &mut Skipped, warned: &mut Warned) {
+/// `list`: the document number of the `List` whose items `outcomes` are.
+fn collect(
+    outcomes: &[Outcome],
+    list: Option<usize>,
+    injected: &mut usize,
+    skipped: &mut Skipped,
+    warned: &mut Warned,
+) {
     for (i, outcome) in outcomes.iter().enumerate() {
+        let at = || match list {
+            None => format!("document {}", i + 1),
+            Some(document) => format!("document {document} items[{i}]"),
+        };
         match outcome {
             Outcome::Injected { warnings } => {
                 *injected += 1;
-                warned.extend(warnings.iter().map(|w| (i + 1, w.clone())));
+                warned.extend(warnings.iter().map(|w| (at(), w.clone())));
             }
-            Outcome::Skipped(reason) => skipped.push((i + 1, reason.clone(), false)),
-            Outcome::Removed(reason) => skipped.push((i + 1, reason.clone(), true)),
-            Outcome::List(items) => {
-                let (mut inner, mut inner_warned) = (Vec::new(), Vec::new());
-                collect(items, injected, &mut inner, &mut inner_warned);
-                skipped.extend(inner.into_iter().map(|(_, r, removed)| (i + 1, r, removed)));
-                warned.extend(inner_warned.into_iter().map(|(_, w)| (i + 1, w)));
-            }
+            Outcome::Skipped(reason) => skipped.push((at(), reason.clone(), false)),
+            Outcome::Removed(reason) => skipped.push((at(), reason.clone(), true)),
+            Outcome::List(items) => collect(items, Some(i + 1), injected, skipped, warned),
             Outcome::NotAWorkload => {}
         }
     }

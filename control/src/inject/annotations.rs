@@ -64,11 +64,7 @@ fn string_annotation<'a>(annotations: Option<&'a Map<String, Value>>, key: &str)
     match annotations.and_then(|a| a.get(key)) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.as_str())),
-        Some(other) => Err(PodError::BadAnnotation {
-            annotation: key.to_string(),
-            value: other.to_string(),
-            reason: "annotation values must be strings: quote it".into(),
-        }),
+        Some(other) => Err(bad(key, &other.to_string(), "annotation values must be strings: quote it".into())),
     }
 }
 
@@ -100,14 +96,9 @@ fn check_known(annotations: Option<&Map<String, Value>>) -> Result<(), PodError>
         None => Ok(()),
         Some(key) => {
             let known: Vec<&str> = KNOWN.iter().filter(|k| **k != ANNOTATION_INJECTED).copied().collect();
-            Err(PodError::BadAnnotation {
-                annotation: key.clone(),
-                value: annotations
-                    .and_then(|a| a.get(key))
-                    .map(|v| v.as_str().unwrap_or_default().to_string())
-                    .unwrap_or_default(),
-                reason: format!("not an annotation Trellis knows (a typo?); the known ones are {}", known.join(", ")),
-            })
+            let value = annotations.and_then(|a| a.get(key)).and_then(Value::as_str).unwrap_or_default();
+            let reason = format!("not an annotation Trellis knows (a typo?); the known ones are {}", known.join(", "));
+            Err(bad(key, value, reason))
         }
     }
 }
@@ -142,11 +133,7 @@ pub(crate) fn is_disabled(object: &Value) -> Result<bool, PodError> {
         None => Ok(false),
         Some(v) if v.trim().eq_ignore_ascii_case("disabled") => Ok(true),
         Some(v) if v.trim().eq_ignore_ascii_case("enabled") => Ok(false),
-        Some(v) => Err(PodError::BadAnnotation {
-            annotation: ANNOTATION_INJECT.into(),
-            value: v.into(),
-            reason: "expected \"enabled\" or \"disabled\"".into(),
-        }),
+        Some(v) => Err(bad(ANNOTATION_INJECT, v, "expected \"enabled\" or \"disabled\"".into())),
     }
 }
 
@@ -248,7 +235,7 @@ fn check_request_within_limit(
 }
 
 fn bad(annotation: &str, value: &str, reason: String) -> PodError {
-    PodError::BadAnnotation { annotation: annotation.into(), value: value.into(), reason }
+    PodError::BadAnnotation { annotation: annotation.into(), value: value.into(), reason, at: String::new() }
 }
 
 /// The non-empty, trimmed items of a comma list.

@@ -57,7 +57,7 @@ fn inject_at(doc: &mut Value, cfg: &InjectConfig, path: &str) -> Result<Outcome,
         ("apps", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
         | ("", "ReplicationController")
         | ("batch", "Job") => {
-            let disabled = is_disabled(doc)?;
+            let disabled = is_disabled(doc).map_err(|e| e.in_metadata(&prefix("metadata")))?;
             let template_path = prefix("spec.template");
             let misplaced = misplaced(doc, path, doc.pointer("/spec/template"), &template_path);
             let outcome =
@@ -65,7 +65,7 @@ fn inject_at(doc: &mut Value, cfg: &InjectConfig, path: &str) -> Result<Outcome,
             Ok(with_warnings(outcome, misplaced))
         }
         ("batch", "CronJob") => {
-            let disabled = is_disabled(doc)?;
+            let disabled = is_disabled(doc).map_err(|e| e.in_metadata(&prefix("metadata")))?;
             let (job_path, template_path) = (prefix("spec.jobTemplate"), prefix("spec.jobTemplate.spec.template"));
             let template = doc.pointer("/spec/jobTemplate/spec/template");
             let mut misplaced = misplaced(doc, path, template, &template_path);
@@ -73,7 +73,7 @@ fn inject_at(doc: &mut Value, cfg: &InjectConfig, path: &str) -> Result<Outcome,
                 misplaced.extend(super::annotations::misplaced(job, &job_path, template, &template_path));
             }
             let job = child(doc, &["spec", "jobTemplate"], &job_path)?;
-            let disabled = disabled || is_disabled(job)?;
+            let disabled = disabled || is_disabled(job).map_err(|e| e.in_metadata(&format!("{job_path}.metadata")))?;
             let outcome =
                 inject_template(disabled, child(job, &["spec", "template"], &template_path)?, cfg, &template_path)?;
             Ok(with_warnings(outcome, misplaced))

@@ -204,9 +204,26 @@ pub enum PodError {
     /// A field Trellis must read or extend has the wrong shape (e.g. `containers` not a list).
     #[error("{field}: {reason}")]
     Malformed { field: String, reason: String },
-    /// A `trellis.dev/*` annotation with a value that means nothing.
-    #[error("annotation {annotation}: {reason} (value {value:?})")]
-    BadAnnotation { annotation: String, value: String, reason: String },
+    /// A `trellis.dev/*` annotation with a value that means nothing. `at`: the metadata it
+    /// is in (`items[5].spec.template.metadata`), once known.
+    #[error("{}annotation {annotation}: {reason} (value {value:?})", located(at))]
+    BadAnnotation { annotation: String, value: String, reason: String, at: String },
+}
+
+fn located(at: &str) -> String {
+    if at.is_empty() { String::new() } else { format!("{at}.annotations: ") }
+}
+
+impl PodError {
+    /// Names the metadata a bad annotation is in (where it was found, for the first time).
+    pub(crate) fn in_metadata(mut self, metadata: &str) -> Self {
+        if let PodError::BadAnnotation { at, .. } = &mut self
+            && at.is_empty()
+        {
+            *at = metadata.to_string();
+        }
+        self
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -25,6 +25,16 @@ pub(crate) fn inject_template(
     cfg: &InjectConfig,
     path: &str,
 ) -> Result<Outcome, PodError> {
+    let metadata = if path.is_empty() { "metadata".to_string() } else { format!("{path}.metadata") };
+    inject_located(owner_disabled, template, cfg, path).map_err(|e| e.in_metadata(&metadata))
+}
+
+fn inject_located(
+    owner_disabled: bool,
+    template: &mut Value,
+    cfg: &InjectConfig,
+    path: &str,
+) -> Result<Outcome, PodError> {
     if !template.is_object() {
         return Err(malformed(path, "", "expected a pod template (a map)"));
     }
