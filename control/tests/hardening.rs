@@ -308,10 +308,11 @@ async fn undocumented_methods_get_405_with_allow_and_change_nothing() {
     }
     let (status, _, _) = raw(&plane, Method::GET, "/v1/tokens/nothing", Some(&bearer), "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    // Load balancers probe liveness with HEAD, over either protocol (curl negotiates h2).
+    // Load balancers probe liveness with HEAD, over either protocol (curl negotiates h2); HEAD
+    // works wherever a public GET does (RFC 9110 §9.3.2).
     let (status, _, body) = raw(&plane, Method::HEAD, "/healthz", None, "").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
-    for (path, code) in [("/healthz", "200"), ("/v1/bundle", "405")] {
+    for (path, code) in [("/healthz", "200"), ("/v1/bundle", "200")] {
         let url = format!("https://{}{path}", plane.running.local_addr);
         // On a blocking thread: this test's runtime serves the control plane meanwhile.
         let args = ["-sk", "--max-time", "5", "--http2", "-I", "-o", "/dev/null", "-w", "%{http_code} %{http_version}"];

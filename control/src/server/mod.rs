@@ -257,7 +257,7 @@ async fn route(ctx: Arc<Ctx>, conn: Arc<Conn>, req: Request<Incoming>) -> Respon
     let result = match (method.clone(), path.as_str()) {
         // HEAD too: load balancers and uptime checkers probe with it (hyper sends no body).
         (Method::GET | Method::HEAD, paths::HEALTHZ) => Ok(text(StatusCode::OK, "ok\n")),
-        (Method::GET, paths::BUNDLE) => Ok(text(StatusCode::OK, ctx.shared.bundle.load().to_pem())),
+        (Method::GET | Method::HEAD, paths::BUNDLE) => Ok(text(StatusCode::OK, ctx.shared.bundle.load().to_pem())),
         (Method::POST, paths::BOOTSTRAP) => svid::bootstrap(&ctx, &conn, req).await,
         (Method::POST, paths::RENEW) => svid::renew(&ctx, &conn, req).await,
         (Method::GET, paths::WATCH) => watch::watch(&ctx, &conn, req).await,
@@ -287,8 +287,8 @@ pub fn allowed_methods(path: &str) -> Option<&'static [Method]> {
     const GET: &[Method] = &[Method::GET];
     const POST: &[Method] = &[Method::POST];
     match path {
-        paths::HEALTHZ => Some(&[Method::GET, Method::HEAD]),
-        paths::BUNDLE | paths::WATCH | paths::WORKLOADS | paths::AUDIT => Some(GET),
+        paths::HEALTHZ | paths::BUNDLE => Some(&[Method::GET, Method::HEAD]),
+        paths::WATCH | paths::WORKLOADS | paths::AUDIT => Some(GET),
         paths::BOOTSTRAP | paths::RENEW | paths::ACK | paths::INJECT | paths::TOKENS | paths::CHECK => Some(POST),
         paths::POLICIES => Some(&[Method::GET, Method::POST]),
         p if p.strip_prefix(paths::POLICIES).and_then(|r| r.strip_prefix('/')).is_some_and(|n| !n.contains('/')) => {
