@@ -144,7 +144,8 @@ impl Worker {
 
 async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender<Result<(), TelemetryError>>) {
     let Plan { spans, flows, identity, resource, counters } = plan;
-    let counters_for_flows = counters.clone();
+    let mut flows =
+        flows.map(|(out, queue)| (FlowLog { out, failing: false, lost: counters.flow_lines_lost.clone() }, queue));
     let mut spans = match spans {
         Some((spec, queue)) => match Sink::build(spec) {
             Ok(sink) => Some((SpanLoop::new(sink, identity, resource, counters), queue)),
@@ -153,7 +154,6 @@ async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender
         None => None,
     };
     let _ = ready.send(Ok(()));
-    let mut flows = flows.map(|(out, queue)| (FlowLog { out, failing: false }, queue));
     let mut buf: Vec<Item> = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,7 +164,7 @@ async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender
         };
         if let Some((log, queue)) = flows.as_mut() {
             queue.take(&mut buf);
-            log.write(&mut buf, &counters_for_flows);
+            log.write(&mut buf);
         }
         if let Some((span_loop, queue)) = spans.as_mut() {
             queue.take(&mut buf);
@@ -181,19 +181,20 @@ async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender
 struct FlowLog {
     out: Box<dyn std::io::Write + Send>,
     failing: bool,
+    lost: Counter,
 }
 
 impl FlowLog {
     /// Writes `buf`'s lines and empties it. A failed write (a full disk, EIO) counts the
     /// batch's lines as lost: a buffered writer may have taken some of them, but nothing
     /// says they reached the file.
-    fn write(&mut self, buf: &mut Vec<Item>, counters: &ExportCounters) {
+    fn write(&mut self, buf: &mut Vec<Item>) {
         let n = buf.len() as u64;
         match write_flow_lines(&mut self.out, buf) {
             Ok(()) if n > 0 && std::mem::take(&mut self.failing) => tracing::info!("flow log writes recovered"),
             Ok(()) => {}
             Err(e) => {
-                counters.flow_lines_lost.inc_by(n);
+                self.lost.inc_by(n);
                 if !std::mem::replace(&mut self.failing, true) {
                     tracing::warn!(error = %e, "cannot write the flow log; lines are lost until it works again");
                 }
