@@ -99,11 +99,16 @@ async fn denied_path_and_method_get_403_with_reason() {
 async fn spoofed_peer_id_header_is_replaced() {
     let m = default_mesh().await;
     let client = http_client();
-    let spoof = [("x-trellis-peer-id", "spiffe://cluster.local/ns/kube-system/sa/admin")];
-    let (status, _, body) = get(&client, &format!("http://{}/api/x", m.http), "GET", &spoof).await;
-    assert_eq!(status, 200);
-    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(seen["headers"]["x-trellis-peer-id"], WEB);
+    // Under any spelling a CGI-style app folds into HTTP_X_TRELLIS_PEER_ID.
+    for name in ["x-trellis-peer-id", "x_trellis_peer_id", "x-trellis_peer-id"] {
+        let spoof = [(name, "spiffe://cluster.local/ns/kube-system/sa/admin")];
+        let (status, _, body) = get(&client, &format!("http://{}/api/x", m.http), "GET", &spoof).await;
+        assert_eq!(status, 200);
+        let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(seen["headers"]["x-trellis-peer-id"], WEB, "{name}");
+        let forged: Vec<&String> = seen["headers"].as_object().unwrap().keys().filter(|k| k.contains("peer")).collect();
+        assert_eq!(forged, ["x-trellis-peer-id"], "{name}: {seen}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
