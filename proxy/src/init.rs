@@ -115,12 +115,15 @@ pub fn parse_ports(list: &str) -> Result<Vec<u16>, InitError> {
     Ok(ports)
 }
 
-/// `"10.0.0.0/8, fd00::/8"` → networks; a bare address is a /32 or /128.
+/// `"10.0.0.0/8, fd00::/8"` → networks; a bare address is a /32 or /128; host bits set are an
+/// error.
 pub fn parse_cidrs(list: &str) -> Result<Vec<IpNetwork>, InitError> {
     let mut cidrs = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let net: IpNetwork =
-            item.parse().map_err(|e| InitError::BadCidr { value: item.into(), reason: format!("{e}") })?;
+        // The policy's own reading: host bits set (`10.1.0.0/8`) are refused, not widened
+        // to a network that would take far more out of the mesh than was written.
+        let net = trellis_policy::parse_cidr(item)
+            .map_err(|e| InitError::BadCidr { value: item.into(), reason: e.to_string() })?;
         push_unique(&mut cidrs, net);
     }
     Ok(cidrs)
@@ -267,6 +270,13 @@ mod tests {
         );
         assert!(matches!(parse_cidrs("10.0.0.0/33"), Err(InitError::BadCidr { .. })));
         assert!(matches!(parse_cidrs("example.com"), Err(InitError::BadCidr { .. })));
+        match parse_cidrs("10.1.0.0/8") {
+            Err(InitError::BadCidr { reason, .. }) => {
+                assert!(reason.contains("did you mean \"10.0.0.0/8\""), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse_cidrs("10.0.0.0/8, 192.168.1.7").unwrap().len(), 2);
     }
 
     #[test]

@@ -259,11 +259,12 @@ pub(crate) fn parse_ports(list: &str) -> Result<Vec<u16>, String> {
 }
 
 /// `"10.0.0.0/8, fd00::/8, 192.168.1.7"` → network/prefix strings (a bare address is /32 or
-/// /128); host bits are cleared, so `10.1.2.3/8` becomes `10.0.0.0/8`.
+/// /128). Host bits set (`10.1.0.0/8`) are refused, as in policies: widened, a typo for a /16
+/// would take a whole /8 out of the mesh.
 pub(crate) fn parse_cidrs(list: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     for item in items(list) {
-        let net: IpNetwork = item.parse().map_err(|e| format!("{item:?} is not a CIDR: {e}"))?;
+        let net: IpNetwork = trellis_policy::parse_cidr(item).map_err(|e| e.to_string())?;
         let normal = format!("{}/{}", net.network(), net.prefix());
         if !out.contains(&normal) {
             out.push(normal);
@@ -418,11 +419,15 @@ mod tests {
     }
 
     #[test]
-    fn cidrs_are_normalised() {
+    fn cidrs_are_normalised_and_host_bits_refused() {
         assert_eq!(
-            parse_cidrs("10.1.2.3/8, 192.168.1.7 ,fd00::1/8").unwrap(),
+            parse_cidrs("10.0.0.0/8, 192.168.1.7 ,fd00::/8, 10.0.0.0/8").unwrap(),
             vec!["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]
         );
+        // A typo for a /16 must not take a whole /8 out of the mesh.
+        let err = parse_cidrs("10.1.0.0/8").unwrap_err();
+        assert!(err.contains("did you mean \"10.0.0.0/8\""), "{err}");
+        assert!(parse_cidrs("fd00::1/8").is_err());
         assert!(parse_cidrs("10.0.0.0/33").is_err());
         assert!(parse_cidrs("example.com").is_err());
     }
