@@ -100,13 +100,28 @@ pub async fn serve_transparent(state: Arc<ProxyState>, listener: TcpListener) {
 
 fn is_own_listener(state: &ProxyState, own: Option<SocketAddr>, dst: SocketAddr) -> bool {
     let cfg = &state.config;
-    let local = |a: SocketAddr| {
-        a.port() == dst.port() && (a.ip().is_unspecified() || a.ip() == dst.ip() || dst.ip().is_loopback())
-    };
+    let local = |a: SocketAddr| names_listener(a, dst);
     own.is_some_and(local)
         || local(cfg.admin)
         || cfg.inbound.iter().any(|i| local(i.listen))
         || cfg.routes.iter().any(|r| local(r.listen))
+}
+
+/// Whether a connection to `dst` reaches the listener on `listen`. One on every address
+/// (`0.0.0.0:15000`) is reached only at an address of this host — another pod's or host's
+/// port 15000 (a peer's admin port, scraped by a meshed Prometheus) is no loop.
+fn names_listener(listen: SocketAddr, dst: SocketAddr) -> bool {
+    listen.port() == dst.port()
+        && (listen.ip() == dst.ip()
+            || dst.ip().is_loopback()
+            || (listen.ip().is_unspecified() && is_this_hosts_address(dst.ip())))
+}
+
+/// Binding a socket to an address works only for one of this host's (network namespace's)
+/// own: the kernel's answer, without listing interfaces. Asked only for a destination on a
+/// port the proxy listens on.
+fn is_this_hosts_address(ip: std::net::IpAddr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 async fn accept_loop<F>(state: Arc<ProxyState>, listener: TcpListener, target: F)
@@ -501,6 +516,18 @@ async fn forward_egress(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listener_on_every_address_is_reached_only_at_this_hosts_addresses() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let every = addr("0.0.0.0:15000");
+        assert!(names_listener(every, addr("127.0.0.1:15000")));
+        assert!(!names_listener(every, addr("127.0.0.1:15001")), "another port");
+        // TEST-NET-1 (RFC 5737): no host's own address — a peer's admin port, not a loop.
+        assert!(!names_listener(every, addr("192.0.2.7:15000")));
+        assert!(names_listener(addr("192.0.2.7:15000"), addr("192.0.2.7:15000")), "the listener's own address");
+        assert!(!names_listener(addr("127.0.0.1:15000"), addr("192.0.2.7:15000")));
+    }
 
     fn addr() -> SocketAddr {
         "10.0.0.7:8080".parse().unwrap()
