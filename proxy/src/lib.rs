@@ -210,7 +210,10 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
     tokio::spawn(svid::renew_loop(state.clone(), authed.clone(), anon, origin));
     tokio::spawn(link::watch_loop(state.clone(), authed));
     for (spec, l) in listeners.inbound {
-        let app = spec.app.map_or_else(|| "original destination port on loopback".into(), |a| a.to_string());
+        let app = spec.app.map_or_else(
+            || "the original destination (the address and port the caller dialled)".into(),
+            |a| a.to_string(),
+        );
         tracing::info!(listen = %spec.listen, %app, "inbound listener");
         tokio::spawn(inbound::serve(state.clone(), spec, l));
     }
