@@ -43,8 +43,12 @@ pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient, bundle: &Trus
             Some(Ok(svid)) => {
                 tracing::info!(spiffe_id = %svid.id(), "using the SVID kept in the state dir");
                 if !no_token {
-                    tracing::info!(
-                        "the join token given is not used (the kept SVID is); empty the state dir to use it"
+                    // A VM cloned with its state dir, or repurposed, would otherwise keep the old
+                    // identity quietly: say which one stands.
+                    tracing::warn!(
+                        spiffe_id = %svid.id(),
+                        "the join token given is not used: the SVID kept in the state dir stands, with its identity; \
+                         empty the state dir to join with the token"
                     );
                 }
                 return install(state, svid).map(|()| Origin::Kept);

@@ -150,6 +150,9 @@ impl Telemetry {
             None => None,
         };
         if span_sink.is_none() && flow_out.is_none() {
+            tracing::info!(
+                "telemetry off: no --otlp-endpoint, --trace-file or --flow-log; flows are counted in /metrics only"
+            );
             return Ok(Telemetry::default());
         }
         let identity = Arc::new(OnceLock::new());
