@@ -17,7 +17,7 @@
 //! ` HTTP/` (an uppercase text protocol such as a Redis inline command) is opaque.
 
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -121,10 +121,13 @@ async fn late_bytes<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> Opt
 /// request would reach the app unparsed — with an `x-trellis-peer-id` the client wrote, under
 /// a ports-only rule. The first bytes are held back until they decide; the other direction
 /// flows meanwhile (a server that speaks first is not held up), and once decided the guard
-/// is a pass-through.
+/// is a pass-through. Bytes still undecided [`REST_TIMEOUT`] after the first of them came
+/// (`ruok`, a text protocol's word without its line end) are decided as they stand, as
+/// [`detect`] decides them: held for good, they would stall the client and its app forever.
 pub struct LateHttpGuard<IO> {
     inner: IO,
     state: Guard,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 enum Guard {
@@ -139,7 +142,7 @@ pub const LATE_HTTP: &str = "an HTTP request sent after the protocol detection t
 
 impl<IO> LateHttpGuard<IO> {
     pub fn new(inner: IO) -> Self {
-        LateHttpGuard { inner, state: Guard::Sniffing(BytesMut::new()) }
+        LateHttpGuard { inner, state: Guard::Sniffing(BytesMut::new()), deadline: None }
     }
 }
 
@@ -167,11 +170,18 @@ impl<IO: AsyncRead + Unpin> AsyncRead for LateHttpGuard<IO> {
                 Guard::Sniffing(seen) => {
                     let mut chunk = [0u8; 1024];
                     let mut chunk = ReadBuf::new(&mut chunk);
-                    ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
-                    let eof = chunk.filled().is_empty();
+                    let read = Pin::new(&mut this.inner).poll_read(cx, &mut chunk)?;
+                    let expired = read.is_pending() && !seen.is_empty() && {
+                        let deadline = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(REST_TIMEOUT)));
+                        deadline.as_mut().poll(cx).is_ready()
+                    };
+                    if read.is_pending() && !expired {
+                        return Poll::Pending;
+                    }
+                    let eof = read.is_ready() && chunk.filled().is_empty();
                     seen.extend_from_slice(chunk.filled());
                     let decided = match classify(seen) {
-                        None if eof || seen.len() >= MAX_SNIFF => Some(undecided(seen)),
+                        None if eof || expired || seen.len() >= MAX_SNIFF => Some(undecided(seen)),
                         other => other,
                     };
                     match decided {
@@ -283,6 +293,36 @@ mod tests {
         assert_eq!(classify(format!("{too_long} /x HTTP/1.1\r\n").as_bytes()), Some(Protocol::Opaque));
         assert_eq!(classify(too_long.as_bytes()), Some(Protocol::Opaque));
         assert_eq!(classify(b"GE(T / HTTP/1.1\r\n"), Some(Protocol::Opaque), "not a token");
+    }
+
+    /// Bytes the guard holds undecided are decided as they stand once the rest timeout has
+    /// passed: a text protocol's word without its line end reaches the app; a started
+    /// request line is refused as late HTTP. Neither waits for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_guard_decides_what_it_holds_after_the_rest_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut guard = LateHttpGuard::new(server);
+        client.write_all(b"ruok").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut buf = [0u8; 16];
+        let n = guard.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"ruok");
+        assert!(started.elapsed() >= REST_TIMEOUT, "released early: {:?}", started.elapsed());
+
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut guard = LateHttpGuard::new(server);
+        client.write_all(b"GET /x").await.unwrap();
+        let err = guard.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+
+        // Decided before the timeout, nothing waits for it.
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut guard = LateHttpGuard::new(server);
+        client.write_all(b"hello world\n").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let n = guard.read(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], started.elapsed()), (&b"hello world\n"[..], Duration::ZERO));
     }
 
     #[tokio::test]
