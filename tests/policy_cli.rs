@@ -414,7 +414,11 @@ fn check_missing_file_and_bad_policies_exit_2() {
     let f = file("apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec: {}\n");
     let o = check(&f, &["--to", API, "--port", "80"]);
     assert_exit(&o, 2);
-    assert_eq!(stderr(&o), "document \"x\": spec.selector: required field is missing\n");
+    // Named by its file, as each file of a directory is.
+    assert_eq!(
+        stderr(&o),
+        format!("{}: document \"x\": spec.selector: required field is missing\n", f.path().display())
+    );
 }
 
 /// A name no policy can have is refused by the CLI itself (it was sent URL-encoded and

@@ -297,7 +297,9 @@ pub(super) fn load_text(source: &PolicySourceArgs) -> Result<(String, Vec<Policy
         return Ok((text, policies));
     }
     let text = read_input(path).map_err(|e| fail(format_args!("{}: {e}", shown(path))))?;
-    let policies = parse_documents(&text).map_err(|errors| report(None, &errors))?;
+    // Each problem names the file, as for a directory (stdin has no name to give).
+    let named = (path != Path::new("-")).then_some(path.as_path());
+    let policies = parse_documents(&text).map_err(|errors| report(named, &errors))?;
     Ok((text, policies))
 }
 
