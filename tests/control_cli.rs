@@ -318,3 +318,13 @@ fn a_sec1_ca_key_is_refused_with_the_conversion_to_use() {
     assert_ne!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("CA key is not usable") && err.contains("openssl pkcs8 -topk8"), "{err}");
 }
+
+/// The CLI given another mesh's bundle says what to check, as the proxy does.
+#[test]
+fn a_bundle_that_does_not_vouch_for_the_control_plane_is_named_as_the_likely_cause() {
+    let (control, other) = (Control::start(&[]), Control::start(&[]));
+    let other_bundle = other.bundle_path().display().to_string();
+    let (code, _, err) = control.cli(&["workloads", "list", "--ca-bundle", &other_bundle]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is --ca-bundle the control plane's bundle.pem"), "{err}");
+}

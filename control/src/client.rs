@@ -38,7 +38,7 @@ pub enum ClientError {
     NoTrustDomain,
     #[error("cannot connect to the control plane at {addr}: {reason}")]
     Connect { addr: String, reason: String },
-    #[error("TLS with the control plane failed: {0}")]
+    #[error("TLS with the control plane failed: {0}{hint}", hint = bundle_hint(.0))]
     Tls(VerifyError),
     #[error("control plane request failed: {0}")]
     Http(String),
@@ -75,6 +75,19 @@ impl std::fmt::Debug for ControlClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ControlClient({}:{})", self.host, self.port)
     }
+}
+
+/// What a certificate the bundle does not vouch for most often means.
+const BUNDLE_HINT: &str = " (is --ca-bundle the control plane's bundle.pem, and --control the control plane?)";
+
+fn bundle_hint(v: &VerifyError) -> &'static str {
+    if untrusted_server(v) { BUNDLE_HINT } else { "" }
+}
+
+/// Whether a failed handshake says the control plane's certificate is not one the trust
+/// bundle vouches for (rather than expired, not yet valid, or refused by the other side).
+pub fn untrusted_server(v: &VerifyError) -> bool {
+    !matches!(v, VerifyError::Expired | VerifyError::NotYetValid | VerifyError::PeerRejected(_) | VerifyError::Other(_))
 }
 
 /// The host and port of a control plane URL, `https://HOST[:PORT]` with no path: what a

@@ -14,7 +14,7 @@ use trellis_control::api::{BootstrapRequest, RenewRequest, SvidResponse};
 use trellis_control::{ClientError, ControlClient};
 use trellis_identity::pem::{self, write_private};
 use trellis_identity::verify::SpiffeClientVerifier;
-use trellis_identity::{Svid, TrustBundle, VerifyError, WorkloadKey};
+use trellis_identity::{Svid, TrustBundle, WorkloadKey};
 
 use crate::ProxyError;
 use crate::config::{Attestation, InboundSpec};
@@ -90,10 +90,10 @@ pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient, bundle: &Trus
                     "the control plane refused the bootstrap ({status}): {body}"
                 )));
             }
-            Err(ClientError::Tls(v)) if untrusted_server(&v) => {
+            Err(e @ ClientError::Tls(_)) if matches!(&e, ClientError::Tls(v) if trellis_control::client::untrusted_server(v)) =>
+            {
                 return Err(ProxyError::Bootstrap(format!(
-                    "the control plane's certificate does not verify against the trust bundle: {v} \
-                     (is --ca-bundle the control plane's bundle.pem, and --control the control plane?)"
+                    "the control plane's certificate does not verify against the trust bundle: {e}"
                 )));
             }
             Err(e) => {
@@ -111,10 +111,6 @@ pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient, bundle: &Trus
 /// retrying: a wrong `--ca-bundle` or `--control` is a configuration error, reported and fatal.
 /// Time-related failures (clock skew, a certificate about to be renewed) and handshakes cut
 /// short are retried.
-fn untrusted_server(v: &VerifyError) -> bool {
-    !matches!(v, VerifyError::Expired | VerifyError::NotYetValid | VerifyError::PeerRejected(_) | VerifyError::Other(_))
-}
-
 async fn bootstrap(state: &ProxyState, anon: &ControlClient) -> Result<Svid, ClientError> {
     let key = WorkloadKey::generate().map_err(|e| ClientError::Local(e.to_string()))?;
     let csr = key.anonymous_csr().map_err(|e| ClientError::Local(e.to_string()))?;
