@@ -94,6 +94,11 @@ impl CaptureConfig {
             // Exempting uid 0 would exempt every root process in the pod from the mesh.
             return Err(InitError::Invalid("the proxy uid cannot be 0 (root's traffic would bypass the mesh)".into()));
         }
+        if self.proxy_uid == u32::MAX {
+            // (uid_t)-1 is "no uid" to the kernel: no process runs as it, so the proxy's own
+            // traffic would be captured again, a loop.
+            return Err(InitError::Invalid("the proxy uid cannot be 4294967295 ((uid_t)-1 is no uid)".into()));
+        }
         if let Some(p) = self.exclude_inbound_ports.iter().chain(&self.exclude_outbound_ports).find(|p| **p == 0) {
             return Err(InitError::BadPort { value: p.to_string(), reason: "port 0 is not a port".into() });
         }
@@ -285,6 +290,7 @@ mod tests {
         assert!(bad(CaptureConfig { inbound_port: 0, ..CaptureConfig::default() }));
         assert!(bad(CaptureConfig { outbound_port: 15006, ..CaptureConfig::default() }));
         assert!(bad(CaptureConfig { proxy_uid: 0, ..CaptureConfig::default() }));
+        assert!(bad(CaptureConfig { proxy_uid: u32::MAX, ..CaptureConfig::default() }));
         assert!(bad(CaptureConfig { exclude_outbound_ports: vec![0], ..CaptureConfig::default() }));
     }
 
