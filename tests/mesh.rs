@@ -934,7 +934,10 @@ fn a_trust_bundle_that_does_not_vouch_for_the_control_plane_is_fatal() {
     let code = proxy.proc.wait_exit(Duration::from_secs(10));
     let logs = proxy.proc.logs();
     assert!(matches!(code, Some(c) if c != 0), "exit {code:?}:\n{logs}");
-    assert!(logs.contains("does not verify against the trust bundle") && logs.contains("unknown issuer"), "{logs}");
+    assert!(
+        logs.contains("is --ca-bundle the control plane's bundle.pem") && logs.contains("unknown issuer"),
+        "{logs}"
+    );
 }
 
 /// A state dir where the SVID cannot be kept is refused before the single-use join token is

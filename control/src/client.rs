@@ -86,8 +86,16 @@ fn bundle_hint(v: &VerifyError) -> &'static str {
 
 /// Whether a failed handshake says the control plane's certificate is not one the trust
 /// bundle vouches for (rather than expired, not yet valid, or refused by the other side).
-pub fn untrusted_server(v: &VerifyError) -> bool {
+fn untrusted_server(v: &VerifyError) -> bool {
     !matches!(v, VerifyError::Expired | VerifyError::NotYetValid | VerifyError::PeerRejected(_) | VerifyError::Other(_))
+}
+
+impl ClientError {
+    /// The control plane's certificate is not one the trust bundle vouches for: retrying
+    /// cannot help, the bundle or the URL is wrong.
+    pub fn is_untrusted_server(&self) -> bool {
+        matches!(self, ClientError::Tls(v) if untrusted_server(v))
+    }
 }
 
 /// The host and port of a control plane URL, `https://HOST[:PORT]` with no path: what a

@@ -90,12 +90,8 @@ pub async fn obtain(state: &Arc<ProxyState>, anon: &ControlClient, bundle: &Trus
                     "the control plane refused the bootstrap ({status}): {body}"
                 )));
             }
-            Err(e @ ClientError::Tls(_)) if matches!(&e, ClientError::Tls(v) if trellis_control::client::untrusted_server(v)) =>
-            {
-                return Err(ProxyError::Bootstrap(format!(
-                    "the control plane's certificate does not verify against the trust bundle: {e}"
-                )));
-            }
+            // Its message says which flags to check; retrying cannot help.
+            Err(e) if e.is_untrusted_server() => return Err(ProxyError::Bootstrap(e.to_string())),
             Err(e) => {
                 tracing::warn!(error = %e, "bootstrap failed; retrying");
                 tokio::select! {
