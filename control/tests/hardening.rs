@@ -338,6 +338,9 @@ async fn audit_limit_above_the_maximum_is_400() {
     for ok in ["/v1/audit?limit=10000", "/v1/audit?limit=0"] {
         assert_eq!(raw(&plane, Method::GET, ok, Some(&bearer), "").await.0, StatusCode::OK, "{ok}");
     }
+    let (status, _, body) = raw(&plane, Method::GET, "/v1/audit?after=1&after=2", Some(&bearer), "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("after") && body.contains("is given twice"), "{body}");
 }
 
 #[tokio::test]

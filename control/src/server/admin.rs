@@ -186,9 +186,15 @@ async fn release_memory(ctx: &Ctx) {
 async fn audit(ctx: &Ctx, req: &Request<Incoming>) -> ApiResult {
     let mut after = 0u64;
     let mut limit = 1000usize;
+    let mut seen: Vec<&str> = Vec::new();
     for pair in req.uri().query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let bad = || ApiError::bad_request(format!("bad query parameter {pair:?}"));
+        // `after=1&after=2` has no one meaning: refused rather than one of them silently taken.
+        if seen.contains(&k) {
+            return Err(ApiError::bad_request(format!("query parameter {k:?} is given twice")));
+        }
+        seen.push(k);
         match k {
             "after" => after = v.parse().map_err(|_| bad())?,
             // The contract says maximum 10000 and declares a 400: refuse, do not clamp.
