@@ -328,3 +328,22 @@ fn a_bundle_that_does_not_vouch_for_the_control_plane_is_named_as_the_likely_cau
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is --ca-bundle the control plane's bundle.pem"), "{err}");
 }
+
+/// `--control` at a plaintext port (an app's, an admin listener) is named as such, not as
+/// rustls' "corrupt message of type InvalidContentType".
+#[test]
+fn a_control_url_at_a_plaintext_port_says_it_is_not_tls() {
+    let control = Control::start(&[]);
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", plain.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut conn, _) = plain.accept().unwrap();
+        let _ = conn.read(&mut [0u8; 1024]);
+        let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+    });
+    let (code, _, err) = control.cli(&["workloads", "list", "--control", &url]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("did not answer with TLS") && err.contains("--control"), "{err}");
+    assert!(!err.contains("InvalidContentType"), "{err}");
+}

@@ -129,6 +129,16 @@ pub fn authority_port(authority: &http::uri::Authority, default: u16) -> Option<
     }
 }
 
+const NOT_TLS: &str = "it did not answer with TLS (is --control the control plane's https port?)";
+
+/// The server's first bytes were no TLS record (rustls: "corrupt message of type
+/// InvalidContentType"): a plaintext port, such as an app's or a proxy's admin listener.
+fn answered_without_tls(e: &std::io::Error) -> bool {
+    use trellis_identity::rustls::{Error, InvalidMessage};
+    let rustls = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>());
+    matches!(rustls, Some(Error::InvalidMessage(InvalidMessage::InvalidContentType)))
+}
+
 impl ControlClient {
     /// `url` is `https://host:port`; the server must present
     /// `spiffe://<trust domain>/trellis/control` chaining to `bundle`.
@@ -164,9 +174,14 @@ impl ControlClient {
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
             .await
             .map_err(|_| connect_err("TLS handshake timed out".into()))?
-            .map_err(|e| match VerifyError::from_io(&e) {
-                Some(v) => ClientError::Tls(v),
-                None => connect_err(e.to_string()),
+            .map_err(|e| {
+                if answered_without_tls(&e) {
+                    return connect_err(NOT_TLS.into());
+                }
+                match VerifyError::from_io(&e) {
+                    Some(v) => ClientError::Tls(v),
+                    None => connect_err(e.to_string()),
+                }
             })?;
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
