@@ -156,6 +156,11 @@ fn live_check_uses_the_control_planes_policies() {
     let offline = [&deny[..], &["-f", &file]].concat();
     let (code, out, _) = control.cli(&offline);
     assert_eq!((code, out.as_str()), (1, "deny: no rule matched (default deny)\n"));
+    // The control plane refuses what no sidecar could receive, as the offline check does.
+    let connect = [&base[..], &["--method", "CONNECT", "--path", "/api/x"]].concat();
+    let (code, _, err) = control.cli(&connect);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("400") && err.contains("CONNECT request's target is host:port"), "{err}");
 }
 
 #[test]

@@ -454,3 +454,17 @@ fn validate_with_a_trust_domain_refuses_patterns_outside_it() {
     let ok = file(POLICIES);
     assert_exit(&run(&["policy", "validate", "-f", ok.path().to_str().unwrap(), "--trust-domain", "cluster.local"]), 0);
 }
+
+/// A CONNECT request carries `host:port`, never a path: asked about `/x`, `policy check`
+/// would allow what every sidecar denies (an invalid path), so the question is refused.
+#[test]
+fn check_refuses_a_connect_request_with_a_path() {
+    let f = file(POLICIES);
+    let base = ["--from", WEB, "--to", API, "--port", "8080", "--method", "CONNECT", "--default", "allow"];
+    let o = check(&f, &[&base[..], &["--path", "/api/x"]].concat());
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("CONNECT request's target is host:port, not a path"), "{}", stderr(&o));
+    let o = check(&f, &[&base[..], &["--path", "api:8080"]].concat());
+    assert_exit(&o, 1);
+    assert!(stdout(&o).contains("invalid path"), "{}", stdout(&o));
+}

@@ -39,6 +39,38 @@ pub struct HttpRequest<'a> {
     pub path: &'a str,
 }
 
+impl<'a> HttpRequest<'a> {
+    /// A request as `policy check` and the API's check are asked about it, refused when no
+    /// sidecar could receive it so: their answer would describe a request that never happens.
+    pub fn checked(method: &'a str, path: &'a str) -> Result<Self, RequestError> {
+        let token = !method.is_empty() && method.bytes().all(crate::is_tchar);
+        if !token || method.len() > crate::limits::MAX_METHOD_LEN {
+            return Err(RequestError::Method(method.into()));
+        }
+        // A CONNECT target is authority-form (`host:port`): a sidecar judges it as written,
+        // an invalid path, whatever the policies say; `/x` would be judged as a path and allowed.
+        if method == "CONNECT" && path.starts_with('/') {
+            return Err(RequestError::ConnectWithPath);
+        }
+        Ok(HttpRequest { method, path })
+    }
+}
+
+/// Why [`HttpRequest::checked`] refused a request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error(
+        "{0:?} is not an HTTP method (1 to {max} of letters, digits and !#$%&'*+-.^_`|~)",
+        max = crate::limits::MAX_METHOD_LEN
+    )]
+    Method(String),
+    #[error(
+        "a CONNECT request's target is host:port, not a path; a sidecar judges it as written, \
+         an invalid path, and denies it (give the host:port as the path to see that decision)"
+    )]
+    ConnectWithPath,
+}
+
 /// A connection from a mesh workload to an address outside the mesh, checked against
 /// EgressPolicies.
 #[derive(Debug, Clone, Copy)]
@@ -200,5 +232,21 @@ impl Serialize for Decision {
         m.serialize_entry("reason", &self.reason)?;
         m.serialize_entry("audit", &self.audit)?;
         m.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checked_request_is_one_a_sidecar_could_receive() {
+        assert!(HttpRequest::checked("GET", "/x").is_ok());
+        assert!(HttpRequest::checked("get", "/x").is_ok(), "any token reaches a sidecar as HTTP");
+        assert!(HttpRequest::checked("CONNECT", "db:5432").is_ok(), "judged as written: an invalid path");
+        assert_eq!(HttpRequest::checked("CONNECT", "/x").unwrap_err(), RequestError::ConnectWithPath);
+        for bad in ["", "G T", "GET\r", &"X".repeat(crate::limits::MAX_METHOD_LEN + 1)] {
+            assert_eq!(HttpRequest::checked(bad, "/x").unwrap_err(), RequestError::Method(bad.into()), "{bad:?}");
+        }
     }
 }

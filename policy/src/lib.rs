@@ -127,7 +127,7 @@ mod snapshot;
 mod tree;
 mod validate;
 
-pub use decision::{AuditOutcome, Decision, Defaults, EgressFlow, Flow, HttpRequest, Reason};
+pub use decision::{AuditOutcome, Decision, Defaults, EgressFlow, Flow, HttpRequest, Reason, RequestError};
 pub use error::{CompileError, ValidationError, ValidationErrors, escape_unprintable};
 pub use model::{
     API_VERSION, Action, AuthorizationPolicy, AuthorizationRule, AuthorizationSpec, Destination, EgressPolicy,

@@ -250,7 +250,7 @@ fn decide(snapshot: &PolicySnapshot, f: &FlowArgs) -> Result<Decision, ExitCode>
         return Err(fail("give --to and --port (a mesh flow) or --to-address (egress)"));
     };
     let http = match (&f.method, &f.path) {
-        (Some(method), Some(path)) => Some(HttpRequest { method, path }),
+        (Some(method), Some(path)) => Some(HttpRequest::checked(method, path).map_err(fail)?),
         (None, None) => None,
         _ => return Err(fail("--method and --path go together")),
     };

@@ -236,7 +236,9 @@ async fn check(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
         None => IpAddr::from([127, 0, 0, 1]),
     };
     let http = match (q.method.as_deref(), q.path.as_deref()) {
-        (Some(method), Some(path)) => Some(HttpRequest { method, path }),
+        (Some(method), Some(path)) => {
+            Some(HttpRequest::checked(method, path).map_err(|e| ApiError::bad_request(e.to_string()))?)
+        }
         (None, None) => None,
         _ => return Err(ApiError::bad_request("method and path go together")),
     };
