@@ -1299,3 +1299,71 @@ async fn connect_is_judged_as_written_not_as_the_root_path() {
     let (status, _, _) = get(&http_client(), &format!("http://{}/", m.http), "GET", &[]).await;
     assert_eq!(status, 200);
 }
+
+/// A restarted sidecar (its SVID kept) takes no connection before its first policy: callers
+/// wait in the listen backlog and are served once the policy arrives, not denied for having
+/// come a few milliseconds early. With no policy by `--first-policy-timeout` it accepts and
+/// denies everything, with its own reason (fail closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_before_the_first_policy_wait_for_it_then_fail_closed() {
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().display().to_string();
+    let tcp = backends::tcp_echo().await;
+    let mut m = mesh(&[], &["--state-dir", &state_dir], tcp).await;
+    let token = m.control.token(API);
+    m.api.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(m.api.proc.wait_exit(Duration::from_secs(10)), Some(0));
+    m.control.kill();
+    let restart_api = |first_policy_timeout: &str| {
+        let args: Vec<String> = [
+            "proxy",
+            "run",
+            "--control",
+            &m.control.url,
+            "--ca-bundle",
+            &m.control.bundle_path().display().to_string(),
+            "--token",
+            &token,
+            "--state-dir",
+            &state_dir,
+            "--inbound",
+            &format!("{}={}", m.api_http_inbound, m.backend),
+            "--first-policy-timeout",
+            first_policy_timeout,
+        ]
+        .map(String::from)
+        .to_vec();
+        Proc::spawn(&format!("proxy-api-{first_policy_timeout}"), &args, state.path())
+    };
+    let wait_log = |p: &Proc, line: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !p.logs().contains(line) {
+            assert!(Instant::now() < deadline, "no {line:?} in:\n{}", p.logs());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let client = http_client();
+    let url = format!("http://{}/api/x", m.http);
+
+    // No control plane: denied once the (short) wait is over.
+    let api = restart_api("1s");
+    wait_log(&api, "lost the control plane before any policy arrived");
+    let (status, headers, _) = get(&client, &url, "GET", &[]).await;
+    assert_eq!((status, headers["x-trellis-denied"].to_str().unwrap()), (403, "no-policy-yet"));
+    assert!(api.logs().contains("no policy from the control plane yet; accepting connections"), "{}", api.logs());
+    drop(api);
+
+    // The control plane back while a request waits: the request is served.
+    let api = restart_api("30s");
+    wait_log(&api, "lost the control plane before any policy arrived");
+    let pending = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { get(&client, &url, "GET", &[]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "answered before any policy: {:?}", pending.await.unwrap());
+    m.control.restart();
+    let (status, _, body) = pending.await.unwrap();
+    assert_eq!(status, 200, "{body}\n{}", api.logs());
+    let _ = (&m.web, m.tcp_backend, m.api_tcp_inbound);
+}

@@ -151,6 +151,7 @@ fn config(state: &ProxyState) -> serde_json::Value {
         },
         "detect_timeout_ms": cfg.detect_timeout.as_millis() as u64,
         "drain_timeout_ms": cfg.drain_timeout.as_millis() as u64,
+        "first_policy_timeout_ms": cfg.first_policy_timeout.as_millis() as u64,
         "header_timeout_ms": cfg.header_timeout.as_millis() as u64,
         "tracked_connections": state.conns.len(),
         "telemetry": telemetry(&cfg.telemetry),

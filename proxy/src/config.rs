@@ -60,6 +60,8 @@ pub struct ProxyConfig {
     pub state_dir: Option<PathBuf>,
     pub detect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// How long the data listeners wait for the first policy before accepting anyway.
+    pub first_policy_timeout: Duration,
     /// Time a client has to send a request's headers (slowloris guard).
     pub header_timeout: Duration,
     /// Spans, export and flow log.

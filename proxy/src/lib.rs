@@ -189,6 +189,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
         telemetry,
         conns: Arc::default(),
         shutdown: CancellationToken::new(),
+        first_policy: CancellationToken::new(),
         pools: pool::PeerPools::default(),
         app: app::AppClients::default(),
     });
@@ -209,6 +210,9 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
     state.tls.store(Some(Arc::new(TlsState::new(bundle, td, state.creds.clone())?)));
     tokio::spawn(svid::renew_loop(state.clone(), authed.clone(), anon, origin));
     tokio::spawn(link::watch_loop(state.clone(), authed));
+    if !first_policy(&state, &mut shutdown).await {
+        return Ok(());
+    }
     for (spec, l) in listeners.inbound {
         let app = spec.app.map_or_else(
             || "the original destination (the address and port the caller dialled)".into(),
@@ -231,6 +235,34 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> Res
     drain(&state).await;
     state.telemetry.shutdown(TELEMETRY_FLUSH).await;
     Ok(())
+}
+
+/// Waits, up to `--first-policy-timeout`, for the first policy before the data listeners accept:
+/// the watch stream brings it (and the endpoint registry) a few milliseconds after the SVID,
+/// and a connection taken in between would be denied for no policy — an app starting with
+/// its sidecar saw resets, and a mesh peer was judged as egress. Callers wait in the listen
+/// backlog meanwhile. With no control plane answering, the listeners accept after the wait
+/// and deny everything (fail closed, with its own reason) rather than leave callers hanging.
+/// `false` when the proxy was told to stop meanwhile.
+async fn first_policy(state: &ProxyState, shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>) -> bool {
+    if state.config.first_policy_timeout.is_zero() {
+        return true;
+    }
+    tokio::select! {
+        biased;
+        () = state.first_policy.cancelled() => true,
+        () = tokio::time::sleep(state.config.first_policy_timeout) => {
+            tracing::warn!(
+                waited = ?state.config.first_policy_timeout,
+                "no policy from the control plane yet; accepting connections and denying them until one arrives (fail closed)"
+            );
+            true
+        }
+        () = shutdown.as_mut() => {
+            state.shutdown.cancel();
+            false
+        }
+    }
 }
 
 /// Stops accepting and waits for open connections to finish, up to the drain timeout.

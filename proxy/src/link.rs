@@ -151,6 +151,7 @@ fn apply(state: &ProxyState, event: WatchEvent, received: &mut Received) -> Resu
         .map_err(|e| format!("policy: {e}"))?;
     let closed = state.conns.recheck(&snapshot);
     state.policy.store(Arc::new(PolicyView { snapshot, applied: true }));
+    state.first_policy.cancel();
     // Recheck again against the stored snapshot: a connection admitted between the first
     // recheck and the swap was judged by the old policy. One registered after this recheck
     // but decided before the swap judges itself again (`ProxyState::track`).

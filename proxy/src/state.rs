@@ -270,6 +270,8 @@ pub struct ProxyState {
     pub conns: Arc<ConnTracker>,
     /// Cancelled on SIGTERM: listeners stop accepting and connections start draining.
     pub shutdown: CancellationToken,
+    /// Cancelled when the first policy is applied (a token, so a late waiter sees it too).
+    pub first_policy: CancellationToken,
     pub pools: crate::pool::PeerPools,
     pub app: crate::app::AppClients,
 }

@@ -92,6 +92,11 @@ pub struct RunArgs {
     /// How long in-flight requests get to finish after SIGTERM (0 to 1h).
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_drain_timeout)]
     drain_timeout: Duration,
+    /// At start, how long the data listeners wait for the first policy before accepting
+    /// (callers wait in the listen backlog; then, with none, every flow is denied: fail
+    /// closed). 0 accepts at once (0 to 10m).
+    #[arg(long, env = "TRELLIS_FIRST_POLICY_TIMEOUT", default_value = "5s", value_parser = parse_first_policy_timeout)]
+    first_policy_timeout: Duration,
     /// How long a client may take to send a request's headers, from their first byte (slowloris
     /// guard; 1ms to 1h). An HTTP/1.1 connection idle between requests is closed after 1h.
     #[arg(long, env = "TRELLIS_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_header_timeout)]
@@ -220,6 +225,7 @@ fn config(args: RunArgs) -> Result<(ProxyConfig, RuntimeShape)> {
         state_dir: args.state_dir,
         detect_timeout: args.detect_timeout,
         drain_timeout: args.drain_timeout,
+        first_policy_timeout: args.first_policy_timeout,
         header_timeout: args.header_timeout,
         telemetry,
     };
@@ -266,6 +272,10 @@ fn parse_drain_timeout(s: &str) -> Result<Duration, String> {
     parse_duration_within(s, Duration::ZERO, Duration::from_secs(3600), "time in-flight work gets after SIGTERM")
 }
 
+fn parse_first_policy_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration_within(s, Duration::ZERO, Duration::from_secs(600), "time the listeners wait for a first policy")
+}
+
 /// No listener named at all is transparent capture (`trellis proxy init`'s rules): both of the
 /// ports those rules redirect to. Naming any listener (a VM) binds only what is named.
 fn listeners(
@@ -292,6 +302,8 @@ mod tests {
             assert!(bad.unwrap_err().contains("is outside"));
         }
         assert!(parse_header_timeout("0").unwrap_err().contains("is outside 1ms..=1h"));
+        assert_eq!(parse_first_policy_timeout("0"), Ok(Duration::ZERO));
+        assert!(parse_first_policy_timeout("11m").unwrap_err().contains("is outside"));
     }
 
     #[test]
