@@ -352,3 +352,44 @@ fn a_control_url_at_a_plaintext_port_says_it_is_not_tls() {
     assert!(err.contains("did not answer with TLS") && err.contains("--control"), "{err}");
     assert!(!err.contains("InvalidContentType"), "{err}");
 }
+
+/// A client that checks host names (curl with the bundle, an OpenAPI client) can call the API
+/// by the address it listens on, by `localhost`, and by each `--tls-san`, without `-k`.
+#[test]
+fn curl_verifies_the_api_by_address_localhost_and_tls_san() {
+    let control = Control::start(&["--tls-san", "control.example,10.9.8.7"]);
+    let curl = |url: &str, extra: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--fail", "-o", "/dev/null", "--cacert"])
+            .arg(control.bundle_path())
+            .args(extra)
+            .arg(url)
+            .output()
+            .expect("curl runs");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let port = control.port;
+    for url in [format!("https://127.0.0.1:{port}/v1/bundle"), format!("https://localhost:{port}/v1/bundle")] {
+        let (ok, err) = curl(&url, &[]);
+        assert!(ok, "{url}: {err}");
+    }
+    let resolve = format!("control.example:{port}:127.0.0.1");
+    let (ok, err) = curl(&format!("https://control.example:{port}/v1/bundle"), &["--resolve", &resolve]);
+    assert!(ok, "--tls-san name: {err}");
+    // A name the certificate does not carry is still refused: the check is real.
+    let resolve = format!("other.example:{port}:127.0.0.1");
+    let (ok, err) = curl(&format!("https://other.example:{port}/v1/bundle"), &["--resolve", &resolve]);
+    assert!(!ok && err.contains("other.example"), "{err}");
+}
+
+#[test]
+fn a_tls_san_that_is_no_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["control", "run", "--listen", "127.0.0.1:0", "--tls-san", "not a name!", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_refused(&out, Some(1), "--tls-san \"not a name!\" is neither a DNS name nor an IP address");
+    assert!(!dir.path().join("data").exists(), "nothing created for a refused start");
+}

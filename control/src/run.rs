@@ -47,9 +47,11 @@ pub struct ControlConfig {
     pub svid_ttl: Duration,
     /// Use this CA (certificate chain, key) instead of creating one in the data dir.
     pub ca_files: Option<(PathBuf, PathBuf)>,
-    /// DNS names the admission webhook is called by (the Kubernetes API server checks
-    /// them); empty when the webhook is off.
-    pub webhook_dns_names: Vec<String>,
+    /// DNS names and IP addresses the API's serving certificate carries besides the SPIFFE
+    /// ID, for clients that check a host name: the admission webhook's (the Kubernetes API
+    /// server checks them), `localhost`, the listen address, `--tls-san`. Empty: the
+    /// control plane presents its SVID alone.
+    pub serving_names: Vec<String>,
     /// How long a client may take to send a request's headers, and an HTTP/1.1 connection
     /// may sit idle between requests (slowloris guard; the API listens on every interface).
     pub header_timeout: Duration,
@@ -217,7 +219,7 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     let control_id = SpiffeId::from_segments(&config.trust_domain, &["trellis", "control"])
         .map_err(|e| StartError::Svid(e.to_string()))?;
     let creds = CredentialStore::new();
-    let resolver = Arc::new(SniResolver::new(creds.clone(), &config.webhook_dns_names));
+    let resolver = Arc::new(OwnCert::new(creds.clone(), &config.serving_names));
     let svid_not_after = mint_own(&ca, &control_id, &creds, &resolver)?;
     let mut tls = server_config_with_resolver(
         resolver.clone(),
@@ -385,12 +387,12 @@ fn load_or_create_admin_token(dir: &Path, ran_before: bool) -> Result<String, St
 }
 
 /// The control plane's own certificates, both for [`CONTROL_SVID_TTL`] and renewed together:
-/// its SVID and, with the webhook on, the serving certificate for the webhook's DNS names.
+/// its SVID and the serving certificate for [`ControlConfig::serving_names`].
 fn mint_own(
     ca: &CertificateAuthority,
     id: &SpiffeId,
     creds: &CredentialStore,
-    resolver: &SniResolver,
+    resolver: &OwnCert,
 ) -> Result<SystemTime, StartError> {
     let key = WorkloadKey::generate().map_err(|e| StartError::Svid(e.to_string()))?;
     let csr = key.csr(id).map_err(|e| StartError::Svid(e.to_string()))?;
@@ -448,7 +450,7 @@ async fn renew_own_svid(
     ctx: Arc<Ctx>,
     id: SpiffeId,
     creds: Arc<CredentialStore>,
-    resolver: Arc<SniResolver>,
+    resolver: Arc<OwnCert>,
     not_after: SystemTime,
 ) {
     let mut wait = half_life_left(not_after);
@@ -469,24 +471,24 @@ fn half_life_left(not_after: SystemTime) -> Duration {
     not_after.duration_since(SystemTime::now()).unwrap_or_default() / 2
 }
 
-/// Presents the control plane's SVID to everyone except callers asking (by SNI) for one of
-/// the webhook's DNS names: the Kubernetes API server verifies the webhook by DNS name, so
-/// it gets a DNS serving certificate from the same CA instead. Injected proxies ask by the
-/// same name (the Service's), so that certificate names the control plane's SPIFFE ID too —
-/// which is why it lives no longer than the SVID and is renewed with it.
+/// Presents the control plane's serving certificate: its SPIFFE ID, which proxies and the
+/// CLI check, and the DNS names and IP addresses clients that check a host name need — the
+/// Kubernetes API server calling the webhook, curl or an OpenAPI client calling the API with
+/// `--cacert bundle.pem`. It is issued by the same CA, lives no longer than the SVID and is
+/// renewed with it; with no names at all (a caller's choice in tests), the SVID alone.
 #[derive(Debug)]
-struct SniResolver {
+struct OwnCert {
     svid: Arc<CredentialStore>,
     dns_names: Vec<String>,
     serving: arc_swap::ArcSwapOption<trellis_identity::rustls::sign::CertifiedKey>,
 }
 
-impl SniResolver {
+impl OwnCert {
     fn new(svid: Arc<CredentialStore>, dns_names: &[String]) -> Self {
-        SniResolver { svid, dns_names: dns_names.to_vec(), serving: Default::default() }
+        OwnCert { svid, dns_names: dns_names.to_vec(), serving: Default::default() }
     }
 
-    /// A new serving certificate for the webhook's names (none without the webhook).
+    /// A new serving certificate for the names (none without names).
     fn renew_serving(&self, ca: &CertificateAuthority, id: &SpiffeId) -> Result<(), StartError> {
         if self.dns_names.is_empty() {
             return Ok(());
@@ -501,18 +503,14 @@ impl SniResolver {
     }
 }
 
-impl trellis_identity::rustls::server::ResolvesServerCert for SniResolver {
+impl trellis_identity::rustls::server::ResolvesServerCert for OwnCert {
     fn resolve(
         &self,
         hello: trellis_identity::rustls::server::ClientHello<'_>,
     ) -> Option<Arc<trellis_identity::rustls::sign::CertifiedKey>> {
-        if let Some(sni) = hello.server_name()
-            && self.dns_names.iter().any(|n| n.eq_ignore_ascii_case(sni))
-            && let Some(serving) = self.serving.load_full()
-        {
-            return Some(serving);
-        }
-        self.svid.certified_key()
+        // Whatever name is asked (none, for an IP address): the client checks the SANs.
+        let _ = hello;
+        self.serving.load_full().or_else(|| self.svid.certified_key())
     }
 }
 
@@ -520,16 +518,15 @@ impl trellis_identity::rustls::server::ResolvesServerCert for SniResolver {
 mod tests {
     use super::*;
 
-    /// Each renewal of the webhook's serving certificate is a new certificate for the same
-    /// names and ID, living no longer than the control plane's SVID; without the webhook
-    /// there is none.
+    /// Each renewal of the serving certificate is a new certificate for the same names and ID,
+    /// living no longer than the control plane's SVID; without names there is none.
     #[test]
     fn the_serving_certificate_is_renewed_whole() {
         let td = TrustDomain::parse("cluster.local").unwrap();
         let ca = CertificateAuthority::create_root(&td, CA_LIFETIME).unwrap();
         let id = SpiffeId::from_segments(&td, &["trellis", "control"]).unwrap();
-        let resolver = SniResolver::new(CredentialStore::new(), &["trellis-control.trellis-system.svc".into()]);
-        let serving = |r: &SniResolver| {
+        let resolver = OwnCert::new(CredentialStore::new(), &["trellis-control.trellis-system.svc".into()]);
+        let serving = |r: &OwnCert| {
             let key = r.serving.load_full().expect("a serving certificate");
             trellis_identity::CertInfo::parse(&key.cert[0]).unwrap()
         };
@@ -541,7 +538,7 @@ mod tests {
         assert_eq!(second.uri_sans, [id.to_string()]);
         assert!(second.not_after <= SystemTime::now() + CONTROL_SVID_TTL);
 
-        let without = SniResolver::new(CredentialStore::new(), &[]);
+        let without = OwnCert::new(CredentialStore::new(), &[]);
         without.renew_serving(&ca, &id).unwrap();
         assert!(without.serving.load_full().is_none());
     }

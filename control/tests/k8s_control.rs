@@ -19,7 +19,7 @@ use trellis_identity::WorkloadKey;
 async fn plane_with(hooks: Hooks, dns: Vec<String>) -> Plane {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
-    cfg.webhook_dns_names = dns;
+    cfg.serving_names = dns;
     let running = trellis_control::start(cfg, hooks).await.unwrap();
     Plane { running, dir }
 }
@@ -132,8 +132,8 @@ async fn the_webhook_answers_the_api_server_over_dns_verified_tls() {
     let (status, err) = post_review(&plane, &dns, b"{not json".to_vec()).await.unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(err["error"].as_str().unwrap().contains("AdmissionReview"), "{err}");
-    // Asked for any other name, the control plane shows its SVID, which has no DNS name:
-    // a WebPKI client refuses it, while SPIFFE-verifying clients keep working.
+    // Asked for any other name, the control plane shows the same certificate, which does not
+    // name it: a WebPKI client refuses it, while SPIFFE-verifying clients keep working.
     let err = post_review(&plane, "evil.example.com", review).await.unwrap_err();
     assert!(err.to_lowercase().contains("certificate"), "{err}");
     plane.admin().list_policies().await.unwrap();

@@ -273,25 +273,25 @@ impl CertificateAuthority {
 }
 
 impl CertificateAuthority {
-    /// A TLS serving certificate for DNS names that also names `id`. The only caller is the
-    /// control plane with its admission webhook: the Kubernetes API server checks the
-    /// webhook's certificate by DNS name (`trellis-control.trellis-system.svc`) against the
-    /// bundle in the webhook configuration, and the injected proxies reach the control plane
-    /// by that same name, checking its SPIFFE ID (`id`) — one certificate must satisfy both.
+    /// A TLS serving certificate for DNS names and IP addresses (`names`) that also names `id`.
+    /// The only caller is the control plane: the Kubernetes API server checks the webhook's
+    /// certificate by DNS name (`trellis-control.trellis-system.svc`), curl and OpenAPI
+    /// clients check the name or address they call, and proxies and the CLI check the
+    /// SPIFFE ID (`id`) — one certificate must satisfy all of them.
     /// It carries serverAuth only, so no mTLS peer accepts it as a client.
     pub fn issue_serving_cert(
         &self,
-        dns_names: &[String],
+        names: &[String],
         id: &SpiffeId,
         ttl: Duration,
     ) -> Result<(Vec<CertificateDer<'static>>, rustls_pki_types::PrivateKeyDer<'static>), CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
-        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(gen_err)?;
+        let mut params = CertificateParams::new(names.to_vec()).map_err(gen_err)?;
         let uri = rcgen::string::Ia5String::try_from(id.as_str()).map_err(gen_err)?;
         params.subject_alt_names.push(SanType::URI(uri));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "trellis");
-        if let Some(first) = dns_names.first() {
+        if let Some(first) = names.first() {
             dn.push(DnType::CommonName, first.as_str());
         }
         params.distinguished_name = dn;

@@ -61,6 +61,12 @@ pub struct RunArgs {
     /// DNS name the API server calls the webhook by (its serving certificate carries it).
     #[arg(long, env = "TRELLIS_WEBHOOK_DNS_NAME", default_value = "trellis-control.trellis-system.svc")]
     pub webhook_dns_name: Vec<String>,
+    /// Another DNS name or IP address the API's certificate carries (repeatable), for clients
+    /// that check the host name they call, such as curl with `--cacert bundle.pem`:
+    /// `localhost` and the --listen address (127.0.0.1 and ::1 for an unspecified one) are
+    /// always in it.
+    #[arg(long, env = "TRELLIS_TLS_SAN", value_name = "NAME|IP", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
     /// Image the webhook injects.
     #[arg(long, env = "TRELLIS_INJECT_IMAGE")]
     pub inject_image: Option<String>,
@@ -87,13 +93,14 @@ fn serve(args: RunArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         let hooks = hooks(&args)?;
+        let serving_names = serving_names(&args)?;
         let config = ControlConfig {
             data_dir: args.data_dir,
             listen: args.listen,
             trust_domain: args.trust_domain.clone(),
             svid_ttl: args.svid_ttl,
             ca_files: args.ca_cert.zip(args.ca_key),
-            webhook_dns_names: if args.webhook { args.webhook_dns_name } else { vec![] },
+            serving_names,
             header_timeout: args.header_timeout,
         };
         let running = start(config, hooks).await?;
@@ -114,6 +121,36 @@ fn serve(args: RunArgs) -> Result<()> {
         running.shutdown().await;
         Ok(())
     })
+}
+
+/// The names the API's serving certificate carries besides its SPIFFE ID: the webhook's DNS
+/// names (with the webhook on), `localhost`, the listen address and `--tls-san`.
+fn serving_names(args: &RunArgs) -> Result<Vec<String>> {
+    let mut names: Vec<String> = Vec::new();
+    if args.webhook {
+        for name in &args.webhook_dns_name {
+            trellis_identity::pki_types::DnsName::try_from(name.as_str()).map_err(|_| {
+                anyhow::anyhow!("--webhook-dns-name {name:?} is not a DNS name the API server could call")
+            })?;
+            names.push(name.clone());
+        }
+    }
+    names.push("localhost".into());
+    match args.listen.ip() {
+        ip if ip.is_unspecified() => names.extend(["127.0.0.1".into(), "::1".into()]),
+        ip => names.push(ip.to_string()),
+    }
+    for san in &args.tls_san {
+        let san = san.trim();
+        let is_ip = san.parse::<std::net::IpAddr>().is_ok();
+        if !is_ip && trellis_identity::pki_types::DnsName::try_from(san).is_err() {
+            anyhow::bail!("--tls-san {san:?} is neither a DNS name nor an IP address");
+        }
+        names.push(san.to_ascii_lowercase());
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    Ok(names)
 }
 
 /// Kubernetes attestation and the injection webhook, when asked for.
@@ -139,11 +176,6 @@ fn hooks(args: &RunArgs) -> Result<Hooks> {
         let image = args.inject_image.clone().unwrap_or_else(trellis_control::inject::default_image);
         trellis_control::inject::check_settings(&image, &args.inject_control)
             .context("--inject-image / --inject-control")?;
-        for name in &args.webhook_dns_name {
-            trellis_identity::pki_types::DnsName::try_from(name.as_str()).map_err(|_| {
-                anyhow::anyhow!("--webhook-dns-name {name:?} is not a DNS name the API server could call")
-            })?;
-        }
         hooks.webhook = Some(trellis_control::hooks::injection_webhook(
             args.inject_image.clone(),
             Some(args.inject_control.clone()),

@@ -41,7 +41,7 @@ pub fn config(dir: &std::path::Path) -> ControlConfig {
         trust_domain: td(),
         svid_ttl: Duration::from_secs(3600),
         ca_files: None,
-        webhook_dns_names: vec![],
+        serving_names: vec![],
         header_timeout: Duration::from_secs(10),
     }
 }
