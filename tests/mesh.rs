@@ -1367,3 +1367,41 @@ async fn connections_before_the_first_policy_wait_for_it_then_fail_closed() {
     assert_eq!(status, 200, "{body}\n{}", api.logs());
     let _ = (&m.web, m.tcp_backend, m.api_tcp_inbound);
 }
+
+/// A connection authenticated with a certificate that has since expired takes no new request:
+/// expiry is the mesh's only revocation of an identity, and an HTTP/2 connection kept open by
+/// PINGs must not carry one past its SVID. (A sidecar retires its pooled connection by then and
+/// opens another with its current SVID; this client does not, as a stale or hostile one would not.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_client_certificate_gets_no_new_request_on_its_open_connection() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use trellis_identity::{CertificateAuthority, CredentialStore, SpiffeId, TrustBundle, TrustDomain, WorkloadKey};
+
+    let m = default_mesh().await;
+    let td = TrustDomain::parse("cluster.local").unwrap();
+    let data = m.control.data();
+    let ca = CertificateAuthority::load(&td, &data.join("ca.pem"), &data.join("ca-key.pem")).unwrap();
+    let web = SpiffeId::parse(WEB).unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let issued = ca.sign_csr(&key.csr(&web).unwrap(), &web, Duration::from_secs(2)).unwrap();
+    let creds = CredentialStore::with(key.into_svid(issued.chain).unwrap()).unwrap();
+    let bundle = TrustBundle::load(&m.control.bundle_path()).unwrap();
+    let mut cfg = trellis_identity::client_config(Some(creds), &bundle, SpiffeId::parse(API).unwrap()).unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(m.api_http_inbound).await.unwrap();
+    let name = trellis_identity::pki_types::ServerName::IpAddress(m.api_http_inbound.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let url = format!("http://{}/api/x", m.backend);
+    let req = || http::Request::get(url.as_str()).body(Empty::<bytes::Bytes>::new()).unwrap();
+    assert_eq!(send.send_request(req()).await.unwrap().status(), 200, "allowed while the certificate is valid");
+    // Past the certificate's expiry, on the same connection (kept open as a sidecar's is).
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_millis(2500)).await;
+    let after = send.send_request(req()).await;
+    assert!(after.is_err(), "a request on a connection whose client certificate expired got {after:?}");
+    let logs = m.api.proc.logs();
+    assert!(logs.contains("a certificate this connection was authenticated with expired"), "{logs}");
+}

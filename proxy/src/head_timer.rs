@@ -170,7 +170,7 @@ mod tests {
             let resp = generated(StatusCode::OK, (ERROR, "none"), "served\n".into());
             Ok::<_, std::convert::Infallible>(resp.map(Traced::plain))
         });
-        tokio::spawn(serve_http(server, svc, false, HEADER_TIMEOUT, std::future::pending()));
+        tokio::spawn(serve_http(server, svc, false, HEADER_TIMEOUT, None, std::future::pending()));
         client
     }
 

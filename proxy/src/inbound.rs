@@ -26,6 +26,7 @@ use std::time::Duration;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
@@ -93,6 +94,8 @@ pub struct Authenticated {
     app: SocketAddr,
     peer: SpiffeId,
     me: SpiffeId,
+    /// When the first of the two certificates of the handshake expires.
+    valid_until: Instant,
     started: Started,
 }
 
@@ -183,7 +186,7 @@ fn dispatch(
     prefix: bytes::Bytes,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     tracing::Span::current().record("protocol", protocol.label());
-    let Authenticated { io, remote, app, peer, me, started } = auth;
+    let Authenticated { io, remote, app, peer, me, valid_until, started } = auth;
     // Opaque with no bytes read: by ALPN or because the client was silent, so what it sends
     // first has not been looked at (`LateHttpGuard`); bytes that decided "opaque" have.
     let unsniffed = prefix.is_empty();
@@ -198,6 +201,7 @@ fn dispatch(
         remote,
         app,
         started,
+        valid_until,
         facts,
         cancel: CancellationToken::new(),
         peer_header,
@@ -214,6 +218,8 @@ fn dispatch(
 async fn handshake(state: &ProxyState, accepted: Accepted) -> Option<Authenticated> {
     let Accepted { tcp, remote, app, started } = accepted;
     let tls = state.tls.load_full()?;
+    // Read before the handshake: the SVID it presents is this one or a newer one.
+    let own_not_after = state.creds.current()?.svid.not_after();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
     let refused = |label: &'static str, message: String| refusal(state, remote, app, started, label, message);
     let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -230,7 +236,7 @@ async fn handshake(state: &ProxyState, accepted: Accepted) -> Option<Authenticat
             return None;
         }
     };
-    let peer = match peer_identity(io.get_ref().1) {
+    let (peer, peer_not_after) = match peer_identity(io.get_ref().1) {
         Ok(id) => id,
         Err(reason) => {
             tracing::info!(%reason, "inbound peer identity refused");
@@ -239,7 +245,8 @@ async fn handshake(state: &ProxyState, accepted: Accepted) -> Option<Authenticat
         }
     };
     let me = state.id()?;
-    Some(Authenticated { io, remote, app, peer, me, started })
+    let valid_until = crate::pool::instant_of(own_not_after.min(peer_not_after));
+    Some(Authenticated { io, remote, app, peer, me, valid_until, started })
 }
 
 /// The failure class and message of a refused handshake: `plaintext` for bytes that are no
@@ -296,15 +303,17 @@ fn inbound_facts(
     })
 }
 
-/// The peer's SPIFFE ID, refusing certificates that expired since the session that a
-/// resumed handshake reuses was first established.
-fn peer_identity(conn: &trellis_identity::rustls::ServerConnection) -> Result<SpiffeId, VerifyError> {
+/// The peer's SPIFFE ID and its certificate's expiry, refusing certificates that expired
+/// since the session that a resumed handshake reuses was first established.
+fn peer_identity(
+    conn: &trellis_identity::rustls::ServerConnection,
+) -> Result<(SpiffeId, std::time::SystemTime), VerifyError> {
     let leaf = conn.peer_certificates().and_then(|c| c.first()).ok_or(VerifyError::NoCertificate)?;
     let info = trellis_identity::CertInfo::parse(leaf).map_err(VerifyError::BadEncoding)?;
     if info.not_after < std::time::SystemTime::now() {
         return Err(VerifyError::Expired);
     }
-    Ok(info.spiffe_id()?)
+    Ok((info.spiffe_id()?, info.not_after))
 }
 
 /// Per-connection facts every request on it shares.
@@ -315,6 +324,8 @@ pub struct ConnCtx {
     pub remote: SocketAddr,
     pub app: SocketAddr,
     pub started: Started,
+    /// No new request is taken on the connection after this ([`Authenticated`]).
+    pub valid_until: Instant,
     /// What the connection's spans share (`None` when telemetry is off).
     pub facts: Option<Arc<ConnFacts>>,
     /// Fired when a policy change revokes this connection (opaque TCP; on HTTP, each request
@@ -395,7 +406,8 @@ fn http_stage(ctx: Arc<ConnCtx>, io: PeerIo, protocol: Protocol) -> impl Future<
         state.shutdown.cancelled().await;
         state.config.drain_timeout
     };
-    serve_http(Metered::new(io, conn), svc, protocol == Protocol::Http2, header_timeout, stop)
+    let retire_at = Some(ctx.valid_until);
+    serve_http(Metered::new(io, conn), svc, protocol == Protocol::Http2, header_timeout, retire_at, stop)
 }
 
 /// The innermost service: sends a permitted request to the app.

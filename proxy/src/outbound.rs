@@ -247,7 +247,7 @@ fn mesh_http(
         state.shutdown.cancelled().await;
         state.config.drain_timeout
     };
-    serve_http(Metered::new(io, conn), svc, protocol == Protocol::Http2, header_timeout, stop)
+    serve_http(Metered::new(io, conn), svc, protocol == Protocol::Http2, header_timeout, None, stop)
 }
 
 /// Other endpoints of a Service tried when the chosen one cannot be reached.

@@ -57,6 +57,9 @@ pub struct PeerConn {
     /// Set when the connection's driver has finished or it refused a new stream: the pool
     /// then opens a new one.
     closed: Arc<AtomicBool>,
+    /// A pool hands the connection out no later than this (a certificate of its handshake
+    /// expires then).
+    retire_at: Option<Instant>,
 }
 
 /// Why a request to the peer got no response.
@@ -98,7 +101,7 @@ where
         }
         done.store(true, Ordering::Release);
     });
-    Ok(PeerConn { send, closed })
+    Ok(PeerConn { send, closed, retire_at: None })
 }
 
 /// Why a connection's driver stopped other than by a clean close.
@@ -163,7 +166,8 @@ fn keepalive(
 /// outbound's pooled connection to each peer and the inbound's to an HTTP/2 app.
 #[derive(Debug)]
 pub struct ConnSlot {
-    conn: tokio::sync::Mutex<Option<(PeerConn, Instant)>>,
+    /// The connection and when the slot stops handing it out (`None`: never).
+    conn: tokio::sync::Mutex<Option<(PeerConn, Option<Instant>)>>,
     /// A connection this old is replaced (`Duration::MAX`: kept while it is open).
     max_age: Duration,
 }
@@ -199,12 +203,19 @@ impl ConnSlot {
             return Ok(conn);
         }
         let conn = open().await?;
-        *slot = Some((conn.clone(), Instant::now()));
+        let aged = Instant::now().checked_add(self.max_age);
+        let until = match (aged, conn.retire_at) {
+            (Some(a), Some(r)) => Some(a.min(r)),
+            (a, r) => a.or(r),
+        };
+        *slot = Some((conn.clone(), until));
         Ok(conn)
     }
 
-    fn live(&self, slot: &Option<(PeerConn, Instant)>) -> Option<PeerConn> {
-        let usable = |(conn, born): &&(PeerConn, Instant)| !conn.is_closed() && born.elapsed() < self.max_age;
+    fn live(&self, slot: &Option<(PeerConn, Option<Instant>)>) -> Option<PeerConn> {
+        let usable = |(conn, until): &&(PeerConn, Option<Instant>)| {
+            !conn.is_closed() && until.is_none_or(|until| Instant::now() < until)
+        };
         slot.as_ref().filter(usable).map(|(conn, _)| conn.clone())
     }
 
@@ -216,6 +227,12 @@ impl ConnSlot {
 }
 
 impl PeerConn {
+    /// The connection, to be handed out by a pool no later than `at`.
+    pub fn retire_by(mut self, at: Option<Instant>) -> Self {
+        self.retire_at = at;
+        self
+    }
+
     /// Is the connection gone (the pool must not hand it out)?
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
@@ -556,5 +573,21 @@ mod tests {
         };
         let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await.unwrap();
         assert!(body.is_err(), "4 of 10 promised bytes, then a reset, must not pass for a whole body");
+    }
+
+    /// A slot stops handing out a connection at the first of its age limit and the expiry of
+    /// a certificate of its handshake, and then opens another.
+    #[tokio::test]
+    async fn a_slot_retires_a_connection_when_a_certificate_of_it_expires() {
+        let slot = ConnSlot::new(Duration::from_secs(600));
+        let (first, _server) = connected().await;
+        let first = first.retire_by(Some(Instant::now() + Duration::from_millis(100)));
+        slot.get_or_open(|| async { Ok::<_, ()>(first) }).await.unwrap();
+        assert!(slot.holds_open(), "handed out before the expiry");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!slot.holds_open(), "still handed out after a certificate of it expired");
+        let (second, _server2) = connected().await;
+        slot.get_or_open(|| async { Ok::<_, ()>(second) }).await.unwrap();
+        assert!(slot.holds_open(), "the new connection is handed out");
     }
 }

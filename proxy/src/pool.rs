@@ -4,8 +4,9 @@
 //!
 //! Pooling is why a new app connection (`Connection: close` clients) costs no TLS
 //! handshake between sidecars, and why many app connections cost one peer connection. A
-//! pooled connection is retired after [`MAX_AGE`] so it never outlives the SVIDs it was
-//! opened with by much; in-flight requests finish on it.
+//! pooled connection is retired after [`MAX_AGE`], or sooner when a certificate of its
+//! handshake (the peer's or this sidecar's) expires — the peer's inbound takes no request on
+//! it after that —; in-flight requests finish on it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -81,6 +82,14 @@ pub async fn connect_tls(
     Ok(tls)
 }
 
+/// The monotonic instant of a certificate's wall-clock expiry (now, if it has passed).
+pub fn instant_of(at: std::time::SystemTime) -> tokio::time::Instant {
+    let left = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    let now = tokio::time::Instant::now();
+    // An expiry too far ahead to add is as good as never for a connection.
+    now.checked_add(left).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 /// One slot per peer and expected identity.
 type Slot = Arc<ConnSlot>;
 
@@ -127,13 +136,23 @@ impl PeerPools {
 }
 
 async fn open_h2(state: &ProxyState, addr: SocketAddr, expected: &SpiffeId) -> Result<PeerConn, PeerError> {
+    // Read before the handshake: the SVID it presents is this one or a newer one.
+    let own_not_after = state.creds.current().map(|c| c.svid.not_after());
     let tls = connect_tls(state, addr, expected, PeerProtocol::H2).await?;
-    if tls.get_ref().1.alpn_protocol() != Some(crate::state::ALPN_H2) {
+    let session = tls.get_ref().1;
+    if session.alpn_protocol() != Some(crate::state::ALPN_H2) {
         return Err(PeerError::Alpn { addr, wanted: "h2" });
     }
+    let peer_not_after = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| trellis_identity::CertInfo::parse(leaf).ok())
+        .map(|info| info.not_after);
+    let valid_until = own_not_after.into_iter().chain(peer_not_after).min().map(instant_of);
     let pooled = crate::peer_h2::handshake(tls, addr, crate::peer_h2::SETTINGS)
         .await
-        .map_err(|e| PeerError::Http { addr, reason: e.to_string() })?;
+        .map_err(|e| PeerError::Http { addr, reason: e.to_string() })?
+        .retire_by(valid_until);
     tracing::debug!(%addr, peer = %expected, "opened pooled HTTP/2 connection to peer");
     Ok(pooled)
 }

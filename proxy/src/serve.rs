@@ -109,6 +109,9 @@ where
 
 /// Serves `io` as HTTP/2 (`h2`) or HTTP/1.1 with upgrades until the peer closes it or
 /// `stop` completes; then in-flight requests get the duration `stop` returned to finish.
+/// At `retire_at` (when a certificate the connection was authenticated with expires) it
+/// takes no new request — HTTP/2 GOAWAY, HTTP/1.1 closed after the request in flight —
+/// and runs until its requests end or `stop`.
 ///
 /// A plain function, not `async`: `io` moves into the boxed connection right here. An async
 /// fn keeps its arguments in its future for its whole life, so every caller up the chain
@@ -119,6 +122,7 @@ pub fn serve_http<I, S, F>(
     svc: S,
     h2: bool,
     header_timeout: Duration,
+    retire_at: Option<tokio::time::Instant>,
     stop: F,
 ) -> impl Future<Output = ()> + Send
 where
@@ -154,7 +158,7 @@ where
                 .with_upgrades(),
         )
     };
-    drive(conn, stop)
+    drive(conn, retire_at, stop)
 }
 
 /// A hyper server connection of either protocol, boxed at exactly its own size.
@@ -162,15 +166,33 @@ type Conn = Pin<Box<dyn Drain + Send>>;
 
 /// `conn` comes boxed at exactly its protocol's size: held inline, the caller's future
 /// would be as large as the larger of the two connection types for every connection.
-async fn drive(mut conn: Conn, stop: impl Future<Output = Duration>) {
-    let drain = tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "HTTP connection ended with error");
+async fn drive(mut conn: Conn, retire_at: Option<tokio::time::Instant>, stop: impl Future<Output = Duration>) {
+    // Boxed, and only when there is a deadline: a timer is ~100 bytes every idle
+    // connection would otherwise carry.
+    let mut retire = retire_at.map(|at| Box::pin(tokio::time::sleep_until(at)));
+    tokio::pin!(stop);
+    let drain = loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "HTTP connection ended with error");
+                }
+                return;
             }
-            return;
+            () = async {
+                match retire.as_mut() {
+                    Some(sleep) => sleep.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // Expiry is the mesh's revocation: requests on it are over for an identity
+                // whose SVID has lapsed; a live peer reconnects with its current one.
+                tracing::debug!("a certificate this connection was authenticated with expired: no new requests on it");
+                conn.as_mut().drain();
+                retire = None;
+            }
+            d = &mut stop => break d,
         }
-        d = stop => d,
     };
     conn.as_mut().drain();
     if tokio::time::timeout(drain, conn).await.is_err() {
@@ -214,7 +236,7 @@ mod tests {
             let resp = generated(StatusCode::OK, (ERROR, "none"), "served\n".into());
             Ok::<_, std::convert::Infallible>(resp.map(Traced::plain))
         });
-        tokio::spawn(serve_http(server, svc, true, Duration::from_secs(10), std::future::pending()));
+        tokio::spawn(serve_http(server, svc, true, Duration::from_secs(10), None, std::future::pending()));
         let (send, conn) = h2::client::handshake(client).await.unwrap();
         tokio::spawn(conn);
         send
