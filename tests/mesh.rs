@@ -1246,6 +1246,18 @@ async fn http_sent_after_the_detect_timeout_is_refused_not_forwarded_raw() {
     // Not HTTP: carried as before (the HTTP app answers the garbage with its own 400).
     let other = late(b"hello there\r\n\r\n").await;
     assert!(other.starts_with("HTTP/1.1 400"), "{other}");
+    // An empty line first (which servers skip, RFC 9112 §2.2) does not make it something else.
+    let forged = late(b"\r\nGET /x HTTP/1.1\r\nhost: a\r\nx-trellis-peer-id: spiffe://cluster.local/ns/shop/sa/admin\r\nconnection: close\r\n\r\n").await;
+    assert_eq!(forged, "", "the late request after an empty line reached the app");
+
+    // Sent at once, the same request is parsed as HTTP: the app gets the verified peer ID.
+    let mut s = TcpStream::connect(m.http).await.unwrap();
+    s.write_all(b"\r\nGET /x HTTP/1.1\r\nhost: a\r\nx-trellis-peer-id: spiffe://cluster.local/ns/shop/sa/admin\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(WEB) && !answer.contains("sa/admin"), "the app saw a forged peer ID: {answer}");
 }
 
 /// Downloads whose clients stopped reading do not stall other callers' requests to the same

@@ -219,10 +219,24 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for LateHttpGuard<IO> {
 /// (`METHOD ` and more) is HTTP/1 (see the module docs); a partial HTTP/2 preface or a lone
 /// method token is not.
 fn undecided(b: &[u8]) -> Protocol {
-    match b.iter().position(|&c| c == b' ') {
-        Some(i) if i > 0 && b.len() > i + 1 && !b.starts_with(&H2_PREFACE[..3]) => Protocol::Http1,
+    let line = after_empty_lines(b);
+    match line.iter().position(|&c| is_blank(c)) {
+        Some(i) if i > 0 && line.len() > i + 1 && !b.starts_with(&H2_PREFACE[..3]) => Protocol::Http1,
         _ => Protocol::Opaque,
     }
+}
+
+/// The separators RFC 9112 §3 lets a recipient read between a request line's words (SP,
+/// HTAB, VT, FF, bare CR): nginx does, so a line split by any of them is a request to it.
+fn is_blank(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | 0x0b | 0x0c | b'\r')
+}
+
+/// The bytes after any empty lines: RFC 9112 §2.2 has servers skip them before a request
+/// line (hyper and nginx do), so `\r\nGET / HTTP/1.1` is a request, not opaque bytes.
+fn after_empty_lines(b: &[u8]) -> &[u8] {
+    let skip = b.iter().position(|&c| c != b'\r' && c != b'\n').unwrap_or(b.len());
+    &b[skip..]
 }
 
 /// `Some` once the bytes decide the question.
@@ -234,9 +248,13 @@ pub fn classify(b: &[u8]) -> Option<Protocol> {
     if b[..n] == H2_PREFACE[..n] {
         return (b.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
     }
+    let b = after_empty_lines(b);
+    if b.is_empty() {
+        return None;
+    }
     // HTTP/1: METHOD SP target SP HTTP/1.x CRLF; decide on the method token and, once the
     // line is complete, its version.
-    let method_end = b.iter().position(|&c| c == b' ');
+    let method_end = b.iter().position(|&c| is_blank(c));
     // Any method token a policy can name (RFC 9110: `get`, `FOO_BAR` and `REPORT2` are
     // methods too); anything else is not HTTP.
     let token_ok = |t: &[u8]| !t.is_empty() && t.len() <= MAX_METHOD_LEN && t.iter().all(|&c| is_tchar(c));
@@ -246,15 +264,16 @@ pub fn classify(b: &[u8]) -> Option<Protocol> {
         Some(i) if !token_ok(&b[..i]) => Some(Protocol::Opaque),
         Some(_) => match b.iter().position(|&c| c == b'\n') {
             Some(eol) => {
-                // Any ` HTTP/` version is HTTP: the server refuses the ones it does not speak
-                // (505) rather than the app getting an unparsed request.
-                let line = b[..eol].strip_suffix(b"\r").unwrap_or(&b[..eol]);
-                let version = line.iter().rposition(|&c| c == b' ').map(|sp| &line[sp + 1..]);
-                if version.is_some_and(|v| v.starts_with(b"HTTP/")) {
-                    Some(Protocol::Http1)
-                } else {
-                    Some(Protocol::Opaque)
-                }
+                // Any `HTTP/` version, in any case and however spaced, is HTTP: the server
+                // refuses what it does not parse (400, 505) rather than the app — which may
+                // read it (nginx does) — getting an unparsed request. So is HTTP/0.9's
+                // `GET /path`, which has no version at all.
+                let mut words = b[..eol].split(|&c| is_blank(c)).filter(|w| !w.is_empty());
+                let (method, target) = (words.next(), words.next());
+                let last = words.next_back().or(target);
+                let versioned = last.is_some_and(|v| v.len() >= 5 && v[..5].eq_ignore_ascii_case(b"HTTP/"));
+                let http09 = method == Some(b"GET") && target.is_some_and(|t| t.starts_with(b"/")) && last == target;
+                Some(if versioned || http09 { Protocol::Http1 } else { Protocol::Opaque })
             }
             None => None,
         },
@@ -282,7 +301,20 @@ mod tests {
         // Versions hyper refuses are still HTTP: refused by the proxy, never passed on raw.
         assert_eq!(classify(b"GET /admin HTTP/1.2\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"GET /admin HTTP/2.0\r\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"GET /admin\r\n"), Some(Protocol::Opaque), "HTTP/0.9 has no headers to forge");
+        // Request lines a lenient app server (nginx) reads are HTTP, refused by the proxy's own
+        // parser (400) rather than passed on unparsed with a client-written peer header.
+        assert_eq!(classify(b"GET /admin\r\n"), Some(Protocol::Http1), "HTTP/0.9");
+        assert_eq!(classify(b"\r\nGET /x HTTP/1.1\r\n"), Some(Protocol::Http1), "a leading empty line");
+        assert_eq!(classify(b"\r\n\n\r\nGET /x HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"\r\n\r\n"), None, "only empty lines: undecided");
+        assert_eq!(undecided(b"\r\n\r\n"), Protocol::Opaque);
+        assert_eq!(undecided(b"\r\nGET /adm"), Protocol::Http1);
+        assert_eq!(classify(b"GET\t/x\tHTTP/1.1\r\n"), Some(Protocol::Http1), "tabs");
+        assert_eq!(classify(b"GET /x http/1.1\r\n"), Some(Protocol::Http1), "lowercase version");
+        assert_eq!(classify(b"GET /x HTTP/1.1 \r\n"), Some(Protocol::Http1), "trailing space");
+        assert_eq!(classify(b"GET  /x  HTTP/1.1\r\n"), Some(Protocol::Http1), "doubled spaces");
+        assert_eq!(classify(b"GET key\r\n"), Some(Protocol::Opaque), "redis inline GET");
+        assert_eq!(classify(b"GET /a b\r\n"), Some(Protocol::Opaque), "three words, no version");
         // Every method token a policy can name is read as HTTP, so its rules can match.
         for method in ["get", "PoST", "FOO_BAR", "REPORT2", "PROPFINDEXTENDED1", "M.SEARCH", &"X".repeat(32)] {
             let line = format!("{method} /x HTTP/1.1\r\n");
