@@ -235,7 +235,11 @@ impl Shared {
 
     /// Records an ack. Refused if the session is unknown or belongs to someone else, or if
     /// `version` is above the current policy version.
-    pub fn ack(&self, session: u64, id: &SpiffeId, version: u64) -> Result<(), AckError> {
+    /// Records that `session`'s proxy enforces `version`; returns the version recorded, the
+    /// highest acked on the session: a session's events are sent in order, so a lower ack is
+    /// one that travelled slower than a later one (a proxy acks each on its own connection),
+    /// and taking it would show an up-to-date proxy as lagging until the next change.
+    pub fn ack(&self, session: u64, id: &SpiffeId, version: u64) -> Result<u64, AckError> {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         match s.live.get_mut(&session) {
             Some(w) if &w.spiffe_id == id => {
@@ -243,9 +247,10 @@ impl Shared {
                 if version > current {
                     return Err(AckError::Ahead { version, current });
                 }
-                w.acked_version = Some(version);
+                let recorded = w.acked_version.map_or(version, |acked| acked.max(version));
+                w.acked_version = Some(recorded);
                 w.last_seen = now_unix();
-                Ok(())
+                Ok(recorded)
             }
             _ => Err(AckError::NoSession),
         }

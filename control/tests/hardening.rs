@@ -277,6 +277,22 @@ async fn an_ack_ahead_of_the_current_version_is_refused() {
     assert_eq!(plane.admin().workloads().await.unwrap()[0].acked_version, Some(1));
 }
 
+/// Acks travel on connections of their own and may arrive out of order: an older one after
+/// a newer one does not make an up-to-date proxy look behind.
+#[tokio::test]
+async fn an_ack_arriving_after_a_newer_one_does_not_lower_the_acked_version() {
+    let plane = Plane::start().await;
+    plane.admin().apply_policies(POLICY.into()).await.unwrap();
+    plane.admin().apply_policies(POLICY.replace("8080", "8081")).await.unwrap();
+    let client = plane.workload(WEB);
+    let mut stream = client.watch().await.unwrap();
+    let first = stream.next().await.unwrap();
+    assert_eq!(first.version, 2);
+    client.ack(first.session, 2).await.unwrap();
+    client.ack(first.session, 1).await.unwrap();
+    assert_eq!(plane.admin().workloads().await.unwrap()[0].acked_version, Some(2));
+}
+
 // --- 6. HTTP conformance ---------------------------------------------------------------
 
 #[tokio::test]

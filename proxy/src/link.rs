@@ -88,7 +88,8 @@ async fn follow(state: &Arc<ProxyState>, client: &ControlClient, backoff: &mut B
                 let (state, client) = (state.clone(), client.clone());
                 tokio::spawn(async move {
                     match client.ack(session, version).await {
-                        Ok(()) => state.update_control(|c| c.acked_version = Some(version)),
+                        // Acks race each other: keep the highest, as the control plane does.
+                        Ok(()) => state.update_control(|c| c.acked_version = c.acked_version.max(Some(version))),
                         Err(e) => tracing::debug!(error = %e, "ack failed"),
                     }
                 });

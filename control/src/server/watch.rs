@@ -125,13 +125,13 @@ fn next_event(shared: &Shared, id: &SpiffeId, session: u64, sent: &mut Sent) -> 
 pub async fn ack(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiResult {
     let (id, _, _) = require_svid(ctx, conn)?;
     let body: AckRequest = read_json(req).await?;
-    match ctx.shared.ack(body.session, &id, body.version) {
-        Ok(()) => {}
+    let recorded = match ctx.shared.ack(body.session, &id, body.version) {
+        Ok(recorded) => recorded,
         Err(AckError::NoSession) => {
             return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no watch session {} for {id}", body.session)));
         }
         Err(e @ AckError::Ahead { .. }) => return Err(ApiError::bad_request(e.to_string())),
-    }
-    tracing::debug!(spiffe_id = %id, version = body.version, "proxy acked");
-    Ok(json(StatusCode::OK, &serde_json::json!({"acked": body.version})))
+    };
+    tracing::debug!(spiffe_id = %id, version = body.version, recorded, "proxy acked");
+    Ok(json(StatusCode::OK, &serde_json::json!({"acked": recorded})))
 }
