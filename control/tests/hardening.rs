@@ -449,6 +449,58 @@ async fn a_declared_length_over_the_limit_is_refused_before_the_body() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 }
 
+/// A TLS connection to `plane` over HTTP/1.1, as a raw client sees it.
+async fn h1_stream(plane: &Plane) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let expected = SpiffeId::parse(CONTROL).unwrap();
+    let tls = trellis_identity::client_config(None, &plane.bundle(), expected).unwrap();
+    let tcp = tokio::net::TcpStream::connect(plane.running.local_addr).await.unwrap();
+    let name = trellis_identity::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.unwrap()
+}
+
+/// A body over the limit that the client sends anyway is read (and thrown away) before the
+/// 413, so the client — still writing — gets the answer, not a reset connection.
+#[tokio::test]
+async fn a_client_sending_a_body_over_the_limit_reads_the_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let plane = Plane::start().await;
+    let mut stream = h1_stream(&plane).await;
+    let body = vec![b'x'; 32 << 20];
+    let head = format!(
+        "POST /v1/tokens HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        plane.admin_token(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.expect("the whole body is taken");
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}
+
+/// A body that stops arriving is answered 408 after the header timeout, not waited for with
+/// the connection (and its memory) held for good.
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_408_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.header_timeout = Duration::from_millis(500);
+    let running = trellis_control::start(cfg, Hooks::default()).await.unwrap();
+    let plane = Plane { running, dir };
+    let mut stream = h1_stream(&plane).await;
+    let head = "POST /v1/svid/bootstrap HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+                content-length: 1000\r\n\r\n{\"token\":";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "still open 5 s into a stalled body");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("stopped arriving"), "{answer}");
+}
+
 /// A data dir that holds other things too (`--data-dir .`, a home directory) keeps its mode:
 /// only the control plane's own files are made private.
 #[tokio::test]

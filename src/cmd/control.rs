@@ -32,8 +32,8 @@ pub struct RunArgs {
     /// Lifetime of the SVIDs issued to proxies (renewed at half-life); at most 30 days.
     #[arg(long, env = "TRELLIS_SVID_TTL", default_value = "1h", value_parser = parse_duration)]
     pub svid_ttl: Duration,
-    /// How long an API client may take to send a request's headers, or leave an HTTP/1.1
-    /// connection idle between requests (slowloris guard).
+    /// How long an API client may take to send a request's headers, stay silent in the middle
+    /// of a body, or leave an HTTP/1.1 connection idle between requests (slowloris guard).
     #[arg(long, env = "TRELLIS_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_header_timeout)]
     pub header_timeout: Duration,
     /// Use this CA certificate (PEM chain up to the root) instead of creating one.

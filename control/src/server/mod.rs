@@ -1,5 +1,5 @@
 //! The control plane's HTTPS server: TLS accept loop, routing, and the helpers every
-//! handler shares (body limits, admin-token and SVID authentication, JSON responses).
+//! handler shares (admin-token and SVID authentication, JSON responses; bodies in `body.rs`).
 //!
 //! Flow of one request: accept → TLS (the control plane's own SVID; a client certificate
 //! is requested but checked later, see `trellis_identity::verify::DeferredClientVerifier`)
@@ -13,6 +13,8 @@
 
 mod admin;
 pub use admin::MAX_TOKEN_TTL;
+mod body;
+pub use body::{read_body, read_json};
 mod svid;
 mod watch;
 
@@ -24,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -208,8 +210,9 @@ pub async fn serve(
             let conn = Arc::new(Conn { remote, peer_chain });
             let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let seen = asked.clone();
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                req.extensions_mut().insert(body::IdleTimeout(header_timeout));
                 let (ctx, conn) = (ctx.clone(), conn.clone());
                 async move { Ok::<_, Infallible>(route(ctx, conn, req).await) }
             });
@@ -325,31 +328,6 @@ async fn webhook(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
             .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"))),
         Err(e) => Err(ApiError::bad_request(format!("malformed AdmissionReview: {e}"))),
     }
-}
-
-/// Reads a request body of at most `limit` bytes.
-pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    // A declared length over the limit is refused before a byte of it is read, so the client
-    // is not left sending (and the server waiting for) a body that will be thrown away.
-    let declared = http_body::Body::size_hint(req.body()).exact();
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large(limit));
-    }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
-        Err(e) => Err(ApiError::bad_request(format!("could not read request body: {e}"))),
-    }
-}
-
-fn too_large(limit: usize) -> ApiError {
-    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {limit} bytes"))
-}
-
-/// Reads and parses a JSON body, naming what was wrong with it.
-pub async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body = read_body(req, MAX_BODY).await?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
 }
 
 /// Requires `Authorization: Bearer <admin token>`.
