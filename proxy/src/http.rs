@@ -225,9 +225,41 @@ pub fn app_uri(uri: Uri, host: Option<&HeaderValue>, app: SocketAddr) -> Uri {
     Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
+/// Removes every `x-trellis-peer-id` a client wrote — under any spelling a CGI-style app
+/// reads as the same (`x_trellis_peer_id`: WSGI, PHP and CGI fold `_` and `-` into
+/// `HTTP_X_TRELLIS_PEER_ID`, and would see the client's copy first) — from a request's
+/// headers (before the verified one is set) or its trailers.
+pub fn remove_peer_id(headers: &mut HeaderMap) {
+    headers.remove(PEER_ID);
+    if headers.keys().any(is_peer_id_alias) {
+        let aliases: Vec<HeaderName> = headers.keys().filter(|n| is_peer_id_alias(n)).cloned().collect();
+        for alias in aliases {
+            headers.remove(alias);
+        }
+    }
+}
+
+/// `x-trellis-peer-id` with any of its dashes written as underscores.
+fn is_peer_id_alias(name: &HeaderName) -> bool {
+    const OURS: &[u8] = b"x-trellis-peer-id";
+    let (name, ours) = (name.as_str().as_bytes(), OURS);
+    name.len() == ours.len() && name.iter().zip(ours).all(|(a, b)| a == b || (*a == b'_' && *b == b'-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_spelling_of_the_peer_header_a_cgi_app_folds_together_is_an_alias() {
+        assert_eq!(PEER_ID.as_str(), "x-trellis-peer-id");
+        for alias in ["x_trellis_peer_id", "x-trellis_peer-id", "x_trellis-peer-id", "x-trellis-peer-id"] {
+            assert!(is_peer_id_alias(&HeaderName::from_static(alias)), "{alias}");
+        }
+        for other in ["x-trellis-peer-ids", "x-trellis-peer", "x-trellis-peer-io", "x-trellis-audit"] {
+            assert!(!is_peer_id_alias(&HeaderName::from_static(other)), "{other}");
+        }
+    }
 
     fn app() -> SocketAddr {
         "127.0.0.1:8080".parse().unwrap()

@@ -540,39 +540,15 @@ fn prepare_for_app<B>(ctx: &ConnCtx, req: &mut Request<B>, h2: bool) {
 /// spelling a CGI-style app reads as the same (`x_trellis_peer_id`: WSGI, PHP and CGI fold
 /// `_` and `-` into `HTTP_X_TRELLIS_PEER_ID`, and would see the client's copy first).
 fn set_peer_header(ctx: &ConnCtx, headers: &mut http::HeaderMap) {
-    headers.remove(PEER_ID);
-    if headers.keys().any(is_peer_id_alias) {
-        let aliases: Vec<http::HeaderName> = headers.keys().filter(|n| is_peer_id_alias(n)).cloned().collect();
-        for alias in aliases {
-            headers.remove(alias);
-        }
-    }
+    crate::http::remove_peer_id(headers);
     if let Some(v) = &ctx.peer_header {
         headers.insert(PEER_ID, v.clone());
     }
 }
 
-/// `x-trellis-peer-id` with any of its dashes written as underscores.
-fn is_peer_id_alias(name: &http::HeaderName) -> bool {
-    const OURS: &[u8] = b"x-trellis-peer-id";
-    let (name, ours) = (name.as_str().as_bytes(), OURS);
-    name.len() == ours.len() && name.iter().zip(ours).all(|(a, b)| a == b || (*a == b'_' && *b == b'-'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_spelling_of_the_peer_header_a_cgi_app_folds_together_is_an_alias() {
-        assert_eq!(PEER_ID.as_str(), "x-trellis-peer-id");
-        for alias in ["x_trellis_peer_id", "x-trellis_peer-id", "x_trellis-peer-id", "x-trellis-peer-id"] {
-            assert!(is_peer_id_alias(&http::HeaderName::from_static(alias)), "{alias}");
-        }
-        for other in ["x-trellis-peer-ids", "x-trellis-peer", "x-trellis-peer-io", "x-trellis-audit"] {
-            assert!(!is_peer_id_alias(&http::HeaderName::from_static(other)), "{other}");
-        }
-    }
 
     #[test]
     fn a_client_without_tls13_is_refused_as_protocol_version() {

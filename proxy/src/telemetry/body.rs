@@ -14,7 +14,9 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 pin_project! {
-    /// A request body whose data bytes are added to a shared counter.
+    /// A request body whose data bytes are added to a shared counter, and whose trailers lose
+    /// any `x-trellis-peer-id` the client wrote: an app or framework that merges trailer
+    /// fields into its headers would take it for the verified one.
     #[derive(Debug)]
     pub struct Counted<B> {
         #[pin]
@@ -39,11 +41,13 @@ impl<B: Body> Body for Counted<B> {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let (Some(c), Poll::Ready(Some(Ok(frame)))) = (this.counter.as_ref(), &polled)
-            && let Some(data) = frame.data_ref()
-        {
-            c.fetch_add(data.remaining() as u64, Ordering::Relaxed);
+        let mut polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled {
+            if let (Some(c), Some(data)) = (this.counter.as_ref(), frame.data_ref()) {
+                c.fetch_add(data.remaining() as u64, Ordering::Relaxed);
+            } else if let Some(trailers) = frame.trailers_mut() {
+                crate::http::remove_peer_id(trailers);
+            }
         }
         polled
     }
@@ -206,22 +210,22 @@ mod tests {
         assert_eq!(seen.lock().unwrap()[2], (0, None));
     }
 
+    /// A body of the given frames, last first.
+    struct NeverSaysEnd(Vec<Frame<Bytes>>);
+
+    impl Body for NeverSaysEnd {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop().map(Ok))
+        }
+        // `Body::is_end_stream`'s default: false, as hyper's chunked `Incoming` says.
+    }
+
     /// Trailers end a body even if it does not say so (an HTTP/1.1 chunked body does not), and
     /// hyper drops it right after them: complete, not cut.
     #[tokio::test]
     async fn trailers_end_the_body_even_when_it_does_not_say_so() {
-        struct NeverSaysEnd(Vec<Frame<Bytes>>);
-        impl Body for NeverSaysEnd {
-            type Data = Bytes;
-            type Error = std::convert::Infallible;
-            fn poll_frame(
-                mut self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-            ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-                Poll::Ready(self.0.pop().map(Ok))
-            }
-            // `Body::is_end_stream`'s default: false, as hyper's chunked `Incoming` says.
-        }
         let mut trailers = http::HeaderMap::new();
         trailers.insert("x-t", http::HeaderValue::from_static("yes"));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -253,5 +257,25 @@ mod tests {
         let body = Traced::with_span(Failing(frames), Box::new(Probe(seen.clone())));
         assert!(body.collect().await.is_err());
         assert_eq!(*seen.lock().unwrap(), vec![(4, Some("response_cut: stream reset".to_owned()))]);
+    }
+
+    /// A client's `x-trellis-peer-id` in a request's trailers (any spelling) never reaches the
+    /// app; other trailers do, and the data is counted.
+    #[tokio::test]
+    async fn the_peer_header_is_taken_out_of_request_trailers() {
+        let mut trailers = http::HeaderMap::new();
+        for name in ["x-trellis-peer-id", "x_trellis_peer_id", "x-ok"] {
+            trailers.insert(name, http::HeaderValue::from_static("spiffe://cluster.local/ns/prod/sa/admin"));
+        }
+        let frames = vec![Frame::trailers(trailers), Frame::data(Bytes::from_static(b"hello"))];
+        let counter = Arc::new(AtomicU64::new(0));
+        let mut body = Box::pin(Counted::with_counter(NeverSaysEnd(frames), counter.clone()));
+        let mut seen = Vec::new();
+        while let Some(frame) = body.frame().await {
+            seen.push(frame.unwrap());
+        }
+        let names: Vec<&str> = seen[1].trailers_ref().unwrap().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-ok"]);
+        assert_eq!(counter.load(Ordering::Relaxed), 5);
     }
 }
