@@ -1417,3 +1417,36 @@ async fn an_expired_client_certificate_gets_no_new_request_on_its_open_connectio
     let logs = m.api.proc.logs();
     assert!(logs.contains("a certificate this connection was authenticated with expired"), "{logs}");
 }
+
+/// Framing a sidecar must not guess at (RFC 9112 §3.2, §6.1, §6.3): a request without Host or
+/// with two is 400; a transfer coding besides chunked is 501 (it would be lost in the
+/// re-framing), and 502 from an app; an app's stale Content-Length beside chunked is dropped,
+/// so the body arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_transfer_codings_are_checked_and_a_stale_length_dropped() {
+    let pair = AppPair::start(backends::odd_framing().await).await;
+    let ask = |raw: &'static str| async move {
+        let mut s = TcpStream::connect(pair.route).await.unwrap();
+        s.write_all(raw.as_bytes()).await.unwrap();
+        read_response(&mut s).await
+    };
+    for (raw, status) in [
+        ("GET /x HTTP/1.1\r\n\r\n", "HTTP/1.1 400"),
+        ("GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "HTTP/1.1 400"),
+        (
+            "POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "HTTP/1.1 501",
+        ),
+        ("GET /gzip-chunked HTTP/1.1\r\nHost: a\r\n\r\n", "HTTP/1.1 502"),
+    ] {
+        let (head, body) = ask(raw).await;
+        assert!(head.starts_with(status), "{raw:?}: {head}{body}");
+    }
+    let mut s = TcpStream::connect(pair.route).await.unwrap();
+    s.write_all(b"GET /cl-and-chunked HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200") && !answer.contains("content-length: 50"), "{answer}");
+    assert!(answer.contains("\r\n\r\n3\r\nabc\r\n0\r\n\r\n") || answer.ends_with("\r\n\r\nabc"), "{answer}");
+}

@@ -98,6 +98,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name.trim());
         }
     }
+    // With Transfer-Encoding, Content-Length means nothing (RFC 9112 §6.3): the body was
+    // framed by its chunks, and relayed with a stale length it would be cut or hang.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
@@ -105,6 +110,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !te_trailers {
         headers.remove(header::TE);
     }
+}
+
+/// Whether a message's `Transfer-Encoding` names a coding other than `chunked` (`gzip,
+/// chunked`): hyper decodes the chunks only, and the sidecars re-frame the body, so the
+/// other coding would be silently lost — the receiver would read gzip as plain bytes. RFC
+/// 9112 §6.1: a request gets `501`; an app's response, `502`.
+pub fn other_transfer_coding(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| v.to_str().map_or(true, |v| v.split(',').any(|c| !c.trim().eq_ignore_ascii_case("chunked"))))
 }
 
 /// Removes the headers only Trellis may set from an app's response, so an app cannot make
@@ -199,8 +215,9 @@ pub fn header_too_large(client: Version) -> Response<RespBody> {
 /// The `x-trellis-error` label of [`header_too_large`].
 pub const HEADER_TOO_LARGE: &str = "header_too_large";
 
-/// The absolute URI the inbound sends to its app: the caller's authority (`Host`, else the request
-/// target's, else the app's address) and the path the policy judged (normalized) with the
+/// The absolute URI the inbound sends to its app: the caller's authority (the request target's
+/// — an absolute-form target's replaces `Host`, RFC 9112 §3.2.2 — else `Host`, else the app's
+/// address) and the path the policy judged (normalized) with the
 /// original query. The parts are reused, and re-parsed only when normalizing changed the
 /// path: this runs for every request.
 pub fn app_uri(uri: Uri, host: Option<&HeaderValue>, app: SocketAddr) -> Uri {
@@ -218,11 +235,33 @@ pub fn app_uri(uri: Uri, host: Option<&HeaderValue>, app: SocketAddr) -> Uri {
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
-    let from_host = host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
-    let authority = from_host.or(parts.authority.take()).or_else(|| Authority::try_from(app.to_string()).ok());
+    let from_host = || host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
+    let authority = parts.authority.take().or_else(from_host).or_else(|| Authority::try_from(app.to_string()).ok());
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = authority;
     Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// What is wrong with a request's `Host`, for a `400`: RFC 9112 §3.2 has a server refuse an
+/// HTTP/1.1 request without one, and any request with more than one (which would the app
+/// believe?); RFC 9113 §8.3.1 calls an HTTP/2 request whose `Host` names another authority
+/// than its `:authority` malformed. Each decides where the request goes, or what the app
+/// thinks was asked, so a sidecar must not pick one of two answers for it.
+pub fn host_problem<B>(req: &http::Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some("the request has more than one Host header");
+    }
+    match (req.version(), host, req.uri().authority()) {
+        (Version::HTTP_11, None, _) => Some("an HTTP/1.1 request must have a Host header"),
+        (Version::HTTP_2, Some(host), Some(authority))
+            if !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+        {
+            Some("the Host header names another authority than :authority")
+        }
+        _ => None,
+    }
 }
 
 /// Removes every `x-trellis-peer-id` a client wrote — under any spelling a CGI-style app
@@ -249,6 +288,25 @@ fn is_peer_id_alias(name: &HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_doubled_or_contradicting_host_is_named() {
+        let req = |version: Version, uri: &str, hosts: &[&str]| {
+            let mut b = http::Request::builder().version(version).uri(uri);
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            b.body(()).unwrap()
+        };
+        assert_eq!(host_problem(&req(Version::HTTP_11, "/x", &["a"])), None);
+        assert_eq!(host_problem(&req(Version::HTTP_10, "/x", &[])), None, "HTTP/1.0 needs none");
+        assert_eq!(host_problem(&req(Version::HTTP_2, "http://a/x", &[])), None);
+        assert_eq!(host_problem(&req(Version::HTTP_2, "http://a/x", &["A"])), None, "case-insensitive");
+        assert!(host_problem(&req(Version::HTTP_11, "/x", &[])).unwrap().contains("must have a Host"));
+        assert!(host_problem(&req(Version::HTTP_11, "http://a/x", &[])).is_some(), "absolute-form too (MUST)");
+        assert!(host_problem(&req(Version::HTTP_11, "/x", &["a", "b"])).unwrap().contains("more than one"));
+        assert!(host_problem(&req(Version::HTTP_2, "http://a/x", &["b"])).unwrap().contains(":authority"));
+    }
 
     #[test]
     fn every_spelling_of_the_peer_header_a_cgi_app_folds_together_is_an_alias() {

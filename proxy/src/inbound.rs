@@ -466,6 +466,13 @@ async fn forward_http(
         tracing::debug!("request refused: its header block is over the limit");
         return header_too_large(req.version());
     }
+    if let Some(problem) = crate::http::host_problem(&req) {
+        return proxy_error(StatusCode::BAD_REQUEST, "bad_request", problem);
+    }
+    if crate::http::other_transfer_coding(req.headers()) {
+        let detail = "a transfer coding other than chunked is not supported";
+        return proxy_error(StatusCode::NOT_IMPLEMENTED, "bad_request", detail);
+    }
     if let Exchange::WebSocket(conn) = exchange {
         // As for any request: the app gets the path the policy judged (normalized), and the
         // verified peer header after the hop-by-hop ones (which the client names) are gone.
@@ -502,6 +509,10 @@ async fn forward_http(
         }
         // Over the limit the peer's sidecar would refuse it mid-stream, after this side had
         // recorded a success: refused here, where the cause is known.
+        Ok(resp) if crate::http::other_transfer_coding(resp.headers()) => {
+            let detail = "the app's response has a transfer coding other than chunked, which would be lost";
+            proxy_error(StatusCode::BAD_GATEWAY, "app_failed", detail)
+        }
         Ok(resp) if over_header_limit(response_header_list_size(&resp)) => {
             let detail = format!("the app's response header block reaches the {MAX_HEADER_LIST}-byte limit");
             proxy_error(StatusCode::BAD_GATEWAY, "app_failed", &detail)

@@ -33,7 +33,7 @@ use crate::config::RouteSpec;
 use crate::conns::TrackedFlow;
 use crate::http::{
     AUDIT, DENIED, ERROR, HEADER_TOO_LARGE, ORIG_PROTO, PEER_ID, ReqBody, RespBody, from_peer, header_too_large,
-    is_websocket_upgrade, proxy_error, strip_hop_by_hop,
+    host_problem, is_websocket_upgrade, other_transfer_coding, proxy_error, strip_hop_by_hop,
 };
 use crate::io::Prefixed;
 use crate::layers::{BoxFuture, Decided, MetricsLayer, TraceLayer};
@@ -353,6 +353,13 @@ impl ForwardToPeer {
             resp.extensions_mut().insert(decided);
             return resp;
         }
+        if let Some(problem) = host_problem(&req) {
+            return failed(proxy_error(StatusCode::BAD_REQUEST, "bad_request", problem));
+        }
+        if other_transfer_coding(req.headers()) {
+            let detail = "a transfer coding other than chunked is not supported";
+            return failed(proxy_error(StatusCode::NOT_IMPLEMENTED, "bad_request", detail));
+        }
         let was_h1 = req.version() != http::Version::HTTP_2;
         let called = self.service.unwrap_or(addr);
         let uri = match peer_uri(std::mem::take(req.uri_mut()), req.headers().get(header::HOST), called) {
@@ -447,9 +454,10 @@ impl ForwardToPeer {
 /// reused rather than re-parsed (this runs for every request).
 fn peer_uri(uri: Uri, host: Option<&HeaderValue>, addr: SocketAddr) -> Result<Uri, http::Error> {
     let mut parts = uri.into_parts();
-    let authority = match (host, parts.authority.take()) {
-        (Some(host), _) => Authority::try_from(host.as_bytes())?,
-        (None, Some(authority)) => authority,
+    // An absolute-form target's authority replaces Host (RFC 9112 §3.2.2: a proxy MUST).
+    let authority = match (parts.authority.take(), host) {
+        (Some(authority), _) => authority,
+        (None, Some(host)) => Authority::try_from(host.as_bytes())?,
         (None, None) => Authority::try_from(addr.to_string())?,
     };
     parts.scheme = Some(Scheme::HTTP);
@@ -538,6 +546,13 @@ mod tests {
         let host = HeaderValue::from_static("api.shop:9000");
         let uri = peer_uri("/v1/items?id=3".parse().unwrap(), Some(&host), addr()).unwrap();
         assert_eq!(uri.to_string(), "http://api.shop:9000/v1/items?id=3");
+    }
+
+    #[test]
+    fn an_absolute_form_targets_authority_replaces_host() {
+        let host = HeaderValue::from_static("a");
+        let uri = peer_uri("http://api.shop/x".parse().unwrap(), Some(&host), addr()).unwrap();
+        assert_eq!(uri.to_string(), "http://api.shop/x");
     }
 
     #[test]

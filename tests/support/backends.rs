@@ -171,6 +171,21 @@ pub async fn broken_chunks() -> SocketAddr {
     .await
 }
 
+/// An HTTP/1.1 app framing its answers oddly: `/cl-and-chunked` sends a chunked `abc` under a
+/// stale `Content-Length: 50`; `/gzip-chunked` says `Transfer-Encoding: gzip, chunked`.
+pub async fn odd_framing() -> SocketAddr {
+    serve_each(|mut tcp| async move {
+        let Some(head) = read_head(&mut tcp).await else { return };
+        let answer: &[u8] = if head.starts_with(b"GET /cl-and-chunked ") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        };
+        let _ = tcp.write_all(answer).await;
+    })
+    .await
+}
+
 /// An app that answers every request with a `Content-Length: 100000` head and 5,000 bytes of
 /// body in one write, then closes at once: a response cut short.
 pub async fn cut_short() -> SocketAddr {

@@ -216,7 +216,10 @@ mod tests {
     impl Body for NeverSaysEnd {
         type Data = Bytes;
         type Error = std::convert::Infallible;
-        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             Poll::Ready(self.0.pop().map(Ok))
         }
         // `Body::is_end_stream`'s default: false, as hyper's chunked `Incoming` says.
