@@ -87,7 +87,14 @@ fn bundle_hint(v: &VerifyError) -> &'static str {
 /// Whether a failed handshake says the control plane's certificate is not one the trust
 /// bundle vouches for (rather than expired, not yet valid, or refused by the other side).
 fn untrusted_server(v: &VerifyError) -> bool {
-    !matches!(v, VerifyError::Expired | VerifyError::NotYetValid | VerifyError::PeerRejected(_) | VerifyError::Other(_))
+    !matches!(
+        v,
+        VerifyError::Expired
+            | VerifyError::NotYetValid
+            | VerifyError::PeerRejected(_)
+            | VerifyError::ProtocolVersion
+            | VerifyError::Other(_)
+    )
 }
 
 impl ClientError {

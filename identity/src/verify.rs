@@ -17,7 +17,8 @@ use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_t
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, RootCertStore, SignatureScheme,
+    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, PeerIncompatible,
+    RootCertStore, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -55,6 +56,10 @@ pub enum VerifyError {
     IdMismatch { expected: SpiffeId, presented: SpiffeId },
     #[error("peer refused the handshake: {0}")]
     PeerRejected(String),
+    /// The other side offers or accepts no TLS 1.3, the only version a sidecar speaks
+    /// (`openssl s_client -tls1_2`, an old client or server).
+    #[error("the peer does not speak TLS 1.3, the only version accepted")]
+    ProtocolVersion,
     #[error("TLS handshake failed: {0}")]
     Other(String),
 }
@@ -65,6 +70,16 @@ impl VerifyError {
         match err {
             Error::NoCertificatesPresented => VerifyError::NoCertificate,
             Error::InvalidCertificate(ce) => Self::from_certificate_error(ce),
+            Error::AlertReceived(AlertDescription::ProtocolVersion) => VerifyError::ProtocolVersion,
+            // TLS 1.2 offered without 1.3; TLS 1.0/1.1 hellos also lack signature algorithms.
+            Error::PeerIncompatible(
+                PeerIncompatible::Tls12NotOffered
+                | PeerIncompatible::Tls12NotOfferedOrEnabled
+                | PeerIncompatible::SupportedVersionsExtensionRequired
+                | PeerIncompatible::SignatureAlgorithmsExtensionRequired
+                | PeerIncompatible::ServerDoesNotSupportTls12Or13
+                | PeerIncompatible::ServerTlsVersionIsDisabledByOurConfig,
+            ) => VerifyError::ProtocolVersion,
             Error::AlertReceived(alert) => VerifyError::PeerRejected(format!("{alert:?}")),
             other => VerifyError::Other(other.to_string()),
         }
@@ -82,6 +97,11 @@ impl VerifyError {
             CertificateError::BadEncoding => VerifyError::BadEncoding("bad DER".into()),
             CertificateError::Other(OtherError(inner)) => match inner.downcast_ref::<VerifyError>() {
                 Some(ours) => ours.clone(),
+                // A leaf signed by another leaf (a workload minting certificates with its own
+                // SVID): the chain leads to no CA the bundle trusts.
+                None if matches!(inner.downcast_ref::<webpki::Error>(), Some(webpki::Error::EndEntityUsedAsCa)) => {
+                    VerifyError::UnknownIssuer
+                }
                 None => VerifyError::Other(inner.to_string()),
             },
             other => VerifyError::Other(format!("{other:?}")),
@@ -111,6 +131,7 @@ impl VerifyError {
             VerifyError::WrongTrustDomain { .. } => "wrong_trust_domain",
             VerifyError::IdMismatch { .. } => "id_mismatch",
             VerifyError::PeerRejected(_) => "peer_rejected",
+            VerifyError::ProtocolVersion => "protocol_version",
             VerifyError::Other(_) => "other",
         }
     }

@@ -164,6 +164,27 @@ async fn ca_certificate_used_as_leaf_is_refused() {
     assert_eq!(out.server, Err(VerifyError::NotALeaf));
 }
 
+/// A workload minting certificates with its own SVID as the issuer (an impersonation
+/// attempt: `[forged admin leaf, real web SVID]`) is refused as a chain to no trusted CA,
+/// with that reason, not as an unclassified failure.
+#[tokio::test]
+async fn a_leaf_signed_by_another_leaf_is_unknown_issuer() {
+    use rcgen::{CertificateParams, DistinguishedName, Issuer, KeyPair};
+    let ca = TestCa::new("cluster.local");
+    let (server, _) = good_pair(&ca);
+    let (real, real_key) = ca.raw_leaf(vec![uri(WEB)], false);
+    let issuer = Issuer::from_ca_cert_der(&real[0], KeyPair::try_from(&real_key).unwrap()).unwrap();
+    let forged_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![uri("spiffe://cluster.local/ns/shop/sa/admin")];
+    let forged = params.signed_by(&forged_key, &issuer).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(forged_key.serialize_der().into());
+    let client = raw_client(Some((vec![forged.der().clone(), real[0].clone()], key)), &ca.bundle, API);
+    let out = handshake(server, client).await;
+    assert_eq!(out.server, Err(VerifyError::UnknownIssuer));
+}
+
 #[tokio::test]
 async fn uri_san_that_is_not_spiffe_is_refused() {
     let ca = TestCa::new("cluster.local");

@@ -254,20 +254,12 @@ async fn handshake(state: &ProxyState, accepted: Accepted) -> Option<Authenticat
 /// problem, and `protocol_version` for a client that does not offer TLS 1.3 (an old
 /// client, `openssl s_client -tls1_2`), which never gets as far as a certificate.
 fn handshake_refusal(e: &std::io::Error) -> (&'static str, String) {
-    use trellis_identity::rustls::{Error, InvalidMessage, PeerIncompatible};
+    use trellis_identity::rustls::{Error, InvalidMessage};
     let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>());
     // The first bytes are no TLS record at all: most often plaintext HTTP (`curl http://` to
     // the inbound port, an app or probe that bypassed its own sidecar).
     if let Some(Error::InvalidMessage(InvalidMessage::InvalidContentType)) = tls {
         return ("plaintext", "the client sent plaintext, not a TLS handshake".into());
-    }
-    if let Some(Error::PeerIncompatible(
-        PeerIncompatible::Tls12NotOffered
-        | PeerIncompatible::Tls12NotOfferedOrEnabled
-        | PeerIncompatible::SupportedVersionsExtensionRequired,
-    )) = tls
-    {
-        return ("protocol_version", "the client does not offer TLS 1.3, the only version accepted".into());
     }
     let reason = VerifyError::from_io(e).unwrap_or(VerifyError::Other(e.to_string()));
     (reason.label(), reason.to_string())
@@ -563,15 +555,20 @@ mod tests {
 
     #[test]
     fn a_client_without_tls13_is_refused_as_protocol_version() {
-        use trellis_identity::rustls::{Error, PeerIncompatible};
+        use trellis_identity::rustls::{AlertDescription, Error, PeerIncompatible};
         let io = |e: Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
         for e in [
             PeerIncompatible::Tls12NotOffered,
             PeerIncompatible::Tls12NotOfferedOrEnabled,
             PeerIncompatible::SupportedVersionsExtensionRequired,
+            // TLS 1.0 and 1.1 hellos (`openssl s_client -tls1`) carry no signature algorithms.
+            PeerIncompatible::SignatureAlgorithmsExtensionRequired,
         ] {
             assert_eq!(handshake_refusal(&io(Error::PeerIncompatible(e))).0, "protocol_version");
         }
+        // A TLS 1.2-only server answering a sidecar's hello, as the outbound sees it.
+        let alert = io(Error::AlertReceived(AlertDescription::ProtocolVersion));
+        assert_eq!(VerifyError::from_io(&alert), Some(VerifyError::ProtocolVersion));
         assert_eq!(
             handshake_refusal(&io(Error::PeerIncompatible(PeerIncompatible::NoCipherSuitesInCommon))).0,
             "other"
