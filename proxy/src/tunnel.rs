@@ -11,7 +11,8 @@
 //! How a tunnel ends is passed on as it happened. An EOF (a FIN, or TLS close_notify) is
 //! passed on as a shutdown of the other side's write half, so half-closed connections keep
 //! working. A failure — a side reset its connection (`ECONNRESET`), or reading or writing it
-//! failed — ends both connections with a TCP reset (`SO_LINGER` 0, then close), never with a
+//! failed — and a cut (a policy change revoking the stream, the drain deadline) end both
+//! connections with a TCP reset (`SO_LINGER` 0, then close), never with a
 //! FIN: a client of a close-delimited protocol would take a FIN for the end of its data,
 //! and a reset is the only way to tell it the data was cut (bytes not yet handed to a slow
 //! reader go with it, as with any reset). Chained through two sidecars
@@ -26,7 +27,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -232,8 +233,8 @@ impl Direction {
 
 /// Copies both ways until both directions reach EOF (each side's write half is shut down
 /// when its reader ends), an error occurs, or `cancel` fires; what was carried until then
-/// is counted in every case. After an error both connections are set to reset when the
-/// caller drops them (see the module docs).
+/// is counted in every case. After an error or a cancel both connections are set to reset
+/// when the caller drops them (see the module docs).
 pub async fn tunnel<A, B>(a: &mut A, b: &mut B, cancel: &CancellationToken) -> Transferred
 where
     A: AsyncRead + AsyncWrite + OverTcp + Unpin + ?Sized,
@@ -253,14 +254,11 @@ where
         Ok(cancelled) => (cancelled, None),
         Err(failure) => (false, Some(failure)),
     };
-    if cancelled {
-        let _ = a.shutdown().await;
-        let _ = b.shutdown().await;
-    }
-    if error.is_some() {
-        // The side that failed is gone or broken; the other must learn that its stream was
-        // cut, which a FIN would hide. (Resetting the failed side too costs nothing and
-        // ends one that is merely broken, e.g. a TLS error, at once.)
+    if cancelled || error.is_some() {
+        // The side that failed is gone or broken, or a policy change (or the drain deadline)
+        // cut the stream; either way the other side must learn that its stream was cut,
+        // which a FIN would hide from a protocol that ends at EOF. (Resetting the failed side
+        // too costs nothing and ends one that is merely broken, e.g. a TLS error, at once.)
         reset_on_drop(a);
         reset_on_drop(b);
     }
@@ -411,5 +409,23 @@ mod tests {
         let done = t.await.unwrap();
         assert_eq!((done.sent, done.cancelled), (5, true));
         assert_eq!(server.read(&mut buf).await.unwrap(), 0, "the far side sees the close");
+    }
+
+    /// A revoked (or drained) stream was cut: both sides get a reset, not a FIN that a
+    /// protocol ending at EOF would take for the end of its data.
+    #[tokio::test]
+    async fn a_cancelled_tunnel_resets_both_connections() {
+        let ((mut client, mut a), (mut b, mut server)) = (tcp_pair().await, tcp_pair().await);
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let t = tokio::spawn(async move { tunnel(&mut a, &mut b, &c).await });
+        client.write_all(b"hello").await.unwrap();
+        assert_eq!(read_some(&mut server).await.unwrap(), b"hello");
+        cancel.cancel();
+        assert!(t.await.unwrap().cancelled);
+        for (side, s) in [("client", &mut client), ("server", &mut server)] {
+            let err = read_some(s).await.expect_err(side);
+            assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{side}");
+        }
     }
 }
