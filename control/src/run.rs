@@ -208,6 +208,15 @@ pub async fn start(config: ControlConfig, hooks: Hooks) -> Result<Running, Start
     }
     let earlier_bundle = crate::mesh_ca::earlier_bundle(dir, &config.trust_domain)?;
     let (ca, recorded_ca) = crate::mesh_ca::choose(&config, &store, given_ca)?;
+    // Every SVID ends with the CA: within a few lifetimes of that, renewals give shorter and
+    // shorter SVIDs, then none, and the mesh stops. Said now, while there is time to act.
+    let ca_left = ca.not_after().duration_since(SystemTime::now()).unwrap_or_default();
+    if ca_left < config.svid_ttl.saturating_mul(4).max(Duration::from_secs(7 * 24 * 3600)) {
+        tracing::warn!(
+            expires_in = ?ca_left,
+            "the CA certificate expires soon; SVIDs cannot outlive it: switch the mesh to a new CA before then (docs/vm.md)"
+        );
+    }
     if recorded_td.is_none() {
         store.set_trust_domain(config.trust_domain.as_str())?;
     }

@@ -75,6 +75,9 @@ pub enum CaError {
     NotACa,
     #[error("CA certificate has expired")]
     Expired,
+    /// Everything it signed would be refused until then (its SVIDs start no earlier).
+    #[error("CA certificate is not valid until {0} (Unix time): check its notBefore and this host's clock")]
+    NotYetValid(u64),
     #[error("CA certificate chain must end at a self-signed root")]
     NoRoot,
     #[error("certificate could not be read: {0}")]
@@ -188,6 +191,10 @@ impl CertificateAuthority {
         }
         if info.not_after < SystemTime::now() {
             return Err(CaError::Expired);
+        }
+        if info.not_before > SystemTime::now() + CLOCK_SKEW {
+            let at = info.not_before.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            return Err(CaError::NotYetValid(at));
         }
         let last = chain.last().map(|c| CertInfo::parse(c)).transpose().map_err(CaError::BadCertificate)?;
         if !last.is_some_and(|l| l.self_signed) {
@@ -538,5 +545,18 @@ mod tests {
             let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{file}");
         }
+    }
+
+    /// A CA from files that is not valid yet would sign SVIDs every peer refuses until then:
+    /// refused at start, as an expired one is.
+    #[test]
+    fn a_ca_not_valid_yet_is_refused() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = ca_params(&td(), "future", YEAR, BasicConstraints::Unconstrained).unwrap();
+        let tomorrow = SystemTime::now() + Duration::from_secs(24 * 3600);
+        params.not_before = to_offset(tomorrow).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let err = CertificateAuthority::from_pem(&td(), cert.pem().as_bytes(), key.serialize_pem().as_bytes());
+        assert!(matches!(err, Err(CaError::NotYetValid(_))), "{err:?}");
     }
 }

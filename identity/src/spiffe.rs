@@ -54,6 +54,8 @@ pub enum SpiffeIdError {
     DotSegment,
     #[error("path must not end with '/'")]
     TrailingSlash,
+    #[error("a trust domain has no path: {0:?} names a workload; give only its trust domain, {1:?}")]
+    TrustDomainWithPath(String, String),
 }
 
 /// A SPIFFE trust domain, e.g. `cluster.local`.
@@ -66,6 +68,11 @@ impl TrustDomain {
     pub fn parse(s: &str) -> Result<Self, SpiffeIdError> {
         if s.starts_with(SCHEME) {
             let id = SpiffeId::parse(s)?;
+            // Taking `x.y` from `spiffe://x.y/ns/a` would hide a mistake (a workload's ID
+            // where the mesh's trust domain was meant).
+            if !id.path().is_empty() {
+                return Err(SpiffeIdError::TrustDomainWithPath(s.into(), id.trust_domain_str().into()));
+            }
             return Ok(id.trust_domain());
         }
         validate_trust_domain(s)?;
@@ -419,6 +426,10 @@ mod tests {
     fn trust_domain_forms() {
         assert_eq!(TrustDomain::parse("cluster.local").unwrap().as_str(), "cluster.local");
         assert_eq!(TrustDomain::parse("spiffe://cluster.local").unwrap().as_str(), "cluster.local");
+        assert_eq!(
+            TrustDomain::parse("spiffe://x.y/ns/a").unwrap_err(),
+            SpiffeIdError::TrustDomainWithPath("spiffe://x.y/ns/a".into(), "x.y".into())
+        );
         assert_eq!(TrustDomain::parse(""), Err(MissingTrustDomain));
         assert_eq!(TrustDomain::parse("Cluster"), Err(BadTrustDomainChar('C')));
         assert_eq!(TrustDomain::parse("td:80"), Err(Port));
