@@ -136,11 +136,22 @@ pub struct Shared {
 
 #[derive(Debug, Default)]
 struct Sessions {
+    /// The last session number given. Numbered from the start time in milliseconds, so a
+    /// number is not given again after a restart (logs, acks in flight across it); still
+    /// well inside the integers JSON clients read exactly (2^53).
     next: u64,
     live: HashMap<u64, WorkloadStatus>,
     /// The serial of the SVID each session's proxy connected with, so a renewal (on another
     /// connection) updates the session of the proxy that renewed, not its replicas'.
     serials: HashMap<u64, String>,
+}
+
+impl Sessions {
+    fn starting_now() -> Self {
+        let millis =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Sessions { next: millis, ..Sessions::default() }
+    }
 }
 
 impl Shared {
@@ -156,7 +167,7 @@ impl Shared {
             services: ArcSwap::from_pointee(ServiceTable::default()),
             bundle: ArcSwap::from_pointee(bundle),
             changes,
-            sessions: Mutex::default(),
+            sessions: Mutex::new(Sessions::starting_now()),
             reloading: Mutex::default(),
         }))
     }

@@ -480,6 +480,33 @@ async fn a_client_sending_a_body_over_the_limit_reads_the_413() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 }
 
+/// Two Authorization headers have no one meaning: 400 whichever comes first (the first one
+/// used to decide, so a good token before a bad one passed).
+#[tokio::test]
+async fn two_authorization_headers_are_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let plane = Plane::start().await;
+    let token = plane.admin_token();
+    for (first, second) in [(token.as_str(), "wrong"), ("wrong", token.as_str())] {
+        let mut stream = h1_stream(&plane).await;
+        let req = format!(
+            "GET /v1/policies HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {first}\r\n\
+             authorization: Bearer {second}\r\nconnection: close\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("more than one Authorization"), "{answer}");
+    }
+    // A well-formed body with a value a field refuses is an invalid request, not malformed JSON.
+    let bearer = format!("Bearer {token}");
+    let body = r#"{"spiffe_id": "spiffe://cluster.local/ns/../sa/x"}"#;
+    let (status, _, answer) = raw(&plane, Method::POST, "/v1/tokens", Some(&bearer), body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(answer.contains("invalid request body") && !answer.contains("malformed"), "{answer}");
+}
+
 /// A body that stops arriving is answered 408 after the header timeout, not waited for with
 /// the connection (and its memory) held for good.
 #[tokio::test]

@@ -55,7 +55,11 @@ pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Ap
 /// Reads and parses a JSON body, naming what was wrong with it.
 pub async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let body = read_body(req, MAX_BODY).await?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+    serde_json::from_slice(&body).map_err(|e| {
+        // Well-formed JSON with a value the field refuses (a bad SPIFFE ID) is not "malformed".
+        let what = if e.is_data() { "invalid request body" } else { "malformed JSON body" };
+        ApiError::bad_request(format!("{what}: {e}"))
+    })
 }
 
 /// The body's next data, `None` at its end (trailers are ignored).

@@ -332,6 +332,11 @@ async fn webhook(ctx: &Ctx, req: Request<Incoming>) -> ApiResult {
 
 /// Requires `Authorization: Bearer <admin token>`.
 pub fn require_admin<B>(ctx: &Ctx, conn: &Conn, req: &Request<B>) -> Result<Actor, ApiError> {
+    // Two credentials have no one meaning (RFC 9110 §11.6.2 allows one): taking the first
+    // let a good token before a bad one through, and not the other way round.
+    if req.headers().get_all(header::AUTHORIZATION).iter().nth(1).is_some() {
+        return Err(ApiError::bad_request("more than one Authorization header"));
+    }
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return Err(ApiError::admin_unauthorized(
             "missing admin token: send `Authorization: Bearer <admin token>`",
