@@ -282,6 +282,40 @@ impl std::fmt::Debug for ProxyState {
     }
 }
 
+/// Logs a failed accept at most once a second, with how many went unlogged: out of file
+/// descriptors, every retry fails (~50 a second per listener), and the log would fill with
+/// the same line while the condition lasts.
+fn accept_failed(e: &std::io::Error, direction: &'static str) {
+    static THROTTLE: OncePerSecond = OncePerSecond::new();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if let Some(unlogged) = THROTTLE.admit(now) {
+        tracing::warn!(error = %e, direction, unlogged, "accept failed (retrying; at most one such line a second)");
+    }
+}
+
+/// Lets one event a second through, counting the others.
+struct OncePerSecond {
+    last: std::sync::atomic::AtomicU64,
+    unlogged: std::sync::atomic::AtomicU64,
+}
+
+impl OncePerSecond {
+    const fn new() -> Self {
+        OncePerSecond { last: std::sync::atomic::AtomicU64::new(0), unlogged: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// `Some(events held back since the last one admitted)` for the first event of second
+    /// `now`, `None` for the others.
+    fn admit(&self, now: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.last.swap(now, Relaxed) == now {
+            self.unlogged.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.unlogged.swap(0, Relaxed))
+    }
+}
+
 impl ProxyState {
     /// The listener's next connection, with `TCP_NODELAY` set, or `None` once the proxy shuts
     /// down. A failed accept (out of file descriptors, a connection reset while queued) is
@@ -295,7 +329,7 @@ impl ProxyState {
                         return Some((tcp, remote));
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, direction, "accept failed");
+                        accept_failed(&e, direction);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 },
@@ -367,6 +401,15 @@ fn readiness(svid_not_after: Option<SystemTime>, policy_applied: bool, now: Syst
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_accepts_are_logged_once_a_second_with_the_count_held_back() {
+        let t = OncePerSecond::new();
+        assert_eq!(t.admit(100), Some(0));
+        assert_eq!((t.admit(100), t.admit(100)), (None, None));
+        assert_eq!(t.admit(101), Some(2));
+        assert_eq!(t.admit(105), Some(0));
+    }
 
     #[test]
     fn ready_needs_a_current_svid_and_a_policy() {
