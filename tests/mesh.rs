@@ -552,6 +552,16 @@ async fn sigterm_drains_an_in_flight_request_then_exits_zero() {
     let req = tokio::spawn(async move { get(&client, &url, "GET", &[]).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     m.api.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    // The admin listener answers through the drain: not ready, still alive.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match http_get(m.api.admin, "/ready") {
+            Some((503, body)) if body.contains("draining") => break,
+            other => assert!(Instant::now() < deadline, "/ready during the drain: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(http_get(m.api.admin, "/live").map(|r| r.0), Some(200));
     let (status, _, body) = req.await.unwrap();
     assert_eq!(status, 200, "the in-flight request completed: {body}");
     assert_eq!(m.api.proc.wait_exit(Duration::from_secs(10)), Some(0));
@@ -1449,4 +1459,24 @@ async fn host_and_transfer_codings_are_checked_and_a_stale_length_dropped() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200") && !answer.contains("content-length: 50"), "{answer}");
     assert!(answer.contains("\r\n\r\n3\r\nabc\r\n0\r\n\r\n") || answer.ends_with("\r\n\r\nabc"), "{answer}");
+}
+
+/// A second signal during the drain ends the proxy at once (Ctrl-C twice), with 130.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_ends_the_drain_at_once() {
+    let mut m = default_mesh().await;
+    let client = http_client();
+    let url = format!("http://{}/slow/8000", m.http);
+    let _req = tokio::spawn(async move { get(&client, &url, "GET", &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    m.api.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !m.api.proc.logs().contains("draining (a second signal exits at once)") {
+        assert!(Instant::now() < deadline, "{}", m.api.proc.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let signalled = Instant::now();
+    m.api.proc.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(m.api.proc.wait_exit(Duration::from_secs(5)), Some(130));
+    assert!(signalled.elapsed() < Duration::from_secs(3), "took {:?}", signalled.elapsed());
 }

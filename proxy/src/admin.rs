@@ -19,14 +19,17 @@ use tokio::net::TcpListener;
 use crate::probes;
 use crate::state::ProxyState;
 
+/// Serves the admin listener for as long as the process runs: through the drain too, when
+/// `/ready` says so and `/metrics` shows the connections still open.
 pub async fn serve(state: Arc<ProxyState>, listener: TcpListener) {
     loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => continue,
-            },
-            () = state.shutdown.cancelled() => return,
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(_) => {
+                // Out of file descriptors: wait rather than spin.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {

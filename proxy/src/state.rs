@@ -370,6 +370,9 @@ impl ProxyState {
     }
 
     pub fn ready(&self) -> Result<(), &'static str> {
+        if self.shutdown.is_cancelled() {
+            return Err("draining: the proxy is shutting down");
+        }
         let not_after = self.creds.current().map(|c| c.svid.not_after());
         readiness(not_after, self.policy.load().applied, SystemTime::now())
     }

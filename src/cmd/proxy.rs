@@ -252,7 +252,13 @@ fn run_proxy(args: RunArgs) -> Result<()> {
     rt.block_on(async move {
         trellis_proxy::run(config, async {
             super::wait_for_shutdown_signal().await;
-            tracing::info!("shutdown signal received");
+            tracing::info!("shutdown signal received; draining (a second signal exits at once)");
+            // An operator who cannot wait for the drain (Ctrl-C twice) gets out now.
+            tokio::spawn(async {
+                super::wait_for_shutdown_signal().await;
+                tracing::warn!("second shutdown signal: exiting without finishing the drain");
+                std::process::exit(130);
+            });
         })
         .await
     })?;
