@@ -220,19 +220,24 @@ fn load_persisted(dir: &Path) -> Option<Result<Svid, String>> {
         Ok(svid) => svid,
         Err(e) => return Some(Err(format!("it does not load: {e}"))),
     };
-    // Only worth keeping if there is time left to renew it over mTLS.
-    if svid.not_after() <= SystemTime::now() + KEPT_SVID_MIN_LIFE {
-        let at = svid.not_after().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        return Some(Err(format!(
-            "it expires at {at} (Unix seconds), less than {}s from now",
-            KEPT_SVID_MIN_LIFE.as_secs()
-        )));
+    // Only worth keeping if there is time left to renew it over mTLS (done at once).
+    let now = SystemTime::now();
+    let at = svid.not_after().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    if svid.not_after() <= now {
+        return Some(Err(format!("it expired at {at} (Unix seconds)")));
+    }
+    if svid.not_after() <= now + KEPT_SVID_MIN_LIFE {
+        let left = KEPT_SVID_MIN_LIFE.as_secs();
+        return Some(Err(format!("it expires at {at} (Unix seconds), less than {left}s from now")));
     }
     Some(Ok(svid))
 }
 
 /// A kept SVID closer to its end than this is not used: too little time to renew with it.
-const KEPT_SVID_MIN_LIFE: Duration = Duration::from_secs(30);
+/// A kept SVID is renewed as the proxy starts, which takes a round trip; more would refuse
+/// every kept SVID under a short `--svid-ttl` (renewed at half-life, one of 30 s has 15 s left
+/// at most).
+const KEPT_SVID_MIN_LIFE: Duration = Duration::from_secs(5);
 
 /// Renews at half the remaining life (±10% jitter so a fleet does not renew in lockstep),
 /// forever. `client` presents the current SVID.
@@ -325,6 +330,27 @@ fn unix_seconds(t: std::time::SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kept SVID is used while a renewal can still be made with it (it is renewed at
+    /// start): one of a short `--svid-ttl` with seconds left is, an expired one is not.
+    #[test]
+    fn a_kept_svid_is_used_until_seconds_before_its_end() {
+        use trellis_identity::{CertificateAuthority, SpiffeId, TrustDomain, WorkloadKey};
+        let td = TrustDomain::parse("cluster.local").unwrap();
+        let ca = CertificateAuthority::create_root(&td, Duration::from_secs(3600)).unwrap();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let kept = |ttl: u64, issued_ago: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            let key = WorkloadKey::generate().unwrap();
+            let at = SystemTime::now() - Duration::from_secs(issued_ago);
+            let issued = ca.sign_csr_at(&key.csr(&id).unwrap(), &id, Duration::from_secs(ttl), at).unwrap();
+            persist(dir.path(), &key.into_svid(issued.chain).unwrap());
+            load_persisted(dir.path()).unwrap().map(|_| ())
+        };
+        assert_eq!(kept(30, 15), Ok(()), "a 30 s SVID at half-life");
+        assert!(kept(30, 27).unwrap_err().contains("less than 5s from now"));
+        assert!(kept(30, 60).unwrap_err().contains("it expired at"));
+    }
 
     #[test]
     fn each_listener_is_registered_once_as_callers_reach_it() {
