@@ -18,8 +18,9 @@ pub const MAX_NODES: usize = 4_000_000;
 /// Deepest nesting of lists and maps in YAML (a policy needs 8).
 pub const MAX_DEPTH: usize = 64;
 
-/// Deepest nesting of lists and maps in JSON: serde_json's fixed recursion limit.
-pub const MAX_JSON_DEPTH: usize = 128;
+/// Deepest nesting of lists and maps in JSON: serde_json's fixed recursion limit (it refuses
+/// the 128th level).
+pub const MAX_JSON_DEPTH: usize = 127;
 
 /// Most YAML anchors and aliases in one input: aliases can make a small file expand into a
 /// huge tree ("billion laughs"); policies rarely need any.

@@ -187,6 +187,10 @@ mod tests {
 
     #[test]
     fn yaml_limits_are_named_in_plain_words() {
+        // Far deeper, the parser's own recursion guard fires first: the same words.
+        let deep = format!("a: {}1{}\n", "[".repeat(1000), "]".repeat(1000));
+        let e = input_error(&deep);
+        assert!(e.starts_with("input: invalid YAML: nested deeper than 64 levels (the limit)"), "{e}");
         let nested = format!("a: {}1{}\n", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
         let e = input_error(&nested);
         assert!(e.starts_with("input: invalid YAML: nested deeper than 64 levels (the limit) at line 1"), "{e}");

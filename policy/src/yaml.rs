@@ -99,7 +99,15 @@ impl serde_saphyr::MessageFormatter for PlainWords<'_> {
             Error::NonFiniteFloat { value, .. } => {
                 format!("`{value}` is not a finite number (quote it if it is meant as a string)")
             }
-            _ => return serde_saphyr::DefaultMessageFormatter.format_message(err),
+            _ => {
+                let default = serde_saphyr::DefaultMessageFormatter.format_message(err);
+                // The parser's own guard against deep flow collections (`a: [[[[…`) fires
+                // before the depth budget counts them: to the user it is the same limit.
+                if !default.starts_with("recursion limit exceeded") {
+                    return default;
+                }
+                format!("nested deeper than {} levels (the limit)", l.depth)
+            }
         };
         Cow::Owned(message)
     }

@@ -224,7 +224,11 @@ fn deep_nesting_is_refused() {
     let e = parse_documents(&format!("a: {yaml}\n")).unwrap_err();
     assert!(e.to_string().starts_with("input: invalid YAML"), "{e}");
     let e = parse_documents(&yaml).unwrap_err();
-    assert!(e.to_string().contains("nested deeper than 128 levels (the limit) at line 1 column 128"), "{e}");
+    assert!(e.to_string().contains("nested deeper than 127 levels (the limit) at line 1 column 128"), "{e}");
+    // The limit as named: 127 levels parse (as far as nesting goes), 128 do not.
+    let at = |n: usize| parse_documents(&format!("{}1{}", "[".repeat(n), "]".repeat(n))).unwrap_err().to_string();
+    assert!(!at(127).contains("nested deeper"), "{}", at(127));
+    assert!(at(128).contains("nested deeper than 127 levels"), "{}", at(128));
 }
 
 #[test]
