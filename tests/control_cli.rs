@@ -349,7 +349,7 @@ fn a_control_url_at_a_plaintext_port_says_it_is_not_tls() {
     });
     let (code, _, err) = control.cli(&["workloads", "list", "--control", &url]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("did not answer with TLS") && err.contains("--control"), "{err}");
+    assert!(err.contains("does not speak TLS") && err.contains("is --control the control plane's https port"), "{err}");
     assert!(!err.contains("InvalidContentType"), "{err}");
 }
 

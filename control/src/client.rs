@@ -80,8 +80,15 @@ impl std::fmt::Debug for ControlClient {
 /// What a certificate the bundle does not vouch for most often means.
 const BUNDLE_HINT: &str = " (is --ca-bundle the control plane's bundle.pem, and --control the control plane?)";
 
+/// What a server answering in plaintext most often means: an app's or an admin port.
+const PORT_HINT: &str = " (is --control the control plane's https port?)";
+
 fn bundle_hint(v: &VerifyError) -> &'static str {
-    if untrusted_server(v) { BUNDLE_HINT } else { "" }
+    match v {
+        VerifyError::Plaintext => PORT_HINT,
+        v if untrusted_server(v) => BUNDLE_HINT,
+        _ => "",
+    }
 }
 
 /// Whether a failed handshake says the control plane's certificate is not one the trust
@@ -93,6 +100,7 @@ fn untrusted_server(v: &VerifyError) -> bool {
             | VerifyError::NotYetValid
             | VerifyError::PeerRejected(_)
             | VerifyError::ProtocolVersion
+            | VerifyError::Plaintext
             | VerifyError::Other(_)
     )
 }
@@ -136,16 +144,6 @@ pub fn authority_port(authority: &http::uri::Authority, default: u16) -> Option<
     }
 }
 
-const NOT_TLS: &str = "it did not answer with TLS (is --control the control plane's https port?)";
-
-/// The server's first bytes were no TLS record (rustls: "corrupt message of type
-/// InvalidContentType"): a plaintext port, such as an app's or a proxy's admin listener.
-fn answered_without_tls(e: &std::io::Error) -> bool {
-    use trellis_identity::rustls::{Error, InvalidMessage};
-    let rustls = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>());
-    matches!(rustls, Some(Error::InvalidMessage(InvalidMessage::InvalidContentType)))
-}
-
 impl ControlClient {
     /// `url` is `https://host:port`; the server must present
     /// `spiffe://<trust domain>/trellis/control` chaining to `bundle`.
@@ -181,14 +179,9 @@ impl ControlClient {
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
             .await
             .map_err(|_| connect_err("TLS handshake timed out".into()))?
-            .map_err(|e| {
-                if answered_without_tls(&e) {
-                    return connect_err(NOT_TLS.into());
-                }
-                match VerifyError::from_io(&e) {
-                    Some(v) => ClientError::Tls(v),
-                    None => connect_err(e.to_string()),
-                }
+            .map_err(|e| match VerifyError::from_io(&e) {
+                Some(v) => ClientError::Tls(v),
+                None => connect_err(e.to_string()),
             })?;
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await

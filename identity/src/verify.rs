@@ -17,8 +17,8 @@ use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_t
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{
-    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, PeerIncompatible,
-    RootCertStore, SignatureScheme,
+    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, Error, InvalidMessage, OtherError,
+    PeerIncompatible, RootCertStore, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -56,6 +56,11 @@ pub enum VerifyError {
     IdMismatch { expected: SpiffeId, presented: SpiffeId },
     #[error("peer refused the handshake: {0}")]
     PeerRejected(String),
+    /// The other side's first bytes were no TLS record at all (rustls: "corrupt message of
+    /// type InvalidContentType"): plaintext, most often HTTP to a TLS port or TLS to a
+    /// plaintext one.
+    #[error("the other side does not speak TLS (its first bytes were plaintext, e.g. HTTP)")]
+    Plaintext,
     /// The other side offers or accepts no TLS 1.3, the only version a sidecar speaks
     /// (`openssl s_client -tls1_2`, an old client or server).
     #[error("the peer does not speak TLS 1.3, the only version accepted")]
@@ -70,6 +75,7 @@ impl VerifyError {
         match err {
             Error::NoCertificatesPresented => VerifyError::NoCertificate,
             Error::InvalidCertificate(ce) => Self::from_certificate_error(ce),
+            Error::InvalidMessage(InvalidMessage::InvalidContentType) => VerifyError::Plaintext,
             Error::AlertReceived(AlertDescription::ProtocolVersion) => VerifyError::ProtocolVersion,
             // TLS 1.2 offered without 1.3; TLS 1.0/1.1 hellos also lack signature algorithms.
             Error::PeerIncompatible(
@@ -132,6 +138,7 @@ impl VerifyError {
             VerifyError::IdMismatch { .. } => "id_mismatch",
             VerifyError::PeerRejected(_) => "peer_rejected",
             VerifyError::ProtocolVersion => "protocol_version",
+            VerifyError::Plaintext => "plaintext",
             VerifyError::Other(_) => "other",
         }
     }

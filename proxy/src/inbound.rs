@@ -254,13 +254,6 @@ async fn handshake(state: &ProxyState, accepted: Accepted) -> Option<Authenticat
 /// problem, and `protocol_version` for a client that does not offer TLS 1.3 (an old
 /// client, `openssl s_client -tls1_2`), which never gets as far as a certificate.
 fn handshake_refusal(e: &std::io::Error) -> (&'static str, String) {
-    use trellis_identity::rustls::{Error, InvalidMessage};
-    let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>());
-    // The first bytes are no TLS record at all: most often plaintext HTTP (`curl http://` to
-    // the inbound port, an app or probe that bypassed its own sidecar).
-    if let Some(Error::InvalidMessage(InvalidMessage::InvalidContentType)) = tls {
-        return ("plaintext", "the client sent plaintext, not a TLS handshake".into());
-    }
     let reason = VerifyError::from_io(e).unwrap_or(VerifyError::Other(e.to_string()));
     (reason.label(), reason.to_string())
 }
@@ -566,6 +559,9 @@ mod tests {
         ] {
             assert_eq!(handshake_refusal(&io(Error::PeerIncompatible(e))).0, "protocol_version");
         }
+        // Bytes that are no TLS record: plaintext HTTP to the inbound port (`curl http://`).
+        let plain = io(Error::InvalidMessage(trellis_identity::rustls::InvalidMessage::InvalidContentType));
+        assert_eq!(handshake_refusal(&plain).0, "plaintext");
         // A TLS 1.2-only server answering a sidecar's hello, as the outbound sees it.
         let alert = io(Error::AlertReceived(AlertDescription::ProtocolVersion));
         assert_eq!(VerifyError::from_io(&alert), Some(VerifyError::ProtocolVersion));

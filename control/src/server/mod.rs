@@ -1,7 +1,8 @@
 //! The control plane's HTTPS server: TLS accept loop, routing, and the helpers every
 //! handler shares (admin-token and SVID authentication, JSON responses; bodies in `body.rs`).
 //!
-//! Flow of one request: accept → TLS (the control plane's own SVID; a client certificate
+//! Flow of one request: accept → TLS (the control plane's serving certificate: its SPIFFE ID
+//! and the names host-name-checking clients need, `run.rs`; a client certificate
 //! is requested but checked later, see `trellis_identity::verify::DeferredClientVerifier`)
 //! → route → authenticate (admin token or SVID, per route) → handler → JSON response.
 //! Handlers live in `svid.rs` (bootstrap, renew), `watch.rs` (the push stream) and
