@@ -383,6 +383,29 @@ async fn read_response(s: &mut TcpStream) -> (String, String) {
     (head, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// ApacheBench's `-k`: HTTP/1.0 with `Connection: Keep-Alive`. The response must say
+/// `keep-alive` to keep the connection (or the client waits for a close that never comes), and
+/// a plain HTTP/1.0 request's connection must end after its response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_0_clients_get_keep_alive_when_asked_and_a_close_otherwise() {
+    let m = default_mesh().await;
+    let mut s = TcpStream::connect(m.http).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET /api/a HTTP/1.0\r\nConnection: Keep-Alive\r\nHost: api\r\n\r\n").await.unwrap();
+        let (head, body) = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("connection: keep-alive\r\n"), "{head}");
+        assert!(body.contains("/api/a"), "{body}");
+    }
+    let mut s = TcpStream::connect(m.http).await.unwrap();
+    s.write_all(b"GET /api/b HTTP/1.0\r\nHost: api\r\n\r\n").await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.contains(" 200 ") && !head.to_ascii_lowercase().contains("keep-alive"), "{head}");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(matches!(n, Ok(Ok(0))), "the connection stays open after an HTTP/1.0 response: {n:?}");
+}
+
 const H2C_UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -506,6 +506,8 @@ async fn forward_http(
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             strip_trellis_headers(&mut parts.headers);
+            // An h2c app's response says HTTP/2: see the outbound's answer to an HTTP/1.0 client.
+            parts.version = http::Version::HTTP_11;
             Response::from_parts(parts, revocable(Revocable::new(body, tracked)))
         }
         Err(e) => {

@@ -393,6 +393,11 @@ impl ForwardToPeer {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        // The peer's response says HTTP/2, which hyper's HTTP/1.1 server writes as the client's
+        // version without deciding the connection's fate: an HTTP/1.0 keep-alive client (ab -k)
+        // got neither `Connection: keep-alive` nor a close, and waited. Said as HTTP/1.1, hyper
+        // answers it `keep-alive` or closes, as the client asked (an HTTP/2 server ignores it).
+        parts.version = http::Version::HTTP_11;
         // The peer's own 431 closes an HTTP/1.1 connection as this side's does.
         if was_h1
             && parts.status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
