@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use trellis_identity::{SpiffeId, TrustBundle};
 use trellis_policy::{Defaults, Policy, PolicySnapshot};
 
@@ -144,9 +144,43 @@ struct Sessions {
     /// The serial of the SVID each session's proxy connected with, so a renewal (on another
     /// connection) updates the session of the proxy that renewed, not its replicas'.
     serials: HashMap<u64, String>,
+    /// How to end each session not yet told to end ([`MAX_SESSIONS_PER_SVID`]).
+    enders: HashMap<u64, Arc<Notify>>,
 }
 
+/// At most this many watch sessions of one proxy, told apart by its SVID (each proxy has its
+/// own key and certificate; replicas share an identity and, on loopback or one VM, an address,
+/// never a certificate). A proxy holds one session (two for a moment while it reconnects);
+/// without a bound one SVID could open sessions until the control plane's memory ran out
+/// (~40 KB each). Past it the *oldest* ends rather than the new one being refused: after a
+/// network fault the old sessions are the dead ones, and a proxy must never be locked out.
+pub const MAX_SESSIONS_PER_SVID: usize = 4;
+
 impl Sessions {
+    /// Tells the oldest sessions of the SVID of serial `serial` to end until `keep` remain.
+    fn end_oldest_over(&mut self, serial: &str, keep: usize) {
+        let mut same: Vec<u64> = self
+            .serials
+            .iter()
+            .filter(|(session, s)| s.as_str() == serial && self.enders.contains_key(session))
+            .map(|(session, _)| *session)
+            .collect();
+        if same.len() <= keep {
+            return;
+        }
+        same.sort_unstable();
+        for session in &same[..same.len() - keep] {
+            if let Some(end) = self.enders.remove(session) {
+                tracing::warn!(
+                    serial,
+                    session,
+                    "more than {MAX_SESSIONS_PER_SVID} watch sessions of one SVID: ending the oldest"
+                );
+                end.notify_one();
+            }
+        }
+    }
+
     fn starting_now() -> Self {
         let millis =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
@@ -222,6 +256,9 @@ impl Shared {
     /// A new watch session for a proxy; dropped with the returned guard.
     pub fn open_session(self: &Arc<Self>, id: SpiffeId, address: String, svid: Option<(u64, String)>) -> SessionGuard {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, serial)) = &svid {
+            s.end_oldest_over(serial, MAX_SESSIONS_PER_SVID - 1);
+        }
         s.next += 1;
         let session = s.next;
         let svid_expires_at = svid.as_ref().map(|(expires, _)| *expires);
@@ -241,7 +278,9 @@ impl Shared {
                 svid_expires_at,
             },
         );
-        SessionGuard { shared: self.clone(), session }
+        let ended = Arc::new(Notify::new());
+        s.enders.insert(session, ended.clone());
+        SessionGuard { shared: self.clone(), session, ended }
     }
 
     /// Records an ack. Refused if the session is unknown or belongs to someone else, or if
@@ -300,6 +339,8 @@ impl Shared {
 pub struct SessionGuard {
     shared: Arc<Shared>,
     pub session: u64,
+    /// Notified when a newer session of the same proxy pushes this one out.
+    pub ended: Arc<Notify>,
 }
 
 impl Drop for SessionGuard {
@@ -307,5 +348,6 @@ impl Drop for SessionGuard {
         let mut s = self.shared.sessions.lock().unwrap_or_else(|p| p.into_inner());
         s.live.remove(&self.session);
         s.serials.remove(&self.session);
+        s.enders.remove(&self.session);
     }
 }

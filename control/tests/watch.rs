@@ -174,3 +174,39 @@ async fn a_renewal_shows_in_its_own_session_only() {
     assert!(expiry(&after, session_a) > expiry(&before, session_a) + 2_000, "about an hour, not ten minutes");
     assert_eq!(expiry(&after, session_b), expiry(&before, session_b), "the replica did not renew");
 }
+
+/// One SVID holds at most `MAX_SESSIONS_PER_SVID` watch sessions: a newer one ends the oldest
+/// (a reconnecting proxy's dead session), so a workload's SVID cannot pile up sessions without
+/// bound, and the newest never waits. Replicas (same ID, same address, their own SVIDs) are not
+/// counted together.
+#[tokio::test]
+async fn sessions_past_the_bound_end_the_oldest() {
+    use trellis_control::state::MAX_SESSIONS_PER_SVID;
+    let plane = Plane::start().await;
+    let client = plane.workload("spiffe://cluster.local/ns/shop/sa/web");
+    let mut streams = Vec::new();
+    for _ in 0..MAX_SESSIONS_PER_SVID {
+        let mut s = client.watch().await.unwrap();
+        let session = s.next().await.unwrap().session;
+        streams.push((s, session));
+    }
+    // A replica (its own SVID for the same ID, from the same address) is not counted with them.
+    let mut other = plane.workload("spiffe://cluster.local/ns/shop/sa/web").watch().await.unwrap();
+    other.next().await.unwrap();
+    let mut newest = client.watch().await.unwrap();
+    let newest_session = newest.next().await.unwrap().session;
+    let (mut oldest, oldest_session) = streams.remove(0);
+    let ended = tokio::time::timeout(Duration::from_secs(5), oldest.next()).await.expect("the oldest session ends");
+    assert!(matches!(ended, Err(ClientError::StreamEnded)), "{ended:?}");
+    for _ in 0..100 {
+        let listed = plane.admin().workloads().await.unwrap();
+        let sessions: BTreeSet<u64> = listed.iter().map(|w| w.session).collect();
+        if !sessions.contains(&oldest_session) {
+            assert_eq!(listed.len(), MAX_SESSIONS_PER_SVID + 1, "the bound's worth, and the replica's");
+            assert!(sessions.contains(&newest_session) && streams.iter().all(|(_, s)| sessions.contains(s)));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the oldest session is still listed");
+}

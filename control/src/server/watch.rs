@@ -78,6 +78,10 @@ async fn stream_updates(
                 shared.touch(guard.session);
             }
             () = tx.closed() => break,
+            () = guard.ended.notified() => {
+                tracing::info!(spiffe_id = %id, session = guard.session, "session ended: newer ones of the same SVID");
+                break;
+            }
         }
     }
     tracing::info!(spiffe_id = %id, session = guard.session, "proxy disconnected");
