@@ -204,7 +204,7 @@ fn status_of(span: &serde_json::Value) -> (&str, Option<&str>) {
 /// sides: status ERROR, `error.type` `request_cancelled`, no status code. Until then a
 /// request with no response had no span at all (DESIGN §7: one span per request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_abandoned_before_its_response_still_gets_a_span() {
+async fn a_request_abandoned_before_its_response_still_gets_a_span_and_is_counted() {
     // An app that takes requests and never answers; it says when it has one.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = listener.local_addr().unwrap();
@@ -232,6 +232,14 @@ async fn a_request_abandoned_before_its_response_still_gets_a_span() {
         let span = wait_for_span(&spans(side), side, |s| is_request_span(s, direction, "/never")).await;
         assert_eq!(status_of(&span), ("error", Some("request_cancelled")), "{side}: {span}");
         assert!(span["attributes"].get("http.response.status_code").is_none(), "{side}: {span}");
+    }
+    // Metrics count what the spans record: the request, and its time.
+    for (sidecar, direction, protocol) in [(&pair.web, "outbound", "http1"), (&pair.api, "inbound", "http2")] {
+        let text = sidecar.metrics();
+        let flow =
+            format!("trellis_flows_total{{direction=\"{direction}\",decision=\"allow\",protocol=\"{protocol}\"}} 1\n");
+        let timed = format!("trellis_request_duration_seconds_count{{direction=\"{direction}\"}} 1\n");
+        assert!(text.contains(&flow) && text.contains(&timed), "{direction}:\n{text}");
     }
 }
 

@@ -606,8 +606,69 @@ async fn slow_collector_overflows_the_bounded_queue_and_counts_drops() {
     assert!(start.elapsed() < Duration::from_secs(20), "300 requests took {:?}", start.elapsed());
     let dropped = metrics(&m.api).sum("trellis_spans_dropped_total", &[("reason", "queue_full")]);
     assert!(dropped > 0.0, "a full queue must drop and count:\n{}", m.api.metrics());
+    // Denials are always exported: a queue full of allowed flows gives one up for each.
+    for i in 0..3 {
+        let (status, _, _) = get(&client, &format!("http://{}/api/secret{i}", m.http), "GET", &[]).await;
+        assert_eq!(status, 403);
+    }
     // What was queued still arrives once the slow collector answers.
     r.wait_for("a span from the slow collector", WAIT, |s| s.name == "inbound GET").await;
+    for i in 0..3 {
+        let path = format!("/api/secret{i}");
+        r.wait_for(&format!("the denial of {path}"), Duration::from_secs(30), |s| is(s, "inbound GET", &path)).await;
+    }
+}
+
+/// At SIGTERM the queue gets 3 s to reach a collector; one that does not answer costs no more
+/// than that, and the log says spans were lost rather than ending on "drained".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_collector_delays_exit_by_at_most_the_flush_and_the_loss_is_logged() {
+    let r = Receiver::grpc(Duration::from_secs(60)).await;
+    let mut m = mesh(otlp_args(&r, "grpc")).await;
+    let (status, _, _) = get(&http_client(), &format!("http://{}/api/secret-at-exit", m.http), "GET", &[]).await;
+    assert_eq!(status, 403);
+    let deadline = Instant::now() + WAIT;
+    while r.exports() == 0 {
+        assert!(Instant::now() < deadline, "no export reached the stalled collector");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start = Instant::now();
+    m.api.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let code = m.api.proc.wait_exit(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "{}", m.api.proc.logs());
+    // The drain (no connection left open here: a moment) and the 3 s flush.
+    assert!(start.elapsed() < Duration::from_secs(6), "exit took {:?}", start.elapsed());
+    let logs = m.api.proc.logs();
+    assert!(logs.contains("spans still being exported at exit were lost"), "{logs}");
+}
+
+/// A collector that is down keeps the denials for when it is back (up to the queue's size);
+/// allowed flows' spans are dropped and counted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denials_made_while_the_collector_is_down_arrive_when_it_is_back() {
+    let at = addr(free_port());
+    let url = format!("http://{at}");
+    let m = mesh(|_| vec!["--otlp-endpoint".into(), url.clone()]).await;
+    let client = http_client();
+    let failed = || metrics(&m.api).sum("trellis_spans_dropped_total", &[("reason", "export_failed")]);
+    let (status, _, _) = get(&client, &format!("http://{}/api/allowed", m.http), "GET", &[]).await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + WAIT;
+    while failed() == 0.0 {
+        assert!(Instant::now() < deadline, "the failed export was not counted:\n{}", m.api.metrics());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..3 {
+        let (status, _, _) = get(&client, &format!("http://{}/api/secret-while-down{i}", m.http), "GET", &[]).await;
+        assert_eq!(status, 403);
+    }
+    let r = Receiver::grpc_on(at, Duration::ZERO).await;
+    for i in 0..3 {
+        let path = format!("/api/secret-while-down{i}");
+        let s = r.wait_for(&format!("the denial of {path}"), WAIT, |s| is(s, "inbound GET", &path)).await;
+        assert_eq!(s.str("trellis.decision"), "deny");
+    }
+    assert!(!r.spans().iter().any(|s| is(s, "inbound GET", "/api/allowed")), "allowed flows are not kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

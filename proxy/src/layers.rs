@@ -243,12 +243,15 @@ where
             direction: self.direction,
             protocol,
             start,
+            counted: false,
         }
     }
 }
 
 pin_project! {
-    /// Counts and times the request when the inner service answers.
+    /// Counts and times the request when the inner service answers — or when it is dropped
+    /// unanswered (its client went away, or the drain deadline cut it), as its span records
+    /// it (`request_cancelled`), so metrics and traces count the same requests.
     pub struct MetricsFuture<F> {
         #[pin]
         inner: F,
@@ -256,7 +259,31 @@ pin_project! {
         direction: &'static str,
         protocol: &'static str,
         start: Instant,
+        counted: bool,
     }
+
+    impl<F> PinnedDrop for MetricsFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.counted {
+                // Whatever was decided, its span says `allow` with the error: no answer came.
+                count_request(this.state, this.direction, "allow", this.protocol, this.start);
+            }
+        }
+    }
+}
+
+fn count_request(
+    state: &ProxyState,
+    direction: &'static str,
+    decision: &'static str,
+    protocol: &'static str,
+    start: &Instant,
+) {
+    let metrics = &state.metrics;
+    metrics.flow(direction, decision, protocol);
+    let labels = DirectionLabels { direction };
+    metrics.request_duration.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
 }
 
 impl<F> Future for MetricsFuture<F>
@@ -269,10 +296,8 @@ where
         let this = self.project();
         let resp = std::task::ready!(this.inner.poll(cx))?;
         let decision = resp.extensions().get::<Decided>().map(|d| d.0.label()).unwrap_or("allow");
-        let metrics = &this.state.metrics;
-        metrics.flow(this.direction, decision, this.protocol);
-        let labels = DirectionLabels { direction: this.direction };
-        metrics.request_duration.get_or_create(&labels).observe(this.start.elapsed().as_secs_f64());
+        *this.counted = true;
+        count_request(this.state, this.direction, decision, this.protocol, this.start);
         Poll::Ready(Ok(resp))
     }
 }

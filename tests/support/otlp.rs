@@ -104,8 +104,13 @@ impl TraceService for Store {
 impl Receiver {
     /// OTLP/gRPC on a free loopback port.
     pub async fn grpc(delay: Duration) -> Receiver {
+        Receiver::grpc_on("127.0.0.1:0".parse().unwrap(), delay).await
+    }
+
+    /// OTLP/gRPC on `addr` (a collector that comes up where the proxies were told it is).
+    pub async fn grpc_on(addr: SocketAddr, delay: Duration) -> Receiver {
         let store = Store { delay, ..Store::default() };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let svc = TraceServiceServer::new(store.clone());
         tokio::spawn(async move {

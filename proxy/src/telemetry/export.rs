@@ -132,12 +132,17 @@ impl Worker {
         }
     }
 
-    /// Sends what is queued, waiting at most `timeout`.
+    /// Sends what is queued, waiting at most `timeout`; says so if that was not enough.
     pub async fn shutdown(&self, timeout: Duration) {
         self.stop.cancel();
         let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(done) = done {
-            let _ = tokio::time::timeout(timeout, done).await;
+        if let Some(done) = done
+            && tokio::time::timeout(timeout, done).await.is_err()
+        {
+            tracing::warn!(
+                ?timeout,
+                "spans still being exported at exit were lost: the collector did not answer in time"
+            );
         }
     }
 }
@@ -148,7 +153,7 @@ async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender
         flows.map(|(out, queue)| (FlowLog { out, failing: false, lost: counters.flow_lines_lost.clone() }, queue));
     let mut spans = match spans {
         Some((spec, queue)) => match Sink::build(spec) {
-            Ok(sink) => Some((SpanLoop::new(sink, identity, resource, counters), queue)),
+            Ok(sink) => Some((SpanLoop::new(sink, identity, resource, counters, queue.capacity()), queue)),
             Err(e) => return drop(ready.send(Err(e))),
         },
         None => None,
@@ -171,6 +176,9 @@ async fn run(plan: Plan, stop: CancellationToken, ready: std::sync::mpsc::Sender
             span_loop.send(&mut buf).await;
         }
         if stopping {
+            if let Some((span_loop, _)) = spans.as_mut() {
+                span_loop.give_up();
+            }
             return;
         }
     }
@@ -214,6 +222,11 @@ struct SpanLoop {
     hold_until: Option<Instant>,
     /// The collector's last answer rejected spans (or warned).
     rejecting: bool,
+    /// Denied and failed flows no export has delivered yet, sent first once one works: they
+    /// are always exported (DESIGN §7), so a collector's outage delays them rather than
+    /// losing them. At most `retain` (the queue's size); past that they count as failed.
+    retained: Vec<Item>,
+    retain: usize,
 }
 
 impl SpanLoop {
@@ -222,23 +235,54 @@ impl SpanLoop {
         identity: Arc<OnceLock<SpiffeId>>,
         extra_resource: Vec<(&'static str, String)>,
         counters: ExportCounters,
+        retain: usize,
     ) -> Self {
-        SpanLoop { sink, identity, extra_resource, counters, resource_set: false, hold_until: None, rejecting: false }
+        let (hold_until, rejecting, resource_set) = (None, false, false);
+        let retained = Vec::new();
+        SpanLoop { sink, identity, extra_resource, counters, resource_set, hold_until, rejecting, retained, retain }
     }
 
-    /// Exports everything in `buf`, batch by batch, and empties it.
+    fn holding(&self) -> bool {
+        self.hold_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Exports what earlier exports could not deliver and everything in `buf`, batch by
+    /// batch, and empties `buf`.
     async fn send(&mut self, buf: &mut Vec<Item>) {
+        if !self.retained.is_empty() && !self.holding() {
+            buf.splice(0..0, self.retained.drain(..));
+        }
         for batch in buf.chunks(MAX_BATCH) {
-            if self.hold_until.is_some_and(|t| Instant::now() < t) {
-                self.counters.export_failed.inc_by(batch.len() as u64);
-                continue;
+            if self.holding() || !self.export(batch).await {
+                self.keep_for_later(batch);
             }
-            self.export(batch).await;
         }
         buf.clear();
     }
 
-    async fn export(&mut self, batch: &[Item]) {
+    /// Keeps an undelivered batch's denied and failed flows (up to the bound) and counts
+    /// the rest as lost.
+    fn keep_for_later(&mut self, batch: &[Item]) {
+        let room = self.retain.saturating_sub(self.retained.len());
+        let before = self.retained.len();
+        self.retained.extend(batch.iter().filter(|r| r.must_export()).take(room).cloned());
+        let kept = (self.retained.len() - before) as u64;
+        self.counters.export_failed.inc_by(batch.len() as u64 - kept);
+    }
+
+    /// At exit: what is still kept is lost, and said so.
+    fn give_up(&mut self) {
+        if !self.retained.is_empty() {
+            let n = self.retained.len();
+            tracing::warn!(spans = n, "denied or failed flows' spans could not be exported before exit");
+            self.counters.export_failed.inc_by(n as u64);
+            self.retained.clear();
+        }
+    }
+
+    /// Sends one batch; `false` if it did not reach the collector (its spans are not counted
+    /// yet: the caller keeps or drops them).
+    async fn export(&mut self, batch: &[Item]) -> bool {
         if !self.resource_set
             && let Some(id) = self.identity.get()
         {
@@ -266,12 +310,13 @@ impl SpanLoop {
                         false => tracing::info!("the collector takes every span again"),
                     }
                 }
+                true
             }
             Err(e) => {
-                self.counters.export_failed.inc_by(n);
                 if self.hold_until.replace(Instant::now() + FAILURE_BACKOFF).is_none() {
-                    tracing::warn!(error = %e, "span export failed; dropping spans until it recovers");
+                    tracing::warn!(error = %e, "span export failed; dropping allowed flows' spans (keeping denials, up to the queue's size) until it recovers");
                 }
+                false
             }
         }
     }
