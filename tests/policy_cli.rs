@@ -445,7 +445,9 @@ fn validate_with_a_trust_domain_refuses_patterns_outside_it() {
     let o = run(&["policy", "validate", "-f", path, "--trust-domain", "cluster.local"]);
     assert_exit(&o, 2);
     assert!(
-        stderr(&o).contains("spec.selector: spiffe://cluster.locl/ns/shop/sa/api is not in trust domain cluster.local"),
+        stderr(&o).contains(&format!(
+            "{path}: document \"api-from-web\": spec.selector: spiffe://cluster.locl/ns/shop/sa/api is not in trust domain cluster.local"
+        )),
         "{}",
         stderr(&o)
     );

@@ -161,12 +161,16 @@ fn validate(args: &ValidateArgs) -> Result<ExitCode, ExitCode> {
         return Err(no_documents(&args.policies.file));
     }
     if let Some(td) = &args.trust_domain {
+        // Named like every other problem (a directory's own path: the policy names the file).
+        let path = &args.policies.file;
+        let prefix = if path == Path::new("-") { String::new() } else { format!("{}: ", shown(path)) };
+        let prefix = prefix.as_str();
         let foreign: Vec<String> = policies
             .iter()
             .flat_map(|p| {
                 p.foreign_patterns(td.as_str()).into_iter().map(move |(path, pattern)| {
                     format!(
-                        "document {:?}: {path}: {pattern} is not in trust domain {td}, so it can never match",
+                        "{prefix}document {:?}: {path}: {pattern} is not in trust domain {td}, so it can never match",
                         p.name()
                     )
                 })
