@@ -391,6 +391,37 @@ async fn read_response(s: &mut TcpStream) -> (String, String) {
     (head, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Every client that gives up a request resets its stream on the pooled connection between
+/// the sidecars. h2's guards against abusive peers closed that connection (GOAWAY
+/// `ENHANCE_YOUR_CALM`) after 1,024 such resets in its life, or 20 at once on streams not yet
+/// taken, cutting every other client's request on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_abandoned_requests_leaves_the_pooled_connection_to_the_others() {
+    let m = default_mesh().await;
+    let url = format!("http://{}/slow/6000", m.http);
+    let client = http_client();
+    let victim = tokio::spawn(async move { get(&client, &url, "GET", &[]).await });
+    let start = Instant::now();
+    for _ in 0..12 {
+        let batch: Vec<_> = (0..100)
+            .map(|_| {
+                let addr = m.http;
+                tokio::spawn(async move {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    s.write_all(b"GET /slow/5000 HTTP/1.1\r\nHost: api\r\n\r\n").await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                })
+            })
+            .collect();
+        for t in batch {
+            t.await.unwrap();
+        }
+    }
+    assert!(start.elapsed() < Duration::from_secs(5), "the storm outlasted the victim: {:?}", start.elapsed());
+    let (status, _, body) = victim.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
 /// ApacheBench's `-k`: HTTP/1.0 with `Connection: Keep-Alive`. The response must say
 /// `keep-alive` to keep the connection (or the client waits for a close that never comes), and
 /// a plain HTTP/1.0 request's connection must end after its response.

@@ -103,7 +103,7 @@ impl AppClient {
         self.h2
             .get_or_open(|| async move {
                 let tcp = connect(app).await?;
-                crate::peer_h2::handshake(tcp, app, crate::peer_h2::SETTINGS).await.map_err(AppError::H2Handshake)
+                crate::peer_h2::handshake(tcp, app, crate::peer_h2::APP_SETTINGS).await.map_err(AppError::H2Handshake)
             })
             .await
     }

@@ -39,6 +39,12 @@ pub struct Settings {
     pub stream_window: u32,
     pub connection_window: u32,
     pub max_header_list: u32,
+    /// Send keep-alive PINGs ([`KEEPALIVE_INTERVAL`]). To a peer sidecar, yes: a host that
+    /// vanished without a FIN must be noticed. Not to an app over loopback: gRPC servers
+    /// allow a PING without data at most every 5 minutes and answer more with GOAWAY
+    /// `too_many_pings`, which ended every stream on the connection — a server stream
+    /// quiet for two minutes died after two PINGs.
+    pub keepalive: bool,
 }
 
 /// What this side announces on its client connections (to peers and to HTTP/2 apps): the
@@ -48,7 +54,11 @@ pub const SETTINGS: Settings = Settings {
     stream_window: crate::serve::STREAM_WINDOW,
     connection_window: crate::serve::CONNECTION_WINDOW,
     max_header_list: crate::serve::MAX_HEADER_LIST,
+    keepalive: true,
 };
+
+/// [`SETTINGS`] for the inbound's connection to an HTTP/2 app: no keep-alive PINGs.
+pub const APP_SETTINGS: Settings = Settings { keepalive: false, ..SETTINGS };
 
 /// A handle on a live pooled connection; clones share it.
 #[derive(Clone, Debug)]
@@ -88,14 +98,21 @@ where
         // server's (nginx: 128); 100 is the least RFC 9113 §6.5.2 asks a server to allow.
         .initial_max_send_streams(100)
         .max_concurrent_reset_streams(1024)
+        // h2 counts the streams it resets itself over a connection's whole life and closes
+        // it (GOAWAY `too_many_internal_resets`) at 1,024 — and a request whose client went
+        // away is reset by h2 (CANCEL), so a pooled connection died with every request on it
+        // after its 1,024th abandoned request (hyperium/h2#856). The far end is this mesh's
+        // own sidecar or the local app, not an anonymous client the limit is meant for.
+        .max_local_error_reset_streams(None)
         .max_send_buffer_size(1024 * 1024)
         .enable_push(false)
         .handshake::<_, Bytes>(io)
         .await?;
     let closed = Arc::new(AtomicBool::new(false));
     let done = closed.clone();
+    let keepalive = settings.keepalive;
     tokio::spawn(async move {
-        match drive(conn).await {
+        match drive(conn, keepalive).await {
             Ok(()) => tracing::debug!(%addr, "pooled peer connection closed"),
             Err(e) => tracing::debug!(%addr, error = %e, "pooled peer connection ended"),
         }
@@ -113,15 +130,15 @@ enum Ended {
     PingTimeout(Duration),
 }
 
-/// Polls the connection (which reads and writes every stream's frames) and sends a
-/// keep-alive PING every [`KEEPALIVE_INTERVAL`], so a peer that vanished without a FIN is
-/// noticed. A hand-written poll rather than `select!`: this runs on every frame, and the
+/// Polls the connection (which reads and writes every stream's frames) and, if `pings`,
+/// sends a keep-alive PING every [`KEEPALIVE_INTERVAL`], so a peer that vanished without a
+/// FIN is noticed. A hand-written poll rather than `select!`: this runs on every frame, and the
 /// timer is reset only when a PING goes out or comes back.
-async fn drive<T>(mut conn: Connection<T, Bytes>) -> Result<(), Ended>
+async fn drive<T>(mut conn: Connection<T, Bytes>, pings: bool) -> Result<(), Ended>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut ping = conn.ping_pong();
+    let mut ping = conn.ping_pong().filter(|_| pings);
     let mut timer = Box::pin(tokio::time::sleep(KEEPALIVE_INTERVAL));
     let mut awaiting_pong = false;
     poll_fn(|cx| {
@@ -411,7 +428,7 @@ mod tests {
 
     const ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
     const SETTINGS: Settings =
-        Settings { stream_window: 1 << 20, connection_window: 4 << 20, max_header_list: 64 << 10 };
+        Settings { stream_window: 1 << 20, connection_window: 4 << 20, max_header_list: 64 << 10, keepalive: true };
 
     /// A request body of fixed frames, handed out one per poll.
     struct Frames(VecDeque<Frame<Bytes>>);
@@ -525,6 +542,19 @@ mod tests {
         assert!(silent.is_closed(), "no PONG within the timeout closes the connection");
         tokio::time::sleep(KEEPALIVE_INTERVAL * 4).await;
         assert!(!alive.is_closed(), "a peer answering its PINGs keeps the connection");
+    }
+
+    /// gRPC servers answer PINGs without data more often than every 5 minutes with GOAWAY
+    /// `too_many_pings`: an app's connection gets none. (A silent server would be taken for
+    /// gone after one unanswered PING.)
+    #[tokio::test(start_paused = true)]
+    async fn an_apps_connection_gets_no_pings() {
+        let (client, server) = tokio::io::duplex(64 << 10);
+        let server = tokio::spawn(h2::server::handshake(server));
+        let conn = handshake(client, ADDR, APP_SETTINGS).await.unwrap();
+        let _silent = server.await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!conn.is_closed(), "a PING went unanswered, so one was sent");
     }
 
     #[tokio::test]

@@ -143,6 +143,14 @@ where
                 .max_header_list_size(H2_SERVER_HEADER_LIST)
                 .keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(10))
+                // h2's guard against rapid-reset floods (CVE-2023-44487) closes the connection
+                // once 20 streams are reset before they were accepted — and on the pooled
+                // connection between sidecars, every app client that gives up a request
+                // resets one: a burst of client aborts cut every other request to this
+                // sidecar. Bounded still, at the streams a connection may have open anyway.
+                .max_pending_accept_reset_streams(MAX_CONCURRENT_STREAMS as usize)
+                // The lifetime count of streams h2 reset itself: see `peer_h2::handshake`.
+                .max_local_error_reset_streams(None)
                 .serve_connection(io, svc),
         )
     } else {
