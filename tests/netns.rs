@@ -276,6 +276,23 @@ fn two_pods_talk_mtls_through_transparent_sidecars() {
     assert!(!logs_text.contains("refusing the loop"), "{logs_text}");
     let (code, _) = curl(&net, 0, "http://127.0.0.1:15001/");
     assert_ne!(code, "200");
+
+    // A neighbour routing a packet for another address through the server pod (here: for the
+    // replica, via the server) is not taken by the server's sidecar, which would have relayed
+    // it onward as the proxy's uid, outside capture and egress policy. Sent as uid 1337 so the
+    // client's own sidecar does not capture it first.
+    sh(&["ip", "-n", &net.pods[0], "route", "add", &format!("{REPLICA_IP}/32"), "via", SERVER_IP]);
+    let url = format!("http://{REPLICA_IP}:8080/x");
+    let args = ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", "curl", "-s", "--connect-timeout", "2"];
+    let out = net.exec(0, &args).arg(&url).output().unwrap();
+    // 28: the connection timed out (the packet was dropped); 7: refused. Anything else means
+    // something in the server pod accepted it.
+    let code = out.status.code();
+    assert!(
+        matches!(code, Some(28 | 7)),
+        "the server pod took a connection for another address: curl exit {code:?}\n{}",
+        pod_logs(&logs)
+    );
     drop(sidecars);
     drop(relay);
 }

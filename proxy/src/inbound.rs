@@ -118,6 +118,12 @@ fn accept(
                 tracing::warn!(%remote, %dst, "inbound connection addressed to the proxy itself; refusing the loop");
                 return None;
             }
+            let local = tcp.local_addr().map_or(dst.ip(), |a| a.ip());
+            if !crate::orig_dst::is_own_address(dst.ip(), local) {
+                // Not counted as a flow: no caller identity is known yet, and no app was reached.
+                tracing::warn!(%remote, %dst, "inbound connection addressed to another host or to loopback; refusing to relay it");
+                return None;
+            }
             dst
         }
     };

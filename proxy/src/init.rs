@@ -4,7 +4,9 @@
 //! It runs once, as the `trellis-init` init container (root, NET_ADMIN), in the pod's network
 //! namespace, before the proxy and the app start. Everything lives in one `table inet trellis`
 //! (IPv4 and IPv6 alike) with two NAT chains:
-//! - `prerouting`: TCP arriving at the pod is redirected to the inbound listener (15006),
+//! - `prerouting`: TCP arriving at the pod and addressed to it (`fib daddr type local`, never
+//!   loopback: a neighbour may route a packet for any address here) is redirected to the
+//!   inbound listener (15006),
 //!   except the ports excluded with `--exclude-inbound-ports` (the admin port 15000 among
 //!   them, so the kubelet can probe the proxy) and the proxy's own ports;
 //! - `output`: TCP the pod opens is redirected to the outbound listener (15001), except
@@ -156,6 +158,10 @@ pub fn ruleset(cfg: &CaptureConfig) -> Result<String, InitError> {
     let _ = writeln!(w, "\tchain prerouting {{\n\t\ttype nat hook prerouting priority -100; policy accept;");
     let _ = writeln!(w, "\t\tmeta l4proto != tcp return");
     let _ = writeln!(w, "\t\tiifname \"lo\" return");
+    // Only what is addressed to this pod: a packet a neighbour routed here for another
+    // address (or for loopback) is not the sidecar's to take (the proxy refuses it too).
+    let _ = writeln!(w, "\t\tip daddr 127.0.0.0/8 return\n\t\tip6 daddr ::1 return");
+    let _ = writeln!(w, "\t\tfib daddr type != local return");
     let _ = writeln!(w, "\t\ttcp dport {} return", port_set(&inbound_exempt));
     let _ = writeln!(w, "\t\tmeta l4proto tcp redirect to :{}\n\t}}", cfg.inbound_port);
     // -100 is dstnat (`priority dstnat` is refused for output hooks by older nft).
