@@ -42,6 +42,23 @@ async fn a_service_account_token_bootstraps_its_spiffe_id() {
     assert_eq!(key.into_svid(chain).unwrap().id().as_str(), "spiffe://cluster.local/ns/shop/sa/checkout");
     // The same token works again (projected tokens are not single use) — a restarted pod.
     plane.anonymous().bootstrap(&k8s_bootstrap("pod-token").1).await.unwrap();
+    // Each issuance is audited, as a join token's is.
+    let audit = plane.admin().audit(0).await.unwrap();
+    let issued = audit
+        .iter()
+        .filter(|e| e.action == "svid.bootstrap" && e.target == "spiffe://cluster.local/ns/shop/sa/checkout")
+        .count();
+    assert_eq!(issued, 2, "{audit:?}");
+    // A link-local address (the cloud's metadata service among them) is no workload's.
+    let (_, mut req) = k8s_bootstrap("pod-token");
+    req.addresses = vec!["169.254.169.254".into()];
+    match plane.anonymous().bootstrap(&req).await {
+        Err(ClientError::Api { status, body }) => {
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert!(body.error.contains("link-local"), "{}", body.error);
+        }
+        other => panic!("{other:?}"),
+    }
 
     for (token, status) in [
         ("revoked-token", StatusCode::UNAUTHORIZED),

@@ -40,7 +40,11 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
                     "Kubernetes attestation is not enabled on this control plane (--k8s-attestation)",
                 ));
             };
-            (attest(k8s.clone()).await?, None)
+            let id = attest(k8s.clone()).await.inspect_err(|e| {
+                // Refused claims of identity are worth a line: a misconfigured pod, or a probe.
+                tracing::info!(remote = %conn.remote, status = e.status.as_u16(), reason = %e.body.error, "Kubernetes attestation refused");
+            })?;
+            (id, None)
         }
         (Some(_), Some(_)) => return Err(ApiError::bad_request("send either `token` or `k8s_token`, not both")),
         (None, None) => return Err(ApiError::bad_request("missing `token` (a join token) or `k8s_token`")),
@@ -49,6 +53,7 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
     // The token is spent and the addresses registered in one transaction: a refused claim
     // (even one lost to a registration racing this one) leaves the token usable. A Kubernetes
     // bootstrap that names no address writes nothing.
+    let token_hash_spent = token_hash.clone();
     if token_hash.is_some() || !addresses.is_empty() {
         let (store, claim, owner) = (ctx.shared.store.clone(), claim(ctx, conn), id.clone());
         let version =
@@ -59,6 +64,14 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
         // registry cannot be re-read now (the next registration reloads it).
         if let Err(e) = ctx.shared.registry_at(version) {
             tracing::error!(error = %e, "could not reload the endpoint registry after a bootstrap");
+        }
+    }
+    // A join token's bootstrap is audited with the token's spending; a Kubernetes one here.
+    if token_hash_spent.is_none() {
+        let (store, target) = (ctx.shared.store.clone(), id.to_string());
+        let actor = Actor { principal: "bootstrap (kubernetes token)".into(), remote: conn.remote.to_string() };
+        if let Err(e) = blocking(move || store.record(&actor, "svid.bootstrap", &target)).await? {
+            tracing::error!(error = %e, "could not write the audit entry of a Kubernetes bootstrap");
         }
     }
     tracing::info!(spiffe_id = %id, remote = %conn.remote, "SVID bootstrapped");
@@ -198,6 +211,18 @@ fn check_address(a: &str) -> Result<String, ApiError> {
             "address {a:?} is not one workload's address (unspecified, multicast or broadcast)"
         )));
     }
+    // Link-local addresses are no mesh workload's (and 169.254.169.254 is the cloud's metadata
+    // service): claimed, callers would require the claimer's identity there instead of
+    // applying egress policy.
+    let link_local = match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    if link_local {
+        return Err(ApiError::bad_request(format!(
+            "address {a:?} is link-local (169.254.0.0/16, fe80::/10): no workload's mesh address"
+        )));
+    }
     Ok(canonical)
 }
 
@@ -233,6 +258,9 @@ mod tests {
             ("10.0.0.5:15006=0", "not a port"),
             ("10.0.0.5:15006=http", "not a port"),
             ("0.0.0.0:15006=8080", "not one workload's address"),
+            ("169.254.169.254", "link-local"),
+            ("[fe80::1]:8080", "link-local"),
+            ("::ffff:169.254.1.1", "link-local"),
             ("10.0.0.5:0=8080", "port 0"),
         ] {
             let err = check_addresses(&[bad.to_string()]).unwrap_err();
