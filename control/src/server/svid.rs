@@ -53,7 +53,7 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
     // The token is spent and the addresses registered in one transaction: a refused claim
     // (even one lost to a registration racing this one) leaves the token usable. A Kubernetes
     // bootstrap that names no address writes nothing.
-    let token_hash_spent = token_hash.clone();
+    let joined = token_hash.is_some();
     if token_hash.is_some() || !addresses.is_empty() {
         let (store, claim, owner) = (ctx.shared.store.clone(), claim(ctx, conn), id.clone());
         let version =
@@ -67,7 +67,7 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
         }
     }
     // A join token's bootstrap is audited with the token's spending; a Kubernetes one here.
-    if token_hash_spent.is_none() {
+    if !joined {
         let (store, target) = (ctx.shared.store.clone(), id.to_string());
         let actor = Actor { principal: "bootstrap (kubernetes token)".into(), remote: conn.remote.to_string() };
         if let Err(e) = blocking(move || store.record(&actor, "svid.bootstrap", &target)).await? {
