@@ -13,6 +13,9 @@ table inet trellis {
 		type nat hook prerouting priority -100; policy accept;
 		meta l4proto != tcp return
 		iifname "lo" return
+		ip daddr 127.0.0.0/8 return
+		ip6 daddr ::1 return
+		fib daddr type != local return
 		tcp dport { 15006, 15001, 15000 } return
 		meta l4proto tcp redirect to :15006
 	}
@@ -37,6 +40,9 @@ table inet trellis {
 		type nat hook prerouting priority -100; policy accept;
 		meta l4proto != tcp return
 		iifname "lo" return
+		ip daddr 127.0.0.0/8 return
+		ip6 daddr ::1 return
+		fib daddr type != local return
 		tcp dport { 15006, 15001, 15000, 9090 } return
 		meta l4proto tcp redirect to :15006
 	}
