@@ -33,11 +33,11 @@ pub fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
 /// connection's own address (where the redirect delivered it): the pod's address, and in the
 /// usual case the destination itself, so the interface list is read only for the rest.
 pub fn is_own_address(dst: IpAddr, local: IpAddr) -> bool {
-    let dst = canonical(dst);
+    let dst = dst.to_canonical();
     if dst.is_loopback() || dst.is_unspecified() || dst.is_multicast() {
         return false;
     }
-    if dst == canonical(local) {
+    if dst == local.to_canonical() {
         return true;
     }
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return false };
@@ -46,16 +46,8 @@ pub fn is_own_address(dst: IpAddr, local: IpAddr) -> bool {
             .as_sockaddr_in()
             .map(|v4| IpAddr::V4(v4.ip()))
             .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())));
-        ip.is_some_and(|ip| canonical(ip) == dst && !ip.is_loopback())
+        ip.is_some_and(|ip| ip.to_canonical() == dst && !ip.is_loopback())
     })
-}
-
-/// An IPv4-mapped IPv6 address as the IPv4 address it is.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 #[cfg(test)]

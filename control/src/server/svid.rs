@@ -54,7 +54,7 @@ pub async fn bootstrap(ctx: &Ctx, conn: &Conn, req: Request<Incoming>) -> ApiRes
     // (even one lost to a registration racing this one) leaves the token usable. A Kubernetes
     // bootstrap that names no address writes nothing.
     let joined = token_hash.is_some();
-    if token_hash.is_some() || !addresses.is_empty() {
+    if joined || !addresses.is_empty() {
         let (store, claim, owner) = (ctx.shared.store.clone(), claim(ctx, conn), id.clone());
         let version =
             blocking(move || store.bootstrap(token_hash.as_ref().map(|h| (h, &actor)), &owner, &addresses, &claim))
